@@ -1,0 +1,31 @@
+# The two commands of the README: `make demo` (the main job) and `make test` (the whole suite).
+# Each creates .venv/ on first use and installs torch==2.13.0 before anything that depends on it:
+# that release is the CPU wheel on our machines, while an unpinned torch pulls a multi-GB CUDA build.
+VENV ?= .venv
+PYTHON := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+TORCH_PIN ?= torch==2.13.0
+
+.PHONY: setup demo test lint bench clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(PYTHON) || python3 -m venv $(VENV)
+	$(PYTHON) -m pip install --quiet --disable-pip-version-check $(TORCH_PIN)
+	$(PYTHON) -m pip install --quiet --disable-pip-version-check -e '.[full,dev]'
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(VENV)/bin/bigbatch plan --global-batch-size 224 --world-size 16 --micro-batch-size 7
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check src tests benchmarks
+	$(VENV)/bin/ruff format --check src tests benchmarks
+	$(VENV)/bin/mypy
+
+test: lint
+	$(PYTHON) -m pytest -n 2 -q
+
+clean:
+	rm -rf $(VENV) .pytest_cache .mypy_cache

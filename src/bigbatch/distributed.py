@@ -1,0 +1,99 @@
+"""Process-group set-up from torchrun's environment, rank helpers and small count reductions.
+
+Everything here degrades to the single-process answer when torch.distributed is not initialised,
+so the same code runs under `python` and under `torchrun`.
+"""
+
+from __future__ import annotations
+
+import datetime
+import logging
+import os
+
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
+
+logger = logging.getLogger(__name__)
+
+
+def is_initialized() -> bool:
+    """True when a default process group exists."""
+    return dist.is_available() and dist.is_initialized()
+
+
+def get_rank() -> int:
+    """This process's rank, 0 without a process group."""
+    return dist.get_rank() if is_initialized() else 0
+
+
+def get_world_size() -> int:
+    """Number of ranks, 1 without a process group."""
+    return dist.get_world_size() if is_initialized() else 1
+
+
+def is_main_process() -> bool:
+    """True on rank 0: the one process that writes files and prints."""
+    return get_rank() == 0
+
+
+def launched_by_torchrun() -> bool:
+    """True when torchrun (or another launcher using its variables) started this process."""
+    return all(key in os.environ for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR"))
+
+
+def local_device() -> torch.device:
+    """The device this process should use: its local GPU under torchrun, else GPU 0, else CPU."""
+    if torch.cuda.is_available():
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    return torch.device("cpu")
+
+
+def setup_process_group(timeout_s: float = 600.0) -> bool:
+    """Initialise the default process group from torchrun's environment, once.
+
+    Uses NCCL when CUDA is available and gloo otherwise. Returns True when a process group is
+    active afterwards (False for a plain single process).
+    """
+    if is_initialized():
+        return True
+    if not launched_by_torchrun():
+        return False
+    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    if backend == "nccl":
+        torch.cuda.set_device(local_device())
+    dist.init_process_group(backend=backend, timeout=datetime.timedelta(seconds=timeout_s))
+    logger.info("process group %s: rank %d of %d", backend, get_rank(), get_world_size())
+    return True
+
+
+def teardown_process_group() -> None:
+    """Destroy the default process group if there is one."""
+    if is_initialized():
+        dist.destroy_process_group()
+
+
+def is_ddp(model: torch.nn.Module) -> bool:
+    """True for a model wrapped in DistributedDataParallel."""
+    return isinstance(model, DistributedDataParallel)
+
+
+def unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    """The module inside a DistributedDataParallel wrapper (or the model itself)."""
+    return model.module if isinstance(model, DistributedDataParallel) else model
+
+
+def all_reduce_sum(values: torch.Tensor) -> torch.Tensor:
+    """Sum a small tensor over all ranks, in place, and return it.
+
+    NCCL only reduces tensors on the GPU, so the tensor is moved there and back when needed.
+    """
+    if not is_initialized():
+        return values
+    if dist.get_backend() == "nccl" and values.device.type != "cuda":
+        on_device = values.to(local_device())
+        dist.all_reduce(on_device)
+        values.copy_(on_device)
+    else:
+        dist.all_reduce(values)
+    return values

@@ -1,0 +1,103 @@
+"""Two CPU processes over gloo: same weights as one process on the whole global batch, one sync."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
+from torch.nn.parallel import DistributedDataParallel
+
+import bigbatch
+from tests import models
+from tests.distributed_helpers import run_processes
+from tests.reference import full_batch_gradients, relative_error
+
+pytestmark = pytest.mark.slow
+
+GLOBAL_BATCH = 7  # over 2 ranks with micro 2: rank 0 gets [2, 2], rank 1 gets [2, 1]
+STEPS = 3
+
+
+def global_batches():
+    tokens, labels = models.token_data(GLOBAL_BATCH * STEPS, seed=11)
+    return [
+        (
+            tokens[s * GLOBAL_BATCH : (s + 1) * GLOBAL_BATCH],
+            labels[s * GLOBAL_BATCH : (s + 1) * GLOBAL_BATCH],
+        )
+        for s in range(STEPS)
+    ]
+
+
+def train_rank(rank: int, world_size: int, micro: int) -> dict:
+    model = models.token_model()
+    calls = {"all_reduce": 0}
+
+    def counting_hook(state, bucket):
+        calls["all_reduce"] += 1
+        return default_hooks.allreduce_hook(None, bucket)
+
+    ddp = DistributedDataParallel(model, bucket_cap_mb=1000)
+    ddp.register_comm_hook(None, counting_hook)
+    accumulator = bigbatch.Accumulator(ddp, torch.optim.SGD(ddp.parameters(), lr=0.5))
+    p = bigbatch.plan(GLOBAL_BATCH, world_size, micro_batch_size=micro)
+    start = p.rank_offsets()[rank]
+    sizes = p.micro_batch_sizes(rank)
+    per_step_calls, tokens_seen = [], []
+    for tokens, labels in global_batches():
+        window, offset = [], start
+        for size in sizes:
+            window.append((tokens[offset : offset + size], labels[offset : offset + size]))
+            offset += size
+        tokens_seen.append(int(sum((w[1] != models.IGNORE).sum() for w in window)))
+        before = calls["all_reduce"]
+        result = accumulator.step(window, models.token_loss_fn)
+        per_step_calls.append(calls["all_reduce"] - before)
+        assert not result.skipped
+    return {
+        "weights": {n: p.detach().clone() for n, p in model.named_parameters()},
+        "calls": per_step_calls,
+        "tokens": tokens_seen,
+        "sizes": sizes,
+    }
+
+
+def reference_weights():
+    model = models.token_model()
+    for tokens, labels in global_batches():
+        gradients = full_batch_gradients(
+            model,
+            lambda m, t=tokens, y=labels: (
+                models.token_losses(m, t, y),
+                (y != models.IGNORE).double(),
+            ),
+        )
+        with torch.no_grad():
+            for name, parameter in model.named_parameters():
+                parameter -= 0.5 * gradients[name]
+    return {n: p.detach().clone() for n, p in model.named_parameters()}
+
+
+@pytest.mark.parametrize("micro", [2, 1])
+def test_two_processes_match_one_full_batch_with_one_sync_per_step(micro):
+    results = run_processes(train_rank, 2, micro)
+    expected = reference_weights()
+    for result in results:
+        assert relative_error(result["weights"], expected) < 1e-12
+        assert result["calls"] == [1] * STEPS  # one bucket: one all-reduce per optimizer step
+    # The ranks really held different numbers of loss items.
+    assert results[0]["tokens"] != results[1]["tokens"]
+    if micro == 1:
+        assert results[1]["sizes"][-1] == 0  # rank 1 joined the sync with an empty micro-batch
+
+
+def test_single_process_on_the_global_batch_matches_reference():
+    model = models.token_model()
+    accumulator = bigbatch.Accumulator(model, torch.optim.SGD(model.parameters(), lr=0.5))
+    for tokens, labels in global_batches():
+        accumulator.step([(tokens, labels)], models.token_loss_fn)
+    expected = reference_weights()
+    actual = {n: p.detach().clone() for n, p in copy.deepcopy(model).named_parameters()}
+    assert relative_error(actual, expected) < 1e-12

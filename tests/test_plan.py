@@ -1,0 +1,110 @@
+"""Plan invariants, as properties over many inputs, and its error messages."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+import bigbatch
+
+
+@st.composite
+def global_world_micro(draw):
+    global_batch_size = draw(st.integers(1, 5000))
+    world_size = draw(st.integers(1, min(64, global_batch_size)))
+    micro = draw(st.integers(1, math.ceil(global_batch_size / world_size)))
+    return global_batch_size, world_size, micro
+
+
+@given(global_world_micro())
+def test_global_and_micro_spread_evenly(args):
+    global_batch_size, world_size, micro = args
+    p = bigbatch.plan(global_batch_size, world_size, micro_batch_size=micro)
+    sizes = [size for rank in range(world_size) for size in p.micro_batch_sizes(rank)]
+    assert sum(sizes) == global_batch_size
+    assert max(sizes) - min(sizes) <= 1
+    assert max(sizes) <= micro
+    assert p.gradient_accumulation_steps == math.ceil(global_batch_size / (world_size * micro))
+    assert all(
+        len(p.micro_batch_sizes(r)) == p.gradient_accumulation_steps for r in range(world_size)
+    )
+    # An empty micro-batch only where items run short of slots.
+    if min(sizes) == 0:
+        assert global_batch_size < world_size * p.gradient_accumulation_steps
+    rank_totals = [sum(p.micro_batch_sizes(r)) for r in range(world_size)]
+    assert max(rank_totals) - min(rank_totals) <= 1
+    assert p.micro_batch_size == max(sizes)
+
+
+@given(st.integers(1, 5000), st.integers(1, 64), st.integers(1, 64))
+def test_global_and_accumulation(global_batch_size, world_size, steps):
+    if world_size > global_batch_size or steps > math.ceil(global_batch_size / world_size):
+        with pytest.raises(ValueError):
+            bigbatch.plan(global_batch_size, world_size, gradient_accumulation_steps=steps)
+        return
+    p = bigbatch.plan(global_batch_size, world_size, gradient_accumulation_steps=steps)
+    assert p.gradient_accumulation_steps == steps
+    assert p.micro_batch_size == math.ceil(global_batch_size / (world_size * steps))
+    assert sum(map(sum, p.sizes)) == global_batch_size
+
+
+@given(st.integers(1, 64), st.integers(1, 32), st.integers(1, 16))
+def test_all_three_must_multiply(micro, world_size, steps):
+    global_batch_size = micro * world_size * steps
+    p = bigbatch.plan(global_batch_size, world_size, micro, steps)
+    assert p.is_even and p.micro_batch_size == micro
+    assert bigbatch.plan(None, world_size, micro, steps) == p
+    with pytest.raises(ValueError, match="needs gradient_accumulation_steps"):
+        bigbatch.plan(global_batch_size + 1, world_size, micro, steps)
+
+
+def test_seed_example():
+    p = bigbatch.plan(224, world_size=16, micro_batch_size=7)
+    assert p.gradient_accumulation_steps == 2
+    assert p.to_dict()["micro_batch_sizes"] == [[7, 7]] * 16
+    assert json.loads(json.dumps(p.to_dict())) == p.to_dict()
+    text = str(p)
+    assert "224" in text and "7 (micro)" in text and "2 (accumulation)" in text
+
+
+def test_mismatch_names_the_arithmetic_and_nearest_choices():
+    with pytest.raises(ValueError) as error:
+        bigbatch.plan(224, world_size=16, micro_batch_size=7, gradient_accumulation_steps=3)
+    assert "224 / (16 x 7) = 2, got 3" in str(error.value)
+    with pytest.raises(ValueError) as error:
+        bigbatch.plan(224, world_size=16, micro_batch_size=5, gradient_accumulation_steps=3)
+    assert "160 or 240" in str(error.value)
+
+
+def test_more_slots_than_items_leaves_trailing_empty_micro_batches():
+    p = bigbatch.plan(10, world_size=4, micro_batch_size=1)
+    assert p.sizes == ((1, 1, 1), (1, 1, 1), (1, 1, 0), (1, 1, 0))
+    assert p.rank_offsets() == [0, 3, 6, 8]
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "match"),
+    [
+        ({"global_batch_size": 2.5}, TypeError, "global_batch_size must be a positive integer"),
+        ({"global_batch_size": True}, TypeError, "global_batch_size"),
+        ({"global_batch_size": 0}, ValueError, "global_batch_size must be a positive integer"),
+        ({"global_batch_size": 8, "world_size": -1}, ValueError, "world_size"),
+        ({"global_batch_size": 8, "world_size": 9}, ValueError, "world_size 9 is larger"),
+        ({"global_batch_size": 8, "micro_batch_size": "4"}, TypeError, "micro_batch_size"),
+        ({"global_batch_size": 8, "world_size": 2, "micro_batch_size": 5}, ValueError, "share"),
+        ({"global_batch_size": 8, "gradient_accumulation_steps": 0}, ValueError, "gradient_acc"),
+        ({"global_batch_size": None, "micro_batch_size": 4}, ValueError, "required"),
+    ],
+)
+def test_bad_arguments_name_the_argument(kwargs, error, match):
+    with pytest.raises(error, match=match):
+        bigbatch.plan(**kwargs)
+
+
+def test_micro_batch_sizes_rejects_a_bad_rank():
+    with pytest.raises(ValueError, match="rank"):
+        bigbatch.plan(8, world_size=2).micro_batch_sizes(2)
