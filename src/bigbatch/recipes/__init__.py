@@ -1,0 +1,94 @@
+"""Ready tasks: each a `build(config)` returning a `Recipe` (model, datasets, loss_fn, defaults).
+
+A recipe is named by a short name from `RECIPES` or by `module:function` for a user's own, e.g.
+`recipe: mypkg.tasks:build`. `build` receives the resolved config as a plain dict (it reads `seed`
+and its own `recipe_options`) and must not download anything.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch.utils.data import Dataset
+
+from bigbatch.engine import LossFn
+
+RECIPES: dict[str, str] = {
+    "digits": "bigbatch.recipes.digits:build",
+    "digits-bn": "bigbatch.recipes.digits:build_batchnorm",
+    "tinylm": "bigbatch.recipes.tinylm:build",
+}
+
+EvalFn = Callable[[torch.nn.Module, Any], Mapping[str, tuple[float, float]]]
+"""eval_fn(model, micro_batch) -> {metric: (sum, count)}; the trainer reports sum / count."""
+
+
+@dataclass
+class Recipe:
+    """What a task hands the trainer.
+
+    Attributes:
+        name: a short name for run directories and reports.
+        model: the freshly initialised model (on CPU; the trainer moves it).
+        train_dataset: a map-style dataset of samples.
+        eval_dataset: a held-out map-style dataset, or None.
+        loss_fn: ``loss_fn(model, micro_batch) -> (loss_sum, num_items)`` (see `bigbatch.LossFn`).
+        collate_fn: turns a list of samples into one micro-batch (padding per micro-batch), or
+            None for torch's default collation.
+        eval_fn: per-batch evaluation sums, e.g. ``{"loss": (loss_sum, items),
+            "accuracy": (correct, samples)}``; None: the loss alone.
+        optimizer: ``"adamw"`` or ``"sgd"``, built by the trainer with `lr` and `weight_decay`.
+        defaults: config values this recipe suggests (global_batch_size, micro_batch_size,
+            max_steps, lr, ...); the user's config wins.
+    """
+
+    name: str
+    model: torch.nn.Module
+    train_dataset: Dataset[Any]
+    eval_dataset: Dataset[Any] | None
+    loss_fn: LossFn
+    collate_fn: Callable[[list[Any]], Any] | None = None
+    eval_fn: EvalFn | None = None
+    optimizer: str = "adamw"
+    defaults: dict[str, Any] = field(default_factory=dict)
+
+
+def resolve(spec: str) -> Callable[[Mapping[str, Any]], Recipe]:
+    """The build function of a recipe name or `module:function` spec.
+
+    Raises:
+        ValueError: an unknown name, a module that cannot be imported or a missing function.
+    """
+    target = RECIPES.get(spec, spec)
+    if ":" not in target:
+        raise ValueError(
+            f"recipe {spec!r} is unknown: use one of {', '.join(sorted(RECIPES))} or "
+            "'module:function' for your own"
+        )
+    module_name, _, function_name = target.partition(":")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as error:
+        raise ValueError(
+            f"recipe {spec!r}: cannot import module {module_name!r} ({error})"
+        ) from None
+    function = getattr(module, function_name, None)
+    if not callable(function):
+        raise ValueError(
+            f"recipe {spec!r}: module {module_name!r} has no function {function_name!r}"
+        )
+    return function  # type: ignore[no-any-return]
+
+
+def build(spec: str, config: Mapping[str, Any]) -> Recipe:
+    """Build a recipe by name or `module:function` with the resolved config."""
+    recipe = resolve(spec)(config)
+    if not isinstance(recipe, Recipe):
+        raise TypeError(
+            f"recipe {spec!r} must return a bigbatch.recipes.Recipe, got {type(recipe).__name__}"
+        )
+    return recipe
