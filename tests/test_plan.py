@@ -10,6 +10,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import bigbatch
+from bigbatch.plan import BatchSizeSchedule, scale_learning_rate
 
 
 @st.composite
@@ -108,3 +109,30 @@ def test_bad_arguments_name_the_argument(kwargs, error, match):
 def test_micro_batch_sizes_rejects_a_bad_rank():
     with pytest.raises(ValueError, match="rank"):
         bigbatch.plan(8, world_size=2).micro_batch_sizes(2)
+
+
+@pytest.mark.parametrize(
+    ("rule", "expected"),
+    [("linear", 0.1 * 1024 / 256), ("sqrt", 0.1 * (1024 / 256) ** 0.5), ("none", 0.1)],
+)
+def test_learning_rate_scaling_formulas(rule, expected):
+    assert scale_learning_rate(0.1, 1024, 256, rule) == pytest.approx(expected)
+
+
+def test_learning_rate_scaling_rejects_unknown_rule():
+    with pytest.raises(ValueError, match="lr_scaling.rule"):
+        scale_learning_rate(0.1, 1024, 256, "cubic")
+
+
+def test_batch_size_schedule_steps_and_errors():
+    schedule = BatchSizeSchedule.from_value([[0, 512], [10, 256], [20, 128]])
+    assert [schedule.at(s) for s in (0, 9, 10, 19, 20, 1000)] == [512, 512, 256, 256, 128, 128]
+    assert BatchSizeSchedule.from_value(64).at(5) == 64
+    for bad, match in [
+        ([[1, 64]], "start at step 0"),
+        ([[0, 64], [0, 32]], "increase"),
+        ([[0, 0]], "global_batch_size"),
+        ("x", "pairs"),
+    ]:
+        with pytest.raises(ValueError, match=match):
+            BatchSizeSchedule.from_value(bad)

@@ -9,8 +9,9 @@ per step in lockstep. This module needs no torch.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 
 def _check_count(name: str, value: object, *, allow_none: bool = False) -> int | None:
@@ -215,3 +216,101 @@ def plan(
     elif steps is None:
         steps = 1
     return Plan(total, world_size, steps, _spread(total, world_size, steps))
+
+
+LrScalingRule = Literal["linear", "sqrt", "none"]
+LR_SCALING_RULES: tuple[str, ...] = ("linear", "sqrt", "none")
+
+
+def scale_learning_rate(
+    base_lr: float, global_batch_size: int, base_batch_size: int, rule: LrScalingRule
+) -> float:
+    """The learning rate for a global batch, scaled from one tuned at base_batch_size.
+
+    linear: lr = base_lr x global / base (Goyal et al. 2017, for SGD); sqrt: lr = base_lr x
+    sqrt(global / base) (for adaptive optimizers such as Adam); none: base_lr.
+
+    Example:
+        >>> scale_learning_rate(0.1, 1024, 256, "linear")
+        0.4
+        >>> scale_learning_rate(1e-3, 1024, 256, "sqrt")
+        0.002
+    """
+    if rule not in LR_SCALING_RULES:
+        raise ValueError(
+            f"lr_scaling.rule must be one of {', '.join(LR_SCALING_RULES)}, got {rule!r}"
+        )
+    _check_count("global_batch_size", global_batch_size)
+    _check_count("lr_scaling.base_batch_size", base_batch_size)
+    ratio = global_batch_size / base_batch_size
+    if rule == "linear":
+        return base_lr * ratio
+    if rule == "sqrt":
+        return base_lr * math.sqrt(ratio)
+    return base_lr
+
+
+@dataclass(frozen=True)
+class BatchSizeSchedule:
+    """A piecewise-constant global batch over optimizer steps.
+
+    ``stages`` holds ``(start_step, global_batch_size)`` pairs, the first at step 0, starts
+    increasing. Steps count from 0. A ramp-up (small to large), or fewer accumulation steps late
+    in training (large to small), are both schedules.
+
+    Example:
+        >>> schedule = BatchSizeSchedule.from_value([[0, 64], [100, 256]])
+        >>> schedule.at(99), schedule.at(100)
+        (64, 256)
+    """
+
+    stages: tuple[tuple[int, int], ...]
+
+    def __post_init__(self) -> None:
+        if not self.stages:
+            raise ValueError(
+                "batch_size_schedule needs at least one [step, global_batch_size] stage"
+            )
+        starts = [start for start, _ in self.stages]
+        if starts[0] != 0:
+            raise ValueError(
+                f"batch_size_schedule must start at step 0, got first step {starts[0]}"
+            )
+        if any(later <= earlier for earlier, later in zip(starts, starts[1:])):
+            raise ValueError(f"batch_size_schedule steps must increase, got {starts}")
+        for start, size in self.stages:
+            if isinstance(start, bool) or not isinstance(start, int) or start < 0:
+                raise ValueError(f"batch_size_schedule step must be an integer >= 0, got {start!r}")
+            _check_count("batch_size_schedule global_batch_size", size)
+
+    @classmethod
+    def constant(cls, global_batch_size: int) -> BatchSizeSchedule:
+        """The same global batch for every step."""
+        return cls(((0, global_batch_size),))
+
+    @classmethod
+    def from_value(cls, value: int | Sequence[Sequence[int]]) -> BatchSizeSchedule:
+        """From an int (constant) or a list of ``[start_step, global_batch_size]`` pairs."""
+        if isinstance(value, int) and not isinstance(value, bool):
+            return cls.constant(value)
+        try:
+            stages = tuple((int(start), int(size)) for start, size in value)  # type: ignore[union-attr]
+        except (TypeError, ValueError):
+            raise ValueError(
+                "batch_size_schedule must be a global batch size or a list of "
+                f"[step, global_batch_size] pairs, got {value!r}"
+            ) from None
+        return cls(stages)
+
+    def at(self, step: int) -> int:
+        """The global batch size of (0-based) optimizer step ``step``."""
+        size = self.stages[0][1]
+        for start, stage_size in self.stages:
+            if start > step:
+                break
+            size = stage_size
+        return size
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-able form: ``{"stages": [[step, global_batch_size], ...]}``."""
+        return {"stages": [list(stage) for stage in self.stages]}
