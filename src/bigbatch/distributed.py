@@ -97,3 +97,16 @@ def all_reduce_sum(values: torch.Tensor) -> torch.Tensor:
     else:
         dist.all_reduce(values)
     return values
+
+
+def all_reduce_max(values: torch.Tensor) -> torch.Tensor:
+    """Element-wise maximum of a small tensor over all ranks, in place, and return it."""
+    if not is_initialized():
+        return values
+    if dist.get_backend() == "nccl" and values.device.type != "cuda":
+        on_device = values.to(local_device())
+        dist.all_reduce(on_device, op=dist.ReduceOp.MAX)
+        values.copy_(on_device)
+    else:
+        dist.all_reduce(values, op=dist.ReduceOp.MAX)
+    return values

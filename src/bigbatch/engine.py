@@ -12,6 +12,7 @@ the loss sum and item count. The engine knows nothing of configs, files or the C
 from __future__ import annotations
 
 import contextlib
+import gc
 import logging
 import math
 import warnings
@@ -140,6 +141,8 @@ class Accumulator:
         # so gradients keep the magnitude of a mean (no overflow); the step's one normalisation
         # multiplies it back. The divisor is the same on every rank since the count is all-reduced.
         self._loss_divisor: float | None = None
+        # Set after an out-of-memory error: later windows are re-split to at most this size.
+        self.max_micro_batch_size: int | None = None
 
     def _autocast(self) -> contextlib.AbstractContextManager[Any]:
         if self.precision == "fp32":
@@ -147,10 +150,10 @@ class Accumulator:
         dtype = torch.bfloat16 if self.precision == "bf16" else torch.float16
         return torch.autocast(device_type=self.device.type, dtype=dtype)
 
-    def _micro_step(
+    def _forward(
         self, micro_batch: Any, loss_fn: LossFn, rows: int
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Forward and backward of one micro-batch; returns its detached loss sum and item count."""
+        """The loss sum (what backward runs on) and the item count of one micro-batch."""
         with self._autocast():
             output = loss_fn(self.model, micro_batch)
         if isinstance(output, (tuple, list)):
@@ -162,9 +165,8 @@ class Accumulator:
             loss_sum, num_items = output
             count = _as_count(num_items, self.device)
         else:
-            mean_loss = output
-            _check_scalar(mean_loss)
-            loss_sum = mean_loss * rows  # a mean over samples: weigh by the number of samples
+            _check_scalar(output)
+            loss_sum = output * rows  # a mean over samples: weigh by the number of samples
             count = torch.tensor(float(rows), dtype=torch.float64, device=self.device)
         _check_scalar(loss_sum)
         if loss_sum.dtype in (torch.float16, torch.bfloat16):
@@ -173,15 +175,52 @@ class Accumulator:
             # An empty micro-batch only runs so that this rank joins DDP's sync; a mean over no
             # rows is NaN, and nan_to_num's gradient is zero where its input is not finite.
             loss_sum = torch.nan_to_num(loss_sum * 0.0, nan=0.0, posinf=0.0, neginf=0.0)
+        return loss_sum, count
+
+    def _backward(self, loss_sum: torch.Tensor) -> None:
         if self.grad_scaler is not None:
             assert self._loss_divisor is not None
             self.grad_scaler.scale(loss_sum / self._loss_divisor).backward()
         else:
             loss_sum.backward()
-        return loss_sum.detach().to(torch.float64), count
+
+    def _accumulate(self, micro_batches: list[Any], loss_fn: LossFn) -> torch.Tensor:
+        """Forward and backward over the window: local [loss sum, items, invalid, out of memory].
+
+        Out-of-memory is caught per micro-step and flagged instead of raised, so that under DDP this
+        rank still joins the one gradient sync (with an empty micro-batch) and no rank hangs.
+        """
+        totals = torch.zeros(4, dtype=torch.float64, device=self.device)
+        last = len(micro_batches) - 1
+        for index, micro_batch in enumerate(micro_batches):
+            rows = batches.num_rows(micro_batch)
+            if rows == 0 and not (self._is_ddp and index == last):
+                continue
+            in_backward = False
+            try:
+                with self._no_sync() if index < last else contextlib.nullcontext():
+                    loss_sum, count = self._forward(micro_batch, loss_fn, rows)
+                    in_backward = True
+                    self._backward(loss_sum)
+            except torch.OutOfMemoryError:
+                if self._is_ddp and index == last and in_backward:
+                    raise _oom_during_sync(rows) from None
+                totals[3] = 1.0
+                break
+            totals[0] += loss_sum.detach().to(torch.float64)
+            totals[1] += count
+            totals[2] += ((count < 0) | (count != torch.round(count))).to(torch.float64)
+        if totals[3] and self._is_ddp:  # outside the except block, so the failed graph is freed
+            self.model.zero_grad(set_to_none=True)
+            empty = batches.narrow(micro_batches[0], 0, 0)
+            self._backward(self._forward(empty, loss_fn, 0)[0])  # still join the one sync
+        return totals
 
     def step(self, window: Iterable[Any], loss_fn: LossFn) -> StepResult:
         """Run forward/backward on every micro-batch of the window and apply one optimizer step.
+
+        On `torch.OutOfMemoryError` the window's partial gradients are discarded and the same
+        items are redone in micro-batches of half the size, which is kept for later steps.
 
         Args:
             window: this rank's micro-batches for one optimizer step (tensors or tuples, lists or
@@ -197,21 +236,16 @@ class Accumulator:
         learning_rate = float(self.optimizer.param_groups[0]["lr"])
         if self.grad_scaler is not None and self._loss_divisor is None:
             self._loss_divisor = self._first_loss_divisor(micro_batches)
-        # Local [loss sum, item count, invalid-count flag], reduced over ranks in one collective.
-        totals = torch.zeros(3, dtype=torch.float64, device=self.device)
-        last = len(micro_batches) - 1
-        for index, micro_batch in enumerate(micro_batches):
-            rows = batches.num_rows(micro_batch)
-            if rows == 0 and not (self._is_ddp and index == last):
-                continue
-            with self._no_sync() if index < last else contextlib.nullcontext():
-                loss_sum, count = self._micro_step(micro_batch, loss_fn, rows)
-            totals[0] += loss_sum
-            totals[1] += count
-            totals[2] += ((count < 0) | (count != torch.round(count))).to(torch.float64)
-        if self._is_ddp:
-            distributed.all_reduce_sum(totals)
-        loss_total, num_items_float, invalid = totals.tolist()
+        while True:
+            if self.max_micro_batch_size is not None:
+                micro_batches = _resplit(micro_batches, self.max_micro_batch_size)
+            totals = self._accumulate(micro_batches, loss_fn)
+            if self._is_ddp:
+                distributed.all_reduce_sum(totals)  # the one small collective of the step
+            loss_total, num_items_float, invalid, out_of_memory = totals.tolist()
+            if not out_of_memory:
+                break
+            self._shrink_after_out_of_memory(micro_batches)
         if invalid:
             self.model.zero_grad(set_to_none=True)
             raise ValueError("loss_fn returned a negative or non-integer num_items")
@@ -228,6 +262,32 @@ class Accumulator:
             )
         return self._apply(
             loss_total / num_items, num_items, loss_divisor, len(micro_batches), learning_rate
+        )
+
+    def _shrink_after_out_of_memory(self, micro_batches: list[Any]) -> None:
+        """Free the failed window and halve the micro-batch size, the same on every rank."""
+        self.model.zero_grad(set_to_none=True)
+        largest = torch.tensor(
+            [float(max(batches.num_rows(micro_batch) for micro_batch in micro_batches))],
+            device=self.device,
+        )
+        if self._is_ddp:
+            distributed.all_reduce_max(largest)
+        gc.collect()
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+        largest_rows = int(largest.item())
+        if largest_rows <= 1:
+            raise torch.OutOfMemoryError(
+                "out of memory at micro_batch_size 1: a single sample does not fit. Use precision "
+                "bf16, a shorter sequence or a smaller model, or a device with more memory"
+            )
+        self.max_micro_batch_size = (largest_rows + 1) // 2
+        logger.warning(
+            "out of memory with micro-batches of %d: redoing the window with micro_batch_size %d "
+            "(kept for later steps)",
+            largest_rows,
+            self.max_micro_batch_size,
         )
 
     def _first_loss_divisor(self, micro_batches: list[Any]) -> float:
@@ -312,6 +372,23 @@ class Accumulator:
             self.grad_scaler.load_state_dict(state["grad_scaler"])
         divisor = state.get("loss_divisor")
         self._loss_divisor = None if divisor is None else float(divisor)
+
+
+def _resplit(micro_batches: list[Any], max_rows: int) -> list[Any]:
+    """The same items in the same order, in micro-batches of at most max_rows rows."""
+    if all(batches.num_rows(micro_batch) <= max_rows for micro_batch in micro_batches):
+        return micro_batches
+    return [
+        piece for micro_batch in micro_batches for piece in batches.chunk(micro_batch, max_rows)
+    ]
+
+
+def _oom_during_sync(rows: int) -> torch.OutOfMemoryError:
+    return torch.OutOfMemoryError(
+        f"out of memory in the backward that synchronises gradients (DDP, micro-batch of {rows}): "
+        "the other ranks are already in the all-reduce, so the window cannot be redone. Set a "
+        "smaller micro_batch_size (or micro_batch_size: auto with a memory_budget)"
+    )
 
 
 def _check_scalar(loss: Any) -> None:
