@@ -1,0 +1,423 @@
+"""The validated run configuration: one pydantic model tree, YAML loading and `--set` overrides.
+
+Every key has a description and a stated range; unknown keys are errors. Values come from, in
+order of precedence: `--set` overrides, the YAML file, the recipe's `defaults`, built-in defaults.
+HF / DeepSpeed names are accepted as aliases at the loading boundary only.
+"""
+
+from __future__ import annotations
+
+import difflib
+import json
+import re
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+Auto = Literal["auto"]
+
+ALIASES: dict[str, str] = {
+    "per_device_train_batch_size": "micro_batch_size",  # Hugging Face Trainer
+    "train_micro_batch_size_per_gpu": "micro_batch_size",  # DeepSpeed
+    "train_batch_size": "global_batch_size",  # DeepSpeed: the global batch over every rank
+}
+
+_POSITIVE = "a positive integer"
+_UNITS = {
+    "": 1,
+    "b": 1,
+    "kb": 10**3,
+    "mb": 10**6,
+    "gb": 10**9,
+    "tb": 10**12,
+    "kib": 2**10,
+    "mib": 2**20,
+    "gib": 2**30,
+    "tib": 2**40,
+}
+
+
+def _field(default: Any, description: str, allowed: str) -> Any:
+    """A field with its description (for docs) and the allowed values (for error messages)."""
+    return Field(default, description=description, json_schema_extra={"allowed": allowed})
+
+
+def parse_bytes(value: int | str) -> int | Auto:
+    """`"20GiB"`, `"512MiB"`, `"1.5GB"`, `123` or `"auto"` as a byte count (or "auto").
+
+    Example:
+        >>> parse_bytes("512MiB"), parse_bytes("2GB"), parse_bytes("auto")
+        (536870912, 2000000000, 'auto')
+    """
+    if isinstance(value, bool):
+        raise ValueError("not a size")
+    if isinstance(value, int):
+        if value <= 0:
+            raise ValueError("not a positive size")
+        return value
+    if value.strip().lower() == "auto":
+        return "auto"
+    match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", value)
+    if not match or match.group(2).lower() not in _UNITS:
+        raise ValueError("not a size")
+    size = int(float(match.group(1)) * _UNITS[match.group(2).lower()])
+    if size <= 0:
+        raise ValueError("not a positive size")
+    return size
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, frozen=False)
+
+
+class LRScaling(_Model):
+    """How the learning rate follows the global batch: lr = lr x rule(global / base_batch_size)."""
+
+    rule: Literal["linear", "sqrt", "none"] = _field(
+        "linear",
+        "linear (Goyal et al. 2017, for SGD), sqrt (for adaptive optimizers) or none.",
+        '"linear", "sqrt" or "none"',
+    )
+    base_batch_size: int | Auto = _field(
+        "auto",
+        "the global batch at which `lr` applies; auto: the run's first global batch, so a "
+        "batch-size schedule scales the lr from there.",
+        f'{_POSITIVE} or "auto"',
+    )
+
+    @field_validator("base_batch_size")
+    @classmethod
+    def _positive(cls, value: int | str) -> int | str:
+        if isinstance(value, int) and value <= 0:
+            raise ValueError("not positive")
+        return value
+
+
+class Config(_Model):
+    """One training run. Fields left out come from the recipe's defaults, then from here."""
+
+    recipe: str = _field(
+        "digits",
+        "a recipe name (digits, digits-bn, tinylm) or 'module:function' returning a Recipe.",
+        "a recipe name or 'module:function'",
+    )
+    recipe_options: dict[str, Any] = _field(
+        {}, "options passed to the recipe's build function.", "a mapping"
+    )
+    global_batch_size: int | None = _field(
+        None,
+        "items of one optimizer step over every rank; unset: the recipe's.",
+        _POSITIVE,
+    )
+    micro_batch_size: int | Auto | None = _field(
+        None,
+        "items per forward/backward on one rank; auto: the largest that fits memory_budget; "
+        "unset: the recipe's, else derived from gradient_accumulation_steps, else the rank's "
+        "whole share.",
+        f'{_POSITIVE} or "auto"',
+    )
+    gradient_accumulation_steps: int | Auto = _field(
+        "auto",
+        "micro-batches per rank per step; auto: derived from the global and micro-batch sizes.",
+        f'{_POSITIVE} or "auto"',
+    )
+    memory_budget: int | str = _field(
+        "auto",
+        'device memory a micro-batch may use, in bytes or as "20GiB" / "512MiB"; auto: what the '
+        "device has free.",
+        'a positive byte count, a size such as "20GiB", or "auto"',
+    )
+    optimize: Literal["memory", "throughput"] = _field(
+        "throughput",
+        "micro_batch_size auto: the fastest micro-batch that fits (throughput) or the smallest "
+        "that keeps the device busy (memory).",
+        '"memory" or "throughput"',
+    )
+    max_steps: int | None = _field(
+        None, "optimizer steps to train (exclusive with epochs).", _POSITIVE
+    )
+    epochs: int | None = _field(
+        None, "passes over the training set (exclusive with max_steps).", _POSITIVE
+    )
+    lr: float = _field(1e-3, "base learning rate at lr_scaling.base_batch_size.", "a number > 0")
+    weight_decay: float = _field(0.0, "weight decay of the optimizer.", "a number >= 0")
+    lr_scaling: LRScaling = _field(
+        LRScaling(), "how the learning rate follows the global batch.", "a mapping"
+    )
+    warmup_steps: int = _field(0, "optimizer steps of linear warm-up from 0.", "an integer >= 0")
+    lr_schedule: Literal["constant", "cosine", "linear"] = _field(
+        "constant",
+        "decay after warm-up, to 0 at the run's last step.",
+        '"constant", "cosine" or "linear"',
+    )
+    precision: Literal["fp32", "bf16", "fp16"] = _field(
+        "fp32",
+        "fp32, bf16 (autocast) or fp16 (autocast and loss scaling).",
+        '"fp32", "bf16", "fp16"',
+    )
+    max_grad_norm: float | None = _field(
+        None, "clip the total gradient norm per step; unset: no clipping.", "a number > 0 or null"
+    )
+    seed: int = _field(0, "seed of the model, the data order and every RNG.", "an integer >= 0")
+    eval_every: int = _field(
+        0, "evaluate every N steps (and always at the end); 0: at the end only.", "an integer >= 0"
+    )
+    checkpoint_every: int = _field(
+        100,
+        "checkpoint every N steps (and always at the end); 0: at the end only.",
+        "an integer >= 0",
+    )
+    keep_checkpoints: int = _field(3, "how many recent checkpoints to keep.", _POSITIVE)
+    on_nonfinite: Literal["skip", "stop"] = _field(
+        "skip",
+        "a non-finite loss or gradient: skip the step (counted, logged), or stop the run after "
+        "max_nonfinite_in_row such steps in a row.",
+        '"skip" or "stop"',
+    )
+    max_nonfinite_in_row: int = _field(
+        3, "with on_nonfinite stop: non-finite steps in a row that stop the run.", _POSITIVE
+    )
+    batch_size_schedule: list[tuple[int, int]] | None = _field(
+        None,
+        "[[step, global_batch_size], ...]: the global batch from each step on (0-based); the "
+        "first stage is global_batch_size unless one starts at step 0.",
+        "a list of [step >= 0, global_batch_size >= 1] pairs",
+    )
+    drop_last: bool = _field(False, "drop the short last global batch of each epoch.", "a boolean")
+    num_workers: int = _field(0, "DataLoader worker processes.", "an integer >= 0")
+    device: Literal["auto", "cpu", "cuda"] = _field(
+        "auto", "auto: this rank's GPU when there is one, else the CPU.", '"auto", "cpu" or "cuda"'
+    )
+    batchnorm: Literal["keep", "sync", "freeze", "groupnorm", "window"] = _field(
+        "keep",
+        "what to do with BatchNorm layers (they break split equivalence).",
+        '"keep", "sync", "freeze", "groupnorm" or "window"',
+    )
+    noise_scale: bool = _field(
+        False, "estimate the gradient noise scale (critical batch size).", "a boolean"
+    )
+
+    @field_validator(
+        "global_batch_size", "max_steps", "epochs", "keep_checkpoints", "max_nonfinite_in_row"
+    )
+    @classmethod
+    def _positive(cls, value: int | None) -> int | None:
+        if value is not None and value <= 0:
+            raise ValueError("not positive")
+        return value
+
+    @field_validator("micro_batch_size", "gradient_accumulation_steps")
+    @classmethod
+    def _positive_or_auto(cls, value: int | str | None) -> int | str | None:
+        if isinstance(value, int) and value <= 0:
+            raise ValueError("not positive")
+        return value
+
+    @field_validator("warmup_steps", "seed", "eval_every", "checkpoint_every", "num_workers")
+    @classmethod
+    def _non_negative(cls, value: int) -> int:
+        if value < 0:
+            raise ValueError("negative")
+        return value
+
+    @field_validator("lr")
+    @classmethod
+    def _positive_number(cls, value: float) -> float:
+        if not value > 0 or value == float("inf"):
+            raise ValueError("not positive")
+        return value
+
+    @field_validator("weight_decay")
+    @classmethod
+    def _non_negative_number(cls, value: float) -> float:
+        if not value >= 0 or value == float("inf"):
+            raise ValueError("negative")
+        return value
+
+    @field_validator("max_grad_norm")
+    @classmethod
+    def _positive_norm(cls, value: float | None) -> float | None:
+        if value is not None and (not value > 0 or value == float("inf")):
+            raise ValueError("not positive")
+        return value
+
+    @field_validator("memory_budget", mode="before")
+    @classmethod
+    def _bytes(cls, value: Any) -> int | str:
+        if not isinstance(value, (int, str)):
+            raise ValueError("not a size")
+        return parse_bytes(value)
+
+    @field_validator("batch_size_schedule")
+    @classmethod
+    def _stages(cls, value: list[tuple[int, int]] | None) -> list[tuple[int, int]] | None:
+        if value is None:
+            return None
+        steps = [step for step, _ in value]
+        if not value or any(s < 0 for s in steps) or any(g <= 0 for _, g in value):
+            raise ValueError("bad stage")
+        if steps != sorted(set(steps)):
+            raise ValueError("steps not increasing")
+        return value
+
+    @model_validator(mode="after")
+    def _one_length(self) -> Config:
+        if self.max_steps is not None and self.epochs is not None:
+            raise ValueError(
+                f"max_steps: set max_steps or epochs, not both (got max_steps={self.max_steps}, "
+                f"epochs={self.epochs})"
+            )
+        return self
+
+
+def _describe(value: Any) -> str:
+    try:
+        return json.dumps(value)
+    except (TypeError, ValueError):
+        return repr(value)
+
+
+def _field_path(loc: Sequence[Any]) -> tuple[str, str | None]:
+    """The dotted field path of an error location and the field's allowed values."""
+    model: Any = Config
+    parts: list[str] = []
+    allowed: str | None = None
+    for part in loc:
+        if isinstance(part, int):
+            parts.append(f"[{part}]")
+            break  # the item of a list: name it, not its inner positions
+        fields = getattr(model, "model_fields", {})
+        if part not in fields:
+            break  # a union member's tag such as 'int' or "literal['auto']"
+        parts.append(("." if parts else "") + part)
+        extra = fields[part].json_schema_extra
+        allowed = extra.get("allowed") if isinstance(extra, dict) else None  # type: ignore[assignment]
+        annotation = fields[part].annotation
+        model = annotation if isinstance(annotation, type) else None
+    return "".join(parts), allowed
+
+
+def format_validation_error(error: ValidationError, source: str = "config") -> str:
+    """One line naming the first bad field, its value and what is allowed."""
+    first = error.errors()[0]
+    loc = tuple(first.get("loc", ()))
+    if first["type"] == "extra_forbidden":
+        key = ".".join(str(p) for p in loc)
+        parent: Any = Config
+        for part in loc[:-1]:
+            parent = getattr(parent.model_fields.get(part), "annotation", None)
+        names = list(getattr(parent, "model_fields", {}))
+        close = difflib.get_close_matches(str(loc[-1]), names, n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        return f"{source}: unknown key {key!r}{hint}; see docs/configuration.md for the keys"
+    if not loc:  # a model-level check: its message carries the field name
+        return f"{source}: {str(first['msg']).removeprefix('Value error, ')}"
+    path, allowed = _field_path(loc)
+    if allowed is None:
+        return f"{source}: {path}: {first['msg']}, got {_describe(first.get('input'))}"
+    return f"{source}: {path}: must be {allowed}, got {_describe(first.get('input'))}"
+
+
+def _apply_aliases(data: dict[str, Any], source: str) -> dict[str, Any]:
+    result: dict[str, Any] = {}
+    for key, value in data.items():
+        name = ALIASES.get(key, key)
+        if name in result:
+            raise ValueError(
+                f"{source}: {key!r} and {name!r} both set: {key!r} is an alias of {name!r}, "
+                "keep one"
+            )
+        result[name] = value
+    return result
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """`"lr_scaling.rule=sqrt"` -> (["lr_scaling", "rule"], "sqrt"), the value read as YAML."""
+    key, sep, raw = text.partition("=")
+    if not sep or not key.strip() or any(not part for part in key.strip().split(".")):
+        raise ValueError(f"config: --set expects key=value such as lr=1e-3, got {text!r}")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError:
+        value = raw  # not YAML (e.g. an unbalanced bracket): keep the text, validation decides
+    return key.strip().split("."), value
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise ValueError(f"config: file {str(path)!r} not found")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as error:
+        mark = getattr(error, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(error, "problem", None) or "malformed YAML"
+        raise ValueError(f"config: {str(path)!r} is not valid YAML{where}: {problem}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ValueError(
+            f"config: {str(path)!r} must hold a mapping of keys to values, got a "
+            f"{type(data).__name__}"
+        )
+    return data
+
+
+def validate(data: Mapping[str, Any], source: str = "config") -> Config:
+    """A Config from a plain mapping (aliases accepted); ValueError with one line on bad input."""
+    try:
+        return Config.model_validate(_apply_aliases(dict(data), source))
+    except ValidationError as error:
+        raise ValueError(format_validation_error(error, source)) from None
+
+
+def load_config(path: str | Path | None, overrides: Sequence[str] = ()) -> Config:
+    """Read a YAML config, apply `--set key=value` overrides and validate.
+
+    Raises:
+        ValueError: one line naming the problem (missing file, malformed YAML, unknown key,
+            wrong type or out-of-range value, with what is allowed).
+
+    Example:
+        >>> config = load_config(None, ["train_batch_size=512", "lr_scaling.rule=sqrt"])
+        >>> config.global_batch_size, config.lr_scaling.rule
+        (512, 'sqrt')
+    """
+    data = _apply_aliases(_read_yaml(Path(path)) if path is not None else {}, "config")
+    for text in overrides:
+        keys, value = parse_override(text)
+        keys[0] = ALIASES.get(keys[0], keys[0])
+        target = data
+        for key in keys[:-1]:
+            if not isinstance(target.get(key), dict):
+                target[key] = {}
+            target = target[key]
+        target[keys[-1]] = value
+    return validate(data)
+
+
+def with_recipe_defaults(config: Config, defaults: Mapping[str, Any]) -> Config:
+    """The config with the recipe's defaults filled in where the user set nothing.
+
+    Setting either max_steps or epochs overrides both of the recipe's.
+    """
+    recipe = validate(defaults, "recipe defaults").model_dump(exclude_unset=True)
+    user = config.model_dump(exclude_unset=True)
+    if "max_steps" in user or "epochs" in user:
+        recipe.pop("max_steps", None)
+        recipe.pop("epochs", None)
+    merged = {**recipe, **user}
+    if isinstance(recipe.get("lr_scaling"), dict) and isinstance(user.get("lr_scaling"), dict):
+        merged["lr_scaling"] = {**recipe["lr_scaling"], **user["lr_scaling"]}
+    return validate(merged)
+
+
+def config_to_yaml(config: Config) -> str:
+    """The resolved config as YAML (for --print-config, run directories and checkpoints)."""
+    data = config.model_dump(mode="json")
+    if data.get("batch_size_schedule") is not None:
+        data["batch_size_schedule"] = [list(stage) for stage in data["batch_size_schedule"]]
+    return yaml.safe_dump(data, sort_keys=False)
