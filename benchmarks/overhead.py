@@ -57,7 +57,10 @@ def hand_written_step(model, optimizer, window, max_grad_norm: float) -> float:
 def measure(steps: int, warmup: int, micro: int, accumulation: int) -> dict[str, float]:
     generator = torch.Generator().manual_seed(0)
     window = [
-        (torch.randn(micro, 1024, generator=generator), torch.randint(0, 10, (micro,), generator=generator))
+        (
+            torch.randn(micro, 1024, generator=generator),
+            torch.randint(0, 10, (micro,), generator=generator),
+        )
         for _ in range(accumulation)
     ]
     reference_model = mlp()
@@ -87,7 +90,9 @@ def measure(steps: int, warmup: int, micro: int, accumulation: int) -> dict[str,
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawTextHelpFormatter
+    )
     parser.add_argument("--smoke", action="store_true", help="a few steps only (CI)")
     parser.add_argument("--steps", type=int, default=40)
     parser.add_argument("--micro-batch-size", type=int, default=32)
@@ -99,12 +104,16 @@ def main() -> None:
         [
             "| model | params | micro x k | hand-written step | Accumulator.step | median ratio |",
             "| --- | ---: | --- | ---: | ---: | ---: |",
-            f"| MLP | {figures['parameters'] / 1e6:.1f}M | {args.micro_batch_size} x {args.accumulation} "
+            f"| MLP | {figures['parameters'] / 1e6:.1f}M "
+            f"| {args.micro_batch_size} x {args.accumulation} "
             f"| {figures['hand_s'] * 1e3:.1f} ms | {figures['bigbatch_s'] * 1e3:.1f} ms "
             f"| {figures['ratio']:.3f} |",
         ]
     )
-    machine = f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}"
+    machine = (
+        f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, "
+        f"torch {torch.__version__}"
+    )
     print(table)
     print(f"\n{steps} interleaved steps after {warmup} warm-up; {machine}; target ratio <= 1.01")
     if not args.smoke:
