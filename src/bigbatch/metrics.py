@@ -1,0 +1,455 @@
+"""What a run shows and leaves behind: progress bar, metrics.jsonl, TensorBoard, report, plots.
+
+Everything counts optimizer steps (DESIGN invariant 4). ``metrics.jsonl`` holds one train line per
+step and one eval line per evaluation; on resume the lines after the checkpoint's step are dropped
+first, so the file keeps exactly one train line per step. Only rank 0 writes: on other ranks every
+object here is built with ``enabled=False`` and does nothing.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Literal
+
+from tqdm.auto import tqdm
+
+logger = logging.getLogger(__name__)
+
+METRICS_FILE = "metrics.jsonl"
+REPORT_FILE = "report.md"
+PLOT_FILE = "training.png"
+# Progress-bar labels of the figures the trainer logs, in display order; other keys follow as is.
+_BAR_LABELS = {
+    "loss": "loss",
+    "lr": "lr",
+    "learning_rate": "lr",
+    "grad_norm": "gnorm",
+    "samples_per_s": "samples/s",
+    "items_per_s": "items/s",
+    "step_time_s": "s/step",
+    "peak_memory_bytes": "mem",
+    "skipped_steps": "skipped",
+}
+
+
+class MetricsLogger:
+    """Writes per-step figures to ``metrics.jsonl`` and TensorBoard in ``run_dir``.
+
+    Train lines look like ``{"step": 5, "kind": "train", "loss": 0.31, "lr": 0.001, ...}`` and
+    evaluation lines like ``{"step": 5, "kind": "eval", "eval/loss": 0.35, "eval/accuracy": 0.9}``:
+    separate lines, because the file is only ever appended to, so a killed run loses at most the
+    line being written. Non-finite numbers are written as ``null`` (strict JSON).
+
+    Args:
+        run_dir: the run directory (created when enabled).
+        enabled: False on ranks other than 0: nothing is created or written.
+        resume_step: the step of the checkpoint a resumed run starts from: lines of later steps,
+            written after that checkpoint by the interrupted run, are dropped first. None starts
+            a new file.
+        tensorboard: also write TensorBoard event files under ``run_dir/tensorboard``.
+    """
+
+    def __init__(
+        self,
+        run_dir: Path,
+        *,
+        enabled: bool = True,
+        resume_step: int | None = None,
+        tensorboard: bool = True,
+    ) -> None:
+        self.enabled = enabled
+        self.path = Path(run_dir) / METRICS_FILE
+        self._file: Any = None
+        self._writer: Any = None
+        if not enabled:
+            return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        if resume_step is not None:
+            _truncate_after(self.path, resume_step)
+        elif self.path.exists() and self.path.stat().st_size > 0:
+            logger.warning("starting a new %s: the previous one is replaced", self.path)
+            self.path.unlink()
+        self._file = open(self.path, "a", encoding="utf-8")  # noqa: SIM115 -- closed in close()
+        if tensorboard:
+            self._writer = _summary_writer(
+                self.path.parent / "tensorboard",
+                purge_step=None if resume_step is None else resume_step + 1,
+            )
+
+    def log_step(self, step: int, values: Mapping[str, float | int | None]) -> None:
+        """Record the figures of one optimizer step (loss, lr, grad_norm, samples_per_s, ...)."""
+        self._write(step, "train", dict(values), "train/")
+
+    def log_eval(self, step: int, values: Mapping[str, float]) -> None:
+        """Record an evaluation after ``step``; keys are stored as ``eval/<name>``."""
+        named = {key if key.startswith("eval/") else f"eval/{key}": v for key, v in values.items()}
+        self._write(step, "eval", named, "")
+
+    def close(self) -> None:
+        """Flush and close the files (safe to call twice)."""
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+        if self._writer is not None:
+            self._writer.close()
+            self._writer = None
+
+    def __enter__(self) -> MetricsLogger:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def _write(self, step: int, kind: str, values: dict[str, Any], tb_prefix: str) -> None:
+        """Append one JSON line (flushed, so a killed run keeps it) and the TensorBoard scalars."""
+        if self._file is None:
+            return
+        if "step" in values or "kind" in values:
+            raise ValueError(f"values may not hold 'step' or 'kind' keys, got {sorted(values)}")
+        record = {"step": int(step), "kind": kind, **{k: _jsonable(v) for k, v in values.items()}}
+        self._file.write(json.dumps(record, allow_nan=False) + "\n")
+        self._file.flush()
+        if self._writer is not None:
+            for key, value in values.items():
+                number = isinstance(value, int | float) and not isinstance(value, bool)
+                if number and math.isfinite(value):
+                    self._writer.add_scalar(f"{tb_prefix}{key}", value, int(step))
+
+
+class ProgressBar:
+    """A tqdm bar over optimizer steps that shows the latest figures compactly.
+
+    Args:
+        total_steps: steps of the whole run.
+        initial: steps already done (a resumed run starts there).
+        enabled: False on ranks other than 0.
+        desc: the bar's label.
+    """
+
+    def __init__(
+        self, total_steps: int, *, initial: int = 0, enabled: bool = True, desc: str = "train"
+    ) -> None:
+        self._bar = tqdm(
+            total=total_steps,
+            initial=initial,
+            disable=not enabled,
+            desc=desc,
+            unit="step",
+            dynamic_ncols=True,
+        )
+
+    def update(self, step: int, figures: Mapping[str, Any]) -> None:
+        """Move the bar to ``step`` (steps completed) and show ``figures``."""
+        if self._bar.disable:
+            return
+        self._bar.update(step - self._bar.n)
+        self._bar.set_postfix_str(format_figures(figures), refresh=True)
+
+    def close(self) -> None:
+        """Close the bar (safe to call twice)."""
+        self._bar.close()
+
+
+def format_figures(figures: Mapping[str, Any]) -> str:
+    """The figures of a step in one short line, known ones first.
+
+    >>> format_figures({"grad_norm": 1.5, "loss": 0.25, "lr": 0.0003, "peak_memory_bytes": 2**31})
+    'loss 0.25 | lr 3.00e-04 | gnorm 1.5 | mem 2.00 GiB'
+    """
+    order = {key: index for index, key in enumerate(_BAR_LABELS)}
+    parts = []
+    for key in sorted(figures, key=lambda k: (order.get(k, len(order)), k)):
+        value = figures[key]
+        if value is None or isinstance(value, Mapping | list | tuple):
+            continue
+        if key == "peak_memory_bytes":
+            parts.append(f"mem {format_bytes(value)}")
+        else:
+            parts.append(f"{_BAR_LABELS.get(key, key)} {_format_number(value)}")
+    return " | ".join(parts)
+
+
+def read_metrics(path: Path, kind: Literal["train", "eval"] | None = None) -> list[dict[str, Any]]:
+    """The records of a ``metrics.jsonl`` in file order, optionally only one kind.
+
+    A line that does not parse (the half-written last line of a killed run) is skipped with a
+    warning. Records without a ``kind`` count as train lines.
+    """
+    records = []
+    with open(path, encoding="utf-8") as handle:
+        for number, line in enumerate(handle, start=1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                logger.warning("%s line %d is not JSON, skipped: %.80s", path, number, line)
+                continue
+            if kind is None or record.get("kind", "train") == kind:
+                records.append(record)
+    return records
+
+
+def summarize_metrics(metrics: list[dict[str, Any]]) -> dict[str, Any]:
+    """The end-of-run figures found in the records: final losses, accuracy, speed, memory.
+
+    Keys (only those found): ``steps``, ``final_loss``, ``final_eval_loss``,
+    ``final_eval_accuracy``, ``samples_per_s`` (mean over steps after the first, which pays for
+    warm-up), ``items_per_s``, ``peak_memory_bytes`` (max) and ``skipped_steps``.
+    """
+    train = [r for r in metrics if r.get("kind", "train") == "train"]
+    evals = [r for r in metrics if r.get("kind") == "eval"]
+    summary: dict[str, Any] = {}
+    if train:
+        summary["steps"] = max(int(r["step"]) for r in train)
+        losses = [r["loss"] for r in train if r.get("loss") is not None]
+        if losses:
+            summary["final_loss"] = losses[-1]
+    for key, target in (("eval/loss", "final_eval_loss"), ("eval/accuracy", "final_eval_accuracy")):
+        values = [r[key] for r in evals if r.get(key) is not None]
+        if values:
+            summary[target] = values[-1]
+    for key in ("samples_per_s", "items_per_s"):
+        values = [r[key] for r in train[1:] or train if r.get(key) is not None]
+        if values:
+            summary[key] = sum(values) / len(values)
+    memory = [r["peak_memory_bytes"] for r in train if r.get("peak_memory_bytes") is not None]
+    if memory:
+        summary["peak_memory_bytes"] = max(memory)
+    if any("skipped_steps" in r for r in train):
+        summary["skipped_steps"] = max(int(r.get("skipped_steps") or 0) for r in train)
+    elif any("skipped" in r for r in train):
+        summary["skipped_steps"] = sum(bool(r.get("skipped")) for r in train)
+    return summary
+
+
+def plot_run(metrics: list[dict[str, Any]], path: Path) -> Path | None:
+    """Draw the run's curves into a PNG; None without matplotlib or without anything to draw.
+
+    Panels, each only when its data is present: train and eval loss; eval accuracy; learning
+    rate; ``global_batch_size`` with ``critical_batch_size`` (the gradient-noise estimate).
+    """
+    try:
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
+        from matplotlib.ticker import ScalarFormatter
+    except ImportError as error:
+        logger.warning("no plot: %s (pip install matplotlib)", error)
+        return None
+    train = [r for r in metrics if r.get("kind", "train") == "train"]
+    evals = [r for r in metrics if r.get("kind") == "eval"]
+    panels = [
+        ("loss", [(train, "loss", "train"), (evals, "eval/loss", "eval")]),
+        ("eval accuracy", [(evals, "eval/accuracy", "eval")]),
+        ("learning rate", [(train, "lr", "lr"), (train, "learning_rate", "lr")]),
+        (
+            "batch size (items)",
+            [
+                (train, "global_batch_size", "global batch size"),
+                (train, "critical_batch_size", "critical batch size (estimate)"),
+            ],
+        ),
+    ]
+    panels = [(title, [s for s in series if _points(*s[:2])[0]]) for title, series in panels]
+    panels = [panel for panel in panels if panel[1]]
+    if not panels:
+        return None
+    figure = Figure(figsize=(6.4, 2.4 * len(panels)), layout="constrained")
+    FigureCanvasAgg(figure)
+    axes = figure.subplots(len(panels), 1, sharex=True, squeeze=False)[:, 0]
+    for ax, (title, series) in zip(axes, panels):
+        for records, key, label in series:
+            steps, values = _points(records, key)
+            marker = "o" if len(steps) <= 30 or records is evals else None
+            style = "steps-post" if key == "global_batch_size" else "default"
+            ax.plot(steps, values, label=label, marker=marker, markersize=3, drawstyle=style)
+        if title.startswith("batch size"):
+            ax.set_yscale("log", base=2)  # batch sizes are mostly powers of two
+            ax.yaxis.set_major_formatter(ScalarFormatter())
+        ax.set_ylabel(title)
+        ax.grid(True, alpha=0.3)
+        if len(series) > 1:
+            ax.legend(loc="best", fontsize="small")
+    axes[-1].set_xlabel("step (optimizer steps)")
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path, dpi=110)
+    return path
+
+
+def _points(records: list[dict[str, Any]], key: str) -> tuple[list[int], list[float]]:
+    """The (step, value) pairs of one series, skipping steps where it is missing or null."""
+    pairs = [(int(r["step"]), float(r[key])) for r in records if r.get(key) is not None]
+    return [step for step, _ in pairs], [value for _, value in pairs]
+
+
+def write_report(
+    run_dir: Path,
+    summary: Mapping[str, Any],
+    metrics: list[dict[str, Any]],
+    plot: Path | None = None,
+) -> Path:
+    """Write ``run_dir/report.md``: the recipe, plan, final figures, extra sections and the plot.
+
+    Figures missing from ``summary`` are taken from ``metrics`` (see `summarize_metrics`).
+    ``summary["plan"]`` is ``Plan.to_dict()`` or text; ``summary["sections"]`` maps titles to
+    markdown that other features add. Other scalar entries of ``summary`` are listed too.
+    """
+    merged = {**summarize_metrics(metrics), **summary}
+    rows = [
+        (label, _format_value(key, merged[key])) for key, label in _REPORT_ROWS if key in merged
+    ]
+    known = {key for key, _ in _REPORT_ROWS} | {"plan", "sections"}
+    for key, value in merged.items():
+        if key not in known and isinstance(value, str | int | float | bool):
+            rows.append((key, _format_value(key, value)))
+    lines = ["# bigbatch run report", "", "| | |", "| --- | --- |"]
+    lines += [f"| {label} | {value} |" for label, value in rows]
+    if "plan" in merged:
+        lines += ["", "## Plan", "", "```", _format_plan(merged["plan"]), "```"]
+    if plot is not None:
+        target = os.path.relpath(Path(plot), Path(run_dir))
+        lines += ["", "## Curves", "", f"![training curves]({Path(target).as_posix()})"]
+    for title, text in dict(merged.get("sections") or {}).items():
+        lines += ["", f"## {title}", "", str(text).strip()]
+    path = Path(run_dir) / REPORT_FILE
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return path
+
+
+def format_summary(summary: Mapping[str, Any]) -> str:
+    """The few lines the CLI prints when a run ends.
+
+    >>> print(format_summary({"steps": 100, "final_loss": 0.5, "samples_per_s": 1234.4}))
+    done: 100 steps, loss 0.5, 1,234 samples/s
+    """
+    figures = [f"{summary['steps']} steps" if "steps" in summary else None]
+    for key, label in (("final_loss", "loss"), ("final_eval_loss", "eval loss")):
+        if summary.get(key) is not None:
+            figures.append(f"{label} {_format_number(summary[key])}")
+    for key in ("final_eval_accuracy", "samples_per_s", "peak_memory_bytes", "skipped_steps"):
+        if summary.get(key) is not None:
+            figures.append(f"{_format_value(key, summary[key])} {_SHORT.get(key, key)}")
+    lines = ["done: " + ", ".join(f for f in figures if f)]
+    for key in ("report", "run_dir"):
+        if summary.get(key):
+            lines.append(f"{key.replace('_', ' ')}: {summary[key]}")
+    return "\n".join(lines)
+
+
+_REPORT_ROWS = (
+    ("recipe", "recipe"),
+    ("steps", "steps"),
+    ("final_loss", "final train loss"),
+    ("final_eval_loss", "final eval loss"),
+    ("final_eval_accuracy", "final eval accuracy"),
+    ("global_batch_size", "global batch size"),
+    ("samples_per_s", "samples/s"),
+    ("items_per_s", "items/s"),
+    ("peak_memory_bytes", "peak memory"),
+    ("skipped_steps", "skipped steps"),
+    ("wall_time_s", "wall time"),
+)
+_SHORT = {
+    "final_eval_accuracy": "eval accuracy",
+    "skipped_steps": "skipped",
+    "peak_memory_bytes": "peak memory",
+    "samples_per_s": "samples/s",
+}
+
+
+def _format_value(key: str, value: Any) -> str:
+    """A figure as a person reads it: bytes in GiB, rates with separators, accuracy in percent."""
+    if value is None:
+        return "-"
+    if key.endswith("_bytes"):
+        return format_bytes(value)
+    if key.endswith("accuracy") and isinstance(value, float):
+        return f"{100 * value:.2f}%"
+    if key.endswith("_per_s"):
+        return f"{value:,.0f}"
+    if key == "wall_time_s":
+        minutes, seconds = divmod(float(value), 60)
+        return f"{int(minutes)} min {seconds:.0f} s" if minutes else f"{seconds:.1f} s"
+    return _format_number(value) if isinstance(value, float) else str(value)
+
+
+def _format_plan(plan: Any) -> str:
+    """``Plan.to_dict()`` as ``key: value`` lines, or the plan's text as given."""
+    if isinstance(plan, Mapping):
+        return "\n".join(f"{key}: {value}" for key, value in plan.items())
+    return str(plan)
+
+
+def format_bytes(num_bytes: float) -> str:
+    """Bytes in the largest unit that keeps the number >= 1.
+
+    >>> format_bytes(3 * 2**30), format_bytes(512)
+    ('3.00 GiB', '512 B')
+    """
+    for unit, scale in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if abs(num_bytes) >= scale:
+            return f"{num_bytes / scale:.2f} {unit}"
+    return f"{int(num_bytes)} B"
+
+
+def _format_number(value: Any) -> str:
+    """Short numbers: integers as is, floats with 4 significant digits or in e-notation."""
+    if isinstance(value, bool) or not isinstance(value, float):
+        return str(value)
+    if value != 0 and (abs(value) < 1e-3 or abs(value) >= 1e5):
+        return f"{value:.2e}"
+    return f"{value:.4g}"
+
+
+def _jsonable(value: Any) -> Any:
+    """Numbers as JSON numbers (non-finite ones as null), tensors and numpy scalars via item()."""
+    if hasattr(value, "item") and callable(value.item):
+        value = value.item()
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
+def _truncate_after(path: Path, step: int) -> None:
+    """Drop lines of steps after ``step`` (and unparsable ones); rewrites the file atomically."""
+    if not path.exists():
+        return
+    kept, dropped = [], 0
+    with open(path, encoding="utf-8") as handle:
+        for line in handle:
+            try:
+                keep = int(json.loads(line)["step"]) <= step
+            except (json.JSONDecodeError, KeyError, TypeError, ValueError):
+                keep = False
+            if keep:
+                kept.append(line)
+            else:
+                dropped += 1
+    if dropped:
+        logger.info("resuming at step %d: dropping %d later lines of %s", step, dropped, path)
+        tmp = path.with_name(f"{path.name}.tmp")
+        with open(tmp, "w", encoding="utf-8") as handle:
+            handle.writelines(kept)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+
+
+def _summary_writer(log_dir: Path, purge_step: int | None) -> Any:
+    """A TensorBoard SummaryWriter, or None (with one warning) when tensorboard is missing.
+
+    ``purge_step`` hides the events an interrupted run wrote after its last checkpoint.
+    """
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError as error:
+        logger.warning("TensorBoard logging is off: %s (pip install tensorboard)", error)
+        return None
+    return SummaryWriter(log_dir=str(log_dir), purge_step=purge_step)
