@@ -393,3 +393,10 @@ def test_cuda_choice_fits_the_budget_when_trained() -> None:
     torch.cuda.synchronize()
     used = torch.cuda.max_memory_allocated() - base
     assert used <= budget, (used, budget, memory.format_choice(choice))
+
+
+def test_cuda_default_budget_is_90_percent_of_free(monkeypatch) -> None:
+    """The arithmetic only (no GPU here): a model held off the device adds nothing."""
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (1000, 5000))
+    budget = memory._resolve_budget(None, torch.device("cuda"), make_mlp(), None)
+    assert budget == 900

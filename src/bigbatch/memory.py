@@ -277,7 +277,9 @@ def _preserved_state(module: torch.nn.Module, device: torch.device) -> Iterator[
         if buffer is not None
     ]
     python_state, numpy_state = random.getstate(), np.random.get_state()
-    cuda = [device.index or torch.cuda.current_device()] if device.type == "cuda" else []
+    cuda: list[int] = []
+    if device.type == "cuda":
+        cuda = [torch.cuda.current_device() if device.index is None else device.index]
     try:
         with torch.random.fork_rng(devices=cuda):
             yield
@@ -418,7 +420,7 @@ def probe(
     The model's parameters, buffers and gradients, the optimizer and the torch, numpy and
     python RNG states are left as they were.
     """
-    checked = sorted({_check_size("sizes", size) for size in sizes})
+    checked = sorted({_check_size("each of sizes", size) for size in sizes})
     if not checked:
         raise ValueError("sizes must hold at least one micro_batch_size, got an empty sequence")
     if isinstance(repetitions, bool) or not isinstance(repetitions, int) or repetitions < 1:
@@ -466,7 +468,7 @@ def probe(
 
 def _check_size(name: str, value: object) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name} must hold positive integers, got {value!r}")
+        raise ValueError(f"{name} must be a positive integer, got {value!r}")
     return value
 
 
@@ -515,7 +517,12 @@ def _geometric(start: int, stop: int) -> list[int]:
     return sizes + [stop]
 
 
-def _resolve_budget(memory_budget: int | str | None, device: torch.device, model_bytes: int) -> int:
+def _resolve_budget(
+    memory_budget: int | str | None,
+    device: torch.device,
+    module: torch.nn.Module,
+    optimizer: torch.optim.Optimizer | None,
+) -> int:
     """The budget in bytes; on CUDA by default 90% of free memory plus what the model holds."""
     if memory_budget is not None:
         return parse_memory_size(memory_budget)
@@ -525,8 +532,12 @@ def _resolve_budget(memory_budget: int | str | None, device: torch.device, model
             "memory; set memory_budget to what one rank may use, e.g. memory_budget: 8GiB"
         )
     free, _ = torch.cuda.mem_get_info(device)
-    # The model's parameters are already on the device (not free) but are part of the prediction.
-    resident = min(model_bytes, torch.cuda.memory_allocated(device))
+    # What the model already holds on the device is not free, but the prediction counts it.
+    held = [*module.parameters(), *module.buffers()]
+    held += [p.grad for p in module.parameters() if p.grad is not None]
+    if optimizer is not None:
+        held += [v for state in optimizer.state.values() for v in state.values()]
+    resident = _tensor_bytes([t for t in held if isinstance(t, torch.Tensor) and t.is_cuda])
     budget = int(0.9 * (free + resident))
     logger.info(
         "memory_budget %s = 90%% of (free %s + held by the model %s) on %s",
@@ -591,8 +602,8 @@ def choose_micro_batch_size(
         optimizer=optimizer, device=device, repetitions=repetitions, autocast_dtype=autocast_dtype
     )
     sizes = _geometric(1, min(max_size, 2 ** (_FIRST_SIZES - 1)))
+    budget = _resolve_budget(memory_budget_bytes, device, module, optimizer)
     result = probe(module, loss_fn, make_batch, sizes, **run)
-    budget = _resolve_budget(memory_budget_bytes, device, result.model_bytes)
     limit = budget / (1 + headroom)
     if result.rows[0].micro_batch_size != 1 or result.rows[0].memory_bytes > limit:
         raise ValueError(_too_small(result, budget, headroom))
