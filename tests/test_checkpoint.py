@@ -159,6 +159,28 @@ def test_saving_a_step_twice_replaces_it(tmp_path):
     assert torch.equal(loaded.model_state["w"], torch.full((3,), -1.0))
 
 
+def test_saving_a_step_twice_without_atomic_exchange(tmp_path, monkeypatch):
+    monkeypatch.setattr(checkpoint, "_exchange", lambda first, second: False)
+    save_steps(tmp_path, [1, 2])
+    save_checkpoint(tmp_path, 2, {"w": torch.full((3,), -1.0)}, {"again": True})
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["step-00000001", "step-00000002"]
+    loaded = load_latest_checkpoint(tmp_path)
+    assert loaded is not None and loaded.training_state == {"again": True}
+
+
+def test_scheduler_and_grad_scaler_states_are_accepted(tmp_path):
+    model = models.mlp()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1 / (step + 1))
+    scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
+    state = {"scheduler": scheduler.state_dict(), "grad_scaler": scaler.state_dict()}
+    save_checkpoint(tmp_path, 1, model.state_dict(), state)
+    loaded = load_latest_checkpoint(tmp_path)
+    assert loaded is not None
+    assert loaded.training_state["grad_scaler"]["scale"] == 1024.0
+    assert loaded.training_state["scheduler"]["last_epoch"] == scheduler.last_epoch
+
+
 def assert_fell_back(tmp_path, caplog, damaged: str, reason: str) -> None:
     with caplog.at_level(logging.WARNING, logger="bigbatch.checkpoint"):
         loaded = load_latest_checkpoint(tmp_path)

@@ -345,8 +345,10 @@ def _move_into_place(tmp: Path, final: Path) -> None:
 
 def _exchange(first: Path, second: Path) -> bool:
     """Atomically swap two paths with Linux's renameat2(RENAME_EXCHANGE); False if unsupported."""
-    libc = ctypes.CDLL(None, use_errno=True)
-    renameat2 = getattr(libc, "renameat2", None)
+    try:
+        renameat2 = getattr(ctypes.CDLL(None, use_errno=True), "renameat2", None)
+    except (OSError, TypeError):  # no C library to open this way (Windows)
+        return False
     if renameat2 is None:
         return False
     at_fdcwd, rename_exchange = -100, 2

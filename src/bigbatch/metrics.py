@@ -333,9 +333,11 @@ def format_summary(summary: Mapping[str, Any]) -> str:
     for key, label in (("final_loss", "loss"), ("final_eval_loss", "eval loss")):
         if summary.get(key) is not None:
             figures.append(f"{label} {_format_number(summary[key])}")
+    labels = dict(_REPORT_ROWS)
     for key in ("final_eval_accuracy", "samples_per_s", "peak_memory_bytes", "skipped_steps"):
         if summary.get(key) is not None:
-            figures.append(f"{_format_value(key, summary[key])} {_SHORT.get(key, key)}")
+            label = labels[key].removeprefix("final ")
+            figures.append(f"{_format_value(key, summary[key])} {label}")
     lines = ["done: " + ", ".join(f for f in figures if f)]
     for key in ("report", "run_dir"):
         if summary.get(key):
@@ -356,12 +358,6 @@ _REPORT_ROWS = (
     ("skipped_steps", "skipped steps"),
     ("wall_time_s", "wall time"),
 )
-_SHORT = {
-    "final_eval_accuracy": "eval accuracy",
-    "skipped_steps": "skipped",
-    "peak_memory_bytes": "peak memory",
-    "samples_per_s": "samples/s",
-}
 
 
 def _format_value(key: str, value: Any) -> str:
