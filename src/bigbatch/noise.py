@@ -1,0 +1,295 @@
+"""The gradient noise scale: per-micro-batch gradient norms and the critical batch size.
+
+Accumulation makes the noise scale of McCandlish et al. 2018 (arXiv:1812.06162) nearly free: every
+micro-batch is a small-batch gradient and the window a large-batch one. `GradientNormTracker` reads
+each micro-batch's squared gradient norm from tensor hooks (no gradient copy, no host sync) and
+`NoiseScaleEstimator` turns them into unbiased, smoothed estimates of |G|^2, tr(Sigma) and
+B_simple = tr(Sigma) / |G|^2, valid for micro-batches of unequal item counts.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+
+class GradientNormTracker:
+    """Squared norm of every micro-batch's own gradient, read before it is accumulated.
+
+    A hook on each parameter sees the gradient one backward produces for it, before it is added to
+    ``.grad`` (and before DDP's all-reduce, which runs after accumulation), so the norm is that of
+    this micro-batch alone. Each hook only computes one small norm on the device: no gradient is
+    copied and nothing is read back to the host.
+
+    Call `begin_micro_step` before a micro-batch's backward and `end_micro_step` after it; outside
+    that bracket the hooks record nothing, so other backward passes (e.g. a user's own) are ignored.
+
+    Args:
+        parameters: the trained parameters (those with ``requires_grad``).
+
+    Example:
+        >>> model = torch.nn.Linear(2, 1, bias=False)
+        >>> tracker = GradientNormTracker(model.parameters())
+        >>> tracker.begin_micro_step()
+        >>> model(torch.tensor([[3.0, 4.0]])).sum().backward()
+        >>> float(tracker.end_micro_step())  # |(3, 4)|^2
+        25.0
+        >>> tracker.remove()
+    """
+
+    def __init__(self, parameters: Iterable[torch.nn.Parameter]) -> None:
+        self._parameters = [p for p in parameters if p.requires_grad]
+        if not self._parameters:
+            raise ValueError("parameters holds no tensor with requires_grad=True: nothing to track")
+        self.device = self._parameters[0].device
+        # float64 norms for float64 models (the tests), float32 otherwise: a float32 norm of a
+        # half-precision or loss-scaled gradient cannot overflow; it is squared in float64.
+        self._norm_dtype = (
+            torch.float64
+            if any(p.dtype == torch.float64 for p in self._parameters)
+            else torch.float32
+        )
+        self._norms: list[torch.Tensor] = []
+        self._active = False
+        self._handles = [p.register_hook(self._record) for p in self._parameters]
+
+    def _record(self, gradient: torch.Tensor) -> None:
+        if self._active:
+            norm = torch.linalg.vector_norm(gradient, dtype=self._norm_dtype)
+            self._norms.append(norm.to(self.device, non_blocking=True))
+
+    def begin_micro_step(self) -> None:
+        """Start recording the gradients of the next backward."""
+        self._norms.clear()
+        self._active = True
+
+    def end_micro_step(self) -> torch.Tensor:
+        """Stop recording; the squared norm of that backward's gradient (float64, on the device).
+
+        The norm is of what the backward produced: for a loss sum scaled by c it is
+        c^2 * items^2 * |item-mean gradient|^2, see `item_mean_sq_norms`.
+        """
+        self._active = False
+        if not self._norms:
+            return torch.zeros((), dtype=torch.float64, device=self.device)
+        total = torch.stack(self._norms).to(torch.float64).square().sum()
+        self._norms.clear()
+        return total
+
+    def remove(self) -> None:
+        """Remove the hooks."""
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+        self._active = False
+
+
+def item_mean_sq_norms(
+    raw_sq_norms: torch.Tensor, micro_items: torch.Tensor, scale: float | torch.Tensor = 1.0
+) -> torch.Tensor:
+    """Squared norms of the micro-batches' item-mean gradients, on the device.
+
+    A micro-batch whose backward ran on ``scale * loss_sum`` has gradient
+    ``scale * items * (item-mean gradient)``, so its squared norm divides by ``(scale * items)^2``.
+    Micro-batches with no items give 0 (the estimator leaves them out by their item count).
+
+    Args:
+        raw_sq_norms: what `GradientNormTracker.end_micro_step` returned, one per micro-batch.
+        micro_items: the loss items of each micro-batch.
+        scale: the constant the loss sums were multiplied by before backward (e.g. the fp16 loss
+            scale divided by the engine's loss divisor); a tensor keeps it on the device.
+    """
+    items = micro_items.to(torch.float64)
+    scale64 = scale.to(torch.float64) if isinstance(scale, torch.Tensor) else float(scale)
+    denominator = (items * scale64).square()
+    safe = torch.where(items > 0, denominator, torch.ones_like(denominator))
+    return torch.where(items > 0, raw_sq_norms.to(torch.float64) / safe, torch.zeros_like(safe))
+
+
+def pack_micro_statistics(
+    micro_sq_norms: torch.Tensor, micro_items: torch.Tensor, *, rank: int, world_size: int
+) -> torch.Tensor:
+    """This rank's micro-batch norms and item counts, placed by rank for one SUM all-reduce.
+
+    Returns a float64 tensor of length ``2 * k * world_size`` (k = this rank's micro-batches, the
+    same on every rank): squared norms in ``[rank * k, (rank + 1) * k)``, item counts in the same
+    slots of the second half, zeros elsewhere. Summing it over ranks gathers everyone's values;
+    the engine can concatenate it with its own small totals so the step keeps one all-reduce.
+    """
+    if micro_sq_norms.shape != micro_items.shape or micro_sq_norms.dim() != 1:
+        raise ValueError(
+            f"micro_sq_norms and micro_items must be 1-d of the same length, got shapes "
+            f"{tuple(micro_sq_norms.shape)} and {tuple(micro_items.shape)}"
+        )
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank must be in [0, world_size={world_size}), got {rank}")
+    k = micro_sq_norms.numel()
+    packed = torch.zeros(2 * k * world_size, dtype=torch.float64, device=micro_sq_norms.device)
+    packed[rank * k : (rank + 1) * k] = micro_sq_norms.to(torch.float64)
+    offset = k * world_size + rank * k
+    packed[offset : offset + k] = micro_items.to(torch.float64)
+    return packed
+
+
+def unpack_micro_statistics(packed: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Split the all-reduced `pack_micro_statistics` tensor: (micro_sq_norms, micro_items)."""
+    if packed.dim() != 1 or packed.numel() % 2:
+        raise ValueError(f"packed must be 1-d of even length, got shape {tuple(packed.shape)}")
+    half = packed.numel() // 2
+    return packed[:half], packed[half:]
+
+
+@dataclass(frozen=True)
+class NoiseScale:
+    """The smoothed gradient noise scale after a step.
+
+    Attributes:
+        critical_batch_size: B_simple = tr(Sigma) / |G|^2 in items; None until it can be estimated
+            (no step with two or more micro-batches yet, or a smoothed |G|^2 that is not positive).
+        gradient_sq_norm: smoothed estimate of |G|^2, the squared norm of the true gradient (NaN
+            before the first estimate).
+        trace_covariance: smoothed estimate of tr(Sigma), the summed per-item gradient variance
+            (NaN before the first estimate).
+        num_steps: steps that went into the estimate.
+    """
+
+    critical_batch_size: float | None
+    gradient_sq_norm: float
+    trace_covariance: float
+    num_steps: int
+
+
+def step_estimates(
+    micro_sq_norms: Iterable[float],
+    micro_items: Iterable[float],
+    global_sq_norm: float,
+    global_items: float,
+) -> tuple[float, float] | None:
+    """Unbiased one-step estimates of (|G|^2, tr(Sigma)); None with fewer than 2 micro-batches.
+
+    For b items, E|g_b|^2 = |G|^2 + tr(Sigma) / b. The plain mean of the micro-batches' squared
+    norms has expectation |G|^2 + S * h with h = mean(1 / b_i), the global one |G|^2 + S / B.
+    Solving the two linear equations gives unbiased estimates whatever the b_i; h > 1 / B as soon
+    as two micro-batches hold items (harmonic <= arithmetic mean). Empty micro-batches are left out.
+    """
+    pairs = [(float(s), float(b)) for s, b in zip(micro_sq_norms, micro_items) if float(b) > 0]
+    if len(pairs) < 2 or global_items <= 0:
+        return None
+    small = sum(s for s, _ in pairs) / len(pairs)
+    inverse_small = sum(1.0 / b for _, b in pairs) / len(pairs)
+    inverse_big = 1.0 / float(global_items)
+    gap = inverse_small - inverse_big
+    if gap <= 0:
+        return None
+    trace = (small - global_sq_norm) / gap
+    gradient_sq = (global_sq_norm * inverse_small - small * inverse_big) / gap
+    return gradient_sq, trace
+
+
+class NoiseScaleEstimator:
+    """Smoothed gradient noise scale from the micro-batch and window gradient norms of each step.
+
+    The one-step estimates of |G|^2 and tr(Sigma) are unbiased but noisy (one step's |G|^2 estimate
+    is often negative), so each is smoothed separately with a bias-corrected exponential moving
+    average (McCandlish et al. 2018, appendix A.1) of decay ``1 - 1 / smoothing_steps``, and their
+    ratio is taken afterwards. Feed only applied steps (not skipped ones).
+
+    Args:
+        smoothing_steps: the averaging window in steps (1: no smoothing).
+    """
+
+    def __init__(self, smoothing_steps: int = 200) -> None:
+        if isinstance(smoothing_steps, bool) or not isinstance(smoothing_steps, int):
+            raise TypeError(f"smoothing_steps must be an int, got {type(smoothing_steps).__name__}")
+        if smoothing_steps < 1:
+            raise ValueError(f"smoothing_steps must be >= 1, got {smoothing_steps}")
+        self.smoothing_steps = smoothing_steps
+        self._decay = 1.0 - 1.0 / smoothing_steps
+        self._gradient_sq = 0.0
+        self._trace = 0.0
+        self._num_steps = 0
+        self._warned_single = False
+
+    def update(
+        self,
+        micro_sq_norms: torch.Tensor,
+        micro_items: torch.Tensor,
+        global_sq_norm: float,
+        global_items: int,
+    ) -> NoiseScale:
+        """Add one step and return the smoothed estimate (one host read of the small tensors).
+
+        Args:
+            micro_sq_norms: squared norms of the micro-batches' item-mean gradients, every rank's.
+            micro_items: their item counts (0 for an empty or padding slot, left out).
+            global_sq_norm: squared norm of the step's global item-mean gradient (before clipping).
+            global_items: the items of the whole global batch.
+        """
+        norms = micro_sq_norms.detach().to("cpu", torch.float64).tolist()
+        items = micro_items.detach().to("cpu", torch.float64).tolist()
+        if len(norms) != len(items):
+            raise ValueError(
+                f"micro_sq_norms and micro_items differ in length: {len(norms)} != {len(items)}"
+            )
+        estimates = step_estimates(norms, items, float(global_sq_norm), float(global_items))
+        if estimates is None:
+            if not self._warned_single:
+                logger.warning(
+                    "noise scale: a step with %d non-empty micro-batch(es) over all ranks gives no "
+                    "small/large batch pair, so no estimate; use 2 or more micro-batches per "
+                    "step (gradient_accumulation_steps >= 2 or world_size >= 2)",
+                    sum(1 for b in items if b > 0),
+                )
+                self._warned_single = True
+        elif all(math.isfinite(value) for value in estimates):
+            gradient_sq, trace = estimates
+            self._gradient_sq = self._decay * self._gradient_sq + (1 - self._decay) * gradient_sq
+            self._trace = self._decay * self._trace + (1 - self._decay) * trace
+            self._num_steps += 1
+        else:
+            logger.debug("noise scale: non-finite step estimate %s left out", estimates)
+        return self.current()
+
+    def current(self) -> NoiseScale:
+        """The smoothed estimate so far, without adding a step."""
+        if self._num_steps == 0:
+            return NoiseScale(None, math.nan, math.nan, 0)
+        correction = 1.0 - self._decay**self._num_steps
+        if correction <= 0.0:  # smoothing_steps == 1: decay 0, the last step alone
+            correction = 1.0
+        gradient_sq = self._gradient_sq / correction
+        trace = self._trace / correction
+        critical = trace / gradient_sq if gradient_sq > 0 and trace >= 0 else None
+        return NoiseScale(critical, gradient_sq, trace, self._num_steps)
+
+    def state_dict(self) -> dict[str, Any]:
+        """Plain numbers for checkpoints."""
+        return {
+            "smoothing_steps": self.smoothing_steps,
+            "gradient_sq_ema": self._gradient_sq,
+            "trace_ema": self._trace,
+            "num_steps": self._num_steps,
+            "warned_single": self._warned_single,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore what `state_dict` returned, so a resumed run continues the same estimate."""
+        smoothing_steps = int(state["smoothing_steps"])
+        if smoothing_steps != self.smoothing_steps:
+            logger.warning(
+                "noise scale: checkpoint smoothed over %d steps, now %d: continuing with %d",
+                smoothing_steps,
+                self.smoothing_steps,
+                self.smoothing_steps,
+            )
+        self._gradient_sq = float(state["gradient_sq_ema"])
+        self._trace = float(state["trace_ema"])
+        self._num_steps = int(state["num_steps"])
+        self._warned_single = bool(state.get("warned_single", False))
