@@ -1,0 +1,133 @@
+"""Config: YAML + --set, aliases, recipe defaults, one clear line for each kind of bad input."""
+
+from __future__ import annotations
+
+import pytest
+import yaml
+
+from bigbatch.config import (
+    Config,
+    config_to_yaml,
+    load_config,
+    parse_bytes,
+    validate,
+    with_recipe_defaults,
+)
+
+
+def test_yaml_then_overrides(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text("global_batch_size: 64\nlr: 0.1\nlr_scaling:\n  rule: linear\n")
+    config = load_config(path, ["lr=1e-3", "lr_scaling.rule=sqrt", "micro_batch_size=auto"])
+    assert config.global_batch_size == 64
+    assert config.lr == 0.001
+    assert config.lr_scaling.rule == "sqrt"
+    assert config.micro_batch_size == "auto"
+
+
+@pytest.mark.parametrize(
+    ("alias", "field"),
+    [
+        ("per_device_train_batch_size", "micro_batch_size"),
+        ("train_micro_batch_size_per_gpu", "micro_batch_size"),
+        ("train_batch_size", "global_batch_size"),
+    ],
+)
+def test_aliases_in_yaml_and_overrides(tmp_path, alias, field):
+    path = tmp_path / "run.yaml"
+    path.write_text(f"{alias}: 12\n")
+    assert getattr(load_config(path), field) == 12
+    assert getattr(load_config(None, [f"{alias}=7"]), field) == 7
+    assert alias not in config_to_yaml(load_config(path))
+
+
+def test_alias_and_name_together_is_refused(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text("train_batch_size: 8\nglobal_batch_size: 8\n")
+    with pytest.raises(ValueError, match="alias of 'global_batch_size'"):
+        load_config(path)
+
+
+BAD = {
+    "negative micro": (
+        ["micro_batch_size=-3"],
+        'config: micro_batch_size: must be a positive integer or "auto", got -3',
+    ),
+    "word for number": (["lr=fast"], 'config: lr: must be a number > 0, got "fast"'),
+    "nested enum": (
+        ["lr_scaling.rule=cubic"],
+        'config: lr_scaling.rule: must be "linear", "sqrt" or "none", got "cubic"',
+    ),
+    "memory size": (["memory_budget=12 bananas"], "config: memory_budget: must be"),
+    "unknown key": (["micro_batchsize=4"], "did you mean 'micro_batch_size'?"),
+    "unknown nested key": (["lr_scaling.base=4"], "config: unknown key 'lr_scaling.base'"),
+    "both lengths": (["max_steps=3", "epochs=1"], "set max_steps or epochs, not both"),
+    "schedule order": (["batch_size_schedule=[[5, 8], [0, 16]]"], "batch_size_schedule: must"),
+    "no equals": (["lr"], "--set expects key=value"),
+}
+
+
+@pytest.mark.parametrize(("overrides", "expected"), BAD.values(), ids=BAD.keys())
+def test_bad_values_give_one_line(overrides, expected):
+    with pytest.raises(ValueError) as caught:
+        load_config(None, overrides)
+    message = str(caught.value)
+    assert "\n" not in message
+    assert message.startswith("config:")
+    assert expected in message
+
+
+def test_missing_file_and_malformed_yaml(tmp_path):
+    with pytest.raises(ValueError, match="not found"):
+        load_config(tmp_path / "nope.yaml")
+    path = tmp_path / "bad.yaml"
+    path.write_text("lr: [1, 2\nseed: 3\n")
+    with pytest.raises(ValueError, match=r"not valid YAML at line \d+") as caught:
+        load_config(path)
+    assert "\n" not in str(caught.value)
+    path.write_text("- 1\n- 2\n")
+    with pytest.raises(ValueError, match="must hold a mapping"):
+        load_config(path)
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [("20GiB", 20 * 1024**3), ("512MiB", 512 * 1024**2), ("1.5GB", 1_500_000_000), (1024, 1024)],
+)
+def test_memory_budget_units(text, expected):
+    assert parse_bytes(text) == expected
+    assert validate({"memory_budget": text}).memory_budget == expected
+
+
+def test_recipe_defaults_fill_only_what_the_user_left_out():
+    user = load_config(None, ["epochs=2", "lr_scaling.rule=sqrt"])
+    recipe = {
+        "global_batch_size": 256,
+        "micro_batch_size": 16,
+        "max_steps": 100,
+        "lr": 0.01,
+        "lr_scaling": {"rule": "linear", "base_batch_size": 128},
+    }
+    resolved = with_recipe_defaults(user, recipe)
+    assert resolved.global_batch_size == 256
+    assert resolved.micro_batch_size == 16
+    assert (resolved.epochs, resolved.max_steps) == (2, None)  # the user's length wins whole
+    assert resolved.lr == 0.01
+    assert resolved.lr_scaling.rule == "sqrt"
+    assert resolved.lr_scaling.base_batch_size == 128
+    assert resolved.seed == Config().seed  # neither set it: built-in default
+
+
+def test_resolved_yaml_round_trips(tmp_path):
+    config = load_config(None, ["global_batch_size=32", "batch_size_schedule=[[0, 32], [10, 64]]"])
+    text = config_to_yaml(config)
+    assert yaml.safe_load(text)["batch_size_schedule"] == [[0, 32], [10, 64]]
+    path = tmp_path / "resolved.yaml"
+    path.write_text(text)
+    assert load_config(path) == config
+
+
+def test_every_field_is_documented():
+    for name, info in Config.model_fields.items():
+        assert info.description, name
+        assert info.json_schema_extra and info.json_schema_extra.get("allowed"), name
