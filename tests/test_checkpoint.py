@@ -306,3 +306,35 @@ def test_bad_arguments_are_refused(tmp_path):
         save_checkpoint(tmp_path, -1, {}, {})
     with pytest.raises(TypeError, match=r"model_state\['w'\]"):
         save_checkpoint(tmp_path, 1, {"w": [1.0]}, {})  # type: ignore[dict-item]
+
+
+SAVE_FOREVER = """
+import sys, torch
+from bigbatch.checkpoint import save_checkpoint
+directory = sys.argv[1]
+weights = {"w": torch.zeros(256, 1024)}
+for step in range(1, 10**6):
+    weights["w"].fill_(float(step))
+    save_checkpoint(directory, step, weights, {"step": step, "pad": torch.zeros(100_000)}, keep=2)
+    print(step, flush=True)
+"""
+
+
+@pytest.mark.slow
+def test_sigkill_during_saves_leaves_a_valid_checkpoint(tmp_path):
+    import signal
+    import subprocess
+    import sys
+
+    process = subprocess.Popen(
+        [sys.executable, "-c", SAVE_FOREVER, str(tmp_path)], stdout=subprocess.PIPE, text=True
+    )
+    assert process.stdout is not None
+    for _ in range(5):  # let a few saves complete, then kill in the middle of the next ones
+        process.stdout.readline()
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    loaded = load_latest_checkpoint(tmp_path)
+    assert loaded is not None and loaded.step >= 5
+    assert loaded.training_state["step"] == loaded.step
+    assert torch.equal(loaded.model_state["w"], torch.full((256, 1024), float(loaded.step)))
