@@ -76,13 +76,14 @@ def parse_memory_size(value: int | str) -> int:
 
 
 def format_bytes(num_bytes: float) -> str:
-    """``3355443`` -> ``"3.2 MiB"`` (powers of 1024)."""
+    """Three significant digits in powers of 1024: ``3355443`` -> ``"3.20 MiB"``."""
     size = float(num_bytes)
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if abs(size) < 1024:
-            return f"{size:.0f} B" if unit == "B" else f"{size:.1f} {unit}"
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(size) < 999.5 or unit == "TiB":
+            break
         size /= 1024
-    return f"{size:.1f} TiB"
+    decimals = 0 if unit == "B" or abs(size) >= 99.95 else 1 if abs(size) >= 9.995 else 2
+    return f"{size:.{decimals}f} {unit}"
 
 
 @dataclass(frozen=True)
