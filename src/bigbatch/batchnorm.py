@@ -1,0 +1,346 @@
+"""BatchNorm under accumulation: detection, a warning, and the `batchnorm` policies.
+
+BatchNorm normalises with the statistics of the micro-batch, not the global batch, so accumulation
+is not equivalent to one big batch for models that use it. This module finds BatchNorm layers,
+warns once when micro-batches are small, and applies a policy: keep, sync (SyncBatchNorm), freeze
+(running statistics), groupnorm (replace), or window (`WindowBatchNormStatistics`: running
+statistics updated once per step as one forward over the whole global batch would).
+"""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from typing import Any, Literal
+
+import torch
+from torch.nn.modules.batchnorm import _BatchNorm
+
+from bigbatch import distributed
+
+logger = logging.getLogger(__name__)
+
+Policy = Literal["keep", "sync", "freeze", "groupnorm", "window"]
+POLICIES: dict[str, str] = {
+    "keep": "leave BatchNorm as it is: it normalises with each micro-batch's statistics",
+    "sync": "SyncBatchNorm: statistics of the micro-batches of every rank at once (DDP only)",
+    "freeze": "normalise with the running statistics (eval mode); the affine parameters train",
+    "groupnorm": "replace BatchNorm by GroupNorm, which needs no batch statistics at all",
+    "window": "running statistics updated once per step from the whole global batch",
+}
+MAX_GROUPS = 32
+MIN_CHANNELS_PER_GROUP = 4
+_WARNED_ATTRIBUTE = "_bigbatch_batchnorm_warned"
+_FROZEN_ATTRIBUTE = "_bigbatch_batchnorm_frozen"
+
+
+def find_batchnorm(model: torch.nn.Module) -> list[str]:
+    """Names of the BatchNorm layers (any ``_BatchNorm``, SyncBatchNorm included) of the model."""
+    return [name for name, module in model.named_modules() if isinstance(module, _BatchNorm)]
+
+
+def warn_small_micro_batches(
+    model: torch.nn.Module, micro_batch_size: int, threshold: int = 16
+) -> bool:
+    """Warn once per model when its BatchNorm layers see micro-batches below ``threshold``.
+
+    The warning (a UserWarning and a log record) names the layers and the `batchnorm` options.
+
+    Returns:
+        True when this call warned.
+    """
+    names = find_batchnorm(model)
+    if not names or micro_batch_size >= threshold or getattr(model, _WARNED_ATTRIBUTE, False):
+        return False
+    object.__setattr__(model, _WARNED_ATTRIBUTE, True)  # a plain flag, not a module attribute
+    shown = ", ".join(names[:8]) + (f" and {len(names) - 8} more" if len(names) > 8 else "")
+    options = "\n".join(f"  {name}: {effect}" for name, effect in POLICIES.items())
+    message = (
+        f"{len(names)} BatchNorm layer(s) ({shown}) normalise with micro-batches of "
+        f"{micro_batch_size} < {threshold} items, not with the global batch: accumulation is not "
+        f"equivalent to one big batch and small micro-batches make training unstable. Choose a "
+        f"batchnorm policy:\n{options}"
+    )
+    logger.warning(message)
+    warnings.warn(message, UserWarning, stacklevel=2)
+    return True
+
+
+def group_count(num_channels: int) -> int:
+    """GroupNorm groups replacing a BatchNorm of ``num_channels``.
+
+    The largest divisor of num_channels that is at most 32 (GroupNorm's usual count, Wu and He
+    2018) and leaves at least 4 channels per group: one channel per group would normalise every
+    feature of a BatchNorm1d to a constant. 1 group (LayerNorm-like) when no such divisor exists.
+
+    Example:
+        >>> [group_count(c) for c in (3, 16, 64, 256, 30)]
+        [1, 4, 16, 32, 6]
+    """
+    for groups in range(min(MAX_GROUPS, num_channels // MIN_CHANNELS_PER_GROUP), 0, -1):
+        if num_channels % groups == 0:
+            return groups
+    return 1
+
+
+def _frozen_pre_hook(module: torch.nn.Module, args: Any) -> None:
+    # Runs before every forward, so a later model.train() cannot bring batch statistics back.
+    module.training = False
+
+
+def _freeze(model: torch.nn.Module) -> None:
+    for name, module in model.named_modules():
+        if not isinstance(module, _BatchNorm):
+            continue
+        if module.running_mean is None or module.running_var is None:
+            raise ValueError(
+                f"batchnorm='freeze' needs running statistics, but layer {name!r} has "
+                "track_running_stats=False; use batchnorm='groupnorm' instead"
+            )
+        if not getattr(module, _FROZEN_ATTRIBUTE, False):
+            module.register_forward_pre_hook(_frozen_pre_hook)
+            object.__setattr__(module, _FROZEN_ATTRIBUTE, True)
+        module.eval()
+
+
+def _to_groupnorm(module: torch.nn.Module, prefix: str = "") -> torch.nn.Module:
+    if isinstance(module, _BatchNorm):
+        channels = module.num_features
+        if not isinstance(channels, int) or channels <= 0:
+            raise ValueError(
+                f"batchnorm='groupnorm' needs the channel count of layer {prefix or 'model'!r}, "
+                f"got num_features={channels!r}: run one forward first (lazy BatchNorm)"
+            )
+        replacement = torch.nn.GroupNorm(
+            group_count(channels), channels, eps=module.eps, affine=module.affine
+        )
+        if module.affine:
+            # The same Parameter objects: trainable, and any optimizer already holding them works.
+            replacement.weight = module.weight
+            replacement.bias = module.bias
+        replacement.train(module.training)
+        return replacement
+    for name, child in module.named_children():
+        setattr(module, name, _to_groupnorm(child, f"{prefix}.{name}" if prefix else name))
+    return module
+
+
+def apply_policy(model: torch.nn.Module, policy: Policy, *, world_size: int = 1) -> torch.nn.Module:
+    """Apply a `batchnorm` policy; call before DDP wrapping and before building the optimizer.
+
+    Args:
+        model: the unwrapped model.
+        policy: one of ``keep``, ``sync``, ``freeze``, ``groupnorm``, ``window`` (see `POLICIES`);
+            ``window`` also needs a `WindowBatchNormStatistics` in the training loop.
+        world_size: number of ranks; ``sync`` has no effect with 1.
+
+    Returns:
+        The model to train: the same object, except for ``sync`` and a model that is itself a
+        BatchNorm layer (then a new module; parameters are shared, never copied).
+    """
+    if policy not in POLICIES:
+        raise ValueError(f"batchnorm must be one of {', '.join(POLICIES)}, got {policy!r}")
+    if distributed.is_ddp(model) and policy in ("sync", "groupnorm"):
+        raise ValueError(
+            f"batchnorm={policy!r} must be applied to the model before wrapping it in "
+            "DistributedDataParallel: apply_policy(model, ...) first, then wrap the result"
+        )
+    names = find_batchnorm(model)
+    if policy in ("keep", "window") or not names:
+        return model
+    if policy == "freeze":
+        _freeze(model)
+        logger.info("batchnorm=freeze: %d layer(s) use their running statistics", len(names))
+        return model
+    if policy == "groupnorm":
+        converted = _to_groupnorm(model)
+        logger.info(
+            "batchnorm=groupnorm: %d layer(s) replaced by GroupNorm (groups: largest divisor of "
+            "the channels <= %d leaving >= %d channels per group)",
+            len(names),
+            MAX_GROUPS,
+            MIN_CHANNELS_PER_GROUP,
+        )
+        return converted
+    if world_size == 1:
+        warnings.warn(
+            "batchnorm='sync' has no effect with world_size 1: there is no other rank to share "
+            "statistics with (use 'window' to pool the micro-batches of the window)",
+            UserWarning,
+            stacklevel=2,
+        )
+        return model
+    # torch's SyncBatchNorm reduces only GPU (or XPU, HPU) tensors: fail now, not mid-training.
+    if all(p.device.type == "cpu" for p in model.parameters()) and not torch.cuda.is_available():
+        raise ValueError(
+            "batchnorm='sync' needs GPUs: torch's SyncBatchNorm does not run on CPU; use "
+            "batchnorm='window' (statistics pooled over ranks per step) or 'groupnorm'"
+        )
+    return torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+
+
+class WindowBatchNormStatistics:
+    """Running statistics that end each step where one forward over the global batch leaves them.
+
+    For ``batchnorm='window'``: forwards still normalise with micro-batch statistics, but a hook
+    records the per-channel count, sum and sum of squares (float64) of every BatchNorm layer's
+    input during the window, and `end_window` rewinds the running statistics to where they were
+    at `begin_window` and applies one update from the pooled global-batch statistics: mean, and
+    unbiased variance over all items (within plus between micro-batches), with the layer's
+    momentum, or the cumulative average for ``momentum=None``, as torch's BatchNorm does.
+
+    Exact for every layer whose input does not depend on an earlier BatchNorm's normalisation
+    (the first of a stack, parallel branches); a layer behind another one pools the inputs it
+    actually saw, normalised per micro-batch: no accumulation can give it the full-batch
+    forward's inputs. Only layers in training mode with running statistics count. Everything
+    stays on the device: no host sync. Under DDP, SUM all-reduce `local_statistics` (merged
+    into the step's one small all-reduce) and pass the result to `end_window`.
+
+    Args:
+        model: the model (a DDP wrapper is unwrapped).
+    """
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        self._layers: list[_BatchNorm] = [
+            module
+            for module in distributed.unwrap(model).modules()
+            if isinstance(module, _BatchNorm) and module.track_running_stats
+        ]
+        self._statistics: list[torch.Tensor] = []
+        self._saved: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
+        self._open = False
+        self._handles = [
+            layer.register_forward_pre_hook(self._record_hook(index))
+            for index, layer in enumerate(self._layers)
+        ]
+
+    @property
+    def num_statistics(self) -> int:
+        """Length of `local_statistics`: 1 + 2 x channels per layer."""
+        return sum(1 + 2 * int(layer.num_features) for layer in self._layers)
+
+    def _record_hook(self, index: int) -> Any:
+        def record(module: torch.nn.Module, args: tuple[Any, ...]) -> None:
+            if not (self._open and module.training):
+                return
+            x = args[0].detach().to(torch.float64)
+            dims = [d for d in range(x.dim()) if d != 1]
+            stats = self._statistics[index]
+            channels = (stats.numel() - 1) // 2
+            stats[0] += x.numel() // channels
+            stats[1 : 1 + channels] += x.sum(dim=dims)
+            stats[1 + channels :] += x.square().sum(dim=dims)
+
+        return record
+
+    def begin_window(self) -> None:
+        """Save the running statistics and start recording; call before the first forward.
+
+        Calling it again before `end_window` (e.g. when the engine retries a window) first
+        restores the statistics saved by the open window.
+        """
+        if self._open:
+            self._restore()
+        self._saved = []
+        self._statistics = []
+        for layer in self._layers:
+            assert layer.running_mean is not None and layer.running_var is not None
+            assert layer.num_batches_tracked is not None
+            self._saved.append(
+                (
+                    layer.running_mean.detach().clone(),
+                    layer.running_var.detach().clone(),
+                    layer.num_batches_tracked.detach().clone(),
+                )
+            )
+            channels = int(layer.num_features)
+            self._statistics.append(
+                torch.zeros(1 + 2 * channels, dtype=torch.float64, device=layer.running_mean.device)
+            )
+        self._open = True
+
+    def local_statistics(self) -> torch.Tensor:
+        """This rank's recorded [count, sum, sum of squares] of every layer, flat float64."""
+        if not self._open:
+            raise RuntimeError("local_statistics() needs an open window: call begin_window() first")
+        if not self._statistics:
+            return torch.zeros(0, dtype=torch.float64)
+        device = self._statistics[0].device
+        return torch.cat([s.to(device) for s in self._statistics])
+
+    def _restore(self) -> None:
+        with torch.no_grad():
+            for layer, (mean, var, tracked) in zip(self._layers, self._saved):
+                assert layer.running_mean is not None and layer.running_var is not None
+                assert layer.num_batches_tracked is not None
+                layer.running_mean.copy_(mean)
+                layer.running_var.copy_(var)
+                layer.num_batches_tracked.copy_(tracked)
+
+    def end_window(self, reduced: torch.Tensor | None = None) -> None:
+        """Rewind the running statistics and apply one update from the pooled statistics.
+
+        Args:
+            reduced: `local_statistics` summed over ranks; None: this rank's own (one process).
+        """
+        if not self._open:
+            raise RuntimeError("end_window() without begin_window()")
+        if reduced is None:
+            reduced = self.local_statistics()
+        if reduced.numel() != self.num_statistics:
+            raise ValueError(
+                f"reduced must hold {self.num_statistics} values (local_statistics), got "
+                f"{reduced.numel()}"
+            )
+        self._restore()
+        self._open = False
+        offset = 0
+        with torch.no_grad():
+            for layer in self._layers:
+                channels = int(layer.num_features)
+                stats = reduced[offset : offset + 1 + 2 * channels]
+                offset += 1 + 2 * channels
+                _update_running(layer, stats.to(layer.running_mean.device))  # type: ignore[union-attr]
+
+    def abort_window(self) -> None:
+        """Rewind the running statistics without an update (e.g. the window is given up)."""
+        if self._open:
+            self._restore()
+            self._open = False
+
+    def remove(self) -> None:
+        """Remove the hooks (rewinding an open window first)."""
+        self.abort_window()
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+
+
+def _update_running(layer: _BatchNorm, stats: torch.Tensor) -> None:
+    """One BatchNorm running-statistics update from pooled [count, sum, sum of squares]."""
+    assert layer.running_mean is not None and layer.running_var is not None
+    assert layer.num_batches_tracked is not None
+    channels = (stats.numel() - 1) // 2
+    count = stats[0]
+    mean = stats[1 : 1 + channels] / count.clamp(min=1)
+    biased = (stats[1 + channels :] / count.clamp(min=1) - mean.square()).clamp(min=0)
+    unbiased = biased * count / (count - 1).clamp(min=1)
+    # Layers that saw no training forward (count 0), or statistics that are not finite, keep their
+    # running values, decided on the device without a host sync.
+    valid = (count > 0) & torch.isfinite(mean).all() & torch.isfinite(unbiased).all()
+    tracked = layer.num_batches_tracked + valid.to(layer.num_batches_tracked.dtype)
+    if layer.momentum is None:  # cumulative moving average, as torch: factor 1 / batches seen
+        factor = 1.0 / tracked.clamp(min=1).to(torch.float64)
+    else:
+        factor = torch.tensor(float(layer.momentum), dtype=torch.float64, device=count.device)
+    factor = torch.where(valid, factor, torch.zeros_like(factor))
+    dtype = layer.running_mean.dtype
+    new_mean = (1 - factor) * layer.running_mean.to(torch.float64) + factor * mean
+    new_var = (1 - factor) * layer.running_var.to(torch.float64) + factor * unbiased
+    layer.running_mean.copy_(
+        torch.where(valid, new_mean, layer.running_mean.to(torch.float64)).to(dtype)
+    )
+    layer.running_var.copy_(
+        torch.where(valid, new_var, layer.running_var.to(torch.float64)).to(dtype)
+    )
+    layer.num_batches_tracked.copy_(tracked)
