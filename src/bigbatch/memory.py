@@ -427,12 +427,7 @@ def probe(
     if isinstance(repetitions, bool) or not isinstance(repetitions, int) or repetitions < 1:
         raise ValueError(f"repetitions must be a positive integer, got {repetitions!r}")
     module = distributed.unwrap(model)
-    first = next(module.parameters(), None)
-    device = (
-        torch.device(device)
-        if device is not None
-        else (first.device if first is not None else torch.device("cpu"))
-    )
+    device = _device_of(module, device)
     model_bytes = _model_bytes(module, optimizer)
     rows: list[ProbeRow] = []
     oom: int | None = None
@@ -467,6 +462,14 @@ def probe(
     return MemoryProbe(rows, intercept, slope, error, device.type, method, model_bytes, oom)
 
 
+def _device_of(module: torch.nn.Module, device: torch.device | str | None) -> torch.device:
+    """The given device, else the device of the module's first parameter, else the CPU."""
+    if device is not None:
+        return torch.device(device)
+    first = next(module.parameters(), None)
+    return first.device if first is not None else torch.device("cpu")
+
+
 def _check_size(name: str, value: object) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise ValueError(f"{name} must be a positive integer, got {value!r}")
@@ -490,23 +493,57 @@ def _merge(first: MemoryProbe, second: MemoryProbe) -> MemoryProbe:
 
 
 def _probe_more(
-    result: MemoryProbe,
-    module: torch.nn.Module,
-    loss_fn: LossFn,
-    make_batch: Callable[[int], Batch],
-    sizes: list[int],
-    run: dict[str, Any],
+    result: MemoryProbe, sizes: list[int], measure: Callable[[list[int]], MemoryProbe]
 ) -> MemoryProbe:
     """Probe more sizes and merge; an out-of-memory at the first of them is recorded too."""
     try:
-        return _merge(result, probe(module, loss_fn, make_batch, sizes, **run))
+        return _merge(result, measure(sizes))
     except torch.OutOfMemoryError:
         failed = sizes[0]
     logger.warning("memory probe: micro_batch_size %d ran out of memory", failed)
-    if run["device"].type == "cuda":
+    if torch.cuda.is_available():
         torch.cuda.empty_cache()
     smallest = min(failed, result.oom_micro_batch_size or failed)
     return replace(result, oom_micro_batch_size=smallest)
+
+
+def _largest_measured(
+    result: MemoryProbe,
+    limit: float,
+    max_size: int,
+    measure: Callable[[list[int]], MemoryProbe],
+) -> tuple[MemoryProbe, int]:
+    """The largest size predicted to fit, measured; backs off while the measurement is over."""
+    chosen = max(1, result.largest_fitting(limit, max_size))
+    for _ in range(_CONFIRM_TRIES):
+        if chosen not in {row.micro_batch_size for row in result.rows}:
+            result = _probe_more(result, [chosen], measure)
+        row = {row.micro_batch_size: row for row in result.rows}.get(chosen)
+        if row is not None and row.memory_bytes <= limit:
+            break
+        fits = max(r.micro_batch_size for r in result.rows if r.memory_bytes <= limit)
+        bisect = chosen - 1 if row is not None else (fits + chosen) // 2  # None: out of memory
+        chosen = max(fits, min(bisect, result.largest_fitting(limit, max_size)))
+    fitting = [r.micro_batch_size for r in result.rows if r.memory_bytes <= limit]
+    return result, chosen if chosen in fitting else max(fitting)
+
+
+def _fastest(
+    result: MemoryProbe, largest: int, limit: float, measure: Callable[[list[int]], MemoryProbe]
+) -> tuple[MemoryProbe, int, str]:
+    """Probe powers of two up to the largest fitting size; the best measured samples/s wins."""
+    extra = [
+        s for s in _geometric(1, largest) if s not in {r.micro_batch_size for r in result.rows}
+    ]
+    if extra:
+        result = _probe_more(result, extra, measure)
+    feasible = [r for r in result.rows if r.micro_batch_size <= largest and r.memory_bytes <= limit]
+    best = max(feasible, key=lambda r: (r.samples_per_s, r.micro_batch_size))
+    reason = (
+        f"best measured throughput {best.samples_per_s:.1f} samples/s among the "
+        f"{len(feasible)} sizes that fit (largest that fits: {largest})"
+    )
+    return result, best.micro_batch_size, reason
 
 
 def _geometric(start: int, stop: int) -> list[int]:
@@ -593,54 +630,27 @@ def choose_micro_batch_size(
     if not (isinstance(headroom, (int, float)) and 0 <= headroom < 10):
         raise ValueError(f"headroom must be a fraction >= 0 such as 0.1, got {headroom!r}")
     module = distributed.unwrap(model)
-    first = next(module.parameters(), None)
-    device = (
-        torch.device(device)
-        if device is not None
-        else (first.device if first is not None else torch.device("cpu"))
-    )
-    run: dict[str, Any] = dict(
-        optimizer=optimizer, device=device, repetitions=repetitions, autocast_dtype=autocast_dtype
-    )
-    sizes = _geometric(1, min(max_size, 2 ** (_FIRST_SIZES - 1)))
+    device = _device_of(module, device)
     budget = _resolve_budget(memory_budget_bytes, device, module, optimizer)
-    result = probe(module, loss_fn, make_batch, sizes, **run)
     limit = budget / (1 + headroom)
+
+    def measure(sizes: list[int]) -> MemoryProbe:
+        return probe(
+            module, loss_fn, make_batch, sizes, optimizer=optimizer, device=device,
+            repetitions=repetitions, autocast_dtype=autocast_dtype,
+        )  # fmt: skip
+
+    result = measure(_geometric(1, min(max_size, 2 ** (_FIRST_SIZES - 1))))
     if result.rows[0].micro_batch_size != 1 or result.rows[0].memory_bytes > limit:
         raise ValueError(_too_small(result, budget, headroom))
-    chosen = max(1, result.largest_fitting(limit, max_size))
-    for _ in range(_CONFIRM_TRIES):  # measure the extrapolated choice; back off if it is over
-        if chosen not in {row.micro_batch_size for row in result.rows}:
-            result = _probe_more(result, module, loss_fn, make_batch, [chosen], run)
-        row = {row.micro_batch_size: row for row in result.rows}.get(chosen)
-        if row is not None and row.memory_bytes <= limit:
-            break
-        fits = max(r.micro_batch_size for r in result.rows if r.memory_bytes <= limit)
-        bisect = chosen - 1 if row is not None else (fits + chosen) // 2  # None: out of memory
-        chosen = max(fits, min(bisect, result.largest_fitting(limit, max_size)))
-    fitting = [r.micro_batch_size for r in result.rows if r.memory_bytes <= limit]
-    chosen = chosen if chosen in fitting else max(fitting)
+    result, chosen = _largest_measured(result, limit, max_size, measure)
     if optimize == "throughput":
-        extra = [
-            s for s in _geometric(1, chosen) if s not in {r.micro_batch_size for r in result.rows}
-        ]
-        if extra:
-            result = _probe_more(result, module, loss_fn, make_batch, extra, run)
-        feasible = [
-            r for r in result.rows if r.micro_batch_size <= chosen and r.memory_bytes <= limit
-        ]
-        best = max(feasible, key=lambda r: (r.samples_per_s, r.micro_batch_size))
-        reason = (
-            f"best measured throughput {best.samples_per_s:.1f} samples/s among the "
-            f"{len(feasible)} sizes that fit (largest that fits: {chosen})"
-        )
-        chosen = best.micro_batch_size
+        result, chosen, reason = _fastest(result, chosen, limit, measure)
     elif chosen == max_size:
         reason = f"capped by max_micro_batch_size {max_size} (the rank's share of the global batch)"
     else:
-        reason = f"the largest micro_batch_size that fits; {chosen + 1} would need " + format_bytes(
-            result.predict(chosen + 1) * (1 + headroom)
-        )
+        needs = format_bytes(result.predict(chosen + 1) * (1 + headroom))
+        reason = f"the largest micro_batch_size that fits; {chosen + 1} would need {needs}"
     row = {r.micro_batch_size: r for r in result.rows}[chosen]
     reason += (
         f"; measured {format_bytes(row.memory_bytes)} x (1 + headroom {headroom:.0%}) = "
@@ -699,7 +709,6 @@ def plan_for_budget(
             "with world_size <= global_batch_size"
         )
     config = {"seed": seed, "recipe_options": dict(recipe_options or {})}
-    torch.manual_seed(seed)
     recipe = recipes.build(recipe_spec, config)
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     module = recipe.model.to(device).train()
