@@ -191,3 +191,31 @@ def test_bad_policy_and_sync_without_ranks():
     with pytest.warns(UserWarning, match="no effect with world_size 1"):
         assert apply_policy(model, "sync") is model
     assert apply_policy(model, "window") is model
+
+
+def window_on_rank(rank: int, world_size: int) -> dict:
+    from bigbatch import distributed
+
+    model = two_branch_net()
+    x = torch.randn(9, 3, 6, 6, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    share = [[(0, 3), (3, 5)], [(5, 7), (7, 9)]][rank]
+    window = WindowBatchNormStatistics(model)
+    window.begin_window()
+    for start, stop in share:
+        model(x[start:stop])
+    window.end_window(distributed.all_reduce_sum(window.local_statistics()))
+    return running_state(model)
+
+
+@pytest.mark.slow
+def test_window_statistics_over_two_processes_equal_the_global_batch_forward():
+    from tests.distributed_helpers import run_processes
+
+    reference = two_branch_net()
+    reference(
+        torch.randn(9, 3, 6, 6, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    )
+    expected = running_state(reference)
+    for state in run_processes(window_on_rank, 2):
+        for key in expected:
+            torch.testing.assert_close(state[key], expected[key], rtol=1e-12, atol=1e-12)

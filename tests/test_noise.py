@@ -229,3 +229,35 @@ def test_item_mean_sq_norms_divides_by_scaled_counts_and_zeroes_empty():
     items = torch.tensor([3, 0, 1])
     result = item_mean_sq_norms(raw, items, torch.tensor(2.0))
     assert result.tolist() == [36.0 / 36.0, 0.0, 8.0 / 4.0]
+
+
+def estimate_on_rank(rank: int, world_size: int) -> dict:
+    """Each rank backpropagates its own uneven micro-batches; one SUM all-reduce gathers norms."""
+    import torch.distributed as dist
+
+    sizes = [[2, 5, 3], [4, 1, 6]][rank]
+    model = regression_model(DELTA)
+    tracker = GradientNormTracker(model.parameters())
+    estimator = NoiseScaleEstimator(10_000)
+    generator = torch.Generator().manual_seed(100 + rank)
+    for _ in range(500):
+        norms, items, _, _ = window_norms(model, tracker, sizes, generator)
+        packed = pack_micro_statistics(norms, items, rank=rank, world_size=world_size)
+        gradient_sum = model.weight.grad.reshape(-1) / LOSS_SCALE
+        merged = torch.cat([packed, gradient_sum])  # the engine merges its totals likewise
+        dist.all_reduce(merged)
+        all_norms, all_items = unpack_micro_statistics(merged[: packed.numel()])
+        global_items = int(all_items.sum())
+        global_sq = float((merged[packed.numel() :] / global_items).pow(2).sum())
+        result = estimator.update(all_norms, all_items, global_sq, global_items)
+    return {"result": result, "gathered_items": all_items.tolist()}
+
+
+@pytest.mark.slow
+def test_estimate_under_two_processes_within_15_percent():
+    from tests.distributed_helpers import run_processes
+
+    outputs = run_processes(estimate_on_rank, 2)
+    assert outputs[0]["gathered_items"] == [2.0, 5.0, 3.0, 4.0, 1.0, 6.0]
+    assert outputs[0]["result"] == outputs[1]["result"]
+    assert_close_to(outputs[0]["result"], DELTA)
