@@ -189,7 +189,7 @@ class Trainer:
         self.rank, self.world_size = distributed.get_rank(), distributed.get_world_size()
         self.device = resolve_device(config.device)
         self.module = distributed.unwrap(model).to(self.device)
-        self.model: torch.nn.Module = self.module
+        self.model: torch.nn.Module = model if distributed.is_ddp(model) else self.module
         if self.world_size > 1 and not distributed.is_ddp(model):
             ids = [self.device.index] if self.device.type == "cuda" else None
             self.model = DistributedDataParallel(self.module, device_ids=ids)
