@@ -1,0 +1,282 @@
+"""`bigbatch verify`: check that a recipe's accumulated update equals the full-batch one.
+
+In float64, for a few global batches, the gradient of (sum of every item's loss) / (number of
+items) from one forward over the whole global batch is compared with the gradient that
+`Accumulator.step` applies under several splits (micro-batches of 1, an uneven split, the
+configured one). Layers that make the update depend on the split (BatchNorm, dropout without a
+fixed seed) are named, since they are the usual reason for a mismatch.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch.nn.modules.batchnorm import _BatchNorm
+from torch.nn.modules.dropout import _DropoutNd
+from torch.utils.data import default_collate
+
+from bigbatch import batches
+from bigbatch.engine import Accumulator, LossFn
+from bigbatch.plan import plan
+from bigbatch.recipes import Recipe
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class SplitResult:
+    """One split of the global batch and how far its update is from the full-batch one.
+
+    Attributes:
+        name: "micro 1", "uneven" or "configured".
+        micro_batch_sizes: the micro-batch sizes of the window (one rank).
+        relative_error: the largest |g_split - g_full| / |g_full| over the global batches.
+        passed: relative_error <= the tolerance.
+    """
+
+    name: str
+    micro_batch_sizes: tuple[int, ...]
+    relative_error: float
+    passed: bool
+
+
+@dataclass(frozen=True)
+class VerifyReport:
+    """What `verify` found.
+
+    Attributes:
+        recipe: the recipe's name.
+        global_batch_size: samples of each global batch compared.
+        num_global_batches: how many global batches were compared.
+        tolerance: the largest relative error that passes.
+        splits: one result per split.
+        breaking_layers: (module name, why) of every layer that breaks split equivalence.
+    """
+
+    recipe: str
+    global_batch_size: int
+    num_global_batches: int
+    tolerance: float
+    splits: tuple[SplitResult, ...]
+    breaking_layers: tuple[tuple[str, str], ...]
+
+    @property
+    def passed(self) -> bool:
+        """True when every split is within the tolerance."""
+        return all(split.passed for split in self.splits)
+
+
+def breaking_layers(model: torch.nn.Module) -> list[tuple[str, str]]:
+    """Layers whose training-mode output depends on how the global batch is split.
+
+    BatchNorm normalises with the statistics of each micro-batch; dropout draws a new mask per
+    forward, so one full-batch forward and several micro-batch forwards see different masks.
+    """
+    found = []
+    for name, module in model.named_modules():
+        if isinstance(module, _BatchNorm):
+            found.append(
+                (name, f"{type(module).__name__}: normalises with each micro-batch's statistics")
+            )
+        elif isinstance(module, _DropoutNd) and module.p > 0:
+            found.append(
+                (
+                    name,
+                    f"{type(module).__name__}(p={module.p}): dropout without a "
+                    "fixed seed draws different masks per micro-batch",
+                )
+            )
+    return found
+
+
+class _GradientRecorder(torch.optim.Optimizer):
+    """An optimizer that applies nothing and keeps a copy of the gradient it was asked to apply."""
+
+    def __init__(self, parameters: list[torch.nn.Parameter]) -> None:
+        super().__init__(parameters, {"lr": 1.0})
+        self.gradients: list[torch.Tensor] = []
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], Any] | None = None) -> None:  # type: ignore[override]
+        """Record the gradients (the engine has normalised them by now)."""
+        self.gradients = [
+            torch.zeros_like(p) if p.grad is None else p.grad.detach().clone()
+            for group in self.param_groups
+            for p in group["params"]
+        ]
+
+
+def _to_float64(batch: Any) -> Any:
+    return batches.map_tensors(batch, lambda t: t.double() if t.is_floating_point() else t)
+
+
+def full_batch_gradients(
+    model: torch.nn.Module, loss_fn: LossFn, global_batch: Any
+) -> list[torch.Tensor]:
+    """Plain autograd of (sum of the items' losses) / (items) in one forward: the reference."""
+    model.zero_grad(set_to_none=True)
+    output = loss_fn(model, global_batch)
+    if isinstance(output, (tuple, list)):
+        loss_sum, num_items = output
+        loss = loss_sum / float(num_items)
+    else:
+        loss = output  # a scalar mean over the samples
+    loss.backward()
+    gradients = [
+        torch.zeros_like(p) if p.grad is None else p.grad.detach().clone()
+        for p in model.parameters()
+        if p.requires_grad
+    ]
+    model.zero_grad(set_to_none=True)
+    return gradients
+
+
+def accumulated_gradients(
+    model: torch.nn.Module, loss_fn: LossFn, window: Sequence[Any]
+) -> list[torch.Tensor]:
+    """The gradient `Accumulator.step` applies for a window of micro-batches."""
+    recorder = _GradientRecorder([p for p in model.parameters() if p.requires_grad])
+    Accumulator(model, recorder).step(window, loss_fn)
+    return recorder.gradients
+
+
+def relative_error(actual: Sequence[torch.Tensor], expected: Sequence[torch.Tensor]) -> float:
+    """|actual - expected| / |expected| over all tensors together (0 when both are zero)."""
+    difference = sum(float((a - e).pow(2).sum()) for a, e in zip(actual, expected))
+    norm = sum(float(e.pow(2).sum()) for e in expected)
+    if norm == 0.0:
+        return 0.0 if difference == 0.0 else float("inf")
+    return float((difference / norm) ** 0.5)
+
+
+def _splits(global_batch_size: int, micro_batch_size: int | None) -> dict[str, tuple[int, ...]]:
+    """The splits to compare, by name, without duplicates."""
+    candidates = {
+        "micro 1": 1,
+        "uneven": global_batch_size // 3 + 1,
+        "configured": micro_batch_size,
+    }
+    splits: dict[str, tuple[int, ...]] = {}
+    for name, micro in candidates.items():
+        if micro is None or micro > global_batch_size:
+            continue
+        sizes = tuple(plan(global_batch_size, micro_batch_size=micro).micro_batch_sizes(0))
+        if sizes not in splits.values():
+            splits[name] = sizes
+    return splits
+
+
+def _global_batches(
+    recipe: Recipe, global_batch_size: int, num_global_batches: int, seed: int
+) -> list[list[Any]]:
+    """Samples of the first global batches of a seeded shuffle of the training set."""
+    num_samples = len(recipe.train_dataset)  # type: ignore[arg-type]
+    if num_samples < global_batch_size:
+        raise ValueError(
+            f"global_batch_size {global_batch_size} is larger than the recipe's training set "
+            f"({num_samples} samples): use global_batch_size <= {num_samples}"
+        )
+    generator = torch.Generator().manual_seed(seed)
+    order = torch.randperm(num_samples, generator=generator).tolist()
+    while len(order) < num_global_batches * global_batch_size:
+        order += torch.randperm(num_samples, generator=generator).tolist()
+    return [
+        [
+            recipe.train_dataset[i]
+            for i in order[b * global_batch_size : (b + 1) * global_batch_size]
+        ]
+        for b in range(num_global_batches)
+    ]
+
+
+def verify(
+    recipe: Recipe,
+    *,
+    global_batch_size: int,
+    micro_batch_size: int | None,
+    num_global_batches: int = 2,
+    tolerance: float = 1e-6,
+    seed: int = 0,
+) -> VerifyReport:
+    """Compare the accumulated update with the full-batch one, in float64, for several splits.
+
+    Args:
+        recipe: a built recipe; its model is copied and cast to float64, never changed.
+        global_batch_size: samples per global batch.
+        micro_batch_size: the configured micro-batch (None: compare micro 1 and uneven only).
+        num_global_batches: how many global batches to compare.
+        tolerance: the largest relative gradient error that passes.
+        seed: seed of the shuffle that picks the global batches.
+
+    Raises:
+        ValueError: a size that is not a positive integer or larger than the training set.
+    """
+    plan(global_batch_size, micro_batch_size=micro_batch_size)  # validates both sizes
+    if num_global_batches < 1:
+        raise ValueError(f"num_global_batches must be >= 1, got {num_global_batches}")
+    model = copy.deepcopy(recipe.model).double().train()
+    collate = recipe.collate_fn or default_collate
+    splits = _splits(global_batch_size, micro_batch_size)
+    errors = dict.fromkeys(splits, 0.0)
+    for samples in _global_batches(recipe, global_batch_size, num_global_batches, seed):
+        expected = full_batch_gradients(
+            copy.deepcopy(model), recipe.loss_fn, _to_float64(collate(samples))
+        )
+        for name, sizes in splits.items():
+            starts = [sum(sizes[:index]) for index in range(len(sizes))]
+            window = [
+                _to_float64(collate(samples[start : start + size]))
+                for start, size in zip(starts, sizes)
+            ]
+            actual = accumulated_gradients(copy.deepcopy(model), recipe.loss_fn, window)
+            errors[name] = max(errors[name], relative_error(actual, expected))
+    results = tuple(
+        SplitResult(name, sizes, errors[name], errors[name] <= tolerance)
+        for name, sizes in splits.items()
+    )
+    return VerifyReport(
+        recipe=recipe.name,
+        global_batch_size=global_batch_size,
+        num_global_batches=num_global_batches,
+        tolerance=tolerance,
+        splits=results,
+        breaking_layers=tuple(breaking_layers(recipe.model)),
+    )
+
+
+def _describe_sizes(sizes: Sequence[int]) -> str:
+    """`16 x 16` for even splits, `86 85 85` or `86, 85 x 2` for uneven ones."""
+    if len(set(sizes)) == 1:
+        return f"{sizes[0]} x {len(sizes)}"
+    if len(sizes) <= 6:
+        return " ".join(map(str, sizes))
+    counts = {size: sizes.count(size) for size in dict.fromkeys(sizes)}
+    return ", ".join(f"{size} x {count}" for size, count in counts.items())
+
+
+def format_report(report: VerifyReport) -> str:
+    """A small table: one row per split, then the layers that break equivalence and a verdict."""
+    lines = [
+        f"verify {report.recipe}: {report.num_global_batches} global batches of "
+        f"{report.global_batch_size}, float64, full batch vs Accumulator.step, "
+        f"tolerance {report.tolerance:g}",
+        f"{'split':<12}{'micro-batch sizes':<22}{'relative error':>16}  result",
+    ]
+    for split in report.splits:
+        lines.append(
+            f"{split.name:<12}{_describe_sizes(split.micro_batch_sizes):<22}"
+            f"{split.relative_error:>16.2e}  {'ok' if split.passed else 'FAIL'}"
+        )
+    if report.breaking_layers:
+        lines.append("layers that break equivalence:")
+        lines += [f"  {name}: {why}" for name, why in report.breaking_layers]
+    else:
+        lines.append("layers that break equivalence: none found")
+    verdict = "all splits match the full batch" if report.passed else "splits differ"
+    lines.append(f"{'PASS' if report.passed else 'FAIL'}: {verdict}")
+    return "\n".join(lines)
