@@ -1,16 +1,23 @@
-"""The `bigbatch` command line: thin shell over the library.
+"""The `bigbatch` command line: train, plan, verify, bench -- a thin shell over the library.
 
-Errors from bad input become one line on stderr and exit code 2, never a traceback.
+Settings come from the config schema (YAML + `--set key=value`); the flags here only pick files and
+modes. Errors from bad input become one line on stderr and exit code 2, never a traceback.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import logging
+import os
 import sys
 from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
 
 from bigbatch.plan import plan
+
+logger = logging.getLogger(__name__)
 
 
 class _Parser(argparse.ArgumentParser):
@@ -18,40 +25,226 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message}\n")
 
 
-def _plan_command(args: argparse.Namespace) -> int:
-    result = plan(
-        args.global_batch_size,
-        world_size=args.world_size,
-        micro_batch_size=args.micro_batch_size,
-        gradient_accumulation_steps=args.gradient_accumulation_steps,
-    )
-    print(json.dumps(result.to_dict()) if args.json else result)
+def _rank() -> int:
+    """This process's rank from torchrun's environment (0 when not launched by it)."""
+    try:
+        return int(os.environ.get("RANK", "0"))
+    except ValueError:
+        return 0
+
+
+def _resolved_config(args: argparse.Namespace) -> tuple[Any, Any]:
+    """The config from YAML and --set, with the recipe's defaults filled in, and the recipe."""
+    from bigbatch import recipes
+    from bigbatch.config import load_config, with_recipe_defaults
+
+    config = load_config(args.config, args.set)
+    recipe = recipes.build(config.recipe, config.model_dump())
+    return with_recipe_defaults(config, recipe.defaults), recipe
+
+
+def _print_config(config: Any) -> int:
+    from bigbatch.config import config_to_yaml
+
+    print(config_to_yaml(config), end="")
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="bigbatch", description="Train with the global batch you want.")
-    commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
-    plan_parser = commands.add_parser(
+def _train_command(args: argparse.Namespace) -> int:
+    from bigbatch import distributed
+    from bigbatch.config import load_config
+    from bigbatch.metrics import format_summary
+    from bigbatch.trainer import NonFiniteError, fit
+
+    if args.print_config:
+        return _print_config(_resolved_config(args)[0])
+    if args.resume and args.out is None:
+        raise ValueError("--resume needs --out DIR: the run directory to continue")
+    config = load_config(args.config, args.set)
+    try:
+        summary = fit(
+            config,
+            out_dir=None if args.out is None else Path(args.out),
+            resume=args.resume,
+            overwrite=args.overwrite,
+            progress=not args.no_progress,
+        )
+        if distributed.is_main_process():
+            print(format_summary(summary.to_dict()))
+    except NonFiniteError as error:
+        print(f"bigbatch train: stopped: {error}", file=sys.stderr)
+        return 1
+    finally:
+        distributed.teardown_process_group()
+    return 0
+
+
+def _plan_command(args: argparse.Namespace) -> int:
+    if args.memory_budget is None:
+        if args.recipe is not None:
+            raise ValueError("--recipe only matters with --memory-budget (the probe runs it)")
+        result = plan(
+            args.global_batch_size,
+            world_size=args.world_size,
+            micro_batch_size=args.micro_batch_size,
+            gradient_accumulation_steps=args.gradient_accumulation_steps,
+        )
+        print(json.dumps(result.to_dict()) if args.json else result)
+        return 0
+    if args.micro_batch_size is not None or args.gradient_accumulation_steps is not None:
+        raise ValueError(
+            "--memory-budget chooses micro_batch_size: leave out --micro-batch-size and "
+            "--gradient-accumulation-steps"
+        )
+    from bigbatch.memory import format_choice, plan_for_budget
+
+    choice, result = plan_for_budget(
+        args.recipe or "digits",
+        args.global_batch_size,
+        world_size=args.world_size,
+        memory_budget=args.memory_budget,
+        optimize=args.optimize,
+    )
+    if args.json:
+        print(json.dumps({**result.to_dict(), "micro_batch_choice": choice.to_dict()}))
+    else:
+        print(format_choice(choice, result))
+    return 0
+
+
+def _verify_command(args: argparse.Namespace) -> int:
+    from bigbatch.verify import format_report, verify
+
+    config, recipe = _resolved_config(args)
+    if args.print_config:
+        return _print_config(config)
+    if config.global_batch_size is None:
+        raise ValueError("global_batch_size: not set by the config nor the recipe; set it")
+    micro = config.micro_batch_size if isinstance(config.micro_batch_size, int) else None
+    if micro is None and isinstance(config.gradient_accumulation_steps, int):
+        steps = config.gradient_accumulation_steps
+        micro = plan(config.global_batch_size, gradient_accumulation_steps=steps).micro_batch_size
+    report = verify(
+        recipe,
+        global_batch_size=config.global_batch_size,
+        micro_batch_size=micro,
+        num_global_batches=args.num_global_batches,
+        tolerance=args.tolerance,
+        seed=config.seed,
+    )
+    print(format_report(report))
+    return 0 if report.passed else 1
+
+
+def _bench_command(args: argparse.Namespace) -> int:
+    from bigbatch.bench import format_rows, measure_overhead
+
+    steps, warmup = (3, 1) if args.smoke else (args.steps, 5)
+    row = measure_overhead(
+        steps=steps,
+        warmup=warmup,
+        micro_batch_size=args.micro_batch_size,
+        gradient_accumulation_steps=args.gradient_accumulation_steps,
+    )
+    print(format_rows([row]))
+    return 0
+
+
+def _add_config_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("config", nargs="?", help="a YAML config (default: the digits recipe)")
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config key, e.g. --set lr=1e-3 --set lr_scaling.rule=sqrt (repeatable)",
+    )
+    parser.add_argument(
+        "--print-config",
+        action="store_true",
+        help="print the resolved config (recipe defaults filled in) and exit",
+    )
+
+
+def _add_plan_parser(commands: Any) -> None:
+    parser = commands.add_parser(
         "plan", help="split a global batch into ranks x accumulation steps x micro-batches"
     )
-    plan_parser.add_argument("--global-batch-size", type=int, required=True)
-    plan_parser.add_argument("--world-size", type=int, default=1)
-    split = plan_parser.add_mutually_exclusive_group()
+    parser.add_argument("--global-batch-size", type=int, required=True)
+    parser.add_argument("--world-size", type=int, default=1)
+    split = parser.add_mutually_exclusive_group()
     split.add_argument("--micro-batch-size", type=int)
     split.add_argument("--gradient-accumulation-steps", type=int)
-    plan_parser.add_argument("--json", action="store_true", help="print the plan as JSON")
-    plan_parser.set_defaults(handler=_plan_command)
+    parser.add_argument(
+        "--memory-budget",
+        help='choose micro_batch_size by probing the recipe within this memory, e.g. "2GiB"',
+    )
+    parser.add_argument("--recipe", help="the recipe to probe with --memory-budget (digits)")
+    parser.add_argument(
+        "--optimize",
+        choices=("memory", "throughput"),
+        default="memory",
+        help="with --memory-budget: the smallest micro-batch that keeps the device busy "
+        "(memory) or the fastest that fits (throughput)",
+    )
+    parser.add_argument("--json", action="store_true", help="print the plan as JSON")
+    parser.set_defaults(handler=_plan_command)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of every subcommand."""
+    parser = _Parser(prog="bigbatch", description="Train with the global batch you want.")
+    commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    train = commands.add_parser("train", help="train a recipe: plan, progress, summary")
+    _add_config_arguments(train)
+    train.add_argument("--out", help="run directory (default runs/<recipe>-<time>)")
+    train.add_argument("--resume", action="store_true", help="continue the run in --out")
+    train.add_argument(
+        "--overwrite", action="store_true", help="replace the run in --out (its files only)"
+    )
+    train.add_argument("--no-progress", action="store_true", help="no progress bar")
+    train.set_defaults(handler=_train_command)
+
+    _add_plan_parser(commands)
+
+    verify = commands.add_parser(
+        "verify", help="check the accumulated update against the full batch, in float64"
+    )
+    _add_config_arguments(verify)
+    verify.add_argument("--num-global-batches", type=int, default=2)
+    verify.add_argument("--tolerance", type=float, default=1e-6, help="largest relative error")
+    verify.set_defaults(handler=_verify_command)
+
+    bench = commands.add_parser("bench", help="Accumulator.step vs the hand-written loop")
+    bench.add_argument("--steps", type=int, default=40, help="timed steps after warm-up")
+    bench.add_argument("--micro-batch-size", type=int, default=32)
+    bench.add_argument("--gradient-accumulation-steps", type=int, default=8)
+    bench.add_argument("--smoke", action="store_true", help="a few steps only")
+    bench.set_defaults(handler=_bench_command)
     return parser
+
+
+def _setup_logging(command: str) -> None:
+    """bigbatch's log lines (the plan, derived numbers) on stderr: INFO for train on rank 0."""
+    level = logging.INFO if command == "train" and _rank() == 0 else logging.WARNING
+    package = logging.getLogger("bigbatch")
+    if not package.handlers:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        package.addHandler(handler)
+    package.setLevel(level)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `bigbatch` console script and `python -m bigbatch`."""
     args = build_parser().parse_args(argv)
+    _setup_logging(args.command)
     try:
         return int(args.handler(args))
-    except (ValueError, TypeError) as error:
-        print(f"bigbatch {args.command}: error: {error}", file=sys.stderr)
+    except (ValueError, TypeError, OSError) as error:
+        message = " ".join(str(error).split("\n")) or type(error).__name__
+        print(f"bigbatch {args.command}: error: {message}", file=sys.stderr)
         return 2
 
 
