@@ -1,4 +1,7 @@
-"""The memory probe and the micro-batch choice against formulas and an independent count."""
+"""The memory probe (`bigbatch.memory`) and the micro-batch choice (`bigbatch.autobatch`).
+
+Both are checked against formulas and an independent count of the autograd graph.
+"""
 
 from __future__ import annotations
 
@@ -12,7 +15,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from bigbatch import memory
+from bigbatch import autobatch, memory
 from bigbatch.recipes import Recipe
 
 D_IN, D_HIDDEN, D_OUT = 5, 16, 3
@@ -91,16 +94,16 @@ def graph_saved_bytes(model: torch.nn.Module, loss: torch.Tensor) -> int:
 
 
 def test_parse_memory_size() -> None:
-    assert memory.parse_memory_size(123) == 123
-    assert memory.parse_memory_size("512MiB") == 512 * 1024**2
-    assert memory.parse_memory_size("20GiB") == 20 * 1024**3
-    assert memory.parse_memory_size("1.5GB") == 1_500_000_000
-    assert memory.parse_memory_size("2 kib") == 2048
+    assert autobatch.parse_memory_size(123) == 123
+    assert autobatch.parse_memory_size("512MiB") == 512 * 1024**2
+    assert autobatch.parse_memory_size("20GiB") == 20 * 1024**3
+    assert autobatch.parse_memory_size("1.5GB") == 1_500_000_000
+    assert autobatch.parse_memory_size("2 kib") == 2048
     for bad in ("2 parsecs", "GiB", "-1GiB", "0", 0):
         with pytest.raises(ValueError, match="memory_budget"):
-            memory.parse_memory_size(bad)  # type: ignore[arg-type]
+            autobatch.parse_memory_size(bad)  # type: ignore[arg-type]
     with pytest.raises(TypeError, match="memory_budget"):
-        memory.parse_memory_size(1.5)  # type: ignore[arg-type]
+        autobatch.parse_memory_size(1.5)  # type: ignore[arg-type]
 
 
 @pytest.mark.parametrize(
@@ -227,7 +230,7 @@ def test_choice_is_the_largest_that_fits_the_budget() -> None:
     for expected in (1, 5, 37):
         budget = math.ceil((fixed + expected * MLP_SAVED_PER_SAMPLE + 10) * 1.1)
         model = make_mlp()
-        choice = memory.choose_micro_batch_size(
+        choice = autobatch.choose_micro_batch_size(
             model,
             mlp_loss,
             mlp_batch,
@@ -244,7 +247,7 @@ def test_choice_is_the_largest_that_fits_the_budget() -> None:
 
 
 def test_choice_never_exceeds_the_rank_share() -> None:
-    choice = memory.choose_micro_batch_size(
+    choice = autobatch.choose_micro_batch_size(
         make_mlp(), mlp_loss, mlp_batch, max_micro_batch_size=6, memory_budget_bytes="1GiB"
     )
     assert choice.micro_batch_size == 6
@@ -256,7 +259,7 @@ def test_budget_below_the_smallest_size_is_a_clear_error() -> None:
     model = make_mlp()
     needs = 4 * MLP_PARAMETER_BYTES + MLP_SAVED_PER_SAMPLE  # micro_batch_size 1 with AdamW
     with pytest.raises(ValueError) as error:
-        memory.choose_micro_batch_size(
+        autobatch.choose_micro_batch_size(
             model,
             mlp_loss,
             mlp_batch,
@@ -265,15 +268,15 @@ def test_budget_below_the_smallest_size_is_a_clear_error() -> None:
             optimizer=torch.optim.AdamW(model.parameters()),
         )
     message = str(error.value)
-    assert f"memory_budget {memory.format_bytes(needs)} is below" in message
+    assert f"memory_budget {autobatch.format_bytes(needs)} is below" in message
     assert "micro_batch_size 1 needs" in message
-    assert f"{memory.format_bytes(MLP_SAVED_PER_SAMPLE)} per sample" in message
-    assert f"at least {memory.format_bytes(needs * 1.1)}" in message
+    assert f"{autobatch.format_bytes(MLP_SAVED_PER_SAMPLE)} per sample" in message
+    assert f"at least {autobatch.format_bytes(needs * 1.1)}" in message
 
 
 def test_cpu_without_a_budget_asks_for_one() -> None:
     with pytest.raises(ValueError, match="memory_budget is required on cpu"):
-        memory.choose_micro_batch_size(
+        autobatch.choose_micro_batch_size(
             make_mlp(), mlp_loss, mlp_batch, max_micro_batch_size=8, memory_budget_bytes=None
         )
 
@@ -287,7 +290,7 @@ def slow_except_at_4(model: torch.nn.Module, batch: tuple[torch.Tensor, torch.Te
 
 def test_throughput_choice_is_the_best_measured_that_fits() -> None:
     budget = math.ceil((2 * MLP_PARAMETER_BYTES + 20 * MLP_SAVED_PER_SAMPLE) * 1.1)
-    choice = memory.choose_micro_batch_size(
+    choice = autobatch.choose_micro_batch_size(
         make_mlp(),
         slow_except_at_4,
         mlp_batch,
@@ -313,7 +316,7 @@ def oom_above_8(model: torch.nn.Module, batch: tuple[torch.Tensor, torch.Tensor]
 
 
 def test_out_of_memory_during_the_probe_caps_the_choice() -> None:
-    choice = memory.choose_micro_batch_size(
+    choice = autobatch.choose_micro_batch_size(
         make_mlp(), oom_above_8, mlp_batch, max_micro_batch_size=100, memory_budget_bytes="1GiB"
     )
     assert choice.micro_batch_size == 8
@@ -338,7 +341,7 @@ def tiny_recipe(config: dict) -> Recipe:
 def test_plan_for_budget_and_format_choice() -> None:
     fixed = 3 * MLP_PARAMETER_BYTES  # SGD with momentum: one state buffer
     budget = math.ceil((fixed + 10 * MLP_SAVED_PER_SAMPLE) * 1.1)
-    choice, plan = memory.plan_for_budget(
+    choice, plan = autobatch.plan_for_budget(
         "tests.test_memory:tiny_recipe",
         100,
         world_size=2,
@@ -348,12 +351,12 @@ def test_plan_for_budget_and_format_choice() -> None:
     assert choice.micro_batch_size == 10
     assert plan.world_size == 2 and plan.micro_batch_size == 10
     assert plan.gradient_accumulation_steps == 5  # 100 = 10 x 2 x 5
-    text = memory.format_choice(choice, plan)
+    text = autobatch.format_choice(choice, plan)
     assert "micro_batch_size" in text and "samples/s" in text
     assert "<- chosen" in text
     assert str(plan) in text
     for row in choice.probe.rows:
-        assert memory.format_bytes(row.memory_bytes) in text
+        assert autobatch.format_bytes(row.memory_bytes) in text
     assert choice.to_dict()["micro_batch_size"] == 10
 
 
@@ -371,7 +374,7 @@ def test_cuda_choice_fits_the_budget_when_trained() -> None:
         return torch.randn(n, 256), torch.randn(n, 256)
 
     budget = 256 * 1024**2
-    choice = memory.choose_micro_batch_size(
+    choice = autobatch.choose_micro_batch_size(
         model,
         mlp_loss,
         make_batch,
@@ -392,11 +395,11 @@ def test_cuda_choice_fits_the_budget_when_trained() -> None:
         optimizer.step()
     torch.cuda.synchronize()
     used = torch.cuda.max_memory_allocated() - base
-    assert used <= budget, (used, budget, memory.format_choice(choice))
+    assert used <= budget, (used, budget, autobatch.format_choice(choice))
 
 
 def test_cuda_default_budget_is_90_percent_of_free(monkeypatch) -> None:
     """The arithmetic only (no GPU here): a model held off the device adds nothing."""
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (1000, 5000))
-    budget = memory._resolve_budget(None, torch.device("cuda"), make_mlp(), None)
+    budget = autobatch._resolve_budget(None, torch.device("cuda"), make_mlp(), None)
     assert budget == 900

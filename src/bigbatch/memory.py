@@ -1,10 +1,10 @@
-"""Memory and throughput probe per micro-batch size, and the choice of micro-batch for a budget.
+"""Memory and throughput probe per micro-batch size: what one forward + backward costs.
 
 `probe` runs one forward + backward per micro-batch size and measures its memory (the allocator's
 peak on CUDA; on other devices an accounting of the tensors saved for backward plus parameters,
 gradients and optimizer state) and its samples/s, then fits memory(n) = a + b * n. It leaves the
-model, its gradients, the optimizer and every RNG as it found them. `choose_micro_batch_size` picks
-the largest micro-batch under a budget, or the fastest feasible one.
+model, its gradients, the optimizer and every RNG as it found them. Choosing a micro-batch from
+the measurements is `bigbatch.autobatch`.
 """
 
 from __future__ import annotations
@@ -13,11 +13,10 @@ import contextlib
 import logging
 import math
 import random
-import re
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, replace
-from typing import TYPE_CHECKING, Any, Literal
+from typing import Any
 
 import numpy as np
 import torch
@@ -25,65 +24,10 @@ from torch.autograd.graph import saved_tensors_hooks
 
 from bigbatch import batches, distributed
 from bigbatch.engine import LossFn
-from bigbatch.plan import Plan, plan
-
-if TYPE_CHECKING:
-    from bigbatch.recipes import Recipe
 
 logger = logging.getLogger(__name__)
 
 Batch = Any
-Optimize = Literal["memory", "throughput"]
-_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12}
-_UNITS.update({"kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40})
-_FIRST_SIZES = 4  # probe 1, 2, 4, 8 first: cheap, and enough for a straight line
-_CONFIRM_TRIES = 3
-
-
-def parse_memory_size(value: int | str) -> int:
-    """Bytes from an int or a string such as ``"512MiB"``, ``"20GiB"`` or ``"1.5GB"``.
-
-    KB/MB/GB/TB are powers of 1000, KiB/MiB/GiB/TiB powers of 1024 (case-insensitive).
-
-    Raises:
-        TypeError: not an int or a string.
-        ValueError: an unknown unit or a size that is not positive.
-
-    Example:
-        >>> parse_memory_size("1.5GiB"), parse_memory_size("2GB"), parse_memory_size(123)
-        (1610612736, 2000000000, 123)
-    """
-    if isinstance(value, bool) or not isinstance(value, (int, str)):
-        raise TypeError(
-            f"memory_budget must be a number of bytes or a string such as '20GiB', got "
-            f"{value!r} ({type(value).__name__})"
-        )
-    if isinstance(value, int):
-        size = value
-    else:
-        match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+(?:[eE][0-9]+)?)\s*([A-Za-z]*)\s*", value)
-        unit = match.group(2).lower() if match else None
-        if match is None or unit not in _UNITS:
-            raise ValueError(
-                f"memory_budget {value!r} is not a memory size: use a number of bytes with an "
-                "optional unit B, KB, MB, GB, TB (powers of 1000) or KiB, MiB, GiB, TiB "
-                "(powers of 1024), e.g. '20GiB'"
-            )
-        size = int(float(match.group(1)) * _UNITS[unit])
-    if size <= 0:
-        raise ValueError(f"memory_budget must be positive, got {value!r}")
-    return size
-
-
-def format_bytes(num_bytes: float) -> str:
-    """Three significant digits in powers of 1024: ``3355443`` -> ``"3.20 MiB"``."""
-    size = float(num_bytes)
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(size) < 999.5 or unit == "TiB":
-            break
-        size /= 1024
-    decimals = 0 if unit == "B" or abs(size) >= 99.95 else 1 if abs(size) >= 9.995 else 2
-    return f"{size:.{decimals}f} {unit}"
 
 
 @dataclass(frozen=True)
@@ -147,43 +91,6 @@ class MemoryProbe:
         )
 
 
-@dataclass(frozen=True)
-class MicroBatchChoice:
-    """The chosen micro-batch and why.
-
-    Attributes:
-        micro_batch_size: the chosen size.
-        probe: the measurements it was chosen from.
-        memory_budget_bytes: the budget it had to fit.
-        optimize: ``"memory"`` (largest that fits) or ``"throughput"`` (fastest that fits).
-        reason: one sentence with the numbers.
-        headroom: the fraction of the prediction kept free.
-    """
-
-    micro_batch_size: int
-    probe: MemoryProbe
-    memory_budget_bytes: int
-    optimize: str
-    reason: str
-    headroom: float = 0.1
-
-    def to_dict(self) -> dict[str, Any]:
-        """A JSON-able description, for the run's log and report."""
-        return {
-            "micro_batch_size": self.micro_batch_size,
-            "memory_budget_bytes": self.memory_budget_bytes,
-            "optimize": self.optimize,
-            "headroom": self.headroom,
-            "reason": self.reason,
-            "device_type": self.probe.device_type,
-            "method": self.probe.method,
-            "fixed_bytes": self.probe.fixed_bytes,
-            "bytes_per_sample": self.probe.bytes_per_sample,
-            "fit_relative_error": self.probe.fit_relative_error,
-            "rows": [vars(row) for row in self.probe.rows],
-        }
-
-
 def _storage_key(tensor: torch.Tensor) -> tuple[int, int]:
     """(storage address, storage bytes); tensors sharing a storage share the key."""
     try:
@@ -193,7 +100,7 @@ def _storage_key(tensor: torch.Tensor) -> tuple[int, int]:
         return -id(tensor), tensor.numel() * tensor.element_size()
 
 
-def _tensor_bytes(tensors: Sequence[torch.Tensor]) -> int:
+def tensor_bytes(tensors: Sequence[torch.Tensor]) -> int:
     """Bytes of the distinct storages behind some tensors (tied weights counted once)."""
     return sum(dict(_storage_key(t) for t in tensors).values())
 
@@ -228,7 +135,7 @@ def optimizer_state_bytes(optimizer: torch.optim.Optimizer | None) -> int:
         for parameter in group["params"]:
             state = optimizer.state.get(parameter)
             if state:
-                total += _tensor_bytes([v for v in state.values() if isinstance(v, torch.Tensor)])
+                total += tensor_bytes([v for v in state.values() if isinstance(v, torch.Tensor)])
             elif buffers is None:
                 unknown.append((group, parameter))
             else:
@@ -252,7 +159,7 @@ def _stepped_state_bytes(optimizer: torch.optim.Optimizer, unknown: list[Any]) -
         logger.warning("cannot count %s state (%s): counted as 0", type(optimizer).__name__, error)
         return 0
     return sum(
-        _tensor_bytes([v for v in state.values() if isinstance(v, torch.Tensor)])
+        tensor_bytes([v for v in state.values() if isinstance(v, torch.Tensor)])
         for state in copy.state.values()
     )
 
@@ -261,8 +168,8 @@ def _model_bytes(module: torch.nn.Module, optimizer: torch.optim.Optimizer | Non
     """Parameters, buffers, gradients (one per trainable parameter) and optimizer state."""
     trainable = [p for p in module.parameters() if p.requires_grad]
     return (
-        _tensor_bytes(list(module.parameters()) + list(module.buffers()))
-        + _tensor_bytes(trainable)
+        tensor_bytes(list(module.parameters()) + list(module.buffers()))
+        + tensor_bytes(trainable)
         + optimizer_state_bytes(optimizer)
     )
 
@@ -366,7 +273,7 @@ def _measure(
         _sync(device)
         # Gradients and activations appear in the peak; parameters and optimizer state were
         # already there (or not yet stepped), so they are added as counted.
-        memory = model_bytes - _tensor_bytes([p for p in module.parameters() if p.requires_grad])
+        memory = model_bytes - tensor_bytes([p for p in module.parameters() if p.requires_grad])
         memory += torch.cuda.max_memory_allocated(device) - baseline
     else:
         memory = model_bytes + saved
@@ -427,7 +334,7 @@ def probe(
     if isinstance(repetitions, bool) or not isinstance(repetitions, int) or repetitions < 1:
         raise ValueError(f"repetitions must be a positive integer, got {repetitions!r}")
     module = distributed.unwrap(model)
-    device = _device_of(module, device)
+    device = device_of(module, device)
     model_bytes = _model_bytes(module, optimizer)
     rows: list[ProbeRow] = []
     oom: int | None = None
@@ -462,7 +369,7 @@ def probe(
     return MemoryProbe(rows, intercept, slope, error, device.type, method, model_bytes, oom)
 
 
-def _device_of(module: torch.nn.Module, device: torch.device | str | None) -> torch.device:
+def device_of(module: torch.nn.Module, device: torch.device | str | None) -> torch.device:
     """The given device, else the device of the module's first parameter, else the CPU."""
     if device is not None:
         return torch.device(device)
@@ -476,7 +383,7 @@ def _check_size(name: str, value: object) -> int:
     return value
 
 
-def _merge(first: MemoryProbe, second: MemoryProbe) -> MemoryProbe:
+def merge_probes(first: MemoryProbe, second: MemoryProbe) -> MemoryProbe:
     """One probe from two, refitted over all rows (the second's row wins on a repeated size)."""
     by_size = {row.micro_batch_size: row for row in first.rows + second.rows}
     rows = [by_size[size] for size in sorted(by_size)]
@@ -490,267 +397,3 @@ def _merge(first: MemoryProbe, second: MemoryProbe) -> MemoryProbe:
         fit_relative_error=error,
         oom_micro_batch_size=min(ooms, default=None),
     )
-
-
-def _probe_more(
-    result: MemoryProbe, sizes: list[int], measure: Callable[[list[int]], MemoryProbe]
-) -> MemoryProbe:
-    """Probe more sizes and merge; an out-of-memory at the first of them is recorded too."""
-    try:
-        return _merge(result, measure(sizes))
-    except torch.OutOfMemoryError:
-        failed = sizes[0]
-    logger.warning("memory probe: micro_batch_size %d ran out of memory", failed)
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
-    smallest = min(failed, result.oom_micro_batch_size or failed)
-    return replace(result, oom_micro_batch_size=smallest)
-
-
-def _largest_measured(
-    result: MemoryProbe,
-    limit: float,
-    max_size: int,
-    measure: Callable[[list[int]], MemoryProbe],
-) -> tuple[MemoryProbe, int]:
-    """The largest size predicted to fit, measured; backs off while the measurement is over."""
-    chosen = max(1, result.largest_fitting(limit, max_size))
-    for _ in range(_CONFIRM_TRIES):
-        if chosen not in {row.micro_batch_size for row in result.rows}:
-            result = _probe_more(result, [chosen], measure)
-        row = {row.micro_batch_size: row for row in result.rows}.get(chosen)
-        if row is not None and row.memory_bytes <= limit:
-            break
-        fits = max(r.micro_batch_size for r in result.rows if r.memory_bytes <= limit)
-        bisect = chosen - 1 if row is not None else (fits + chosen) // 2  # None: out of memory
-        chosen = max(fits, min(bisect, result.largest_fitting(limit, max_size)))
-    fitting = [r.micro_batch_size for r in result.rows if r.memory_bytes <= limit]
-    return result, chosen if chosen in fitting else max(fitting)
-
-
-def _fastest(
-    result: MemoryProbe, largest: int, limit: float, measure: Callable[[list[int]], MemoryProbe]
-) -> tuple[MemoryProbe, int, str]:
-    """Probe powers of two up to the largest fitting size; the best measured samples/s wins."""
-    extra = [
-        s for s in _geometric(1, largest) if s not in {r.micro_batch_size for r in result.rows}
-    ]
-    if extra:
-        result = _probe_more(result, extra, measure)
-    feasible = [r for r in result.rows if r.micro_batch_size <= largest and r.memory_bytes <= limit]
-    best = max(feasible, key=lambda r: (r.samples_per_s, r.micro_batch_size))
-    reason = (
-        f"best measured throughput {best.samples_per_s:.1f} samples/s among the "
-        f"{len(feasible)} sizes that fit (largest that fits: {largest})"
-    )
-    return result, best.micro_batch_size, reason
-
-
-def _geometric(start: int, stop: int) -> list[int]:
-    """start, 2 start, 4 start, ... up to stop, and stop itself."""
-    sizes, size = [], start
-    while size < stop:
-        sizes.append(size)
-        size *= 2
-    return sizes + [stop]
-
-
-def _resolve_budget(
-    memory_budget: int | str | None,
-    device: torch.device,
-    module: torch.nn.Module,
-    optimizer: torch.optim.Optimizer | None,
-) -> int:
-    """The budget in bytes; on CUDA by default 90% of free memory plus what the model holds."""
-    if memory_budget is not None:
-        return parse_memory_size(memory_budget)
-    if device.type != "cuda":
-        raise ValueError(
-            f"memory_budget is required on {device.type}: there is no allocator to ask for free "
-            "memory; set memory_budget to what one rank may use, e.g. memory_budget: 8GiB"
-        )
-    free, _ = torch.cuda.mem_get_info(device)
-    # What the model already holds on the device is not free, but the prediction counts it.
-    held = [*module.parameters(), *module.buffers()]
-    held += [p.grad for p in module.parameters() if p.grad is not None]
-    if optimizer is not None:
-        held += [v for state in optimizer.state.values() for v in state.values()]
-    resident = _tensor_bytes([t for t in held if isinstance(t, torch.Tensor) and t.is_cuda])
-    budget = int(0.9 * (free + resident))
-    logger.info(
-        "memory_budget %s = 90%% of (free %s + held by the model %s) on %s",
-        format_bytes(budget),
-        format_bytes(free),
-        format_bytes(resident),
-        device,
-    )
-    return budget
-
-
-def _too_small(result: MemoryProbe, budget: int, headroom: float) -> str:
-    needs = max(result.predict(1), result.rows[0].memory_bytes)
-    needed = format_bytes(needs * (1 + headroom))
-    return (
-        f"memory_budget {format_bytes(budget)} is below the {format_bytes(needs)} that "
-        f"micro_batch_size 1 needs (model and optimizer {format_bytes(result.fixed_bytes)} + "
-        f"{format_bytes(result.bytes_per_sample)} per sample), {needed} with headroom "
-        f"{headroom:.0%}; raise memory_budget to at least {needed}, lower headroom, or use a "
-        "smaller model, a lighter optimizer or bf16"
-    )
-
-
-def choose_micro_batch_size(
-    model: torch.nn.Module,
-    loss_fn: LossFn,
-    make_batch: Callable[[int], Batch],
-    *,
-    max_micro_batch_size: int,
-    memory_budget_bytes: int | str | None,
-    optimize: Optimize = "memory",
-    optimizer: torch.optim.Optimizer | None = None,
-    device: torch.device | str | None = None,
-    headroom: float = 0.1,
-    repetitions: int = 2,
-    autocast_dtype: torch.dtype | None = None,
-) -> MicroBatchChoice:
-    """Probe a few sizes and choose the micro-batch for a memory budget.
-
-    With ``optimize="memory"`` the largest size whose predicted memory x (1 + headroom) fits the
-    budget; it is then measured, and the choice backs off if the measurement does not fit. With
-    ``"throughput"`` more sizes up to that one are probed and the fastest measured one wins.
-    Never above max_micro_batch_size (the rank's share of the global batch).
-
-    Raises:
-        ValueError: no budget on a device without an allocator, or micro_batch_size 1 does not
-            fit the budget (the message gives the numbers).
-    """
-    max_size = _check_size("max_micro_batch_size", max_micro_batch_size)
-    if optimize not in ("memory", "throughput"):
-        raise ValueError(f"optimize must be 'memory' or 'throughput', got {optimize!r}")
-    if not (isinstance(headroom, (int, float)) and 0 <= headroom < 10):
-        raise ValueError(f"headroom must be a fraction >= 0 such as 0.1, got {headroom!r}")
-    module = distributed.unwrap(model)
-    device = _device_of(module, device)
-    budget = _resolve_budget(memory_budget_bytes, device, module, optimizer)
-    limit = budget / (1 + headroom)
-
-    def measure(sizes: list[int]) -> MemoryProbe:
-        return probe(
-            module, loss_fn, make_batch, sizes, optimizer=optimizer, device=device,
-            repetitions=repetitions, autocast_dtype=autocast_dtype,
-        )  # fmt: skip
-
-    result = measure(_geometric(1, min(max_size, 2 ** (_FIRST_SIZES - 1))))
-    if result.rows[0].micro_batch_size != 1 or result.rows[0].memory_bytes > limit:
-        raise ValueError(_too_small(result, budget, headroom))
-    result, chosen = _largest_measured(result, limit, max_size, measure)
-    if optimize == "throughput":
-        result, chosen, reason = _fastest(result, chosen, limit, measure)
-    elif chosen == max_size:
-        reason = f"capped by max_micro_batch_size {max_size} (the rank's share of the global batch)"
-    else:
-        needs = format_bytes(result.predict(chosen + 1) * (1 + headroom))
-        reason = f"the largest micro_batch_size that fits; {chosen + 1} would need {needs}"
-    row = {r.micro_batch_size: r for r in result.rows}[chosen]
-    reason += (
-        f"; measured {format_bytes(row.memory_bytes)} x (1 + headroom {headroom:.0%}) = "
-        f"{format_bytes(row.memory_bytes * (1 + headroom))} <= memory_budget {format_bytes(budget)}"
-    )
-    logger.info("micro_batch_size %d: %s", chosen, reason)
-    return MicroBatchChoice(chosen, result, budget, optimize, reason, float(headroom))
-
-
-def _recipe_make_batch(recipe: Recipe) -> Callable[[int], Batch]:
-    """Micro-batches of the first n training samples (cycled), collated as the trainer does."""
-    dataset = recipe.train_dataset
-    length = len(dataset)  # type: ignore[arg-type]
-    collate = recipe.collate_fn or torch.utils.data.default_collate
-
-    def make_batch(size: int) -> Batch:
-        return collate([dataset[index % length] for index in range(size)])
-
-    return make_batch
-
-
-def _recipe_optimizer(recipe: Recipe, module: torch.nn.Module) -> torch.optim.Optimizer:
-    """The recipe's optimizer, built only to count its state (never stepped)."""
-    parameters = [p for p in module.parameters() if p.requires_grad]
-    lr = float(recipe.defaults.get("lr", 1e-3))
-    if recipe.optimizer == "sgd":
-        momentum = float(recipe.defaults.get("momentum", 0.9))
-        return torch.optim.SGD(parameters, lr=lr, momentum=momentum)
-    return torch.optim.AdamW(parameters, lr=lr)
-
-
-def plan_for_budget(
-    recipe_spec: str,
-    global_batch_size: int,
-    *,
-    world_size: int = 1,
-    memory_budget: int | str,
-    optimize: Optimize = "memory",
-    seed: int = 0,
-    device: torch.device | str | None = None,
-    headroom: float = 0.1,
-    recipe_options: Mapping[str, Any] | None = None,
-) -> tuple[MicroBatchChoice, Plan]:
-    """Build a recipe, choose its micro-batch for the budget and plan the global batch.
-
-    The micro-batch is capped at a rank's share, ceil(global_batch_size / world_size); the device
-    defaults to CUDA when available.
-    """
-    from bigbatch import recipes  # recipes import the engine; keep this module light to import
-
-    if isinstance(global_batch_size, bool) or not isinstance(global_batch_size, int):
-        raise TypeError(f"global_batch_size must be a positive integer, got {global_batch_size!r}")
-    if global_batch_size < 1 or world_size < 1 or world_size > global_batch_size:
-        raise ValueError(
-            f"global_batch_size {global_batch_size} and world_size {world_size} must be positive "
-            "with world_size <= global_batch_size"
-        )
-    config = {"seed": seed, "recipe_options": dict(recipe_options or {})}
-    recipe = recipes.build(recipe_spec, config)
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    module = recipe.model.to(device).train()
-    choice = choose_micro_batch_size(
-        module,
-        recipe.loss_fn,
-        _recipe_make_batch(recipe),
-        max_micro_batch_size=math.ceil(global_batch_size / world_size),
-        memory_budget_bytes=memory_budget,
-        optimize=optimize,
-        optimizer=_recipe_optimizer(recipe, module),
-        device=device,
-        headroom=headroom,
-    )
-    return choice, plan(global_batch_size, world_size, micro_batch_size=choice.micro_batch_size)
-
-
-def format_choice(choice: MicroBatchChoice, plan: Plan | None = None) -> str:
-    """The probe table (size, memory, predicted, samples/s), the choice and why, and the plan."""
-    result = choice.probe
-    lines = [
-        f"memory probe on {result.device_type} ({result.method}):",
-        f"{'micro_batch_size':>16}  {'memory':>10}  {'fit':>10}  {'samples/s':>10}",
-    ]
-    for row in result.rows:
-        mark = "  <- chosen" if row.micro_batch_size == choice.micro_batch_size else ""
-        lines.append(
-            f"{row.micro_batch_size:>16}  {format_bytes(row.memory_bytes):>10}  "
-            f"{format_bytes(result.predict(row.micro_batch_size)):>10}  "
-            f"{row.samples_per_s:>10.1f}{mark}"
-        )
-    if result.oom_micro_batch_size is not None:
-        lines.append(f"{result.oom_micro_batch_size:>16}  out of memory")
-    lines += [
-        f"fit: memory(n) = {format_bytes(result.fixed_bytes)} + "
-        f"{format_bytes(result.bytes_per_sample)} x n "
-        f"(largest relative error {result.fit_relative_error:.2%})",
-        f"memory_budget {format_bytes(choice.memory_budget_bytes)}, "
-        f"headroom {choice.headroom:.0%}, optimize {choice.optimize}: "
-        f"micro_batch_size {choice.micro_batch_size}",
-        f"why: {choice.reason}",
-    ]
-    if plan is not None:
-        lines.append(str(plan))
-    return "\n".join(lines)

@@ -242,7 +242,7 @@ class Trainer:
         return self._micro_batch_size
 
     def _probe_micro_batch_size(self) -> int:
-        from bigbatch.memory import choose_micro_batch_size
+        from bigbatch.autobatch import choose_micro_batch_size
 
         collate = self.collate_fn or torch.utils.data.default_collate
         dataset, length = self.train_dataset, len(self.train_dataset)  # type: ignore[arg-type]
