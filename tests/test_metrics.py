@@ -1,4 +1,4 @@
-"""Metrics: one JSONL line per step (also after resume), TensorBoard, plot, report, progress."""
+"""Metrics: one JSONL line per step (also after resume), TensorBoard, progress bar."""
 
 from __future__ import annotations
 
@@ -7,14 +7,7 @@ import math
 
 import pytest
 
-from bigbatch.metrics import (
-    MetricsLogger,
-    ProgressBar,
-    format_summary,
-    plot_run,
-    read_metrics,
-    write_report,
-)
+from bigbatch.metrics import MetricsLogger, ProgressBar, read_metrics
 
 
 def strict_json_lines(path) -> list[dict]:
@@ -125,84 +118,3 @@ def test_tensorboard_event_file_holds_the_scalars(tmp_path):
     assert [event.step for event in losses] == [1, 2, 3, 4]
     assert [event.value for event in losses] == pytest.approx([1.0, 0.5, 1 / 3, 0.25], rel=1e-6)
     assert [(e.step, e.value) for e in accumulator.Scalars("eval/accuracy")] == [(4, 0.5)]
-
-
-def sample_metrics() -> list[dict]:
-    records = []
-    for step in range(1, 41):
-        records.append(
-            {
-                "step": step,
-                "kind": "train",
-                "loss": 2.0 / math.sqrt(step),
-                "lr": 0.01 * min(1.0, step / 10),
-                "global_batch_size": 64 if step <= 20 else 128,
-                "critical_batch_size": None if step < 5 else 40.0 + 3 * step,
-                "samples_per_s": 100.0 if step == 1 else 300.0,
-                "peak_memory_bytes": 2**30 + step,
-                "skipped_steps": 0 if step < 30 else 1,
-            }
-        )
-        if step % 10 == 0:
-            records.append(
-                {
-                    "step": step,
-                    "kind": "eval",
-                    "eval/loss": 2.2 / math.sqrt(step),
-                    "eval/accuracy": 0.5 + step / 100,
-                }  # fmt: skip
-            )
-    return records
-
-
-def test_plot_is_a_png(tmp_path):
-    from matplotlib.image import imread
-
-    path = plot_run(sample_metrics(), tmp_path / "plots" / "training.png")
-    assert path == tmp_path / "plots" / "training.png"
-    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    image = imread(path)
-    assert image.ndim == 3 and image.shape[0] > 400 and image.shape[1] > 400
-    assert plot_run([], tmp_path / "empty.png") is None
-
-
-def test_report_holds_the_numbers(tmp_path):
-    plot = plot_run(sample_metrics(), tmp_path / "training.png")
-    summary = {
-        "recipe": "digits",
-        "plan": {"global_batch_size": 64, "world_size": 1, "gradient_accumulation_steps": 4},
-        "wall_time_s": 83.0,
-        "sections": {"Gradient noise": "critical batch size ~ 160 items"},
-    }
-    path = write_report(tmp_path, summary, sample_metrics(), plot=plot)
-    assert path == tmp_path / "report.md"
-    text = path.read_text()
-    final_loss = 2.0 / math.sqrt(40)
-    for expected in [
-        "| recipe | digits |",
-        "| steps | 40 |",
-        f"| final train loss | {final_loss:.4g} |",
-        f"| final eval loss | {2.2 / math.sqrt(40):.4g} |",
-        "| final eval accuracy | 90.00% |",
-        "| samples/s | 300 |",  # the mean over steps after the first
-        "| peak memory | 1.00 GiB |",
-        "| skipped steps | 1 |",
-        "| wall time | 1 min 23 s |",
-        "gradient_accumulation_steps: 4",
-        "## Gradient noise",
-        "critical batch size ~ 160 items",
-        "![training curves](training.png)",
-    ]:
-        assert expected in text, expected
-
-
-def test_summary_given_wins_over_metrics_and_prints_briefly(tmp_path):
-    summary = {"steps": 40, "final_loss": 0.125, "samples_per_s": 1234.4, "plan": "global 64"}
-    text = write_report(tmp_path, summary, sample_metrics()).read_text()
-    assert "| final train loss | 0.125 |" in text and "| samples/s | 1,234 |" in text
-    assert "global 64" in text
-    line = format_summary({**summary, "report": "runs/x/report.md", "peak_memory_bytes": 2**31})
-    assert line.splitlines() == [
-        "done: 40 steps, loss 0.125, 1,234 samples/s, 2.00 GiB peak memory",
-        "report: runs/x/report.md",
-    ]

@@ -1,9 +1,9 @@
-"""What a run shows and leaves behind: progress bar, metrics.jsonl, TensorBoard, report, plots.
+"""What a run shows while it runs: progress bar, metrics.jsonl, TensorBoard, live figures.
 
 Everything counts optimizer steps (DESIGN invariant 4). ``metrics.jsonl`` holds one train line per
 step and one eval line per evaluation; on resume the lines after the checkpoint's step are dropped
 first, so the file keeps exactly one train line per step. Only rank 0 writes: on other ranks every
-object here is built with ``enabled=False`` and does nothing.
+object here is built with ``enabled=False`` and does nothing. The end-of-run report is `report`.
 """
 
 from __future__ import annotations
@@ -21,8 +21,6 @@ from tqdm.auto import tqdm
 logger = logging.getLogger(__name__)
 
 METRICS_FILE = "metrics.jsonl"
-REPORT_FILE = "report.md"
-PLOT_FILE = "training.png"
 # Progress-bar labels of the figures the trainer logs, in display order; other keys follow as is.
 _BAR_LABELS = {
     "loss": "loss",
@@ -170,7 +168,7 @@ def format_figures(figures: Mapping[str, Any]) -> str:
         if key == "peak_memory_bytes":
             parts.append(f"mem {format_bytes(value)}")
         else:
-            parts.append(f"{_BAR_LABELS.get(key, key)} {_format_number(value)}")
+            parts.append(f"{_BAR_LABELS.get(key, key)} {format_number(value)}")
     return " | ".join(parts)
 
 
@@ -195,194 +193,6 @@ def read_metrics(path: Path, kind: Literal["train", "eval"] | None = None) -> li
     return records
 
 
-def summarize_metrics(metrics: list[dict[str, Any]]) -> dict[str, Any]:
-    """The end-of-run figures found in the records: final losses, accuracy, speed, memory.
-
-    Keys (only those found): ``steps``, ``final_loss``, ``final_eval_loss``,
-    ``final_eval_accuracy``, ``samples_per_s`` (mean over steps after the first, which pays for
-    warm-up), ``items_per_s``, ``peak_memory_bytes`` (max) and ``skipped_steps``.
-    """
-    train = [r for r in metrics if r.get("kind", "train") == "train"]
-    evals = [r for r in metrics if r.get("kind") == "eval"]
-    summary: dict[str, Any] = {}
-    if train:
-        summary["steps"] = max(int(r["step"]) for r in train)
-        losses = [r["loss"] for r in train if r.get("loss") is not None]
-        if losses:
-            summary["final_loss"] = losses[-1]
-    for key, target in (("eval/loss", "final_eval_loss"), ("eval/accuracy", "final_eval_accuracy")):
-        values = [r[key] for r in evals if r.get(key) is not None]
-        if values:
-            summary[target] = values[-1]
-    for key in ("samples_per_s", "items_per_s"):
-        values = [r[key] for r in train[1:] or train if r.get(key) is not None]
-        if values:
-            summary[key] = sum(values) / len(values)
-    memory = [r["peak_memory_bytes"] for r in train if r.get("peak_memory_bytes") is not None]
-    if memory:
-        summary["peak_memory_bytes"] = max(memory)
-    if any("skipped_steps" in r for r in train):
-        summary["skipped_steps"] = max(int(r.get("skipped_steps") or 0) for r in train)
-    elif any("skipped" in r for r in train):
-        summary["skipped_steps"] = sum(bool(r.get("skipped")) for r in train)
-    return summary
-
-
-def plot_run(metrics: list[dict[str, Any]], path: Path) -> Path | None:
-    """Draw the run's curves into a PNG; None without matplotlib or without anything to draw.
-
-    Panels, each only when its data is present: train and eval loss; eval accuracy; learning
-    rate; ``global_batch_size`` with ``critical_batch_size`` (the gradient-noise estimate).
-    """
-    try:
-        from matplotlib.backends.backend_agg import FigureCanvasAgg
-        from matplotlib.figure import Figure
-        from matplotlib.ticker import ScalarFormatter
-    except ImportError as error:
-        logger.warning("no plot: %s (pip install matplotlib)", error)
-        return None
-    train = [r for r in metrics if r.get("kind", "train") == "train"]
-    evals = [r for r in metrics if r.get("kind") == "eval"]
-    panels = [
-        ("loss", [(train, "loss", "train"), (evals, "eval/loss", "eval")]),
-        ("eval accuracy", [(evals, "eval/accuracy", "eval")]),
-        ("learning rate", [(train, "lr", "lr"), (train, "learning_rate", "lr")]),
-        (
-            "batch size (items)",
-            [
-                (train, "global_batch_size", "global batch size"),
-                (train, "critical_batch_size", "critical batch size (estimate)"),
-            ],
-        ),
-    ]
-    panels = [(title, [s for s in series if _points(*s[:2])[0]]) for title, series in panels]
-    panels = [panel for panel in panels if panel[1]]
-    if not panels:
-        return None
-    figure = Figure(figsize=(6.4, 2.4 * len(panels)), layout="constrained")
-    FigureCanvasAgg(figure)
-    axes = figure.subplots(len(panels), 1, sharex=True, squeeze=False)[:, 0]
-    for ax, (title, series) in zip(axes, panels):
-        for records, key, label in series:
-            steps, values = _points(records, key)
-            marker = "o" if len(steps) <= 30 or records is evals else None
-            style = "steps-post" if key == "global_batch_size" else "default"
-            ax.plot(steps, values, label=label, marker=marker, markersize=3, drawstyle=style)
-        if title.startswith("batch size"):
-            ax.set_yscale("log", base=2)  # batch sizes are mostly powers of two
-            ax.yaxis.set_major_formatter(ScalarFormatter())
-        ax.set_ylabel(title)
-        ax.grid(True, alpha=0.3)
-        if len(series) > 1:
-            ax.legend(loc="best", fontsize="small")
-    axes[-1].set_xlabel("step (optimizer steps)")
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(path, dpi=110)
-    return path
-
-
-def _points(records: list[dict[str, Any]], key: str) -> tuple[list[int], list[float]]:
-    """The (step, value) pairs of one series, skipping steps where it is missing or null."""
-    pairs = [(int(r["step"]), float(r[key])) for r in records if r.get(key) is not None]
-    return [step for step, _ in pairs], [value for _, value in pairs]
-
-
-def write_report(
-    run_dir: Path,
-    summary: Mapping[str, Any],
-    metrics: list[dict[str, Any]],
-    plot: Path | None = None,
-) -> Path:
-    """Write ``run_dir/report.md``: the recipe, plan, final figures, extra sections and the plot.
-
-    Figures missing from ``summary`` are taken from ``metrics`` (see `summarize_metrics`).
-    ``summary["plan"]`` is ``Plan.to_dict()`` or text; ``summary["sections"]`` maps titles to
-    markdown that other features add. Other scalar entries of ``summary`` are listed too.
-    """
-    merged = {**summarize_metrics(metrics), **summary}
-    rows = [
-        (label, _format_value(key, merged[key])) for key, label in _REPORT_ROWS if key in merged
-    ]
-    known = {key for key, _ in _REPORT_ROWS} | {"plan", "sections"}
-    for key, value in merged.items():
-        if key not in known and isinstance(value, str | int | float | bool):
-            rows.append((key, _format_value(key, value)))
-    lines = ["# bigbatch run report", "", "| | |", "| --- | --- |"]
-    lines += [f"| {label} | {value} |" for label, value in rows]
-    if "plan" in merged:
-        lines += ["", "## Plan", "", "```", _format_plan(merged["plan"]), "```"]
-    if plot is not None:
-        target = os.path.relpath(Path(plot), Path(run_dir))
-        lines += ["", "## Curves", "", f"![training curves]({Path(target).as_posix()})"]
-    for title, text in dict(merged.get("sections") or {}).items():
-        lines += ["", f"## {title}", "", str(text).strip()]
-    path = Path(run_dir) / REPORT_FILE
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
-    return path
-
-
-def format_summary(summary: Mapping[str, Any]) -> str:
-    """The few lines the CLI prints when a run ends.
-
-    >>> print(format_summary({"steps": 100, "final_loss": 0.5, "samples_per_s": 1234.4}))
-    done: 100 steps, loss 0.5, 1,234 samples/s
-    """
-    figures = [f"{summary['steps']} steps" if "steps" in summary else None]
-    for key, label in (("final_loss", "loss"), ("final_eval_loss", "eval loss")):
-        if summary.get(key) is not None:
-            figures.append(f"{label} {_format_number(summary[key])}")
-    labels = dict(_REPORT_ROWS)
-    for key in ("final_eval_accuracy", "samples_per_s", "peak_memory_bytes", "skipped_steps"):
-        if summary.get(key) is not None:
-            label = labels[key].removeprefix("final ")
-            figures.append(f"{_format_value(key, summary[key])} {label}")
-    lines = ["done: " + ", ".join(f for f in figures if f)]
-    for key in ("report", "run_dir"):
-        if summary.get(key):
-            lines.append(f"{key.replace('_', ' ')}: {summary[key]}")
-    return "\n".join(lines)
-
-
-_REPORT_ROWS = (
-    ("recipe", "recipe"),
-    ("steps", "steps"),
-    ("final_loss", "final train loss"),
-    ("final_eval_loss", "final eval loss"),
-    ("final_eval_accuracy", "final eval accuracy"),
-    ("global_batch_size", "global batch size"),
-    ("samples_per_s", "samples/s"),
-    ("items_per_s", "items/s"),
-    ("peak_memory_bytes", "peak memory"),
-    ("skipped_steps", "skipped steps"),
-    ("wall_time_s", "wall time"),
-)
-
-
-def _format_value(key: str, value: Any) -> str:
-    """A figure as a person reads it: bytes in GiB, rates with separators, accuracy in percent."""
-    if value is None:
-        return "-"
-    if key.endswith("_bytes"):
-        return format_bytes(value)
-    if key.endswith("accuracy") and isinstance(value, float):
-        return f"{100 * value:.2f}%"
-    if key.endswith("_per_s"):
-        return f"{value:,.0f}"
-    if key == "wall_time_s":
-        minutes, seconds = divmod(float(value), 60)
-        return f"{int(minutes)} min {seconds:.0f} s" if minutes else f"{seconds:.1f} s"
-    return _format_number(value) if isinstance(value, float) else str(value)
-
-
-def _format_plan(plan: Any) -> str:
-    """``Plan.to_dict()`` as ``key: value`` lines, or the plan's text as given."""
-    if isinstance(plan, Mapping):
-        return "\n".join(f"{key}: {value}" for key, value in plan.items())
-    return str(plan)
-
-
 def format_bytes(num_bytes: float) -> str:
     """Bytes in the largest unit that keeps the number >= 1.
 
@@ -395,7 +205,7 @@ def format_bytes(num_bytes: float) -> str:
     return f"{int(num_bytes)} B"
 
 
-def _format_number(value: Any) -> str:
+def format_number(value: Any) -> str:
     """Short numbers: integers as is, floats with 4 significant digits or in e-notation."""
     if isinstance(value, bool) or not isinstance(value, float):
         return str(value)

@@ -30,6 +30,7 @@ from torch.utils.data import Dataset
 from bigbatch import batches, distributed, recipes
 from bigbatch import checkpoint as checkpoints
 from bigbatch import metrics as run_metrics
+from bigbatch import report as run_report
 from bigbatch.config import Config, config_to_yaml, with_recipe_defaults
 from bigbatch.data import WindowLoader, count_steps, eval_batches
 from bigbatch.engine import Accumulator, LossFn, StepResult
@@ -51,7 +52,7 @@ class NonFiniteError(RuntimeError):
 
 @dataclass
 class RunSummary:
-    """What a run achieved; `to_dict()` is what `metrics.format_summary` and reports read."""
+    """What a run achieved; `to_dict()` is what `report.format_summary` and reports read."""
 
     steps: int
     final_loss: float | None
@@ -525,8 +526,8 @@ class Trainer:
         save_model(self.module, str(temporary))
         temporary.replace(self.run_dir / FINAL_WEIGHTS)
         records = run_metrics.read_metrics(self.run_dir / "metrics.jsonl")
-        plot = run_metrics.plot_run(records, self.run_dir / PLOT_FILE)
-        run_metrics.write_report(self.run_dir, summary.to_dict(), records, plot)
+        plot = run_report.plot_run(records, self.run_dir / PLOT_FILE)
+        run_report.write_report(self.run_dir, summary.to_dict(), records, plot)
 
 
 def fit(
