@@ -6,41 +6,35 @@ step, by world_size / (number of loss items of the whole window on every rank). 
 gradient is then the gradient of (sum of every item's loss) / (number of items), exactly as one big
 batch would give, whatever the split. Under DistributedDataParallel the gradients are all-reduced
 once per step (every micro-step but the last runs under `no_sync`), plus one small all-reduce of
-the loss sum and item count. The engine knows nothing of configs, files or the CLI.
+the loss sum, the item count and the optional statistics. The engine knows nothing of configs,
+files or the CLI.
 """
 
 from __future__ import annotations
 
 import contextlib
-import gc
 import logging
 import math
 import warnings
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import Any, Literal, Protocol
+from typing import Any, Literal
 
 import torch
 
-from bigbatch import batches, distributed
+from bigbatch import batches, distributed, recovery
+from bigbatch import batchnorm as batchnorm_policies
+from bigbatch.loss import LossFn, invalid_count, read_loss_output
+from bigbatch.noise import NoiseScale, NoiseScaleMeter
 
 logger = logging.getLogger(__name__)
 
 Precision = Literal["fp32", "bf16", "fp16"]
 PRECISIONS: tuple[str, ...] = ("fp32", "bf16", "fp16")
+ENGINE_BATCHNORM: tuple[str, ...] = ("keep", "freeze", "window")
+NUM_TOTALS = 4  # loss sum, item count, invalid-count flag, out-of-memory flag
 
-
-class LossFn(Protocol):
-    """Computes the loss of one micro-batch.
-
-    Returns either ``(loss_sum, num_items)`` -- the sum of the per-item losses and how many items
-    carry loss (an int or an integer-valued tensor) -- or a scalar mean loss, which counts as the
-    mean over the micro-batch's samples (its leading dimension).
-    """
-
-    def __call__(
-        self, model: torch.nn.Module, micro_batch: Any, /
-    ) -> torch.Tensor | tuple[torch.Tensor, int | torch.Tensor]: ...
+__all__ = ["Accumulator", "LossFn", "StepResult"]
 
 
 @dataclass(frozen=True)
@@ -53,8 +47,9 @@ class StepResult:
         grad_norm: total gradient norm before clipping (NaN when the step had no items).
         skipped: True when the optimizer step was not applied.
         skip_reason: why it was skipped, None otherwise.
-        micro_batches: micro-batches of this rank's window.
+        micro_batches: micro-batches this rank ran (more than given after an out-of-memory split).
         learning_rate: the learning rate of the first parameter group used for this step.
+        noise_scale: the smoothed gradient noise scale when measured, else None.
     """
 
     loss: float
@@ -64,6 +59,7 @@ class StepResult:
     skip_reason: str | None
     micro_batches: int
     learning_rate: float
+    noise_scale: NoiseScale | None = None
 
 
 class Accumulator:
@@ -76,6 +72,13 @@ class Accumulator:
         max_grad_norm: clip the total gradient norm to this value once per step; None: no clipping.
         precision: ``"fp32"``, ``"bf16"`` (autocast) or ``"fp16"`` (autocast and a GradScaler).
         grad_scaler: a GradScaler to use with fp16 instead of a new one.
+        batchnorm: ``"keep"`` (warn once when BatchNorm meets micro-batches below 16),
+            ``"freeze"`` (running statistics, affine parameters train) or ``"window"`` (running
+            statistics updated once per step as one forward over the global batch would). For
+            ``"sync"`` and ``"groupnorm"`` call `bigbatch.batchnorm.apply_policy` before wrapping
+            the model in DDP and building the optimizer.
+        measure_noise_scale: estimate the gradient noise scale (critical batch size) every step.
+        noise_smoothing_steps: the estimate's moving-average window, in steps.
 
     Example:
         >>> model = torch.nn.Linear(3, 1)
@@ -95,30 +98,11 @@ class Accumulator:
         max_grad_norm: float | None = None,
         precision: Precision = "fp32",
         grad_scaler: torch.amp.GradScaler | None = None,
+        batchnorm: str = "keep",
+        measure_noise_scale: bool = False,
+        noise_smoothing_steps: int = 200,
     ) -> None:
-        if not isinstance(model, torch.nn.Module):
-            raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-        if not isinstance(optimizer, torch.optim.Optimizer):
-            raise TypeError(
-                f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}"
-            )
-        if precision not in PRECISIONS:
-            raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
-        if max_grad_norm is not None and not (
-            isinstance(max_grad_norm, (int, float))
-            and not isinstance(max_grad_norm, bool)
-            and max_grad_norm > 0
-            and math.isfinite(max_grad_norm)
-        ):
-            raise ValueError(
-                f"max_grad_norm must be a positive number or None, got {max_grad_norm!r}"
-            )
-        if grad_scaler is not None and precision != "fp16":
-            warnings.warn(
-                f"grad_scaler has no effect with precision={precision!r}: only fp16 needs loss "
-                "scaling",
-                stacklevel=2,
-            )
+        _check_arguments(model, optimizer, precision, max_grad_norm, grad_scaler, batchnorm)
         self.model = model
         self.optimizer = optimizer
         self.lr_scheduler = lr_scheduler
@@ -134,87 +118,31 @@ class Accumulator:
         self._no_sync: Callable[[], contextlib.AbstractContextManager[Any]] = (
             model.no_sync if self._is_ddp else contextlib.nullcontext  # type: ignore[assignment]
         )
-        self.grad_scaler: torch.amp.GradScaler | None = None
-        if precision == "fp16":
-            self.grad_scaler = grad_scaler or torch.amp.GradScaler(self.device.type)
+        self.grad_scaler = (
+            (grad_scaler or torch.amp.GradScaler(self.device.type))
+            if (precision == "fp16")
+            else None
+        )
         # fp16 only: loss sums are divided by the previous step's items per rank before backward,
         # so gradients keep the magnitude of a mean (no overflow); the step's one normalisation
         # multiplies it back. The divisor is the same on every rank since the count is all-reduced.
         self._loss_divisor: float | None = None
         # Set after an out-of-memory error: later windows are re-split to at most this size.
         self.max_micro_batch_size: int | None = None
-
-    def _autocast(self) -> contextlib.AbstractContextManager[Any]:
-        if self.precision == "fp32":
-            return contextlib.nullcontext()
-        dtype = torch.bfloat16 if self.precision == "bf16" else torch.float16
-        return torch.autocast(device_type=self.device.type, dtype=dtype)
-
-    def _forward(
-        self, micro_batch: Any, loss_fn: LossFn, rows: int
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """The loss sum (what backward runs on) and the item count of one micro-batch."""
-        with self._autocast():
-            output = loss_fn(self.model, micro_batch)
-        if isinstance(output, (tuple, list)):
-            if len(output) != 2:
-                raise TypeError(
-                    f"loss_fn must return a scalar mean loss or (loss_sum, num_items), got a "
-                    f"{type(output).__name__} of length {len(output)}"
-                )
-            loss_sum, num_items = output
-            count = _as_count(num_items, self.device)
-        else:
-            _check_scalar(output)
-            loss_sum = output * rows  # a mean over samples: weigh by the number of samples
-            count = torch.tensor(float(rows), dtype=torch.float64, device=self.device)
-        _check_scalar(loss_sum)
-        if loss_sum.dtype in (torch.float16, torch.bfloat16):
-            loss_sum = loss_sum.float()  # sums of many items overflow or round badly in half types
-        if rows == 0:
-            # An empty micro-batch only runs so that this rank joins DDP's sync; a mean over no
-            # rows is NaN, and nan_to_num's gradient is zero where its input is not finite.
-            loss_sum = torch.nan_to_num(loss_sum * 0.0, nan=0.0, posinf=0.0, neginf=0.0)
-        return loss_sum, count
-
-    def _backward(self, loss_sum: torch.Tensor) -> None:
-        if self.grad_scaler is not None:
-            assert self._loss_divisor is not None
-            self.grad_scaler.scale(loss_sum / self._loss_divisor).backward()
-        else:
-            loss_sum.backward()
-
-    def _accumulate(self, micro_batches: list[Any], loss_fn: LossFn) -> torch.Tensor:
-        """Forward and backward over the window: local [loss sum, items, invalid, out of memory].
-
-        Out-of-memory is caught per micro-step and flagged instead of raised, so that under DDP this
-        rank still joins the one gradient sync (with an empty micro-batch) and no rank hangs.
-        """
-        totals = torch.zeros(4, dtype=torch.float64, device=self.device)
-        last = len(micro_batches) - 1
-        for index, micro_batch in enumerate(micro_batches):
-            rows = batches.num_rows(micro_batch)
-            if rows == 0 and not (self._is_ddp and index == last):
-                continue
-            in_backward = False
-            try:
-                with self._no_sync() if index < last else contextlib.nullcontext():
-                    loss_sum, count = self._forward(micro_batch, loss_fn, rows)
-                    in_backward = True
-                    self._backward(loss_sum)
-            except torch.OutOfMemoryError:
-                if self._is_ddp and index == last and in_backward:
-                    raise _oom_during_sync(rows) from None
-                totals[3] = 1.0
-                break
-            totals[0] += loss_sum.detach().to(torch.float64)
-            totals[1] += count
-            totals[2] += ((count < 0) | (count != torch.round(count))).to(torch.float64)
-        if totals[3] and self._is_ddp:  # outside the except block, so the failed graph is freed
-            self.model.zero_grad(set_to_none=True)
-            empty = batches.narrow(micro_batches[0], 0, 0)
-            self._backward(self._forward(empty, loss_fn, 0)[0])  # still join the one sync
-        return totals
+        self.batchnorm = batchnorm
+        self._checked_batchnorm = batchnorm != "keep"
+        if batchnorm == "freeze":
+            batchnorm_policies.apply_policy(distributed.unwrap(model), "freeze")
+        self._batchnorm_window = (
+            batchnorm_policies.WindowBatchNormStatistics(distributed.unwrap(model))
+            if batchnorm == "window"
+            else None
+        )
+        self._noise = (
+            NoiseScaleMeter(self._parameters, noise_smoothing_steps)
+            if measure_noise_scale
+            else None
+        )
 
     def step(self, window: Iterable[Any], loss_fn: LossFn) -> StepResult:
         """Run forward/backward on every micro-batch of the window and apply one optimizer step.
@@ -232,92 +160,121 @@ class Accumulator:
             raise ValueError(
                 "window is empty: pass this rank's micro-batches for one optimizer step"
             )
+        self._warn_about_batchnorm_once(micro_batches)
         self.model.zero_grad(set_to_none=True)
         learning_rate = float(self.optimizer.param_groups[0]["lr"])
         if self.grad_scaler is not None and self._loss_divisor is None:
             self._loss_divisor = self._first_loss_divisor(micro_batches)
         while True:
             if self.max_micro_batch_size is not None:
-                micro_batches = _resplit(micro_batches, self.max_micro_batch_size)
-            totals = self._accumulate(micro_batches, loss_fn)
-            if self._is_ddp:
-                distributed.all_reduce_sum(totals)  # the one small collective of the step
-            loss_total, num_items_float, invalid, out_of_memory = totals.tolist()
+                micro_batches = recovery.resplit(micro_batches, self.max_micro_batch_size)
+            totals, noise_sums, batchnorm_sums = self._reduce(
+                self._accumulate(micro_batches, loss_fn)
+            )
+            loss_total, num_items_float, invalid, out_of_memory = totals
             if not out_of_memory:
                 break
-            self._shrink_after_out_of_memory(micro_batches)
-        if invalid:
             self.model.zero_grad(set_to_none=True)
+            self.max_micro_batch_size = recovery.halved_micro_batch_size(
+                micro_batches, self.device, agree_over_ranks=self._is_ddp
+            )
+        if invalid:
+            self._abort_window()
             raise ValueError("loss_fn returned a negative or non-integer num_items")
-        num_items = int(num_items_float)
-        loss_divisor = self._loss_divisor or 1.0
+        num_items, loss_divisor = int(num_items_float), self._loss_divisor or 1.0
         if self.grad_scaler is not None and num_items > 0:
             self._loss_divisor = num_items / self._world_size
         if num_items == 0:
-            warnings.warn(
-                "the window holds no loss items on any rank: optimizer step skipped", stacklevel=2
+            warnings.warn("the window holds no loss items on any rank: step skipped", stacklevel=2)
+            self._abort_window()
+            return self._result(
+                math.nan, 0, math.nan, "no loss items", micro_batches, learning_rate
             )
-            return self._finish(
-                math.nan, 0, math.nan, "no loss items", len(micro_batches), learning_rate
-            )
-        return self._apply(
-            loss_total / num_items, num_items, loss_divisor, len(micro_batches), learning_rate
+        loss = loss_total / num_items
+        grad_norm, skip_reason = self._apply(loss, num_items, loss_divisor)
+        noise_scale = self._end_window(
+            skip_reason, batchnorm_sums, noise_sums, grad_norm, num_items
+        )
+        return self._result(
+            loss, num_items, grad_norm, skip_reason, micro_batches, learning_rate, noise_scale
         )
 
-    def _shrink_after_out_of_memory(self, micro_batches: list[Any]) -> None:
-        """Free the failed window and halve the micro-batch size, the same on every rank."""
-        self.model.zero_grad(set_to_none=True)
-        largest = torch.tensor(
-            [float(max(batches.num_rows(micro_batch) for micro_batch in micro_batches))],
-            device=self.device,
-        )
+    def _accumulate(self, micro_batches: list[Any], loss_fn: LossFn) -> torch.Tensor:
+        """Forward and backward over the window: local [loss sum, items, invalid, out of memory].
+
+        Out-of-memory is caught per micro-step and flagged instead of raised, so that under DDP this
+        rank still joins the one gradient sync (with an empty micro-batch) and no rank hangs.
+        """
+        if self._batchnorm_window is not None:
+            self._batchnorm_window.begin_window()  # also rewinds a window that ran out of memory
+        if self._noise is not None:
+            self._noise.begin_window()
+        totals = torch.zeros(NUM_TOTALS, dtype=torch.float64, device=self.device)
+        last = len(micro_batches) - 1
+        for index, micro_batch in enumerate(micro_batches):
+            rows = batches.num_rows(micro_batch)
+            if rows == 0 and not (self._is_ddp and index == last):
+                continue
+            in_backward = False
+            try:
+                with self._no_sync() if index < last else contextlib.nullcontext():
+                    with self._autocast():
+                        output = loss_fn(self.model, micro_batch)
+                    loss_sum, count = read_loss_output(output, rows, self.device)
+                    in_backward = True
+                    self._backward(loss_sum, count)
+            except torch.OutOfMemoryError:
+                if self._is_ddp and index == last and in_backward:
+                    raise recovery.out_of_memory_during_sync(rows) from None
+                totals[3] = 1.0
+                break
+            totals[:3] += torch.stack([loss_sum.detach().double(), count, invalid_count(count)])
+        if totals[3] and self._is_ddp:  # outside the except block, so the failed graph is freed
+            self.model.zero_grad(set_to_none=True)
+            empty = batches.narrow(micro_batches[0], 0, 0)
+            with self._autocast():
+                output = loss_fn(self.model, empty)
+            self._backward(*read_loss_output(output, 0, self.device))  # still join the one sync
+        return totals
+
+    def _backward(self, loss_sum: torch.Tensor, count: torch.Tensor) -> None:
+        if self._noise is not None:
+            self._noise.begin_micro_step()
+        if self.grad_scaler is not None:
+            assert self._loss_divisor is not None
+            self.grad_scaler.scale(loss_sum / self._loss_divisor).backward()
+        else:
+            loss_sum.backward()
+        if self._noise is not None:
+            self._noise.end_micro_step(count)
+
+    def _reduce(self, totals: torch.Tensor) -> tuple[list[float], list[float], torch.Tensor | None]:
+        """Sum the totals and the optional statistics over ranks, in one small collective."""
+        parts = [totals]
+        if self._noise is not None:
+            backward_scale = 1.0
+            if self.grad_scaler is not None:
+                backward_scale = self.grad_scaler.get_scale() / (self._loss_divisor or 1.0)
+            parts.append(self._noise.local_statistics(backward_scale))
+        if self._batchnorm_window is not None:
+            parts.append(self._batchnorm_window.local_statistics())
+        merged = torch.cat(parts) if len(parts) > 1 else totals
         if self._is_ddp:
-            distributed.all_reduce_max(largest)
-        gc.collect()
-        if self.device.type == "cuda":
-            torch.cuda.empty_cache()
-        largest_rows = int(largest.item())
-        if largest_rows <= 1:
-            raise torch.OutOfMemoryError(
-                "out of memory at micro_batch_size 1: a single sample does not fit. Use precision "
-                "bf16, a shorter sequence or a smaller model, or a device with more memory"
-            )
-        self.max_micro_batch_size = (largest_rows + 1) // 2
-        logger.warning(
-            "out of memory with micro-batches of %d: redoing the window with micro_batch_size %d "
-            "(kept for later steps)",
-            largest_rows,
-            self.max_micro_batch_size,
-        )
+            distributed.all_reduce_sum(merged)  # the one small collective of the step
+        head = NUM_TOTALS + (3 if self._noise is not None else 0)
+        values = merged[:head].tolist()  # the step's one host read of the window's figures
+        batchnorm_sums = merged[head:] if self._batchnorm_window is not None else None
+        return values[:NUM_TOTALS], values[NUM_TOTALS:], batchnorm_sums
 
-    def _first_loss_divisor(self, micro_batches: list[Any]) -> float:
-        """Samples per rank of the first window: a stand-in for items until a step has counted."""
-        rows = torch.tensor(
-            [float(sum(batches.num_rows(micro_batch) for micro_batch in micro_batches))],
-            dtype=torch.float64,
-            device=self.device,
-        )
-        if self._is_ddp:
-            distributed.all_reduce_sum(rows)  # once per run, so every rank divides alike
-        return max(float(rows) / self._world_size, 1.0)
-
-    def _apply(
-        self,
-        loss: float,
-        num_items: int,
-        loss_divisor: float,
-        micro_batches: int,
-        learning_rate: float,
-    ) -> StepResult:
+    def _apply(self, loss: float, num_items: int, loss_divisor: float) -> tuple[float, str | None]:
         """Normalise, unscale, clip and apply the accumulated gradients: once per step."""
         gradients = [p.grad for p in self._parameters if p.grad is not None]
         if self.grad_scaler is not None:
             self.grad_scaler.unscale_(self.optimizer)
         # The one normalisation: DDP averaged over ranks, so world_size / global items turns the
         # summed per-item gradients into their mean over the whole global batch.
-        scale = self._world_size * loss_divisor / num_items
         if gradients:
-            torch._foreach_mul_(gradients, scale)
+            torch._foreach_mul_(gradients, self._world_size * loss_divisor / num_items)
         if self.max_grad_norm is not None:
             norm = torch.nn.utils.clip_grad_norm_(self._parameters, self.max_grad_norm)
         else:
@@ -331,39 +288,100 @@ class Accumulator:
                 self.grad_scaler.step(self.optimizer)
             else:
                 self.optimizer.step()
+            if self.lr_scheduler is not None:
+                self.lr_scheduler.step()
         if self.grad_scaler is not None:
             self.grad_scaler.update()  # reads the overflow found by unscale_: backs off on inf
-        if skip_reason is None and self.lr_scheduler is not None:
-            self.lr_scheduler.step()
-        return self._finish(loss, num_items, grad_norm, skip_reason, micro_batches, learning_rate)
+        return grad_norm, skip_reason
 
-    def _finish(
+    def _end_window(
+        self,
+        skip_reason: str | None,
+        batchnorm_sums: torch.Tensor | None,
+        noise_sums: list[float],
+        grad_norm: float,
+        num_items: int,
+    ) -> NoiseScale | None:
+        """Commit (or drop, for a skipped step) the window's BatchNorm and noise statistics."""
+        if self._batchnorm_window is not None:
+            if skip_reason is None:
+                self._batchnorm_window.end_window(batchnorm_sums)
+            else:
+                self._batchnorm_window.abort_window()
+        if self._noise is None:
+            return None
+        if skip_reason is not None:
+            return self._noise.estimator.current()
+        return self._noise.end_window(noise_sums, grad_norm**2, num_items)
+
+    def _abort_window(self) -> None:
+        self.model.zero_grad(set_to_none=True)
+        if self._batchnorm_window is not None:
+            self._batchnorm_window.abort_window()
+
+    def _result(
         self,
         loss: float,
         num_items: int,
         grad_norm: float,
         skip_reason: str | None,
-        micro_batches: int,
+        micro_batches: list[Any],
         learning_rate: float,
+        noise_scale: NoiseScale | None = None,
     ) -> StepResult:
         self.model.zero_grad(set_to_none=True)
         if skip_reason is not None:
             logger.warning("optimizer step skipped: %s", skip_reason)
+            if noise_scale is None and self._noise is not None:
+                noise_scale = self._noise.estimator.current()
         return StepResult(
             loss=loss,
             num_items=num_items,
             grad_norm=grad_norm,
             skipped=skip_reason is not None,
             skip_reason=skip_reason,
-            micro_batches=micro_batches,
+            micro_batches=len(micro_batches),
             learning_rate=learning_rate,
+            noise_scale=noise_scale,
         )
 
+    def _autocast(self) -> contextlib.AbstractContextManager[Any]:
+        if self.precision == "fp32":
+            return contextlib.nullcontext()
+        dtype = torch.bfloat16 if self.precision == "bf16" else torch.float16
+        return torch.autocast(device_type=self.device.type, dtype=dtype)
+
+    def _warn_about_batchnorm_once(self, micro_batches: list[Any]) -> None:
+        if self._checked_batchnorm:
+            return
+        self._checked_batchnorm = True
+        rows = [batches.num_rows(micro_batch) for micro_batch in micro_batches]
+        smallest = min((size for size in rows if size > 0), default=0)
+        if smallest:
+            batchnorm_policies.warn_small_micro_batches(distributed.unwrap(self.model), smallest)
+
+    def _first_loss_divisor(self, micro_batches: list[Any]) -> float:
+        """Samples per rank of the first window: a stand-in for items until a step has counted."""
+        rows = torch.tensor(
+            [float(sum(batches.num_rows(micro_batch) for micro_batch in micro_batches))],
+            dtype=torch.float64,
+            device=self.device,
+        )
+        if self._is_ddp:
+            distributed.all_reduce_sum(rows)  # once per run, so every rank divides alike
+        return max(float(rows) / self._world_size, 1.0)
+
+    def noise_scale(self) -> NoiseScale | None:
+        """The current smoothed noise scale, or None when it is not measured."""
+        return None if self._noise is None else self._noise.estimator.current()
+
     def state_dict(self) -> dict[str, Any]:
-        """The engine's own state (the GradScaler's), for checkpoints."""
+        """The engine's own state (GradScaler, loss divisor, split, noise estimate): checkpoints."""
         return {
             "grad_scaler": self.grad_scaler.state_dict() if self.grad_scaler else None,
             "loss_divisor": self._loss_divisor,
+            "max_micro_batch_size": self.max_micro_batch_size,
+            "noise_scale": self._noise.estimator.state_dict() if self._noise else None,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -372,47 +390,46 @@ class Accumulator:
             self.grad_scaler.load_state_dict(state["grad_scaler"])
         divisor = state.get("loss_divisor")
         self._loss_divisor = None if divisor is None else float(divisor)
+        limit = state.get("max_micro_batch_size")
+        self.max_micro_batch_size = None if limit is None else int(limit)
+        if self._noise is not None and state.get("noise_scale"):
+            self._noise.estimator.load_state_dict(state["noise_scale"])
 
 
-def _resplit(micro_batches: list[Any], max_rows: int) -> list[Any]:
-    """The same items in the same order, in micro-batches of at most max_rows rows."""
-    if all(batches.num_rows(micro_batch) <= max_rows for micro_batch in micro_batches):
-        return micro_batches
-    return [
-        piece for micro_batch in micro_batches for piece in batches.chunk(micro_batch, max_rows)
-    ]
-
-
-def _oom_during_sync(rows: int) -> torch.OutOfMemoryError:
-    return torch.OutOfMemoryError(
-        f"out of memory in the backward that synchronises gradients (DDP, micro-batch of {rows}): "
-        "the other ranks are already in the all-reduce, so the window cannot be redone. Set a "
-        "smaller micro_batch_size (or micro_batch_size: auto with a memory_budget)"
-    )
-
-
-def _check_scalar(loss: Any) -> None:
-    if not isinstance(loss, torch.Tensor):
-        raise TypeError(f"loss_fn must return a tensor loss, got {type(loss).__name__}")
-    if loss.dim() != 0:
-        raise ValueError(
-            f"loss_fn must return a scalar loss (or a scalar loss sum), got a tensor of shape "
-            f"{tuple(loss.shape)}: reduce it with .sum() and return (loss_sum, num_items)"
-        )
-
-
-def _as_count(num_items: Any, device: torch.device) -> torch.Tensor:
-    """The item count as a float64 tensor on the device, without a host sync."""
-    if isinstance(num_items, bool) or not isinstance(num_items, (int, torch.Tensor)):
+def _check_arguments(
+    model: Any,
+    optimizer: Any,
+    precision: str,
+    max_grad_norm: Any,
+    grad_scaler: Any,
+    batchnorm: str,
+) -> None:
+    if not isinstance(model, torch.nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    if not isinstance(optimizer, torch.optim.Optimizer):
         raise TypeError(
-            f"num_items must be an int or an integer tensor, got {type(num_items).__name__}"
+            f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}"
         )
-    if isinstance(num_items, int):
-        if num_items < 0:
-            raise ValueError(f"num_items must be >= 0, got {num_items}")
-        return torch.tensor(float(num_items), dtype=torch.float64, device=device)
-    if num_items.numel() != 1:
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+    if max_grad_norm is not None and (
+        isinstance(max_grad_norm, bool)
+        or not isinstance(max_grad_norm, (int, float))
+        or not 0 < max_grad_norm < math.inf
+    ):
+        raise ValueError(f"max_grad_norm must be a positive number or None, got {max_grad_norm!r}")
+    if grad_scaler is not None and precision != "fp16":
+        warnings.warn(
+            f"grad_scaler has no effect with precision={precision!r}: only fp16 needs loss scaling",
+            stacklevel=3,
+        )
+    if batchnorm in ("sync", "groupnorm"):
         raise ValueError(
-            f"num_items must hold one value, got a tensor of shape {tuple(num_items.shape)}"
+            f"batchnorm={batchnorm!r} changes the model's layers: call "
+            f"bigbatch.batchnorm.apply_policy(model, {batchnorm!r}) before wrapping the model in "
+            "DDP and building the optimizer, then pass batchnorm='keep'"
         )
-    return num_items.detach().reshape(()).to(device=device, dtype=torch.float64)
+    if batchnorm not in ENGINE_BATCHNORM:
+        raise ValueError(
+            f"batchnorm must be one of {', '.join(ENGINE_BATCHNORM)}, got {batchnorm!r}"
+        )

@@ -180,10 +180,28 @@ def step_estimates(
     as two micro-batches hold items (harmonic <= arithmetic mean). Empty micro-batches are left out.
     """
     pairs = [(float(s), float(b)) for s, b in zip(micro_sq_norms, micro_items) if float(b) > 0]
-    if len(pairs) < 2 or global_items <= 0:
+    return estimates_from_sums(
+        sum(s for s, _ in pairs),
+        sum(1.0 / b for _, b in pairs),
+        len(pairs),
+        global_sq_norm,
+        global_items,
+    )
+
+
+def estimates_from_sums(
+    sum_micro_sq_norms: float,
+    sum_inverse_items: float,
+    num_micro_batches: float,
+    global_sq_norm: float,
+    global_items: float,
+) -> tuple[float, float] | None:
+    """`step_estimates` from the sums that suffice: sum of the non-empty micro-batches' squared
+    item-mean gradient norms, sum of their 1 / items, and their number (all summed over ranks)."""
+    if num_micro_batches < 2 or global_items <= 0:
         return None
-    small = sum(s for s, _ in pairs) / len(pairs)
-    inverse_small = sum(1.0 / b for _, b in pairs) / len(pairs)
+    small = sum_micro_sq_norms / num_micro_batches
+    inverse_small = sum_inverse_items / num_micro_batches
     inverse_big = 1.0 / float(global_items)
     gap = inverse_small - inverse_big
     if gap <= 0:
@@ -239,13 +257,30 @@ class NoiseScaleEstimator:
                 f"micro_sq_norms and micro_items differ in length: {len(norms)} != {len(items)}"
             )
         estimates = step_estimates(norms, items, float(global_sq_norm), float(global_items))
+        return self._add(estimates, sum(1 for b in items if b > 0))
+
+    def update_from_sums(
+        self,
+        sum_micro_sq_norms: float,
+        sum_inverse_items: float,
+        num_micro_batches: float,
+        global_sq_norm: float,
+        global_items: int,
+    ) -> NoiseScale:
+        """`update` from the sums of `estimates_from_sums` (what the engine all-reduces)."""
+        estimates = estimates_from_sums(
+            sum_micro_sq_norms, sum_inverse_items, num_micro_batches, global_sq_norm, global_items
+        )
+        return self._add(estimates, int(num_micro_batches))
+
+    def _add(self, estimates: tuple[float, float] | None, num_micro_batches: int) -> NoiseScale:
         if estimates is None:
             if not self._warned_single:
                 logger.warning(
                     "noise scale: a step with %d non-empty micro-batch(es) over all ranks gives no "
                     "small/large batch pair, so no estimate; use 2 or more micro-batches per "
                     "step (gradient_accumulation_steps >= 2 or world_size >= 2)",
-                    sum(1 for b in items if b > 0),
+                    num_micro_batches,
                 )
                 self._warned_single = True
         elif all(math.isfinite(value) for value in estimates):
@@ -293,3 +328,60 @@ class NoiseScaleEstimator:
         self._trace = float(state["trace_ema"])
         self._num_steps = int(state["num_steps"])
         self._warned_single = bool(state.get("warned_single", False))
+
+
+class NoiseScaleMeter:
+    """The engine's side of the measurement: three on-device sums per window, one update per step.
+
+    Per micro-step the tracker's squared norm of the backward's gradient (of ``c * loss_sum``)
+    turns into the micro-batch's item-mean squared norm times c^2; c, constant within a window, is
+    divided out once in `local_statistics`. The three sums (norms, 1 / items, count) are what
+    `estimates_from_sums` needs, so every rank's micro-batches count after one SUM all-reduce,
+    whatever the number of micro-batches of each rank.
+    """
+
+    def __init__(
+        self, parameters: Iterable[torch.nn.Parameter], smoothing_steps: int = 200
+    ) -> None:
+        self.tracker = GradientNormTracker(parameters)
+        self.estimator = NoiseScaleEstimator(smoothing_steps)
+        self._sums = torch.zeros(3, dtype=torch.float64, device=self.tracker.device)
+
+    def begin_window(self) -> None:
+        """Forget a previous (or failed) window."""
+        self._sums.zero_()
+
+    def begin_micro_step(self) -> None:
+        self.tracker.begin_micro_step()
+
+    def end_micro_step(self, num_items: torch.Tensor) -> None:
+        """Add this micro-batch (its item count a float64 tensor) to the window's sums."""
+        raw = self.tracker.end_micro_step()
+        has_items = num_items > 0
+        items = torch.where(has_items, num_items, torch.ones_like(num_items))
+        zero = torch.zeros_like(items)
+        self._sums += torch.stack(
+            [
+                torch.where(has_items, raw / items.square(), zero),
+                torch.where(has_items, 1.0 / items, zero),
+                has_items.to(torch.float64),
+            ]
+        )
+
+    def local_statistics(self, loss_scale: float = 1.0) -> torch.Tensor:
+        """This rank's three sums, for loss sums backpropagated times ``loss_scale``."""
+        return self._sums * torch.tensor(
+            [1.0 / loss_scale**2, 1.0, 1.0], dtype=torch.float64, device=self._sums.device
+        )
+
+    def end_window(
+        self, reduced: list[float], global_sq_norm: float, global_items: int
+    ) -> NoiseScale:
+        """Feed an applied step: the summed statistics and the global item-mean gradient norm^2."""
+        sum_sq_norms, sum_inverse_items, num_micro_batches = reduced
+        return self.estimator.update_from_sums(
+            sum_sq_norms, sum_inverse_items, num_micro_batches, global_sq_norm, global_items
+        )
+
+    def remove(self) -> None:
+        self.tracker.remove()
