@@ -50,10 +50,18 @@ def _print_config(config: Any) -> int:
     return 0
 
 
+def _format_summary(summary: Any) -> str:
+    """The end-of-run lines (format_summary is moving from metrics to report)."""
+    try:
+        from bigbatch.report import format_summary
+    except ImportError:
+        from bigbatch.metrics import format_summary  # type: ignore[attr-defined,no-redef]
+    return str(format_summary(summary.to_dict()))
+
+
 def _train_command(args: argparse.Namespace) -> int:
     from bigbatch import distributed
     from bigbatch.config import load_config
-    from bigbatch.metrics import format_summary
     from bigbatch.trainer import NonFiniteError, fit
 
     if args.print_config:
@@ -70,7 +78,7 @@ def _train_command(args: argparse.Namespace) -> int:
             progress=not args.no_progress,
         )
         if distributed.is_main_process():
-            print(format_summary(summary.to_dict()))
+            print(_format_summary(summary))
     except NonFiniteError as error:
         print(f"bigbatch train: stopped: {error}", file=sys.stderr)
         return 1
@@ -96,7 +104,7 @@ def _plan_command(args: argparse.Namespace) -> int:
             "--memory-budget chooses micro_batch_size: leave out --micro-batch-size and "
             "--gradient-accumulation-steps"
         )
-    from bigbatch.memory import format_choice, plan_for_budget
+    from bigbatch.autobatch import format_choice, plan_for_budget
 
     choice, result = plan_for_budget(
         args.recipe or "digits",
