@@ -18,7 +18,7 @@ import math
 import warnings
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any
 
 import torch
 
@@ -26,11 +26,10 @@ from bigbatch import batches, distributed, recovery
 from bigbatch import batchnorm as batchnorm_policies
 from bigbatch.loss import LossFn, invalid_count, read_loss_output
 from bigbatch.noise import NoiseScale, NoiseScaleMeter
+from bigbatch.precision import LossScaling, Precision, autocast
 
 logger = logging.getLogger(__name__)
 
-Precision = Literal["fp32", "bf16", "fp16"]
-PRECISIONS: tuple[str, ...] = ("fp32", "bf16", "fp16")
 ENGINE_BATCHNORM: tuple[str, ...] = ("keep", "freeze", "window")
 NUM_TOTALS = 4  # loss sum, item count, invalid-count flag, out-of-memory flag
 
@@ -102,7 +101,7 @@ class Accumulator:
         measure_noise_scale: bool = False,
         noise_smoothing_steps: int = 200,
     ) -> None:
-        _check_arguments(model, optimizer, precision, max_grad_norm, grad_scaler, batchnorm)
+        _check_arguments(model, optimizer, max_grad_norm, batchnorm)
         self.model = model
         self.optimizer = optimizer
         self.lr_scheduler = lr_scheduler
@@ -118,15 +117,8 @@ class Accumulator:
         self._no_sync: Callable[[], contextlib.AbstractContextManager[Any]] = (
             model.no_sync if self._is_ddp else contextlib.nullcontext  # type: ignore[assignment]
         )
-        self.grad_scaler = (
-            (grad_scaler or torch.amp.GradScaler(self.device.type))
-            if (precision == "fp16")
-            else None
-        )
-        # fp16 only: loss sums are divided by the previous step's items per rank before backward,
-        # so gradients keep the magnitude of a mean (no overflow); the step's one normalisation
-        # multiplies it back. The divisor is the same on every rank since the count is all-reduced.
-        self._loss_divisor: float | None = None
+        self._scaling = LossScaling(precision, self.device.type, grad_scaler)
+        self.grad_scaler = self._scaling.grad_scaler
         # Set after an out-of-memory error: later windows are re-split to at most this size.
         self.max_micro_batch_size: int | None = None
         self.batchnorm = batchnorm
@@ -163,8 +155,11 @@ class Accumulator:
         self._warn_about_batchnorm_once(micro_batches)
         self.model.zero_grad(set_to_none=True)
         learning_rate = float(self.optimizer.param_groups[0]["lr"])
-        if self.grad_scaler is not None and self._loss_divisor is None:
-            self._loss_divisor = self._first_loss_divisor(micro_batches)
+        self._scaling.start(
+            torch.tensor(float(sum(map(batches.num_rows, micro_batches))), device=self.device),
+            is_ddp=self._is_ddp,
+            world_size=self._world_size,
+        )
         while True:
             if self.max_micro_batch_size is not None:
                 micro_batches = recovery.resplit(micro_batches, self.max_micro_batch_size)
@@ -181,9 +176,8 @@ class Accumulator:
         if invalid:
             self._abort_window()
             raise ValueError("loss_fn returned a negative or non-integer num_items")
-        num_items, loss_divisor = int(num_items_float), self._loss_divisor or 1.0
-        if self.grad_scaler is not None and num_items > 0:
-            self._loss_divisor = num_items / self._world_size
+        num_items = int(num_items_float)
+        loss_divisor = self._scaling.next_divisor(num_items, self._world_size)
         if num_items == 0:
             warnings.warn("the window holds no loss items on any rank: step skipped", stacklevel=2)
             self._abort_window()
@@ -218,7 +212,7 @@ class Accumulator:
             in_backward = False
             try:
                 with self._no_sync() if index < last else contextlib.nullcontext():
-                    with self._autocast():
+                    with autocast(self.precision, self.device.type):
                         output = loss_fn(self.model, micro_batch)
                     loss_sum, count = read_loss_output(output, rows, self.device)
                     in_backward = True
@@ -232,7 +226,7 @@ class Accumulator:
         if totals[3] and self._is_ddp:  # outside the except block, so the failed graph is freed
             self.model.zero_grad(set_to_none=True)
             empty = batches.narrow(micro_batches[0], 0, 0)
-            with self._autocast():
+            with autocast(self.precision, self.device.type):
                 output = loss_fn(self.model, empty)
             self._backward(*read_loss_output(output, 0, self.device))  # still join the one sync
         return totals
@@ -240,11 +234,7 @@ class Accumulator:
     def _backward(self, loss_sum: torch.Tensor, count: torch.Tensor) -> None:
         if self._noise is not None:
             self._noise.begin_micro_step()
-        if self.grad_scaler is not None:
-            assert self._loss_divisor is not None
-            self.grad_scaler.scale(loss_sum / self._loss_divisor).backward()
-        else:
-            loss_sum.backward()
+        self._scaling.backward(loss_sum)
         if self._noise is not None:
             self._noise.end_micro_step(count)
 
@@ -252,10 +242,7 @@ class Accumulator:
         """Sum the totals and the optional statistics over ranks, in one small collective."""
         parts = [totals]
         if self._noise is not None:
-            backward_scale = 1.0
-            if self.grad_scaler is not None:
-                backward_scale = self.grad_scaler.get_scale() / (self._loss_divisor or 1.0)
-            parts.append(self._noise.local_statistics(backward_scale))
+            parts.append(self._noise.local_statistics(self._scaling.backward_scale))
         if self._batchnorm_window is not None:
             parts.append(self._batchnorm_window.local_statistics())
         merged = torch.cat(parts) if len(parts) > 1 else totals
@@ -269,8 +256,7 @@ class Accumulator:
     def _apply(self, loss: float, num_items: int, loss_divisor: float) -> tuple[float, str | None]:
         """Normalise, unscale, clip and apply the accumulated gradients: once per step."""
         gradients = [p.grad for p in self._parameters if p.grad is not None]
-        if self.grad_scaler is not None:
-            self.grad_scaler.unscale_(self.optimizer)
+        self._scaling.unscale_(self.optimizer)
         # The one normalisation: DDP averaged over ranks, so world_size / global items turns the
         # summed per-item gradients into their mean over the whole global batch.
         if gradients:
@@ -284,14 +270,10 @@ class Accumulator:
         if not (math.isfinite(grad_norm) and math.isfinite(loss)):
             skip_reason = f"non-finite {'loss' if not math.isfinite(loss) else 'gradient'}"
         if skip_reason is None:
-            if self.grad_scaler is not None:
-                self.grad_scaler.step(self.optimizer)
-            else:
-                self.optimizer.step()
+            self._scaling.step(self.optimizer)
             if self.lr_scheduler is not None:
                 self.lr_scheduler.step()
-        if self.grad_scaler is not None:
-            self.grad_scaler.update()  # reads the overflow found by unscale_: backs off on inf
+        self._scaling.update()
         return grad_norm, skip_reason
 
     def _end_window(
@@ -345,12 +327,6 @@ class Accumulator:
             noise_scale=noise_scale,
         )
 
-    def _autocast(self) -> contextlib.AbstractContextManager[Any]:
-        if self.precision == "fp32":
-            return contextlib.nullcontext()
-        dtype = torch.bfloat16 if self.precision == "bf16" else torch.float16
-        return torch.autocast(device_type=self.device.type, dtype=dtype)
-
     def _warn_about_batchnorm_once(self, micro_batches: list[Any]) -> None:
         if self._checked_batchnorm:
             return
@@ -360,17 +336,6 @@ class Accumulator:
         if smallest:
             batchnorm_policies.warn_small_micro_batches(distributed.unwrap(self.model), smallest)
 
-    def _first_loss_divisor(self, micro_batches: list[Any]) -> float:
-        """Samples per rank of the first window: a stand-in for items until a step has counted."""
-        rows = torch.tensor(
-            [float(sum(batches.num_rows(micro_batch) for micro_batch in micro_batches))],
-            dtype=torch.float64,
-            device=self.device,
-        )
-        if self._is_ddp:
-            distributed.all_reduce_sum(rows)  # once per run, so every rank divides alike
-        return max(float(rows) / self._world_size, 1.0)
-
     def noise_scale(self) -> NoiseScale | None:
         """The current smoothed noise scale, or None when it is not measured."""
         return None if self._noise is None else self._noise.estimator.current()
@@ -378,51 +343,33 @@ class Accumulator:
     def state_dict(self) -> dict[str, Any]:
         """The engine's own state (GradScaler, loss divisor, split, noise estimate): checkpoints."""
         return {
-            "grad_scaler": self.grad_scaler.state_dict() if self.grad_scaler else None,
-            "loss_divisor": self._loss_divisor,
+            **self._scaling.state_dict(),
             "max_micro_batch_size": self.max_micro_batch_size,
             "noise_scale": self._noise.estimator.state_dict() if self._noise else None,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore what `state_dict` returned."""
-        if self.grad_scaler is not None and state.get("grad_scaler"):
-            self.grad_scaler.load_state_dict(state["grad_scaler"])
-        divisor = state.get("loss_divisor")
-        self._loss_divisor = None if divisor is None else float(divisor)
+        self._scaling.load_state_dict(state)
         limit = state.get("max_micro_batch_size")
         self.max_micro_batch_size = None if limit is None else int(limit)
         if self._noise is not None and state.get("noise_scale"):
             self._noise.estimator.load_state_dict(state["noise_scale"])
 
 
-def _check_arguments(
-    model: Any,
-    optimizer: Any,
-    precision: str,
-    max_grad_norm: Any,
-    grad_scaler: Any,
-    batchnorm: str,
-) -> None:
+def _check_arguments(model: Any, optimizer: Any, max_grad_norm: Any, batchnorm: str) -> None:
     if not isinstance(model, torch.nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     if not isinstance(optimizer, torch.optim.Optimizer):
         raise TypeError(
             f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}"
         )
-    if precision not in PRECISIONS:
-        raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
     if max_grad_norm is not None and (
         isinstance(max_grad_norm, bool)
         or not isinstance(max_grad_norm, (int, float))
         or not 0 < max_grad_norm < math.inf
     ):
         raise ValueError(f"max_grad_norm must be a positive number or None, got {max_grad_norm!r}")
-    if grad_scaler is not None and precision != "fp16":
-        warnings.warn(
-            f"grad_scaler has no effect with precision={precision!r}: only fp16 needs loss scaling",
-            stacklevel=3,
-        )
     if batchnorm in ("sync", "groupnorm"):
         raise ValueError(
             f"batchnorm={batchnorm!r} changes the model's layers: call "

@@ -1,0 +1,108 @@
+"""Mixed precision for the engine: autocast, and fp16 loss scaling that survives summed losses.
+
+bf16 and fp16 run the forward under autocast; fp16 also scales the loss with a GradScaler. The
+engine backpropagates loss *sums*, which in fp16 would overflow where a mean would not, so fp16
+divides each sum by a divisor before backward -- the previous step's items per rank, identical on
+every rank because the count is all-reduced -- and the step's one normalisation multiplies it back.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import warnings
+from typing import Any, Literal
+
+import torch
+
+from bigbatch import distributed
+
+Precision = Literal["fp32", "bf16", "fp16"]
+PRECISIONS: tuple[str, ...] = ("fp32", "bf16", "fp16")
+
+
+def autocast(precision: Precision, device_type: str) -> contextlib.AbstractContextManager[Any]:
+    """The forward's autocast context: none for fp32."""
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
+    return torch.autocast(device_type=device_type, dtype=dtype)
+
+
+class LossScaling:
+    """The loss scale of one Accumulator: a GradScaler and a divisor under fp16, nothing otherwise.
+
+    Args:
+        precision: the Accumulator's precision.
+        device_type: where the model lives.
+        grad_scaler: a caller's GradScaler for fp16 (warned about and ignored otherwise).
+    """
+
+    def __init__(
+        self, precision: str, device_type: str, grad_scaler: torch.amp.GradScaler | None
+    ) -> None:
+        if precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+        if grad_scaler is not None and precision != "fp16":
+            warnings.warn(
+                f"grad_scaler has no effect with precision={precision!r}: only fp16 needs loss "
+                "scaling",
+                stacklevel=3,
+            )
+        self.grad_scaler = (
+            (grad_scaler or torch.amp.GradScaler(device_type)) if precision == "fp16" else None
+        )
+        self.divisor: float | None = None
+
+    def start(self, rows_per_rank: torch.Tensor, *, is_ddp: bool, world_size: int) -> None:
+        """Before the first fp16 backward: samples per rank stand in for the unknown items."""
+        if self.grad_scaler is None or self.divisor is not None:
+            return
+        if is_ddp:
+            distributed.all_reduce_sum(rows_per_rank)  # once per run, so every rank divides alike
+        self.divisor = max(float(rows_per_rank) / world_size, 1.0)
+
+    def backward(self, loss_sum: torch.Tensor) -> None:
+        if self.grad_scaler is None:
+            loss_sum.backward()
+        else:
+            self.grad_scaler.scale(loss_sum / (self.divisor or 1.0)).backward()
+
+    @property
+    def backward_scale(self) -> float:
+        """What the loss sums were multiplied by before backward (1 outside fp16)."""
+        if self.grad_scaler is None:
+            return 1.0
+        return self.grad_scaler.get_scale() / (self.divisor or 1.0)
+
+    def next_divisor(self, num_items: int, world_size: int) -> float:
+        """The divisor this step used; the next step divides by this step's items per rank."""
+        used = self.divisor or 1.0
+        if self.grad_scaler is not None and num_items > 0:
+            self.divisor = num_items / world_size
+        return used
+
+    def unscale_(self, optimizer: torch.optim.Optimizer) -> None:
+        if self.grad_scaler is not None:
+            self.grad_scaler.unscale_(optimizer)
+
+    def step(self, optimizer: torch.optim.Optimizer) -> None:
+        if self.grad_scaler is None:
+            optimizer.step()
+        else:
+            self.grad_scaler.step(optimizer)
+
+    def update(self) -> None:
+        if self.grad_scaler is not None:
+            self.grad_scaler.update()  # reads the overflow found by unscale_: backs off on inf
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "grad_scaler": self.grad_scaler.state_dict() if self.grad_scaler else None,
+            "loss_divisor": self.divisor,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if self.grad_scaler is not None and state.get("grad_scaler"):
+            self.grad_scaler.load_state_dict(state["grad_scaler"])
+        divisor = state.get("loss_divisor")
+        self.divisor = None if divisor is None else float(divisor)
