@@ -56,7 +56,7 @@ BAD = {
     "word for number": (["lr=fast"], 'config: lr: must be a number > 0, got "fast"'),
     "nested enum": (
         ["lr_scaling.rule=cubic"],
-        'config: lr_scaling.rule: must be "linear", "sqrt" or "none", got "cubic"',
+        'config: lr_scaling.rule: must be "linear", "sqrt", "none" or "adascale", got "cubic"',
     ),
     "memory size": (["memory_budget=12 bananas"], "config: memory_budget: must be"),
     "unknown key": (["micro_batchsize=4"], "did you mean 'micro_batch_size'?"),

@@ -76,10 +76,12 @@ class _Model(BaseModel):
 class LRScaling(_Model):
     """How the learning rate follows the global batch: lr = lr x rule(global / base_batch_size)."""
 
-    rule: Literal["linear", "sqrt", "none"] = _field(
+    rule: Literal["linear", "sqrt", "none", "adascale"] = _field(
         "linear",
-        "linear (Goyal et al. 2017, for SGD), sqrt (for adaptive optimizers) or none.",
-        '"linear", "sqrt" or "none"',
+        "linear (Goyal et al. 2017, for SGD), sqrt (for adaptive optimizers), none, or adascale "
+        "(gain (trS + |G|^2) / (trS / s + |G|^2) at scale s = global / base_batch_size from the "
+        "measured noise, Johnson et al. 2020; needs noise_scale).",
+        '"linear", "sqrt", "none" or "adascale"',
     )
     base_batch_size: int | Auto = _field(
         "auto",
@@ -180,11 +182,26 @@ class Config(_Model):
     max_nonfinite_in_row: int = _field(
         3, "with on_nonfinite stop: non-finite steps in a row that stop the run.", _POSITIVE
     )
-    batch_size_schedule: list[tuple[int, int]] | None = _field(
+    batch_size_schedule: list[tuple[int, int]] | Literal["adaptive"] | None = _field(
         None,
         "[[step, global_batch_size], ...]: the global batch from each step on (0-based); the "
-        "first stage is global_batch_size unless one starts at step 0.",
-        "a list of [step >= 0, global_batch_size >= 1] pairs",
+        "first stage is global_batch_size unless one starts at step 0. adaptive: the global "
+        "batch follows the measured critical batch size within min_global_batch_size and "
+        "max_global_batch_size (needs noise_scale and epochs; see docs/training.md).",
+        'a list of [step >= 0, global_batch_size >= 1] pairs, or "adaptive"',
+    )
+    min_global_batch_size: int | None = _field(
+        None,
+        "batch_size_schedule adaptive: the smallest global batch; unset: global_batch_size.",
+        _POSITIVE,
+    )
+    max_global_batch_size: int | None = _field(
+        None,
+        "batch_size_schedule adaptive: the largest global batch (required there).",
+        _POSITIVE,
+    )
+    adapt_every: int = _field(
+        50, "batch_size_schedule adaptive: steps between decisions on the global batch.", _POSITIVE
     )
     drop_last: bool = _field(False, "drop the short last global batch of each epoch.", "a boolean")
     num_workers: int = _field(0, "DataLoader worker processes.", "an integer >= 0")
@@ -197,11 +214,25 @@ class Config(_Model):
         '"keep", "sync", "freeze", "groupnorm" or "window"',
     )
     noise_scale: bool = _field(
-        False, "estimate the gradient noise scale (critical batch size).", "a boolean"
+        False,
+        "estimate the gradient noise scale (critical batch size) every step; unset: on with "
+        "batch_size_schedule adaptive or lr_scaling.rule adascale.",
+        "a boolean",
+    )
+    noise_smoothing_steps: int = _field(
+        200, "noise_scale: the moving-average window of the estimate, in steps.", _POSITIVE
     )
 
     @field_validator(
-        "global_batch_size", "max_steps", "epochs", "keep_checkpoints", "max_nonfinite_in_row"
+        "global_batch_size",
+        "max_steps",
+        "epochs",
+        "keep_checkpoints",
+        "max_nonfinite_in_row",
+        "min_global_batch_size",
+        "max_global_batch_size",
+        "adapt_every",
+        "noise_smoothing_steps",
     )
     @classmethod
     def _positive(cls, value: int | None) -> int | None:
@@ -253,15 +284,29 @@ class Config(_Model):
 
     @field_validator("batch_size_schedule")
     @classmethod
-    def _stages(cls, value: list[tuple[int, int]] | None) -> list[tuple[int, int]] | None:
-        if value is None:
-            return None
+    def _stages(
+        cls, value: list[tuple[int, int]] | str | None
+    ) -> list[tuple[int, int]] | str | None:
+        if not isinstance(value, list):
+            return value  # None or "adaptive"
         steps = [step for step, _ in value]
         if not value or any(s < 0 for s in steps) or any(g <= 0 for _, g in value):
             raise ValueError("bad stage")
         if steps != sorted(set(steps)):
             raise ValueError("steps not increasing")
         return value
+
+    @model_validator(mode="before")
+    @classmethod
+    def _noise_scale_on_demand(cls, data: Any) -> Any:
+        """Adaptive batches and adascale read the noise scale: unset noise_scale turns on."""
+        if not isinstance(data, dict) or "noise_scale" in data:
+            return data
+        scaling = data.get("lr_scaling")
+        rule = scaling.get("rule") if isinstance(scaling, dict) else getattr(scaling, "rule", None)
+        if data.get("batch_size_schedule") == "adaptive" or rule == "adascale":
+            return {**data, "noise_scale": True}
+        return data
 
     @model_validator(mode="after")
     def _one_length(self) -> Config:
@@ -270,7 +315,46 @@ class Config(_Model):
                 f"max_steps: set max_steps or epochs, not both (got max_steps={self.max_steps}, "
                 f"epochs={self.epochs})"
             )
+        if self.lr_scaling.rule == "adascale" and not self.noise_scale:
+            raise ValueError(
+                "lr_scaling.rule: adascale computes its gain from the measured gradient noise: "
+                "set noise_scale true (got noise_scale false)"
+            )
+        if self.batch_size_schedule == "adaptive":
+            self._check_adaptive()
         return self
+
+    def _check_adaptive(self) -> None:
+        """The adaptive schedule's bounds and needs, each error naming its field."""
+        if not self.noise_scale:
+            raise ValueError(
+                "batch_size_schedule: adaptive follows the measured critical batch size: set "
+                "noise_scale true (got noise_scale false)"
+            )
+        if self.max_steps is not None:
+            raise ValueError(
+                f"batch_size_schedule: adaptive counts progress in samples, so the run's length "
+                f"must be in epochs: set epochs instead of max_steps (got max_steps="
+                f"{self.max_steps})"
+            )
+        if self.max_global_batch_size is None:
+            raise ValueError(
+                "max_global_batch_size: batch_size_schedule adaptive needs the largest global "
+                "batch it may use; set max_global_batch_size"
+            )
+        low = self.min_global_batch_size
+        if low is not None and low > self.max_global_batch_size:
+            raise ValueError(
+                f"min_global_batch_size: {low} is above max_global_batch_size "
+                f"{self.max_global_batch_size}; make min <= max"
+            )
+        start = self.global_batch_size
+        if start is not None and not (low or start) <= start <= self.max_global_batch_size:
+            raise ValueError(
+                f"global_batch_size: the adaptive schedule starts at {start}, outside "
+                f"[min_global_batch_size {low or start}, max_global_batch_size "
+                f"{self.max_global_batch_size}]; start within the bounds"
+            )
 
 
 def _describe(value: Any) -> str:
@@ -418,6 +502,6 @@ def with_recipe_defaults(config: Config, defaults: Mapping[str, Any]) -> Config:
 def config_to_yaml(config: Config) -> str:
     """The resolved config as YAML (for --print-config, run directories and checkpoints)."""
     data = config.model_dump(mode="json")
-    if data.get("batch_size_schedule") is not None:
+    if isinstance(data.get("batch_size_schedule"), list):
         data["batch_size_schedule"] = [list(stage) for stage in data["batch_size_schedule"]]
     return yaml.safe_dump(data, sort_keys=False)

@@ -3,150 +3,50 @@
 `Trainer` runs anyone's model, optimizer, loss_fn and datasets under a `Config`; `fit(config)`
 builds them from a recipe (what the CLI calls). Everything counts optimizer steps. A run resumed
 from its newest valid checkpoint ends bitwise equal to an uninterrupted one (CPU, same world size):
-weights, optimizer, engine state, data position and every RNG stream are restored.
+weights, optimizer, engine state, data position, the adaptive batch and every RNG stream.
 """
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import math
-import random
-import resource
-import shutil
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 import torch.distributed as dist
-from safetensors.torch import save_model
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import Dataset
 
-from bigbatch import batches, distributed, recipes
-from bigbatch import checkpoint as checkpoints
+from bigbatch import batches, distributed, recipes, run
+from bigbatch import batchnorm as batchnorm_policies
 from bigbatch import metrics as run_metrics
 from bigbatch import report as run_report
 from bigbatch.config import Config, config_to_yaml, with_recipe_defaults
-from bigbatch.data import WindowLoader, count_steps, eval_batches
+from bigbatch.data import Window, WindowLoader
 from bigbatch.engine import Accumulator, LossFn, StepResult
-from bigbatch.plan import BatchSizeSchedule, Plan, plan, scale_learning_rate
 from bigbatch.recipes import EvalFn
+from bigbatch.run import RunSummary
+from bigbatch.schedule import BatchPlanner, lr_factor
 
 logger = logging.getLogger(__name__)
 
-FINAL_WEIGHTS = "final.safetensors"
-PLOT_FILE = "curves.png"
-# What a run writes, and all that --overwrite deletes.
-RUN_FILES = (FINAL_WEIGHTS, "metrics.jsonl", "config.yaml", "report.md", PLOT_FILE)
-RUN_DIRS = ("checkpoints", "tensorboard")
+__all__ = ["NonFiniteError", "RunSummary", "Trainer", "fit", "lr_factor"]
 
 
 class NonFiniteError(RuntimeError):
     """The loss or the gradients were not finite for too many steps in a row."""
 
 
-@dataclass
-class RunSummary:
-    """What a run achieved; `to_dict()` is what `report.format_summary` and reports read."""
-
-    steps: int
-    final_loss: float | None
-    eval_metrics: dict[str, float]
-    samples_per_s: float
-    items_per_s: float
-    peak_memory_bytes: int
-    skipped_steps: int
-    plan: dict[str, Any]
-    run_dir: Path | None
-    global_batch_size: int
-    wall_time_s: float
-    recipe: str | None = None
-    extra: dict[str, Any] = field(default_factory=dict)
-
-    def to_dict(self) -> dict[str, Any]:
-        """Flat figures: final_eval_loss / final_eval_accuracy from eval_metrics."""
-        summary = {k: v for k, v in asdict(self).items() if k not in ("eval_metrics", "extra")}
-        summary.update({f"final_eval_{k}": v for k, v in self.eval_metrics.items()})
-        summary["run_dir"] = str(self.run_dir) if self.run_dir else None
-        return {**summary, **self.extra}
-
-
-def lr_factor(step: int, total_steps: int, warmup_steps: int, schedule: str) -> float:
-    """The schedule's multiplier of the learning rate at a 0-based step.
-
-    Linear warm-up to 1 over warmup_steps, then constant, or a cosine / linear decay that would
-    reach 0 one step after the run's last.
-    """
-    if step < warmup_steps:
-        return (step + 1) / warmup_steps
-    progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
-    if schedule == "cosine":
-        return 0.5 * (1.0 + math.cos(math.pi * progress))
-    if schedule == "linear":
-        return 1.0 - progress
-    return 1.0
-
-
-def peak_memory_bytes(device: torch.device) -> int:
-    """The CUDA allocator's peak on a GPU, else the process's peak resident memory (Linux: KiB)."""
-    if device.type == "cuda":
-        return int(torch.cuda.max_memory_allocated(device))
-    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
-
-
-def build_optimizer(
-    name: str, model: torch.nn.Module, lr: float, weight_decay: float
-) -> torch.optim.Optimizer:
-    """A recipe's optimizer by name: "adamw" or "sgd" (momentum 0.9)."""
-    parameters = [p for p in model.parameters() if p.requires_grad]
-    if name == "adamw":
-        return torch.optim.AdamW(parameters, lr=lr, weight_decay=weight_decay)
-    if name == "sgd":
-        return torch.optim.SGD(parameters, lr=lr, momentum=0.9, weight_decay=weight_decay)
-    raise ValueError(f"recipe optimizer must be 'adamw' or 'sgd', got {name!r}")
-
-
-def resolve_device(name: str) -> torch.device:
-    """The config's device: auto picks this rank's GPU when there is one."""
-    if name == "cuda" and not torch.cuda.is_available():
-        raise ValueError("device: 'cuda' was asked for but no CUDA device is available; use auto")
-    return torch.device("cpu") if name == "cpu" else distributed.local_device()
-
-
-def prepare_run_dir(run_dir: Path, *, resume: bool, overwrite: bool) -> None:
-    """Refuse to reuse a run's directory silently; with overwrite delete only that run's files."""
-    existing = [name for name in (*RUN_FILES, *RUN_DIRS) if (run_dir / name).exists()]
-    if resume or not existing:
-        return
-    if not overwrite:
-        state = "finished" if (run_dir / FINAL_WEIGHTS).exists() else "earlier"
-        raise ValueError(
-            f"run directory {str(run_dir)!r} holds an {state} run ({', '.join(existing)}): pass "
-            "--resume to continue it, --overwrite to replace it, or choose another --out"
-        )
-    if distributed.is_main_process():
-        for name in existing:
-            path = run_dir / name
-            shutil.rmtree(path) if path.is_dir() else path.unlink()
-        logger.info("overwrite: removed %s from %s", ", ".join(existing), run_dir)
-
-
-def _seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
-
-
 class Trainer:
     """Trains a model by optimizer steps under a Config, with exact accumulation and resume.
 
     The optimizer's own learning rate is the base: each step sets every group's lr to
-    base x lr_scaling(global batch of the step) x warm-up/decay factor.
+    base x lr_scaling(global batch of the step) x warm-up/decay factor. The config's `batchnorm`
+    policy is applied to the model before DDP wrapping (parameters are kept, so an optimizer
+    built before stays valid).
 
     Args:
         model: the module (on any device; moved to the config's device, wrapped in DDP when
@@ -188,7 +88,8 @@ class Trainer:
         self.run_dir = Path(run_dir) if run_dir is not None else None
         self.progress, self.name = progress, name
         self.rank, self.world_size = distributed.get_rank(), distributed.get_world_size()
-        self.device = resolve_device(config.device)
+        self.device = run.resolve_device(config.device)
+        model = run.apply_batchnorm_policy(model, config.batchnorm, self.world_size)
         self.module = distributed.unwrap(model).to(self.device)
         self.model: torch.nn.Module = model if distributed.is_ddp(model) else self.module
         if self.world_size > 1 and not distributed.is_ddp(model):
@@ -197,52 +98,26 @@ class Trainer:
         self.optimizer = optimizer
         for group in optimizer.param_groups:
             group.setdefault("initial_lr", float(group["lr"]))
+        engine_policy = config.batchnorm if config.batchnorm in ("freeze", "window") else "keep"
         self.accumulator = Accumulator(
-            self.model, optimizer, max_grad_norm=config.max_grad_norm, precision=config.precision
+            self.model,
+            optimizer,
+            max_grad_norm=config.max_grad_norm,
+            precision=config.precision,
+            batchnorm=engine_policy,
+            measure_noise_scale=config.noise_scale,
+            noise_smoothing_steps=config.noise_smoothing_steps,
         )
-        stages = list(config.batch_size_schedule or [])
-        if not stages or stages[0][0] != 0:
-            stages.insert(0, (0, config.global_batch_size))
-        self.schedule = BatchSizeSchedule.from_value([list(stage) for stage in stages])
-        self.first_global_batch_size = self.schedule.at(0)
-        self._plans: dict[int, Plan] = {}
-        self._micro_batch_size: int | None = None
+        num_samples = len(train_dataset)  # type: ignore[arg-type]
+        self.batches = BatchPlanner(config, self.world_size, num_samples, self._probe)
+        self.plan_for, self.batch_size_at = self.batches.plan_for, self.batches.at
+        self.first_global_batch_size = self.batches.first_global_batch_size
+        self.early_warning = run.EarlyWarning()
 
-    # -- plans and learning rate ---------------------------------------------------------------
+    # -- plans, batch sizes and learning rate --------------------------------------------------
 
-    def plan_for(self, global_batch_size: int) -> Plan:
-        """The plan of a global batch: the run's micro-batch size, accumulation follows."""
-        if global_batch_size not in self._plans:
-            config, share = self.config, math.ceil(global_batch_size / self.world_size)
-            steps = config.gradient_accumulation_steps
-            if global_batch_size == self.first_global_batch_size and isinstance(steps, int):
-                micro = (
-                    config.micro_batch_size if isinstance(config.micro_batch_size, int) else None
-                )
-                self._plans[global_batch_size] = plan(
-                    global_batch_size, self.world_size, micro, gradient_accumulation_steps=steps
-                )
-            else:
-                micro = min(self.micro_batch_size, share)
-                self._plans[global_batch_size] = plan(global_batch_size, self.world_size, micro)
-        return self._plans[global_batch_size]
-
-    @property
-    def micro_batch_size(self) -> int:
-        """The micro-batch size of every plan (chosen once: given, derived or probed)."""
-        if self._micro_batch_size is None:
-            config, first = self.config, self.first_global_batch_size
-            if isinstance(config.micro_batch_size, int):
-                self._micro_batch_size = config.micro_batch_size
-            elif config.micro_batch_size == "auto":
-                self._micro_batch_size = self._probe_micro_batch_size()
-            elif isinstance(config.gradient_accumulation_steps, int):
-                self._micro_batch_size = self.plan_for(first).micro_batch_size
-            else:
-                self._micro_batch_size = math.ceil(first / self.world_size)
-        return self._micro_batch_size
-
-    def _probe_micro_batch_size(self) -> int:
+    def _probe(self) -> int:
+        """micro_batch_size auto: the memory probe, agreed over ranks."""
         from bigbatch.autobatch import choose_micro_batch_size
 
         collate = self.collate_fn or torch.utils.data.default_collate
@@ -264,43 +139,32 @@ class Trainer:
         logger.info("micro_batch_size auto: %d (%s)", chosen[0], choice.reason)
         return int(chosen[0])
 
-    def _set_lr(self, step: int, total: int) -> float:
-        config, global_batch_size = self.config, self.schedule.at(step)
-        base = config.lr_scaling.base_batch_size
-        base_batch_size = self.first_global_batch_size if base == "auto" else base
-        factor = lr_factor(step, total, config.warmup_steps, config.lr_schedule)
+    def _set_lr(self, step: int, total: int, samples_before: int) -> float:
+        """Every group's lr for this step: base x scaling rule x warm-up/decay."""
+        noise = self.accumulator.noise_scale()
         for group in self.optimizer.param_groups:
-            scaled = scale_learning_rate(
-                group["initial_lr"], global_batch_size, base_batch_size, config.lr_scaling.rule
+            group["lr"] = self.batches.learning_rate(
+                group["initial_lr"], step, total, samples_before, noise
             )
-            group["lr"] = scaled * factor
         return float(self.optimizer.param_groups[0]["lr"])
 
     # -- the loop ------------------------------------------------------------------------------
 
-    def total_steps(self) -> int:
-        """Optimizer steps of the whole run (max_steps, or what `epochs` passes take)."""
-        if self.config.max_steps is not None:
-            return self.config.max_steps
-        assert self.config.epochs is not None
-        num_samples = len(self.train_dataset)  # type: ignore[arg-type]
-        return count_steps(
-            num_samples, self.config.epochs, self.schedule.at, drop_last=self.config.drop_last
-        )
-
     def fit(self, *, resume: bool = False, overwrite: bool = False) -> RunSummary:
         """Train to the last step; with resume, continue from the newest valid checkpoint."""
-        start_time, total = time.perf_counter(), self.total_steps()
-        first_plan = self.plan_for(self.first_global_batch_size)  # probes memory once if auto
+        start_time = time.perf_counter()
+        first_plan = self.batches.start()  # probes memory once if auto
+        if self.config.batchnorm != "freeze":  # the engine warns again per window otherwise
+            batchnorm_policies.warn_small_micro_batches(self.module, first_plan.micro_batch_size)
         writes = self.run_dir is not None and distributed.is_main_process()
         if self.run_dir is not None:
-            prepare_run_dir(self.run_dir, resume=resume, overwrite=overwrite)
+            run.prepare_run_dir(self.run_dir, resume=resume, overwrite=overwrite)
             if distributed.is_initialized():
                 dist.barrier()  # every rank has checked the directory before rank 0 writes
         loader = WindowLoader(
             self.train_dataset,
             plan_for=self.plan_for,
-            global_batch_size_at=self.schedule.at,
+            global_batch_size_at=self.batch_size_at,
             seed=self.config.seed,
             rank=self.rank,
             collate_fn=self.collate_fn,
@@ -309,9 +173,10 @@ class Trainer:
             pin_memory=self.device.type == "cuda",
         )
         # Training draws (dropout, ...) from a stream of its own per rank, reproducible on resume.
-        _seed_everything(self.config.seed + 1_000_003 * self.rank)
-        counters = {"skipped_steps": 0, "nonfinite_in_row": 0}
+        run.seed_everything(self.config.seed + 1_000_003 * self.rank)
+        counters = {"skipped_steps": 0, "nonfinite_in_row": 0, "samples_done": 0}
         restored = self._restore(loader, counters) if resume else None
+        total = self.batches.total_steps()
         if writes:
             assert self.run_dir is not None
             self.run_dir.mkdir(parents=True, exist_ok=True)
@@ -339,13 +204,14 @@ class Trainer:
             eval_metrics=eval_metrics,
             samples_per_s=figures["samples"] / time_s,
             items_per_s=figures["items"] / time_s,
-            peak_memory_bytes=peak_memory_bytes(self.device),
+            peak_memory_bytes=run.peak_memory_bytes(self.device),
             skipped_steps=counters["skipped_steps"],
             plan=first_plan.to_dict(),
             run_dir=self.run_dir,
             global_batch_size=self.first_global_batch_size,
             wall_time_s=time.perf_counter() - start_time,
             recipe=self.name,
+            extra=self._noise_scale_summary(loader.step),
         )
         if writes:
             self._finish_run_dir(summary)
@@ -360,53 +226,59 @@ class Trainer:
         bar: run_metrics.ProgressBar,
         figures: dict[str, Any],
     ) -> None:
-        """Steps from the loader's position to `total`, with logs, evaluations and checkpoints."""
-        if loader.step >= total:
-            return
+        """Steps from the loader's position to the end, with logs, evaluations and checkpoints."""
         self.model.train()
-        windows: Iterator[Any] = iter(loader)
+        windows: Iterator[Window] = iter(loader)
         tick = time.perf_counter()
         try:
-            for window in windows:
-                learning_rate = self._set_lr(window.step, total)
+            while not self.batches.finished(loader.step, loader.sampler, total):
+                window = next(windows)
+                learning_rate = self._set_lr(window.step, total, counters["samples_done"])
                 micro_batches = [batches.to_device(m, self.device) for m in window.micro_batches]
                 result = self.accumulator.step(micro_batches, self.loss_fn)
                 step_time_s, tick = time.perf_counter() - tick, time.perf_counter()
                 self._count(result, window.step, counters)
+                counters["samples_done"] += window.num_samples
                 figures["samples"] += window.num_samples
                 figures["items"] += result.num_items
                 figures["time_s"] += step_time_s
                 if not result.skipped:
                     figures["final_loss"] = result.loss
-                record = {
-                    "loss": result.loss,
-                    "lr": learning_rate,
-                    "grad_norm": result.grad_norm,
-                    "num_items": result.num_items,
-                    "global_batch_size": self.schedule.at(window.step),
-                    "num_samples": window.num_samples,
-                    "micro_batches": result.micro_batches,
-                    "samples_per_s": window.num_samples / step_time_s,
-                    "items_per_s": result.num_items / step_time_s,
-                    "step_time_s": step_time_s,
-                    "peak_memory_bytes": peak_memory_bytes(self.device),
-                    "skipped": int(result.skipped),
-                    "skipped_steps": counters["skipped_steps"],
-                    "epoch": window.epoch,
-                }
+                    self.early_warning.observe(
+                        loader.step,
+                        result.loss,
+                        result.grad_norm,
+                        learning_rate,
+                        self.batch_size_at(window.step),
+                    )
+                record = run.step_record(
+                    window, result, learning_rate, step_time_s, self.batch_size_at(window.step)
+                )
+                record["peak_memory_bytes"] = run.peak_memory_bytes(self.device)
+                record["skipped_steps"] = counters["skipped_steps"]
                 logger_.log_step(loader.step, record)
                 bar.update(loader.step, record)
+                changed = self._adapt(loader.step, result)
+                finished = self.batches.finished(loader.step, loader.sampler, total)
                 every_eval, every_save = self.config.eval_every, self.config.checkpoint_every
-                if loader.step < total and every_eval and loader.step % every_eval == 0:
+                if not finished and every_eval and loader.step % every_eval == 0:
                     logger_.log_eval(loader.step, self.evaluate())
-                due = every_save and loader.step % every_save == 0 and loader.step < total
+                due = every_save and loader.step % every_save == 0 and not finished
                 if due and self.run_dir is not None:
                     self._save_checkpoint(loader, counters)
-                if loader.step >= total:
-                    break
+                if changed:  # prefetched micro-batches were cut for the old size: start afresh
+                    windows.close()  # type: ignore[attr-defined]
+                    windows = iter(loader)
                 tick = time.perf_counter()
         finally:
             windows.close()  # type: ignore[attr-defined]
+
+    def _adapt(self, steps_done: int, result: StepResult) -> bool:
+        """Adaptive schedule: let the controller decide; True when the global batch changed."""
+        adaptive, noise = self.batches.adaptive, result.noise_scale
+        if adaptive is None or noise is None:
+            return False
+        return adaptive.update(steps_done, noise.critical_batch_size) is not None
 
     def _count(self, result: StepResult, step: int, counters: dict[str, int]) -> None:
         """Count skipped steps; stop after too many non-finite ones in a row (on_nonfinite stop)."""
@@ -426,51 +298,21 @@ class Trainer:
         """Loss (loss_fn sums / items) and eval_fn metrics on the eval set, over every rank."""
         if self.eval_dataset is None:
             return {}
-        sums: dict[str, list[float]] = {}
-        autocast: Any = contextlib.nullcontext()
-        if self.config.precision != "fp32":
-            dtype = torch.bfloat16 if self.config.precision == "bf16" else torch.float16
-            autocast = torch.autocast(self.device.type, dtype=dtype)
-        self.module.eval()
-        with torch.no_grad(), autocast:
-            for micro_batch in eval_batches(
-                self.eval_dataset,
-                micro_batch_size=self.plan_for(self.first_global_batch_size).micro_batch_size,
-                rank=self.rank,
-                world_size=self.world_size,
-                collate_fn=self.collate_fn,
-            ):
-                micro_batch = batches.to_device(micro_batch, self.device)
-                output = self.loss_fn(self.module, micro_batch)
-                if isinstance(output, (tuple, list)):
-                    values = {"loss": (float(output[0]), float(output[1]))}
-                else:
-                    rows = batches.num_rows(micro_batch)
-                    values = {"loss": (float(output) * rows, float(rows))}
-                if self.eval_fn is not None:
-                    values.update(self.eval_fn(self.module, micro_batch))
-                for key, (total, count) in values.items():
-                    entry = sums.setdefault(key, [0.0, 0.0])
-                    entry[0] += float(total)
-                    entry[1] += float(count)
-        self.module.train()
-        keys = [sorted(sums)]
-        if distributed.is_initialized():
-            dist.broadcast_object_list(keys, src=0)  # rank 0 always has eval items
-        reduced = torch.tensor(
-            [sums.get(key, [0.0, 0.0]) for key in keys[0]], dtype=torch.float64, device=self.device
+        micro_batch_size = self.plan_for(self.first_global_batch_size).micro_batch_size
+        return run.evaluate(
+            self.module,
+            self.loss_fn,
+            self.eval_fn,
+            self.eval_dataset,
+            micro_batch_size=micro_batch_size,
+            precision=self.config.precision,
+            collate_fn=self.collate_fn,
         )
-        distributed.all_reduce_sum(reduced)
-        return {key: float(s / c) if c else math.nan for key, (s, c) in zip(keys[0], reduced)}
 
-    # -- checkpoints and the run directory -----------------------------------------------------
+    # -- checkpoints, the run directory and the summary ----------------------------------------
 
     def _save_checkpoint(self, loader: WindowLoader, counters: dict[str, int]) -> None:
-        rng = [checkpoints.capture_rng_state()]
-        if distributed.is_initialized() and self.world_size > 1:
-            gathered: list[Any] = [None] * self.world_size
-            dist.all_gather_object(gathered, rng[0])
-            rng = gathered
+        rng = run.gather_rng_states(self.world_size)
         if not distributed.is_main_process():
             return
         assert self.run_dir is not None
@@ -479,27 +321,24 @@ class Trainer:
             "accumulator": self.accumulator.state_dict(),
             "data": loader.state_dict(),
             "rng": rng,
-            "plan": self.plan_for(self.schedule.at(max(0, loader.step - 1))).to_dict(),
-            "micro_batch_size": self.micro_batch_size,
+            "plan": self.plan_for(self.batch_size_at(max(0, loader.step - 1))).to_dict(),
+            "micro_batch_size": self.batches.micro_batch_size,
             "config": self.config.model_dump(mode="json"),
             "counters": dict(counters),
             "world_size": self.world_size,
+            "early_warning": self.early_warning.state_dict(),
+            "adaptive": self.batches.adaptive.state_dict()
+            if self.batches.adaptive is not None
+            else None,
         }
-        checkpoints.save_checkpoint(
-            self.run_dir / "checkpoints",
-            loader.step,
-            self.module.state_dict(),
-            state,
-            keep=self.config.keep_checkpoints,
+        run.save_run_checkpoint(
+            self.run_dir, loader.step, self.module, state, self.config.keep_checkpoints
         )
 
     def _restore(self, loader: WindowLoader, counters: dict[str, int]) -> int | None:
         """Load the newest valid checkpoint into everything; returns its step (None: none)."""
-        found = None
-        if self.run_dir is not None:
-            found = checkpoints.load_latest_checkpoint(self.run_dir / "checkpoints")
+        found = run.load_run_checkpoint(self.run_dir)
         if found is None:
-            logger.warning("resume: no valid checkpoint under %s: starting at step 0", self.run_dir)
             return None
         state = found.training_state
         self.module.load_state_dict(found.model_state)
@@ -508,25 +347,40 @@ class Trainer:
         loader.load_state_dict(state["data"])
         counters.update({key: int(value) for key, value in state["counters"].items()})
         if self.config.micro_batch_size == "auto":
-            self._micro_batch_size = int(state["micro_batch_size"])  # no second memory probe
-        rng = state["rng"]
-        checkpoints.restore_rng_state(rng[self.rank] if len(rng) == self.world_size else rng[0])
-        if state.get("world_size") != self.world_size:
-            logger.warning(
-                "resume: world_size %s -> %d: same sample order; RNG streams of rank 0 restored",
-                state.get("world_size"),
-                self.world_size,
-            )
+            self.batches.micro_batch_size = int(state["micro_batch_size"])  # no second memory probe
+        if state.get("early_warning"):
+            self.early_warning.load_state_dict(state["early_warning"])
+        if self.batches.adaptive is not None and state.get("adaptive"):
+            self.batches.adaptive.load_state_dict(state["adaptive"])
+        rank, world_size = self.rank, self.world_size
+        run.restore_rng_states(state["rng"], rank, world_size, state.get("world_size"))
         logger.info("resumed from %s at step %d", found.path, found.step)
         return found.step
 
+    def _noise_scale_summary(self, steps: int) -> dict[str, Any]:
+        """B versus the measured critical batch, for the report and the printed summary."""
+        noise = self.accumulator.noise_scale()
+        if noise is None:
+            return {}
+        global_batch_size = self.batch_size_at(max(0, steps - 1))
+        advice = run.noise_scale_advice(
+            global_batch_size, noise.critical_batch_size, adaptive=self.batches.adaptive is not None
+        )
+        if distributed.is_main_process():
+            logger.info("gradient noise scale: %s", advice.replace("\n", " "))
+        extra: dict[str, Any] = {
+            "critical_batch_size": noise.critical_batch_size,
+            "sections": {"Gradient noise scale": advice},
+        }
+        if self.batches.adaptive is not None:
+            extra["final_global_batch_size"] = global_batch_size
+        return extra
+
     def _finish_run_dir(self, summary: RunSummary) -> None:
         assert self.run_dir is not None
-        temporary = self.run_dir / (FINAL_WEIGHTS + ".tmp")
-        save_model(self.module, str(temporary))
-        temporary.replace(self.run_dir / FINAL_WEIGHTS)
+        run.save_final_weights(self.run_dir, self.module)
         records = run_metrics.read_metrics(self.run_dir / "metrics.jsonl")
-        plot = run_report.plot_run(records, self.run_dir / PLOT_FILE)
+        plot = run_report.plot_run(records, self.run_dir / run.PLOT_FILE)
         run_report.write_report(self.run_dir, summary.to_dict(), records, plot)
 
 
@@ -541,10 +395,11 @@ def fit(
     """Train the config's recipe: what `bigbatch train` runs, alone or under torchrun.
 
     The recipe's defaults fill what the config leaves unset; the run directory defaults to
-    ``runs/<recipe>-<time>`` (pass out_dir to resume).
+    ``runs/<recipe>-<time>`` (pass out_dir to resume). The batchnorm policy is applied before
+    the optimizer is built.
     """
     distributed.setup_process_group()
-    _seed_everything(config.seed)  # the model's initialisation, the same on every rank
+    run.seed_everything(config.seed)  # the model's initialisation, the same on every rank
     recipe = recipes.build(config.recipe, config.model_dump())
     config = with_recipe_defaults(config, recipe.defaults)
     if out_dir is None:
@@ -552,9 +407,11 @@ def fit(
         if distributed.is_initialized():
             dist.broadcast_object_list(name, src=0)  # every rank writes to / reads from one place
         out_dir = Path(name[0])
-    optimizer = build_optimizer(recipe.optimizer, recipe.model, config.lr, config.weight_decay)
+    world_size = distributed.get_world_size()
+    model = run.apply_batchnorm_policy(recipe.model, config.batchnorm, world_size)
+    optimizer = run.build_optimizer(recipe.optimizer, model, config.lr, config.weight_decay)
     trainer = Trainer(
-        recipe.model,
+        model,
         optimizer,
         recipe.loss_fn,
         recipe.train_dataset,

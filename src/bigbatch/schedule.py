@@ -1,0 +1,339 @@
+"""The global batch of each step, its plan, and the learning rate that follows.
+
+`BatchPlanner` gives the trainer each step's global batch, plan and learning rate. `lr_factor`
+is the warm-up / decay multiplier by optimizer step; `progress_factor` the same by samples, so a
+global batch that changes mid-run does not shift the schedule. `adascale_gain` is AdaScale's gain
+(Johnson et al. 2020); `AdaptiveBatchSize` moves the global batch toward the measured critical
+batch size, with hysteresis and an exact, resumable history.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Callable
+from typing import Any
+
+from bigbatch.config import Config
+from bigbatch.data import GlobalBatchSampler, count_steps
+from bigbatch.noise import NoiseScale
+from bigbatch.plan import BatchSizeSchedule, Plan, plan, scale_learning_rate
+
+logger = logging.getLogger(__name__)
+
+
+def lr_factor(step: int, total_steps: int, warmup_steps: int, schedule: str) -> float:
+    """The schedule's multiplier of the learning rate at a 0-based step.
+
+    Linear warm-up to 1 over warmup_steps, then constant, or a cosine / linear decay that would
+    reach 0 one step after the run's last.
+
+    Example:
+        >>> lr_factor(0, 10, 2, "constant"), lr_factor(2, 10, 2, "linear")
+        (0.5, 1.0)
+    """
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    return _decay((step - warmup_steps) / max(1, total_steps - warmup_steps), schedule)
+
+
+def _decay(progress: float, schedule: str) -> float:
+    if schedule == "cosine":
+        return 0.5 * (1.0 + math.cos(math.pi * progress))
+    if schedule == "linear":
+        return 1.0 - progress
+    return 1.0
+
+
+def progress_factor(
+    samples_before: int,
+    step_samples: int,
+    total_samples: int,
+    warmup_samples: int,
+    schedule: str,
+) -> float:
+    """`lr_factor` counted in samples instead of steps, for a global batch that changes.
+
+    The warm-up ends after warmup_samples samples and the decay runs over the rest of
+    total_samples, whatever the global batch of each step. With a constant global batch B and
+    warmup_samples = W x B, total_samples = T x B, it equals ``lr_factor(step, T, W, schedule)``
+    for samples_before = step x B.
+
+    Args:
+        samples_before: samples consumed by the run before this step.
+        step_samples: samples of this step's global batch.
+        total_samples: samples of the whole run.
+        warmup_samples: samples of the warm-up.
+        schedule: "constant", "cosine" or "linear".
+    """
+    if samples_before < warmup_samples:
+        return min(1.0, (samples_before + step_samples) / warmup_samples)
+    progress = (samples_before - warmup_samples) / max(1, total_samples - warmup_samples)
+    return _decay(min(1.0, progress), schedule)
+
+
+def adascale_gain(scale: float, gradient_sq_norm: float, trace_covariance: float) -> float:
+    """AdaScale's gain r = (tr S + |G|^2) / (tr S / s + |G|^2) for a global batch s x the base.
+
+    Johnson et al. 2020 ("AdaScale SGD"): r is s when the gradient is all noise (|G|^2 = 0), 1
+    when it is noiseless, in between otherwise. The smoothed estimates may be slightly negative
+    or missing early in a run: they are clipped at 0, and without any signal the gain is 1.
+
+    Example:
+        >>> adascale_gain(4.0, 1.0, 3.0)  # (3 + 1) / (3 / 4 + 1)
+        2.2857142857142856
+    """
+    if not (math.isfinite(gradient_sq_norm) and math.isfinite(trace_covariance)):
+        return 1.0
+    gradient_sq, trace = max(0.0, gradient_sq_norm), max(0.0, trace_covariance)
+    if gradient_sq + trace == 0.0:
+        return 1.0
+    return (trace + gradient_sq) / (trace / scale + gradient_sq)
+
+
+class AdaptiveBatchSize:
+    """The global batch of each step, moved toward the measured critical batch size.
+
+    Every ``adapt_every`` steps, the target is the critical batch size clamped to
+    [minimum, maximum] and rounded to a multiple of ``granularity`` (micro_batch_size x
+    world_size, so windows stay full). The global batch changes only when the target differs from
+    the current one by more than ``hysteresis`` (a factor), so a noisy estimate does not make it
+    flap. A change applies from the next step on; `at` answers for any step, past ones included,
+    from the recorded stages, which `state_dict` saves for an exact resume.
+
+    Args:
+        initial: the global batch of step 0.
+        minimum: the smallest global batch.
+        maximum: the largest global batch.
+        granularity: targets are rounded to multiples of it (within the bounds).
+        adapt_every: steps between decisions.
+        hysteresis: the factor by which the target must differ from the current global batch.
+
+    Example:
+        >>> controller = AdaptiveBatchSize(64, 32, 1024, granularity=32, adapt_every=10)
+        >>> controller.update(10, 300.0), controller.at(9), controller.at(10)
+        (288, 64, 288)
+    """
+
+    def __init__(
+        self,
+        initial: int,
+        minimum: int,
+        maximum: int,
+        *,
+        granularity: int = 1,
+        adapt_every: int = 50,
+        hysteresis: float = 1.5,
+    ) -> None:
+        if not 1 <= minimum <= initial <= maximum:
+            raise ValueError(
+                f"the adaptive global batch needs 1 <= min_global_batch_size <= "
+                f"global_batch_size <= max_global_batch_size, got {minimum}, {initial}, {maximum}"
+            )
+        if granularity < 1 or adapt_every < 1 or hysteresis < 1.0:
+            raise ValueError(
+                f"granularity and adapt_every must be >= 1 and hysteresis >= 1, got "
+                f"{granularity}, {adapt_every}, {hysteresis}"
+            )
+        self.minimum, self.maximum = minimum, maximum
+        self.granularity, self.adapt_every, self.hysteresis = granularity, adapt_every, hysteresis
+        self.stages: list[tuple[int, int]] = [(0, initial)]
+
+    @property
+    def global_batch_size(self) -> int:
+        """The global batch of the latest stage (of every step from its start on)."""
+        return self.stages[-1][1]
+
+    def at(self, step: int) -> int:
+        """The global batch of a 0-based step."""
+        size = self.stages[0][1]
+        for start, stage_size in self.stages:
+            if start > step:
+                break
+            size = stage_size
+        return size
+
+    def target(self, critical_batch_size: float) -> int:
+        """The critical batch size clamped to the bounds and rounded to the granularity."""
+        rounded = max(1, round(critical_batch_size / self.granularity)) * self.granularity
+        return int(min(self.maximum, max(self.minimum, rounded)))
+
+    def update(self, steps_done: int, critical_batch_size: float | None) -> int | None:
+        """Decide after ``steps_done`` steps; the new global batch when it changes, else None.
+
+        Decides only every ``adapt_every`` steps and when an estimate exists.
+        """
+        if steps_done % self.adapt_every or critical_batch_size is None:
+            return None
+        if not math.isfinite(critical_batch_size) or critical_batch_size <= 0:
+            return None
+        current, target = self.global_batch_size, self.target(critical_batch_size)
+        if max(target / current, current / target) <= self.hysteresis:
+            return None
+        if steps_done <= self.stages[-1][0]:
+            raise ValueError(f"steps_done {steps_done} is not after the last change")
+        self.stages.append((steps_done, target))
+        logger.info(
+            "adaptive global batch: %d -> %d from step %d (critical batch size %.0f, bounds "
+            "[%d, %d], multiple of %d)",
+            current,
+            target,
+            steps_done,
+            critical_batch_size,
+            self.minimum,
+            self.maximum,
+            self.granularity,
+        )
+        return target
+
+    def state_dict(self) -> dict[str, Any]:
+        """The stages so far, as plain ints, for checkpoints."""
+        return {"stages": [list(stage) for stage in self.stages]}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Continue with the stages of `state_dict`."""
+        self.stages = [(int(start), int(size)) for start, size in state["stages"]]
+
+
+class BatchPlanner:
+    """The global batch of every step, its plan, and the step's learning rate.
+
+    Fixed stages (`batch_size_schedule` as a list, or none) or the adaptive controller, and one
+    micro-batch size for every plan: given, derived from gradient_accumulation_steps, or probed
+    once by ``probe`` (for ``micro_batch_size: auto``). A new global batch keeps the micro-batch
+    and changes the accumulation.
+
+    Args:
+        config: the run's configuration.
+        world_size: number of ranks.
+        num_samples: items of the training set (the adaptive run's length in samples).
+        probe: returns the micro-batch size for ``micro_batch_size: auto``.
+    """
+
+    def __init__(
+        self, config: Config, world_size: int, num_samples: int, probe: Callable[[], int]
+    ) -> None:
+        assert config.global_batch_size is not None
+        self.config, self.world_size, self.num_samples, self._probe = (
+            config,
+            world_size,
+            num_samples,
+            probe,
+        )
+        given = config.batch_size_schedule
+        stages = list(given) if isinstance(given, list) else []
+        if not stages or stages[0][0] != 0:
+            stages.insert(0, (0, config.global_batch_size))
+        self.schedule = BatchSizeSchedule.from_value([list(stage) for stage in stages])
+        self.first_global_batch_size = self.schedule.at(0)
+        self.adaptive: AdaptiveBatchSize | None = None  # built once the micro-batch is known
+        self._plans: dict[int, Plan] = {}
+        self._micro_batch_size: int | None = None
+        if given != "adaptive" and (config.min_global_batch_size or config.max_global_batch_size):
+            logger.warning("min/max_global_batch_size only apply to batch_size_schedule adaptive")
+
+    def at(self, step: int) -> int:
+        """The global batch of a 0-based step (the adaptive one's recorded or current)."""
+        return self.adaptive.at(step) if self.adaptive is not None else self.schedule.at(step)
+
+    def plan_for(self, global_batch_size: int) -> Plan:
+        """The plan of a global batch: the run's micro-batch size, accumulation follows."""
+        if global_batch_size not in self._plans:
+            config, share = self.config, math.ceil(global_batch_size / self.world_size)
+            steps = config.gradient_accumulation_steps
+            if global_batch_size == self.first_global_batch_size and isinstance(steps, int):
+                micro = (
+                    config.micro_batch_size if isinstance(config.micro_batch_size, int) else None
+                )
+                self._plans[global_batch_size] = plan(
+                    global_batch_size, self.world_size, micro, gradient_accumulation_steps=steps
+                )
+            else:
+                micro = min(self.micro_batch_size, share)
+                self._plans[global_batch_size] = plan(global_batch_size, self.world_size, micro)
+        return self._plans[global_batch_size]
+
+    @property
+    def micro_batch_size(self) -> int:
+        """The micro-batch size of every plan (chosen once: given, derived or probed)."""
+        if self._micro_batch_size is None:
+            config, first = self.config, self.first_global_batch_size
+            if isinstance(config.micro_batch_size, int):
+                self._micro_batch_size = config.micro_batch_size
+            elif config.micro_batch_size == "auto":
+                self._micro_batch_size = self._probe()
+            elif isinstance(config.gradient_accumulation_steps, int):
+                self._micro_batch_size = self.plan_for(first).micro_batch_size
+            else:
+                self._micro_batch_size = math.ceil(first / self.world_size)
+        return self._micro_batch_size
+
+    @micro_batch_size.setter
+    def micro_batch_size(self, value: int) -> None:
+        self._micro_batch_size = value  # a resumed run's probed size: no second memory probe
+
+    def start(self) -> Plan:
+        """The first step's plan (probing memory once if auto); starts the adaptive controller."""
+        first = self.plan_for(self.first_global_batch_size)
+        config = self.config
+        if config.batch_size_schedule == "adaptive":
+            assert config.max_global_batch_size is not None
+            self.adaptive = AdaptiveBatchSize(
+                self.first_global_batch_size,
+                config.min_global_batch_size or self.first_global_batch_size,
+                config.max_global_batch_size,
+                granularity=self.micro_batch_size * self.world_size,
+                adapt_every=config.adapt_every,
+            )
+        return first
+
+    def total_steps(self) -> int:
+        """Optimizer steps of the run (max_steps, or what `epochs` take; adaptive: an estimate)."""
+        if self.config.max_steps is not None:
+            return self.config.max_steps
+        assert self.config.epochs is not None
+        return count_steps(
+            self.num_samples, self.config.epochs, self.at, drop_last=self.config.drop_last
+        )
+
+    def finished(self, step: int, sampler: GlobalBatchSampler, total_steps: int) -> bool:
+        """All steps done; adaptive: all epochs done (the number of steps is not known ahead)."""
+        if self.adaptive is None:
+            return step >= total_steps
+        assert self.config.epochs is not None
+        return sampler.next_epoch(self.at(step)) >= self.config.epochs
+
+    def learning_rate(
+        self,
+        base_lr: float,
+        step: int,
+        total_steps: int,
+        samples_before: int,
+        noise: NoiseScale | None,
+    ) -> float:
+        """base_lr x lr_scaling rule (or AdaScale's gain) x warm-up/decay, for one step.
+
+        The adaptive schedule counts warm-up and decay in samples: warmup_steps x the first
+        global batch, and the run's epochs x the training set.
+        """
+        config, global_batch_size = self.config, self.at(step)
+        base = config.lr_scaling.base_batch_size
+        base_batch_size = self.first_global_batch_size if base == "auto" else base
+        if self.adaptive is not None:
+            factor = progress_factor(
+                samples_before,
+                global_batch_size,
+                (config.epochs or 0) * self.num_samples,
+                config.warmup_steps * self.first_global_batch_size,
+                config.lr_schedule,
+            )
+        else:
+            factor = lr_factor(step, total_steps, config.warmup_steps, config.lr_schedule)
+        rule = config.lr_scaling.rule
+        if rule != "adascale":
+            return scale_learning_rate(base_lr, global_batch_size, base_batch_size, rule) * factor
+        gain = 1.0
+        if noise is not None:
+            scale = global_batch_size / base_batch_size
+            gain = adascale_gain(scale, noise.gradient_sq_norm, noise.trace_covariance)
+        return base_lr * gain * factor
