@@ -1,0 +1,227 @@
+"""The adaptive global batch: controller bounds and hysteresis, AdaScale's gain, LR progress in
+samples, every item once per epoch, and a stop-and-resume bitwise equal to the uninterrupted run.
+
+References are written here from their definitions (formulas, hand-worked sequences), never taken
+from the code under test.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from bigbatch.config import validate
+from bigbatch.schedule import AdaptiveBatchSize, adascale_gain, lr_factor, progress_factor
+from bigbatch.trainer import Trainer
+from tests import models
+
+
+def test_controller_moves_within_bounds_with_hysteresis():
+    controller = AdaptiveBatchSize(64, 32, 512, granularity=16, adapt_every=5)
+    fed = {
+        5: 80.0,  # 80 / 64 = 1.25 <= 1.5: stays 64
+        10: 100.0,  # 96 / 64 = 1.5: not more than 1.5, stays
+        15: 210.0,  # 208 (13 x 16) / 64 = 3.25: moves to 208
+        20: 250.0,  # 256 / 208 = 1.23: stays
+        25: 10_000.0,  # clamped to 512
+        30: 5.0,  # clamped to 32 (512 / 32 = 16)
+        35: 40.0,  # 48 / 32 = 1.5: stays
+    }
+    expected = {5: 64, 10: 64, 15: 208, 20: 208, 25: 512, 30: 32, 35: 32}
+    for step in range(1, 36):
+        critical = fed.get(step, 1e6)  # off-schedule steps never decide
+        controller.update(step, critical)
+        if step in expected:
+            assert controller.global_batch_size == expected[step], step
+    assert controller.stages == [(0, 64), (15, 208), (25, 512), (30, 32)]
+    assert [controller.at(s) for s in (0, 14, 15, 24, 25, 29, 30, 99)] == [
+        64,
+        64,
+        208,
+        208,
+        512,
+        512,
+        32,
+        32,
+    ]
+    for _, size in controller.stages:
+        assert 32 <= size <= 512
+
+
+def test_controller_ignores_missing_estimates_and_resumes_its_stages():
+    controller = AdaptiveBatchSize(8, 8, 64, granularity=4, adapt_every=2)
+    assert controller.update(2, None) is None
+    assert controller.update(4, math.nan) is None
+    assert controller.update(6, 30.0) == 32
+    restored = AdaptiveBatchSize(8, 8, 64, granularity=4, adapt_every=2)
+    restored.load_state_dict(json.loads(json.dumps(controller.state_dict())))
+    assert restored.stages == controller.stages and restored.at(6) == 32
+
+
+@pytest.mark.parametrize(
+    ("scale", "gradient_sq", "trace"),
+    [(4.0, 1.0, 3.0), (0.5, 2.0, 7.0), (16.0, 0.0, 5.0), (8.0, 3.0, 0.0), (2.0, 1e-3, 40.0)],
+)
+def test_adascale_gain_matches_its_formula(scale, gradient_sq, trace):
+    expected = (trace + gradient_sq) / (trace / scale + gradient_sq)
+    assert adascale_gain(scale, gradient_sq, trace) == pytest.approx(expected, rel=1e-12)
+    assert min(1.0, scale) - 1e-12 <= adascale_gain(scale, gradient_sq, trace)
+    assert adascale_gain(scale, gradient_sq, trace) <= max(1.0, scale) + 1e-12
+
+
+def test_adascale_gain_without_an_estimate_is_one():
+    assert adascale_gain(4.0, math.nan, math.nan) == 1.0
+    assert adascale_gain(4.0, -1.0, 2.0) == pytest.approx(4.0)  # all noise: linear scaling
+
+
+@pytest.mark.parametrize("schedule", ["constant", "cosine", "linear"])
+def test_progress_in_samples_equals_steps_at_a_constant_batch(schedule):
+    batch, total, warmup = 32, 20, 4
+    for step in range(total):
+        expected = lr_factor(step, total, warmup, schedule)
+        actual = progress_factor(step * batch, batch, total * batch, warmup * batch, schedule)
+        assert actual == pytest.approx(expected, rel=1e-12, abs=1e-15)
+
+
+class Indexed(torch.utils.data.Dataset):
+    def __init__(self, n):
+        self.x, self.y = models.regression_data(n)
+
+    def __len__(self):
+        return len(self.x)
+
+    def __getitem__(self, i):
+        return self.x[i], self.y[i], i
+
+
+def dropout_model():
+    torch.manual_seed(0)
+    return torch.nn.Sequential(
+        torch.nn.Linear(5, 16), torch.nn.Dropout(0.2), torch.nn.Tanh(), torch.nn.Linear(16, 3)
+    ).double()
+
+
+ADAPTIVE = dict(
+    global_batch_size=4,
+    micro_batch_size=2,
+    batch_size_schedule="adaptive",
+    min_global_batch_size=4,
+    max_global_batch_size=16,
+    adapt_every=2,
+    noise_smoothing_steps=1,
+    epochs=3,
+    lr_scaling={"rule": "sqrt"},
+    warmup_steps=2,
+    lr_schedule="cosine",
+)
+
+
+def train(config, run_dir=None, seen=None, resume=False):
+    def loss_fn(model, batch):
+        x, y, index = batch
+        if seen is not None:
+            seen.extend(index.tolist())
+        return models.mse_per_sample(model, x, y).sum(), x.shape[0]
+
+    model = dropout_model()
+    trainer = Trainer(
+        model,
+        torch.optim.AdamW(model.parameters(), lr=0.01),
+        loss_fn,
+        Indexed(37),
+        validate(config),
+        run_dir=run_dir,
+        progress=False,
+    )
+    return trainer.fit(resume=resume)
+
+
+def train_lines(run_dir):
+    lines = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [line for line in lines if line["kind"] == "train"]
+
+
+def test_adaptive_run_uses_every_item_once_per_epoch(tmp_path):
+    seen = []
+    summary = train(ADAPTIVE, run_dir=tmp_path, seen=seen)
+    n = 37
+    assert len(seen) == 3 * n
+    for epoch in range(3):
+        assert sorted(seen[epoch * n : (epoch + 1) * n]) == list(range(n))
+    lines = train_lines(tmp_path)
+    sizes = [line["global_batch_size"] for line in lines]
+    assert len(set(sizes)) > 1, "the global batch never changed: the test proves nothing"
+    assert all(4 <= size <= 16 for size in sizes)
+    assert all("critical_batch_size" in line and "trace_covariance" in line for line in lines)
+    assert any(line["critical_batch_size"] is not None for line in lines)
+    assert summary.steps == len(lines)
+    # the global batch changes only right after a decision step (every adapt_every steps)
+    for before, after in zip(lines, lines[1:]):
+        if after["global_batch_size"] != before["global_batch_size"]:
+            assert before["step"] % 2 == 0
+    # samples of each step: the global batch, except the short last one of an epoch
+    assert sum(line["num_samples"] for line in lines) == 3 * n
+
+
+def test_adaptive_stop_and_resume_is_bitwise_equal(tmp_path):
+    config = dict(ADAPTIVE, checkpoint_every=1, keep_checkpoints=1000)
+    train(config, run_dir=tmp_path / "a")
+    run = tmp_path / "b"
+    train(config, run_dir=run)
+    lines = train_lines(run)
+    changes = [
+        after["step"] - 1
+        for before, after in zip(lines, lines[1:])
+        if after["global_batch_size"] != before["global_batch_size"]
+    ]
+    stop = changes[0] + 1  # resume after the first change, before the run's end
+    assert stop < len(lines)
+    for path in (run / "checkpoints").iterdir():
+        if int(path.name.split("-")[1]) > stop:
+            shutil.rmtree(path)
+    (run / "final.safetensors").unlink()
+    summary = train(config, run_dir=run, resume=True)
+    assert summary.steps == len(lines)
+    expected = load_file(tmp_path / "a" / "final.safetensors")
+    actual = load_file(run / "final.safetensors")
+    assert expected.keys() == actual.keys()
+    for name in expected:
+        assert expected[name].equal(actual[name]), name
+    resumed = train_lines(run)
+    assert [line["step"] for line in resumed] == list(range(1, len(lines) + 1))
+    assert [line["global_batch_size"] for line in resumed] == [
+        line["global_batch_size"] for line in lines
+    ]
+
+
+def test_adaptive_lr_counts_warmup_and_decay_in_samples(tmp_path):
+    config = dict(ADAPTIVE, lr_scaling={"rule": "none"})
+    train(config, run_dir=tmp_path)
+    lines = train_lines(tmp_path)
+    total, warmup, before = 3 * 37, 2 * 4, 0
+    for line in lines:
+        size = line["global_batch_size"]
+        if before < warmup:
+            factor = min(1.0, (before + size) / warmup)
+        else:
+            factor = 0.5 * (1 + math.cos(math.pi * (before - warmup) / (total - warmup)))
+        assert line["lr"] == pytest.approx(0.01 * factor, rel=1e-12)
+        before += line["num_samples"]
+
+
+def test_adaptive_config_errors_name_the_field():
+    with pytest.raises(ValueError, match="max_global_batch_size"):
+        validate(dict(batch_size_schedule="adaptive", epochs=1))
+    with pytest.raises(ValueError, match="noise_scale"):
+        validate(
+            dict(batch_size_schedule="adaptive", epochs=1, max_global_batch_size=8, noise_scale=0)
+        )
+    with pytest.raises(ValueError, match="epochs"):
+        validate(dict(batch_size_schedule="adaptive", max_steps=5, max_global_batch_size=8))
+    assert validate(dict(batch_size_schedule="adaptive", epochs=1, max_global_batch_size=8))
+    assert validate(dict(lr_scaling={"rule": "adascale"})).noise_scale
