@@ -202,3 +202,52 @@ def test_corrupt_newest_checkpoint_falls_back_and_resume_is_exact(tmp_path):
     assert all(torch.equal(actual[k], expected[k]) for k in expected)
     lines = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [line["step"] for line in lines if line["kind"] == "train"] == list(range(1, 10))
+
+
+def test_early_warning_on_a_rising_loss_fires_once(caplog):
+    from bigbatch.run import EarlyWarning
+
+    watch = EarlyWarning()
+    figures = [(1.0, 1.0), (1.1, 1.0), (0.9, 1.0), (1.4, 1.0), (2.0, 1.0), (2.2, 1.0), (3.0, 1.0)]
+    fired = []
+    with pytest.warns(UserWarning, match="learning rate is too high"):
+        for step, (loss, grad_norm) in enumerate(figures, start=1):
+            fired.append(watch.observe(step, loss, grad_norm, 0.1, 256))
+    # first 3 average 1.0; last-3 means: 1.13, 1.43, 1.87 > 1.5 at step 6
+    assert [message is not None for message in fired] == [False] * 5 + [True, False]
+    assert "step 6" in fired[5] and "global batch 256" in fired[5] and "lr 0.1" in fired[5]
+    assert "warmup_steps" in fired[5]
+
+
+def test_early_warning_on_a_gradient_spike_and_only_in_the_first_steps():
+    from bigbatch.run import EarlyWarning
+
+    watch = EarlyWarning(window_steps=50)
+    norms = [1.0, 1.2, 0.8, 1.1, 12.5, 30.0]
+    with pytest.warns(UserWarning, match="gradient norm spiked"):
+        fired = [watch.observe(s, 1.0, g, 0.1, 64) for s, g in enumerate(norms, start=1)]
+    assert [message is not None for message in fired] == [False] * 4 + [True, False]
+    assert "12.5" in fired[4] and "median 1.05" in fired[4]  # median of 1.0, 1.2, 0.8, 1.1
+    late = EarlyWarning(window_steps=3)
+    assert [late.observe(s, 1.0, g, 0.1, 64) for s, g in enumerate(norms, start=1)] == [None] * 6
+
+
+def test_noise_scale_per_step_and_in_the_report(tmp_path):
+    config = dict(
+        global_batch_size=32,
+        micro_batch_size=4,
+        max_steps=6,
+        noise_scale=True,
+        noise_smoothing_steps=2,
+    )
+    summary, _ = train(config, run_dir=tmp_path)
+    lines = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    train_lines = [line for line in lines if line["kind"] == "train"]
+    for key in ("critical_batch_size", "gradient_sq_norm", "trace_covariance"):
+        assert all(key in line for line in train_lines), key
+    critical = summary.to_dict()["critical_batch_size"]
+    report = (tmp_path / "report.md").read_text()
+    assert "## Gradient noise scale" in report and "Global batch B = 32" in report
+    if critical is not None:  # McCandlish et al.: (1 + B / B_crit) items, (1 + B_crit / B) steps
+        assert f"{1 + 32 / critical:.1f}x the minimum items" in report
+        assert f"{1 + critical / 32:.1f}x the minimum steps" in report

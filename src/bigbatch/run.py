@@ -261,7 +261,7 @@ def noise_scale_advice(
     minimum number of optimizer steps and (1 + B / B_crit) x the minimum number of items.
 
     Example:
-        >>> print(noise_scale_advice(1024, 256.0).splitlines()[1][:60])
+        >>> print(noise_scale_advice(1024, 256.0).splitlines()[2][:60])
         By McCandlish et al.'s model the run used about 5.0x the min
     """
     if critical_batch_size is None or not critical_batch_size > 0:
@@ -296,7 +296,7 @@ def noise_scale_advice(
             "steps and items; keep it."
         )
     lines[0] = lines[0][0].upper() + lines[0][1:]
-    return "\n".join(lines)
+    return "\n\n".join(lines)
 
 
 def apply_batchnorm_policy(model: torch.nn.Module, policy: str, world_size: int) -> torch.nn.Module:

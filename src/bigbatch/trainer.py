@@ -367,7 +367,7 @@ class Trainer:
             global_batch_size, noise.critical_batch_size, adaptive=self.batches.adaptive is not None
         )
         if distributed.is_main_process():
-            logger.info("gradient noise scale: %s", advice.replace("\n", " "))
+            logger.info("gradient noise scale: %s", " ".join(advice.split()))
         extra: dict[str, Any] = {
             "critical_batch_size": noise.critical_batch_size,
             "sections": {"Gradient noise scale": advice},
