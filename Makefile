@@ -17,7 +17,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(VENV)/bin/bigbatch plan --global-batch-size 224 --world-size 16 --micro-batch-size 7
+	$(VENV)/bin/bigbatch train
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check src tests benchmarks

@@ -51,12 +51,10 @@ def _print_config(config: Any) -> int:
 
 
 def _format_summary(summary: Any) -> str:
-    """The end-of-run lines (format_summary is moving from metrics to report)."""
-    try:
-        from bigbatch.report import format_summary
-    except ImportError:
-        from bigbatch.metrics import format_summary  # type: ignore[attr-defined,no-redef]
-    return str(format_summary(summary.to_dict()))
+    """The end-of-run lines."""
+    from bigbatch import report
+
+    return str(report.format_summary(summary.to_dict()))
 
 
 def _train_command(args: argparse.Namespace) -> int:

@@ -32,6 +32,7 @@ _BAR_LABELS = {
     "step_time_s": "s/step",
     "peak_memory_bytes": "mem",
     "skipped_steps": "skipped",
+    "critical_batch_size": "B_crit",
 }
 
 
@@ -163,7 +164,10 @@ def format_figures(figures: Mapping[str, Any]) -> str:
     parts = []
     for key in sorted(figures, key=lambda k: (order.get(k, len(order)), k)):
         value = figures[key]
-        if value is None or isinstance(value, Mapping | list | tuple):
+        # Only the known figures, so the bar stays one short line; skipped only when there are.
+        if key not in order or value is None or isinstance(value, Mapping | list | tuple):
+            continue
+        if key == "skipped_steps" and not value:
             continue
         if key == "peak_memory_bytes":
             parts.append(f"mem {format_bytes(value)}")
@@ -209,8 +213,10 @@ def format_number(value: Any) -> str:
     """Short numbers: integers as is, floats with 4 significant digits or in e-notation."""
     if isinstance(value, bool) or not isinstance(value, float):
         return str(value)
-    if value != 0 and (abs(value) < 1e-3 or abs(value) >= 1e5):
+    if value != 0 and (abs(value) < 1e-3 or abs(value) >= 1e7):
         return f"{value:.2e}"
+    if abs(value) >= 1000:
+        return f"{value:.0f}"
     return f"{value:.4g}"
 
 
