@@ -79,8 +79,9 @@ class LRScaling(_Model):
     rule: Literal["linear", "sqrt", "none", "adascale"] = _field(
         "linear",
         "linear (Goyal et al. 2017, for SGD), sqrt (for adaptive optimizers), none, or adascale "
-        "(gain (trS + |G|^2) / (trS / s + |G|^2) at scale s = global / base_batch_size from the "
-        "measured noise, Johnson et al. 2020; needs noise_scale).",
+        "(Johnson et al. 2020: gain (tr S + G2) / (tr S / s + G2) at scale s = global / "
+        "base_batch_size, from the measured noise; G2 the squared gradient norm; needs "
+        "noise_scale).",
         '"linear", "sqrt", "none" or "adascale"',
     )
     base_batch_size: int | Auto = _field(
@@ -210,7 +211,9 @@ class Config(_Model):
     )
     batchnorm: Literal["keep", "sync", "freeze", "groupnorm", "window"] = _field(
         "keep",
-        "what to do with BatchNorm layers (they break split equivalence).",
+        "what to do with BatchNorm layers (they break split equivalence): keep, sync "
+        "(SyncBatchNorm, GPUs under DDP), freeze (running statistics), groupnorm (replace), "
+        "window (running statistics from the whole global batch); see docs/batchnorm.md.",
         '"keep", "sync", "freeze", "groupnorm" or "window"',
     )
     noise_scale: bool = _field(
