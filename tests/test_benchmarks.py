@@ -1,0 +1,126 @@
+"""The benchmark scripts in smoke mode (exit 0, print a table) and their measuring helpers.
+
+The figures themselves are not tested (they are timings); what is checked against a formula is
+what the tables are made of: the live saved-tensor count, the GPT-2 small parameter count, and
+that digits' activation memory falls exactly as micro / global.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import subprocess
+import sys
+from pathlib import Path
+from types import ModuleType
+
+import pytest
+import torch
+
+BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
+
+
+def load(name: str) -> ModuleType:
+    spec = importlib.util.spec_from_file_location(f"benchmarks_{name}", BENCHMARKS / f"{name}.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up while it executes
+    spec.loader.exec_module(module)
+    return module
+
+
+def run_smoke(*args: str, timeout: float = 120) -> str:
+    completed = subprocess.run(
+        [sys.executable, str(BENCHMARKS / args[0]), *args[1:], "--smoke"],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+    assert completed.returncode == 0, completed.stdout + completed.stderr
+    return completed.stdout
+
+
+def table_rows(output: str) -> list[list[str]]:
+    """The body rows of the markdown tables in the output, as lists of cells."""
+    lines = [line for line in output.splitlines() if line.startswith("|")]
+    assert any(set(line) <= set("|-: ") for line in lines), f"no markdown table in:\n{output}"
+    return [
+        [cell.strip() for cell in line.strip("|").split("|")]
+        for line in lines
+        if not set(line) <= set("|-: ")
+    ][1:]
+
+
+@pytest.mark.parametrize("script", ["plan_quality.py", "gpu.py", "alternatives.py"])
+def test_smoke_prints_a_table(script: str) -> None:
+    assert table_rows(run_smoke(script))
+
+
+@pytest.mark.slow
+def test_ddp_smoke_prints_a_table() -> None:
+    assert table_rows(run_smoke("ddp.py"))
+
+
+def test_run_all_passes_smoke_through() -> None:
+    output = run_smoke("run_all.py", "gpu")
+    assert "== gpu" in output and "failed" not in output
+    assert table_rows(output)
+
+
+def test_memory_smoke_table_digits_activations_fall_as_micro_over_global() -> None:
+    rows = [row for row in table_rows(run_smoke("memory.py")) if row[0] == "digits"]
+    assert len(rows) >= 3
+    for row in rows:
+        micro, accumulation = (int(part) for part in row[1].split()[:3:2])
+        global_batch_size = micro * accumulation
+        # digits' inputs have a fixed size, so activations are exactly proportional to samples
+        assert float(row[4]) == pytest.approx(micro / global_batch_size, abs=2e-3)
+
+
+def test_live_saved_bytes_counts_what_backward_needs() -> None:
+    memory = load("memory")
+    samples, width_in, width_out = 5, 7, 3
+    linear = torch.nn.Linear(width_in, width_out, bias=False)
+    tracker = memory.LiveSavedBytes(list(linear.parameters()))
+    inputs = torch.randn(samples, width_in)
+    with tracker.tracking():
+        # linear saves its input (for the weight gradient), relu its output; the weight is excluded
+        loss = torch.relu(linear(inputs)).sum()
+    assert tracker.live == tracker.peak == 4 * samples * (width_in + width_out)
+    loss.backward()
+    del loss
+    assert tracker.live == 0
+
+
+def test_gpt2_small_has_the_published_parameter_count() -> None:
+    gpu = load("gpu")
+    config = gpu.GPTConfig()
+    vocab, context, width, layers = 50257, 1024, 768, 12
+    assert (config.vocab_size, config.context, config.d_model, config.num_layers) == (
+        vocab,
+        context,
+        width,
+        layers,
+    )
+    # embeddings + per layer (qkv, proj, 4x MLP weights and biases, two LayerNorms) + final norm;
+    # the head is tied to the token embedding
+    expected = vocab * width + context * width + layers * (12 * width**2 + 13 * width) + 2 * width
+    with torch.device("meta"):
+        model = gpu.GPT(config)
+    assert gpu.num_parameters(model) == expected == 124_439_808
+
+
+def test_gpu_without_cuda_skips_cleanly() -> None:
+    if torch.cuda.is_available():
+        pytest.skip("a CUDA device is present: the full run would start")
+    completed = subprocess.run(
+        [sys.executable, str(BENCHMARKS / "gpu.py")], capture_output=True, text=True, timeout=60
+    )
+    assert completed.returncode == 0
+    assert completed.stdout.strip() == "no CUDA device: skipped"
+
+
+def test_feasible_plans_one_per_distinct_accumulation_count() -> None:
+    plan_quality = load("plan_quality")
+    global_batch_size, largest = 20, 7
+    # by hand: micro 1..7 give 20, 10, 7, 5, 4, 4, 3 micro-batches -> largest micro 1, 2, 3, 4, 5, 7
+    assert plan_quality.feasible_plans(global_batch_size, largest) == [1, 2, 3, 4, 5, 7]
