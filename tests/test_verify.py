@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import copy
 
+import pytest
 import torch
 from torch.utils.data import TensorDataset
 
@@ -47,6 +48,21 @@ def test_batchnorm_fails_and_is_named():
     assert names == ["features.1", "features.4"]
     text = format_report(report)
     assert "FAIL" in text and "features.1: BatchNorm2d" in text
+
+
+@pytest.mark.parametrize(
+    ("policy", "passes"), [("groupnorm", True), ("freeze", True), ("window", False)]
+)
+def test_batchnorm_policies_that_make_the_update_split_invariant_pass(policy, passes):
+    report = verify(
+        build("digits-bn", {"seed": 0}),
+        global_batch_size=12,
+        micro_batch_size=4,
+        num_global_batches=1,
+        batchnorm=policy,
+    )
+    assert report.passed == passes, format_report(report)
+    assert (report.breaking_layers == ()) == passes
 
 
 def test_dropout_is_named_only_with_p_above_zero():

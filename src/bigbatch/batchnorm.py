@@ -66,6 +66,11 @@ def warn_small_micro_batches(
     return True
 
 
+def is_frozen(module: torch.nn.Module) -> bool:
+    """True for a BatchNorm layer that the `freeze` policy holds on its running statistics."""
+    return bool(getattr(module, _FROZEN_ATTRIBUTE, False))
+
+
 def group_count(num_channels: int) -> int:
     """GroupNorm groups replacing a BatchNorm of ``num_channels``.
 

@@ -137,6 +137,7 @@ def _verify_command(args: argparse.Namespace) -> int:
         num_global_batches=args.num_global_batches,
         tolerance=args.tolerance,
         seed=config.seed,
+        batchnorm=config.batchnorm,
     )
     print(format_report(report))
     return 0 if report.passed else 1

@@ -21,6 +21,7 @@ from torch.nn.modules.dropout import _DropoutNd
 from torch.utils.data import default_collate
 
 from bigbatch import batches
+from bigbatch import batchnorm as batchnorm_policies
 from bigbatch.engine import Accumulator, LossFn
 from bigbatch.plan import plan
 from bigbatch.recipes import Recipe
@@ -79,7 +80,7 @@ def breaking_layers(model: torch.nn.Module) -> list[tuple[str, str]]:
     """
     found = []
     for name, module in model.named_modules():
-        if isinstance(module, _BatchNorm):
+        if isinstance(module, _BatchNorm) and not batchnorm_policies.is_frozen(module):
             found.append(
                 (name, f"{type(module).__name__}: normalises with each micro-batch's statistics")
             )
@@ -202,6 +203,7 @@ def verify(
     num_global_batches: int = 2,
     tolerance: float = 1e-6,
     seed: int = 0,
+    batchnorm: str = "keep",
 ) -> VerifyReport:
     """Compare the accumulated update with the full-batch one, in float64, for several splits.
 
@@ -212,6 +214,8 @@ def verify(
         num_global_batches: how many global batches to compare.
         tolerance: the largest relative gradient error that passes.
         seed: seed of the shuffle that picks the global batches.
+        batchnorm: the BatchNorm policy to check: ``freeze`` and ``groupnorm`` make the update
+            independent of the split; ``keep``, ``window`` and ``sync`` (one process) do not.
 
     Raises:
         ValueError: a size that is not a positive integer or larger than the training set.
@@ -220,6 +224,8 @@ def verify(
     if num_global_batches < 1:
         raise ValueError(f"num_global_batches must be >= 1, got {num_global_batches}")
     model = copy.deepcopy(recipe.model).double().train()
+    if batchnorm in ("freeze", "groupnorm"):
+        model = batchnorm_policies.apply_policy(model, batchnorm)  # type: ignore[arg-type]
     collate = recipe.collate_fn or default_collate
     splits = _splits(global_batch_size, micro_batch_size)
     errors = dict.fromkeys(splits, 0.0)
@@ -245,7 +251,7 @@ def verify(
         num_global_batches=num_global_batches,
         tolerance=tolerance,
         splits=results,
-        breaking_layers=tuple(breaking_layers(recipe.model)),
+        breaking_layers=tuple(breaking_layers(model)),
     )
 
 
