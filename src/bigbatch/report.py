@@ -166,6 +166,12 @@ def format_summary(summary: Mapping[str, Any]) -> str:
             label = labels[key].removeprefix("final ")
             figures.append(f"{_format_value(key, summary[key])} {label}")
     lines = ["done: " + ", ".join(f for f in figures if f)]
+    if summary.get("critical_batch_size") is not None:
+        global_batch = summary.get("final_global_batch_size", summary.get("global_batch_size"))
+        lines.append(
+            f"critical batch size: {format_number(float(summary['critical_batch_size']))} items "
+            f"(global batch {global_batch}); see the report for what it means for this run"
+        )
     for key in ("report", "run_dir"):
         if summary.get(key):
             lines.append(f"{key.replace('_', ' ')}: {summary[key]}")
