@@ -62,8 +62,9 @@ def test_print_config_shows_recipe_defaults_and_overrides(capsys):
         ("learning_rate=0.1", ("unknown key", "learning_rate")),  # unknown key
         ("recipe=nosuch", ("recipe", "nosuch")),  # unknown recipe
         ("gradient_accumulation_steps=3", ("gradient_accumulation_steps", "256 / (1 x 16)")),
+        ("micro_batch_size=300", ("micro_batch_size 300", "share", "<= 256")),
     ],
-    ids=["invalid value", "unknown key", "unknown recipe", "impossible plan"],
+    ids=["invalid value", "unknown key", "unknown recipe", "impossible plan", "micro above share"],
 )
 def test_bad_settings_exit_2_with_one_line(capsys, tmp_path, setting, fragments):
     # the impossible plan: 256 items over micro-batches of 16 need 16 accumulation steps, not 3

@@ -249,7 +249,9 @@ class BatchPlanner:
                     global_batch_size, self.world_size, micro, gradient_accumulation_steps=steps
                 )
             else:
-                micro = min(self.micro_batch_size, share)
+                micro = self.micro_batch_size
+                if global_batch_size != self.first_global_batch_size:
+                    micro = min(micro, share)  # a later, smaller stage: no micro above the share
                 self._plans[global_batch_size] = plan(global_batch_size, self.world_size, micro)
         return self._plans[global_batch_size]
 
