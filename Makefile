@@ -19,6 +19,11 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	$(VENV)/bin/bigbatch train
 
+# The benchmarks: every script under benchmarks/, tables and plots into benchmarks/results/.
+bench: $(STAMP)
+	$(PYTHON) -m pip install --quiet --disable-pip-version-check -e '.[full,bench]'
+	$(PYTHON) benchmarks/run_all.py
+
 lint: $(STAMP)
 	$(VENV)/bin/ruff check src tests benchmarks
 	$(VENV)/bin/ruff format --check src tests benchmarks
