@@ -15,7 +15,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from bigbatch.config import validate
+from bigbatch.configfile import validate
 from bigbatch.schedule import AdaptiveBatchSize, adascale_gain, lr_factor, progress_factor
 from bigbatch.trainer import Trainer
 from tests import models

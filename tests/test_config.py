@@ -5,14 +5,8 @@ from __future__ import annotations
 import pytest
 import yaml
 
-from bigbatch.config import (
-    Config,
-    config_to_yaml,
-    load_config,
-    parse_bytes,
-    validate,
-    with_recipe_defaults,
-)
+from bigbatch.config import Config, parse_bytes
+from bigbatch.configfile import config_to_yaml, load_config, validate, with_recipe_defaults
 
 
 def test_yaml_then_overrides(tmp_path):

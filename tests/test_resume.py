@@ -18,7 +18,7 @@ SCRIPT = r"""
 import os, sys, time
 import torch
 torch.set_num_threads(1)
-from bigbatch.config import validate
+from bigbatch.configfile import validate
 from bigbatch.trainer import Trainer
 from tests import models
 

@@ -13,20 +13,23 @@ from pathlib import Path
 import pytest
 
 PACKAGE_DIR = Path(__file__).resolve().parents[1] / "src" / "bigbatch"
+# Every module, no exemptions: one over its limit is split by concept, never skipped here.
 MAX_MODULE_LINES = 450
 # Tighter limits for single modules: the accumulation math readable in one sitting.
-MAX_LINES_FOR = {"engine.py": 330}
+MAX_LINES_FOR = {"engine.py": 400}
 MAX_FUNCTION_LINES = 80
-# Modules exempt from the module line limit (not the function one) for now: path -> why.
-ALLOWED_OVER = {
-    "engine.py": "being split",
-    "trainer.py": "being split",
-    "config.py": "being split (over 450 lines in a change in progress: 507 when this was written)",
-}
 # plan.py is arithmetic only: importable and testable without torch.
 TORCH_FREE = ("bigbatch.plan",)
 # The engine works in anyone's loop: it never pulls in the run machinery, even indirectly.
-ENGINE_MUST_NOT_IMPORT = ("config", "checkpoint", "metrics", "report", "cli", "trainer")
+ENGINE_MUST_NOT_IMPORT = (
+    "config",
+    "configfile",
+    "checkpoint",
+    "metrics",
+    "report",
+    "cli",
+    "trainer",
+)
 
 
 def module_files() -> list[Path]:
@@ -107,17 +110,15 @@ def test_the_package_is_found() -> None:
     names = {path.as_posix() for path in module_files()}
     assert {"plan.py", "engine.py", "__init__.py"} <= names
     assert any(name.startswith("recipes/") for name in names)  # recursive
-    assert set(ALLOWED_OVER) <= names, "ALLOWED_OVER names a module that does not exist"
+    assert set(MAX_LINES_FOR) <= names, "MAX_LINES_FOR names a module that does not exist"
 
 
 @pytest.mark.parametrize("relative", module_files(), ids=lambda path: path.as_posix())
 def test_module_is_under_the_line_limit(relative: Path) -> None:
     key = relative.as_posix()
-    if key in ALLOWED_OVER:
-        pytest.skip(f"{key}: {ALLOWED_OVER[key]}")
     limit = MAX_LINES_FOR.get(key, MAX_MODULE_LINES)
     lines = len((PACKAGE_DIR / relative).read_text(encoding="utf-8").splitlines())
-    assert lines < limit, (
+    assert lines <= limit, (
         f"src/bigbatch/{key} has {lines} lines, the limit is {limit}: split it by concept "
         "(STYLE.md: one module per concept)"
     )
@@ -152,6 +153,13 @@ def test_engine_imports_none_of_the_run_machinery() -> None:
         if name in forbidden or name.rpartition(".")[0] in forbidden
     }
     assert not found, f"bigbatch.engine must not import {sorted(forbidden)}: {found}"
+
+
+def test_the_config_schema_does_not_import_its_loader() -> None:
+    """config.py is the schema, configfile.py reads it: the arrow points one way, no cycle."""
+    chains = import_chains("bigbatch.config")
+    found = {name: " -> ".join(chain) for name, chain in chains.items() if "configfile" in name}
+    assert not found, f"bigbatch.config must not import bigbatch.configfile: {found}"
 
 
 def test_the_import_reader_sees_every_form() -> None:

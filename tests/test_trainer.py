@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from bigbatch.config import validate
+from bigbatch.configfile import validate
 from bigbatch.trainer import NonFiniteError, Trainer
 from tests import models
 from tests.distributed_helpers import run_processes

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from bigbatch import run
-from bigbatch.config import validate
+from bigbatch.configfile import validate
 from bigbatch.trainer import Trainer
 from tests import models
 

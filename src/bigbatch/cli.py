@@ -36,7 +36,7 @@ def _rank() -> int:
 def _resolved_config(args: argparse.Namespace) -> tuple[Any, Any]:
     """The config from YAML and --set, with the recipe's defaults filled in, and the recipe."""
     from bigbatch import recipes
-    from bigbatch.config import load_config, with_recipe_defaults
+    from bigbatch.configfile import load_config, with_recipe_defaults
 
     config = load_config(args.config, args.set)
     recipe = recipes.build(config.recipe, config.model_dump())
@@ -44,7 +44,7 @@ def _resolved_config(args: argparse.Namespace) -> tuple[Any, Any]:
 
 
 def _print_config(config: Any) -> int:
-    from bigbatch.config import config_to_yaml
+    from bigbatch.configfile import config_to_yaml
 
     print(config_to_yaml(config), end="")
     return 0
@@ -59,7 +59,7 @@ def _format_summary(summary: Any) -> str:
 
 def _train_command(args: argparse.Namespace) -> int:
     from bigbatch import distributed
-    from bigbatch.config import load_config
+    from bigbatch.configfile import load_config
     from bigbatch.trainer import NonFiniteError, fit
 
     if args.print_config:

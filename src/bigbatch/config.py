@@ -1,29 +1,18 @@
-"""The validated run configuration: one pydantic model tree, YAML loading and `--set` overrides.
+"""The validated run configuration: one pydantic model tree, the schema of every run.
 
-Every key has a description and a stated range; unknown keys are errors. Values come from, in
-order of precedence: `--set` overrides, the YAML file, the recipe's `defaults`, built-in defaults.
-HF / DeepSpeed names are accepted as aliases at the loading boundary only.
+Every field has a description (the single source for docs/configuration.md) and the values it
+allows (for one-line error messages); unknown keys are errors, "auto" means let bigbatch choose.
+Reading YAML, `--set` overrides and HF / DeepSpeed aliases live in `bigbatch.configfile`.
 """
 
 from __future__ import annotations
 
-import difflib
-import json
 import re
-from collections.abc import Mapping, Sequence
-from pathlib import Path
 from typing import Any, Literal
 
-import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 Auto = Literal["auto"]
-
-ALIASES: dict[str, str] = {
-    "per_device_train_batch_size": "micro_batch_size",  # Hugging Face Trainer
-    "train_micro_batch_size_per_gpu": "micro_batch_size",  # DeepSpeed
-    "train_batch_size": "global_batch_size",  # DeepSpeed: the global batch over every rank
-}
 
 _POSITIVE = "a positive integer"
 _UNITS = {
@@ -47,6 +36,9 @@ def _field(default: Any, description: str, allowed: str) -> Any:
 
 def parse_bytes(value: int | str) -> int | Auto:
     """`"20GiB"`, `"512MiB"`, `"1.5GB"`, `123` or `"auto"` as a byte count (or "auto").
+
+    It lives with the schema, not with the loading code, because the memory_budget validator
+    calls it: the schema imports nothing from `bigbatch.configfile`.
 
     Example:
         >>> parse_bytes("512MiB"), parse_bytes("2GB"), parse_bytes("auto")
@@ -358,153 +350,3 @@ class Config(_Model):
                 f"[min_global_batch_size {low or start}, max_global_batch_size "
                 f"{self.max_global_batch_size}]; start within the bounds"
             )
-
-
-def _describe(value: Any) -> str:
-    try:
-        return json.dumps(value)
-    except (TypeError, ValueError):
-        return repr(value)
-
-
-def _field_path(loc: Sequence[Any]) -> tuple[str, str | None]:
-    """The dotted field path of an error location and the field's allowed values."""
-    model: Any = Config
-    parts: list[str] = []
-    allowed: str | None = None
-    for part in loc:
-        if isinstance(part, int):
-            parts.append(f"[{part}]")
-            break  # the item of a list: name it, not its inner positions
-        fields = getattr(model, "model_fields", {})
-        if part not in fields:
-            break  # a union member's tag such as 'int' or "literal['auto']"
-        parts.append(("." if parts else "") + part)
-        extra = fields[part].json_schema_extra
-        allowed = extra.get("allowed") if isinstance(extra, dict) else None  # type: ignore[assignment]
-        annotation = fields[part].annotation
-        model = annotation if isinstance(annotation, type) else None
-    return "".join(parts), allowed
-
-
-def format_validation_error(error: ValidationError, source: str = "config") -> str:
-    """One line naming the first bad field, its value and what is allowed."""
-    first = error.errors()[0]
-    loc = tuple(first.get("loc", ()))
-    if first["type"] == "extra_forbidden":
-        key = ".".join(str(p) for p in loc)
-        parent: Any = Config
-        for part in loc[:-1]:
-            parent = getattr(parent.model_fields.get(part), "annotation", None)
-        names = list(getattr(parent, "model_fields", {}))
-        close = difflib.get_close_matches(str(loc[-1]), names, n=1)
-        hint = f" (did you mean {close[0]!r}?)" if close else ""
-        return f"{source}: unknown key {key!r}{hint}; see docs/configuration.md for the keys"
-    if not loc:  # a model-level check: its message carries the field name
-        return f"{source}: {str(first['msg']).removeprefix('Value error, ')}"
-    path, allowed = _field_path(loc)
-    if allowed is None:
-        return f"{source}: {path}: {first['msg']}, got {_describe(first.get('input'))}"
-    return f"{source}: {path}: must be {allowed}, got {_describe(first.get('input'))}"
-
-
-def _apply_aliases(data: dict[str, Any], source: str) -> dict[str, Any]:
-    result: dict[str, Any] = {}
-    for key, value in data.items():
-        name = ALIASES.get(key, key)
-        if name in result:
-            raise ValueError(
-                f"{source}: {key!r} and {name!r} both set: {key!r} is an alias of {name!r}, "
-                "keep one"
-            )
-        result[name] = value
-    return result
-
-
-def parse_override(text: str) -> tuple[list[str], Any]:
-    """`"lr_scaling.rule=sqrt"` -> (["lr_scaling", "rule"], "sqrt"), the value read as YAML."""
-    key, sep, raw = text.partition("=")
-    if not sep or not key.strip() or any(not part for part in key.strip().split(".")):
-        raise ValueError(f"config: --set expects key=value such as lr=1e-3, got {text!r}")
-    try:
-        value = yaml.safe_load(raw) if raw.strip() else None
-    except yaml.YAMLError:
-        value = raw  # not YAML (e.g. an unbalanced bracket): keep the text, validation decides
-    return key.strip().split("."), value
-
-
-def _read_yaml(path: Path) -> dict[str, Any]:
-    if not path.is_file():
-        raise ValueError(f"config: file {str(path)!r} not found")
-    try:
-        data = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as error:
-        mark = getattr(error, "problem_mark", None)
-        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        problem = getattr(error, "problem", None) or "malformed YAML"
-        raise ValueError(f"config: {str(path)!r} is not valid YAML{where}: {problem}") from None
-    if data is None:
-        return {}
-    if not isinstance(data, dict):
-        raise ValueError(
-            f"config: {str(path)!r} must hold a mapping of keys to values, got a "
-            f"{type(data).__name__}"
-        )
-    return data
-
-
-def validate(data: Mapping[str, Any], source: str = "config") -> Config:
-    """A Config from a plain mapping (aliases accepted); ValueError with one line on bad input."""
-    try:
-        return Config.model_validate(_apply_aliases(dict(data), source))
-    except ValidationError as error:
-        raise ValueError(format_validation_error(error, source)) from None
-
-
-def load_config(path: str | Path | None, overrides: Sequence[str] = ()) -> Config:
-    """Read a YAML config, apply `--set key=value` overrides and validate.
-
-    Raises:
-        ValueError: one line naming the problem (missing file, malformed YAML, unknown key,
-            wrong type or out-of-range value, with what is allowed).
-
-    Example:
-        >>> config = load_config(None, ["train_batch_size=512", "lr_scaling.rule=sqrt"])
-        >>> config.global_batch_size, config.lr_scaling.rule
-        (512, 'sqrt')
-    """
-    data = _apply_aliases(_read_yaml(Path(path)) if path is not None else {}, "config")
-    for text in overrides:
-        keys, value = parse_override(text)
-        keys[0] = ALIASES.get(keys[0], keys[0])
-        target = data
-        for key in keys[:-1]:
-            if not isinstance(target.get(key), dict):
-                target[key] = {}
-            target = target[key]
-        target[keys[-1]] = value
-    return validate(data)
-
-
-def with_recipe_defaults(config: Config, defaults: Mapping[str, Any]) -> Config:
-    """The config with the recipe's defaults filled in where the user set nothing.
-
-    Setting either max_steps or epochs overrides both of the recipe's.
-    """
-    recipe = validate(defaults, "recipe defaults").model_dump(exclude_unset=True)
-    user = config.model_dump(exclude_unset=True)
-    if "max_steps" in user or "epochs" in user:
-        recipe.pop("max_steps", None)
-        recipe.pop("epochs", None)
-    merged = {**recipe, **user}
-    if isinstance(recipe.get("lr_scaling"), dict) and isinstance(user.get("lr_scaling"), dict):
-        merged["lr_scaling"] = {**recipe["lr_scaling"], **user["lr_scaling"]}
-    return validate(merged)
-
-
-def config_to_yaml(config: Config) -> str:
-    """The resolved config as YAML (for --print-config, run directories and checkpoints)."""
-    data = config.model_dump(mode="json")
-    if isinstance(data.get("batch_size_schedule"), list):
-        data["batch_size_schedule"] = [list(stage) for stage in data["batch_size_schedule"]]
-    return yaml.safe_dump(data, sort_keys=False)

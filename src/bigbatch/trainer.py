@@ -24,7 +24,8 @@ from bigbatch import batches, distributed, recipes, run
 from bigbatch import batchnorm as batchnorm_policies
 from bigbatch import metrics as run_metrics
 from bigbatch import report as run_report
-from bigbatch.config import Config, config_to_yaml, with_recipe_defaults
+from bigbatch.config import Config
+from bigbatch.configfile import config_to_yaml, with_recipe_defaults
 from bigbatch.data import Window, WindowLoader
 from bigbatch.engine import Accumulator, LossFn, StepResult
 from bigbatch.recipes import EvalFn
