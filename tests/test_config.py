@@ -2,11 +2,21 @@
 
 from __future__ import annotations
 
+import json
+import re
+from pathlib import Path
+
 import pytest
 import yaml
 
-from bigbatch.config import Config, parse_bytes
-from bigbatch.configfile import config_to_yaml, load_config, validate, with_recipe_defaults
+from bigbatch.config import Config, LRScaling, parse_bytes
+from bigbatch.configfile import (
+    ALIASES,
+    config_to_yaml,
+    load_config,
+    validate,
+    with_recipe_defaults,
+)
 
 
 def test_yaml_then_overrides(tmp_path):
@@ -125,3 +135,30 @@ def test_every_field_is_documented():
     for name, info in Config.model_fields.items():
         assert info.description, name
         assert info.json_schema_extra and info.json_schema_extra.get("allowed"), name
+
+
+def test_aliases_name_real_fields_and_are_not_fields():
+    fields = set(Config.model_fields)
+    assert set(ALIASES.values()) <= fields
+    assert not set(ALIASES) & fields
+    with pytest.raises(ValueError, match="both set"):
+        validate({"per_device_train_batch_size": 4, "micro_batch_size": 4})
+    assert validate({"per_device_train_batch_size": 4}).micro_batch_size == 4
+
+
+def _docs_key_table() -> dict[str, tuple[str, str, str]]:
+    """The rows of docs/configuration.md's key table: key -> (allowed, default, meaning)."""
+    text = (Path(__file__).resolve().parents[1] / "docs" / "configuration.md").read_text()
+    row = re.compile(r"^\| `([\w.]+)` \| (.*?) \| `(.*?)` \| (.*) \|$", re.MULTILINE)
+    return {match[1]: (match[2], match[3], match[4]) for match in row.finditer(text)}
+
+
+def test_the_docs_key_table_is_the_schema():
+    """Descriptions live once, on the fields: the docs table says exactly what they say."""
+    fields = [*Config.model_fields.items()]
+    fields += [(f"lr_scaling.{name}", info) for name, info in LRScaling.model_fields.items()]
+    expected = {}
+    for name, info in fields:
+        default = "(see below)" if isinstance(info.default, LRScaling) else json.dumps(info.default)
+        expected[name] = (info.json_schema_extra["allowed"], default, info.description)
+    assert _docs_key_table() == expected
