@@ -269,6 +269,17 @@ def results_table(arms: Sequence[ArmResult]) -> str:
     return "\n".join(lines)
 
 
+def adaptive_stages(arm: ArmResult) -> str:
+    """The global batch from each step on where it changed, e.g. "32 (step 0), 96 (step 20)"."""
+    stages, current = [], None
+    for index, record in enumerate(arm.train):
+        size = record["global_batch_size"]
+        if size != current:
+            stages.append(f"{size} (step {index})")
+            current = size
+    return ", ".join(stages)
+
+
 def model_check(arms: Sequence[ArmResult]) -> str:
     """Per task: B_noise implied by the two fixed runs' steps vs the measured critical batch."""
     lines = []
@@ -278,8 +289,10 @@ def model_check(arms: Sequence[ArmResult]) -> str:
         reached = by_arm["small"].reached
         measured = None if reached is None else reached.get("critical_batch_size")
         per_sample = by_arm["small"].items_per_sample
+        stages = adaptive_stages(by_arm["adaptive"])
         lines.append(
-            f"- {task}: {per_sample:.2f} loss items per sample; steps to target at the two "
+            f"- {task}: the adaptive run's global batch (samples) by step: {stages}; "
+            f"{per_sample:.2f} loss items per sample; steps to target at the two "
             f"fixed batches imply B_noise = {_cell(implied)} samples "
             f"({_cell(None if implied is None else implied * per_sample)} items) by "
             f"S = S_min (1 + B_noise / B); measured B_crit at the small run's target: "
@@ -408,10 +421,10 @@ def plot(arms: Sequence[ArmResult], path: Path) -> None:
             loss_ax.plot(
                 [s for _, s, _ in arm.evals], [v for *_, v in arm.evals], color=colour, label=label
             )
-            seen = [r["samples_seen"] for r in arm.train]
+            seen, per_sample = [r["samples_seen"] for r in arm.train], arm.items_per_sample
             batch_ax.plot(
                 seen,
-                [r["num_items"] for r in arm.train],
+                [r["global_batch_size"] * per_sample for r in arm.train],
                 color=colour,
                 drawstyle="steps-post",
                 alpha=0.5,
@@ -429,7 +442,7 @@ def plot(arms: Sequence[ArmResult], path: Path) -> None:
         loss_ax.set_title(f"{task}: eval loss (grey: target)")
         loss_ax.set_yscale("log")
         loss_ax.legend(fontsize="small")
-        batch_ax.set_title(f"{task}: global batch (solid) and measured B_crit (dashed), items")
+        batch_ax.set_title(f"{task}: global batch (solid) and measured B_crit (dashed), in items")
         batch_ax.set_yscale("log", base=2)
         batch_ax.set_xlabel("samples seen")
         batch_ax.legend(fontsize="small")
