@@ -309,6 +309,74 @@ def test_throughput_choice_is_the_best_measured_that_fits() -> None:
     assert "throughput" in choice.reason
 
 
+def counted_cost(monkeypatch, seconds_per_pass) -> autobatch.LossFn:
+    """A loss whose every pass costs seconds_per_pass(rows) on a fake clock: no machine timing.
+
+    The clock (time.perf_counter and time.thread_time) moves only when the loss runs, so the
+    time of a pass is exactly its cost and the choice is the same on any machine and load.
+    """
+    now = [0.0]
+    monkeypatch.setattr(time, "perf_counter", lambda: now[0])
+    monkeypatch.setattr(time, "thread_time", lambda: now[0])
+
+    def loss(model: torch.nn.Module, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        now[0] += seconds_per_pass(batch[0].shape[0])
+        return mlp_loss(model, batch)
+
+    return loss
+
+
+def choose_for_throughput(loss, max_micro_batch_size: int, largest: int) -> int:
+    """The throughput choice with a budget that fits exactly `largest` samples (AdamW)."""
+    fixed = 4 * MLP_PARAMETER_BYTES
+    budget = math.ceil((fixed + largest * MLP_SAVED_PER_SAMPLE + 10) * 1.1)
+    model = make_mlp()
+    choice = autobatch.choose_micro_batch_size(
+        model,
+        loss,
+        mlp_batch,
+        max_micro_batch_size=max_micro_batch_size,
+        memory_budget_bytes=budget,
+        optimizer=torch.optim.AdamW(model.parameters()),
+        optimize="throughput",
+    )
+    assert "within 3% of the fastest" in choice.reason
+    return choice.micro_batch_size
+
+
+@pytest.mark.parametrize(
+    ("speedup_at_32", "expected"),
+    [
+        (1.00, 64),  # a tie: the largest plan
+        (0.99, 64),  # 2 x 32 x 0.99 ms = 63.4 ms vs 64 ms: 1% faster, within the 3% margin
+        (0.975, 64),  # 2.5% faster: still within
+        (0.96, 32),  # 4% faster: clearly faster, wins
+        (0.90, 32),
+    ],
+)
+def test_throughput_prefers_the_largest_plan_unless_a_smaller_is_clearly_faster(
+    monkeypatch, speedup_at_32: float, expected: int
+) -> None:
+    # 1 ms per sample at every size: every plan of 64 samples takes 64 ms, except 32.
+    loss = counted_cost(
+        monkeypatch, lambda rows: 1e-3 * rows * (speedup_at_32 if rows == 32 else 1)
+    )
+    assert choose_for_throughput(loss, max_micro_batch_size=64, largest=64) == expected
+
+
+def test_throughput_counts_micro_batches_per_step_and_refines_between_powers_of_two(
+    monkeypatch,
+) -> None:
+    # 2 ms per pass + 1 ms per sample: fewer micro-batches per step are faster. The largest that
+    # fits is 138, which on 256 samples runs as 2 micro-batches of 128: 128 is chosen.
+    loss = counted_cost(monkeypatch, lambda rows: 2e-3 + 1e-3 * rows)
+    assert choose_for_throughput(loss, max_micro_batch_size=256, largest=138) == 128
+    # Now 86 (3 micro-batches of 86, 85, 85) is 20% faster per sample than anything else: it is
+    # no power of two, and found only around the best power of two.
+    loss = counted_cost(monkeypatch, lambda rows: 1e-3 * rows * (0.8 if rows == 86 else 1))
+    assert choose_for_throughput(loss, max_micro_batch_size=256, largest=138) == 86
+
+
 def oom_above_8(model: torch.nn.Module, batch: tuple[torch.Tensor, torch.Tensor]):
     if batch[0].shape[0] > 8:
         raise torch.OutOfMemoryError("simulated: more than 8 rows")

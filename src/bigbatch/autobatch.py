@@ -7,16 +7,19 @@ fits the budget, or the fastest feasible one; the chosen size is always a measur
 
 from __future__ import annotations
 
+import functools
+import itertools
 import logging
 import math
 import re
+import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 
-from bigbatch import distributed
+from bigbatch import batches, distributed, memory
 from bigbatch.engine import LossFn
 from bigbatch.memory import Batch, MemoryProbe, device_of, merge_probes, probe, tensor_bytes
 from bigbatch.plan import Plan, plan
@@ -32,6 +35,8 @@ _UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12}
 _UNITS.update({"kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40})
 _FIRST_SIZES = 4  # probe 1, 2, 4, 8 first: cheap, and enough for a straight line
 _CONFIRM_TRIES = 3
+_ROUNDS = 3  # interleaved timing rounds per stage (throughput), on top of the probe's own
+_MARGIN = 0.03  # a smaller plan must be this much faster than a larger one to be chosen
 
 
 def parse_memory_size(value: int | str) -> int:
@@ -153,31 +158,91 @@ def _largest_measured(
     return result, chosen if chosen in fitting else max(fitting)
 
 
+def _timed(
+    module: torch.nn.Module,
+    loss_fn: LossFn,
+    make_batch: Callable[[int], Batch],
+    sizes: list[int],
+    *,
+    device: torch.device,
+    autocast_dtype: torch.dtype | None,
+) -> dict[int, float]:
+    """Best forward + backward seconds per size over `_ROUNDS` interleaved rounds.
+
+    Interleaved, a burst of load on a shared machine hits every size; the best time is the least
+    disturbed. On a CPU with one torch thread the clock is this thread's CPU time (time the OS
+    gives other processes is no size's cost), else wall-clock time."""
+    one_cpu_thread = device.type == "cpu" and torch.get_num_threads() == 1
+    clock = time.thread_time if one_cpu_thread else time.perf_counter
+    data = {size: batches.to_device(make_batch(size), device) for size in sizes}
+    run = dict(exclude=set(), count=False, autocast_dtype=autocast_dtype, device_type=device.type)
+    best = dict.fromkeys(sizes, math.inf)
+    with memory._preserved_state(module, device):
+        for _, size in itertools.product(range(_ROUNDS), sizes):
+            memory._sync(device)
+            start = clock()
+            memory._forward_backward(module, loss_fn, data[size], **run)  # type: ignore[arg-type]
+            memory._sync(device)
+            best[size] = min(best[size], clock() - start)
+    return best
+
+
 def _fastest(
-    result: MemoryProbe, largest: int, limit: float, measure: Callable[[list[int]], MemoryProbe]
+    result: MemoryProbe,
+    largest: int,
+    share: int,
+    limit: float,
+    measure: Callable[[list[int], int], MemoryProbe],
+    time_sizes: Callable[[list[int]], dict[int, float]],
 ) -> tuple[MemoryProbe, int, str]:
-    """Probe powers of two up to the largest fitting size; the best measured samples/s wins."""
-    extra = [
-        s for s in _geometric(1, largest) if s not in {r.micro_batch_size for r in result.rows}
-    ]
-    if extra:
-        result = _probe_more(result, extra, measure)
-    feasible = [r for r in result.rows if r.micro_batch_size <= largest and r.memory_bytes <= limit]
-    best = max(feasible, key=lambda r: (r.samples_per_s, r.micro_batch_size))
+    """The plan with the best step throughput among powers of two and the plans around the choice.
+
+    A step of the rank's `share` samples at plan size m runs ceil(share / m) micro-batches: its
+    time is ceil(share / m) x the best forward + backward time of m, so per-micro-batch overheads
+    count. The largest plan within `_MARGIN` of the fastest wins: more timing noise than that.
+    """
+    seconds, fits = {r.micro_batch_size: r.seconds for r in result.rows}, set[int]()
+
+    def timed(sizes: list[int]) -> None:  # probe memory of new sizes, then time the fitting
+        nonlocal result
+        if new := [s for s in sizes if s not in seconds]:
+            result = _probe_more(result, new, lambda sizes: measure(sizes, 1))
+            seconds.update({r.micro_batch_size: r.seconds for r in result.rows} | seconds)
+        fits.update(r.micro_batch_size for r in result.rows if r.memory_bytes <= limit)
+        for size, best in time_sizes([s for s in sizes if s in fits]).items():
+            seconds[size] = min(seconds[size], best)
+
+    def step_s(size: int) -> float:
+        return math.ceil(share / size) * seconds[size]
+
+    def plan_size(size: int) -> int:  # plan() spreads evenly: 138 on 256 runs as 2 x 128
+        return math.ceil(share / math.ceil(share / size))
+
+    def choose() -> tuple[int, list[int], float]:  # the largest plan within the margin
+        plans = [s for s in fits if s == plan_size(s) and s <= largest]
+        fastest = min(step_s(s) for s in plans)
+        return max(s for s in plans if step_s(s) <= (1 + _MARGIN) * fastest), plans, fastest
+
+    timed(sorted({plan_size(s) for s in _geometric(1, largest)}))
+    best = choose()[0]  # then time it again with the plans around it, interleaved
+    timed(sorted({plan_size(max(1, min(largest, round(best * f)))) for f in (0.71, 1, 1.41)}))
+    chosen, plans, fastest = choose()
+    rows = [replace(r, seconds=seconds[r.micro_batch_size]) for r in result.rows]
+    rows = [replace(r, samples_per_s=r.micro_batch_size / max(r.seconds, 1e-9)) for r in rows]
+    result = replace(result, rows=rows)
     reason = (
-        f"best measured throughput {best.samples_per_s:.1f} samples/s among the "
-        f"{len(feasible)} sizes that fit (largest that fits: {largest})"
+        f"best step throughput {share / step_s(chosen):.1f} samples/s, "
+        f"{math.ceil(share / chosen)} micro-batches x {seconds[chosen] * 1e3:.3g} ms for the "
+        f"rank's {share} samples: the largest of {len(plans)} plans timed within {_MARGIN:.0%} "
+        f"of the fastest ({share / fastest:.1f} samples/s; largest that fits: {largest})"
     )
-    return result, best.micro_batch_size, reason
+    return result, chosen, reason
 
 
 def _geometric(start: int, stop: int) -> list[int]:
     """start, 2 start, 4 start, ... up to stop, and stop itself."""
-    sizes, size = [], start
-    while size < stop:
-        sizes.append(size)
-        size *= 2
-    return sizes + [stop]
+    count = max(0, math.ceil(math.log2(stop / start)))  # exact for powers of two
+    return [start * 2**i for i in range(count)] + [stop]
 
 
 def _resolve_budget(
@@ -202,13 +267,8 @@ def _resolve_budget(
         held += [v for state in optimizer.state.values() for v in state.values()]
     resident = tensor_bytes([t for t in held if isinstance(t, torch.Tensor) and t.is_cuda])
     budget = int(0.9 * (free + resident))
-    logger.info(
-        "memory_budget %s = 90%% of (free %s + held by the model %s) on %s",
-        format_bytes(budget),
-        format_bytes(free),
-        format_bytes(resident),
-        device,
-    )
+    sizes = (format_bytes(budget), format_bytes(free), format_bytes(resident))
+    logger.info("memory_budget %s = 90%% of (free %s + held by the model %s) on %s", *sizes, device)
     return budget
 
 
@@ -242,8 +302,10 @@ def choose_micro_batch_size(
 
     With ``optimize="memory"`` the largest size whose predicted memory x (1 + headroom) fits the
     budget; it is then measured, and the choice backs off if the measurement does not fit. With
-    ``"throughput"`` more sizes up to that one are probed and the fastest measured one wins.
-    Never above max_micro_batch_size (the rank's share of the global batch).
+    ``"throughput"`` the plans (micro-batch counts) at powers of two up to that size and around
+    the fastest are timed, per step of the rank's max_micro_batch_size samples, in interleaved
+    rounds; the largest plan within 3% of the fastest wins. Never above max_micro_batch_size
+    (the rank's share of the global batch).
 
     Raises:
         ValueError: no budget on a device without an allocator, or micro_batch_size 1 does not
@@ -261,18 +323,22 @@ def choose_micro_batch_size(
     budget = _resolve_budget(memory_budget_bytes, device, module, optimizer)
     limit = budget / (1 + headroom)
 
-    def measure(sizes: list[int]) -> MemoryProbe:
+    def measure(sizes: list[int], repeat: int = repetitions) -> MemoryProbe:
         return probe(
             module, loss_fn, make_batch, sizes, optimizer=optimizer, device=device,
-            repetitions=repetitions, autocast_dtype=autocast_dtype,
+            repetitions=repeat, autocast_dtype=autocast_dtype,
         )  # fmt: skip
+
+    time_sizes = functools.partial(
+        _timed, module, loss_fn, make_batch, device=device, autocast_dtype=autocast_dtype
+    )
 
     result = measure(_geometric(1, min(max_size, 2 ** (_FIRST_SIZES - 1))))
     if result.rows[0].micro_batch_size != 1 or result.rows[0].memory_bytes > limit:
         raise ValueError(_too_small(result, budget, headroom))
     result, chosen = _largest_measured(result, limit, max_size, measure)
     if optimize == "throughput":
-        result, chosen, reason = _fastest(result, chosen, limit, measure)
+        result, chosen, reason = _fastest(result, chosen, max_size, limit, measure, time_sizes)
     elif chosen == max_size:
         reason = f"capped by max_micro_batch_size {max_size} (the rank's share of the global batch)"
     else:
