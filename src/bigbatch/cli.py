@@ -236,10 +236,14 @@ def _setup_logging(command: str) -> None:
     """bigbatch's log lines (the plan, derived numbers) on stderr: INFO for train on rank 0."""
     level = logging.INFO if command == "train" and _rank() == 0 else logging.WARNING
     package = logging.getLogger("bigbatch")
-    if not package.handlers:
+    handler = next((h for h in package.handlers if h.get_name() == __name__), None)
+    if not isinstance(handler, logging.StreamHandler):
         handler = logging.StreamHandler(sys.stderr)
+        handler.set_name(__name__)
         handler.setFormatter(logging.Formatter("%(message)s"))
         package.addHandler(handler)
+    # main() may run many times in one process (tests, notebooks): write to today's stderr.
+    handler.stream = sys.stderr
     package.setLevel(level)
 
 
