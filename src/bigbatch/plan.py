@@ -250,6 +250,16 @@ def scale_learning_rate(
     return base_lr
 
 
+def stage_at(stages: Sequence[tuple[int, int]], step: int) -> int:
+    """The value of the last ``(start_step, value)`` stage that has started by ``step``."""
+    value = stages[0][1]
+    for start, stage_value in stages:
+        if start > step:
+            break
+        value = stage_value
+    return value
+
+
 @dataclass(frozen=True)
 class BatchSizeSchedule:
     """A piecewise-constant global batch over optimizer steps.
@@ -304,12 +314,7 @@ class BatchSizeSchedule:
 
     def at(self, step: int) -> int:
         """The global batch size of (0-based) optimizer step ``step``."""
-        size = self.stages[0][1]
-        for start, stage_size in self.stages:
-            if start > step:
-                break
-            size = stage_size
-        return size
+        return stage_at(self.stages, step)
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-able form: ``{"stages": [[step, global_batch_size], ...]}``."""

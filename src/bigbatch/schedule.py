@@ -17,7 +17,7 @@ from typing import Any
 from bigbatch.config import Config
 from bigbatch.data import GlobalBatchSampler, count_steps
 from bigbatch.noise import NoiseScale
-from bigbatch.plan import BatchSizeSchedule, Plan, plan, scale_learning_rate
+from bigbatch.plan import BatchSizeSchedule, Plan, plan, scale_learning_rate, stage_at
 
 logger = logging.getLogger(__name__)
 
@@ -146,12 +146,7 @@ class AdaptiveBatchSize:
 
     def at(self, step: int) -> int:
         """The global batch of a 0-based step."""
-        size = self.stages[0][1]
-        for start, stage_size in self.stages:
-            if start > step:
-                break
-            size = stage_size
-        return size
+        return stage_at(self.stages, step)
 
     def target(self, critical_batch_size: float) -> int:
         """The critical batch size clamped to the bounds and rounded to the granularity."""
