@@ -168,7 +168,7 @@ class ArmResult:
         return int(self.train[-1]["global_batch_size"])
 
 
-def build_config(task: Task, arm: str) -> Any:
+def build_config(task: Task, arm: str, *, smoothing_steps: int = 50, adapt_every: int = 10) -> Any:
     """The run's Config from `--set` strings, as the CLI builds it (recipe defaults come in fit)."""
     size = {"small": task.small, "large": task.large, "adaptive": task.small}[arm]
     overrides = [
@@ -182,7 +182,7 @@ def build_config(task: Task, arm: str) -> Any:
         "lr_scaling.rule=sqrt",
         f"lr_scaling.base_batch_size={task.small}",
         "noise_scale=true",
-        "noise_smoothing_steps=20",
+        f"noise_smoothing_steps={smoothing_steps}",
         f"eval_every={task.eval_every(arm)}",
         "checkpoint_every=0",
         "device=cpu",
@@ -193,16 +193,16 @@ def build_config(task: Task, arm: str) -> Any:
             "batch_size_schedule=adaptive",
             f"min_global_batch_size={task.small}",
             f"max_global_batch_size={task.large}",
-            "adapt_every=10",
+            f"adapt_every={adapt_every}",
         ]
     return load_config(None, overrides)
 
 
-def run_arm(task: Task, arm: str, out_root: Path) -> ArmResult:
+def run_arm(task: Task, arm: str, out_root: Path, **settings: int) -> ArmResult:
     """One `bigbatch.fit` (progress bar off) and its metrics.jsonl."""
     out_dir = out_root / f"{task.recipe}-{arm}"
     start = time.perf_counter()
-    bigbatch.fit(build_config(task, arm), out_dir=out_dir, progress=False)
+    bigbatch.fit(build_config(task, arm, **settings), out_dir=out_dir, progress=False)
     time_s = time.perf_counter() - start
     records = read_metrics(out_dir / "metrics.jsonl")
     train, evals, samples, items = [], [], 0, 0
@@ -473,6 +473,10 @@ def main() -> None:
     )
     parser.add_argument("--smoke", action="store_true", help="a few steps of each path (CI)")
     parser.add_argument("--skip-overhead", action="store_true", help="training runs only")
+    parser.add_argument(
+        "--smoothing-steps", type=int, default=50, help="noise_smoothing_steps of every run"
+    )
+    parser.add_argument("--adapt-every", type=int, default=10, help="adaptive: adapt_every")
     args = parser.parse_args()
     # One thread: on the shared 2-core machine two threads per process oversubscribe the cores
     # and these small models ran about 5x slower; the figures compare runs, not threads.
@@ -483,7 +487,8 @@ def main() -> None:
     start = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="bigbatch-noise-") as out_root:
         tasks = SMOKE_TASKS if args.smoke else TASKS
-        arms = [run_arm(task, arm, Path(out_root)) for task in tasks for arm in ARMS]
+        settings = {"smoothing_steps": args.smoothing_steps, "adapt_every": args.adapt_every}
+        arms = [run_arm(task, arm, Path(out_root), **settings) for task in tasks for arm in ARMS]
         if args.smoke:  # the plot's code path, thrown away with the directory
             plot(arms, Path(out_root) / "noise_scale.png")
     train_s = time.perf_counter() - start
