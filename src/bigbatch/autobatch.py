@@ -177,12 +177,12 @@ def _timed(
     data = {size: batches.to_device(make_batch(size), device) for size in sizes}
     run = dict(exclude=set(), count=False, autocast_dtype=autocast_dtype, device_type=device.type)
     best = dict.fromkeys(sizes, math.inf)
-    with memory._preserved_state(module, device):
+    with memory.preserved_state(module, device):
         for _, size in itertools.product(range(_ROUNDS), sizes):
-            memory._sync(device)
+            memory.synchronize(device)
             start = clock()
-            memory._forward_backward(module, loss_fn, data[size], **run)  # type: ignore[arg-type]
-            memory._sync(device)
+            memory.forward_backward(module, loss_fn, data[size], **run)  # type: ignore[arg-type]
+            memory.synchronize(device)
             best[size] = min(best[size], clock() - start)
     return best
 

@@ -175,7 +175,7 @@ def _model_bytes(module: torch.nn.Module, optimizer: torch.optim.Optimizer | Non
 
 
 @contextlib.contextmanager
-def _preserved_state(module: torch.nn.Module, device: torch.device) -> Iterator[None]:
+def preserved_state(module: torch.nn.Module, device: torch.device) -> Iterator[None]:
     """Give back the gradients, buffers (BatchNorm running stats) and RNG states as they were."""
     grads = [(p, p.grad) for p in module.parameters()]
     buffers = [
@@ -202,7 +202,7 @@ def _preserved_state(module: torch.nn.Module, device: torch.device) -> Iterator[
         np.random.set_state(numpy_state)
 
 
-def _forward_backward(
+def forward_backward(
     module: torch.nn.Module,
     loss_fn: LossFn,
     batch: Batch,
@@ -238,7 +238,8 @@ def _forward_backward(
     return sum(seen.values())
 
 
-def _sync(device: torch.device) -> None:
+def synchronize(device: torch.device) -> None:
+    """Wait for the device so a timing covers the work (a no-op on CPU)."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
@@ -261,16 +262,16 @@ def _measure(
     if cuda:
         for parameter in module.parameters():
             parameter.grad = None
-        _sync(device)
+        synchronize(device)
         baseline = torch.cuda.memory_allocated(device)
         torch.cuda.reset_peak_memory_stats(device)
     batch = batches.to_device(make_batch(size), device)
     rows = batches.num_rows(batch)
     if rows != size:
         raise ValueError(f"make_batch({size}) returned a batch of {rows} rows, expected {size}")
-    saved = _forward_backward(module, loss_fn, batch, count=True, **run)  # type: ignore[arg-type]
+    saved = forward_backward(module, loss_fn, batch, count=True, **run)  # type: ignore[arg-type]
     if cuda:
-        _sync(device)
+        synchronize(device)
         # Gradients and activations appear in the peak; parameters and optimizer state were
         # already there (or not yet stepped), so they are added as counted.
         memory = model_bytes - tensor_bytes([p for p in module.parameters() if p.requires_grad])
@@ -279,10 +280,10 @@ def _measure(
         memory = model_bytes + saved
     times = []
     for _ in range(repetitions):
-        _sync(device)
+        synchronize(device)
         start = time.perf_counter()
-        _forward_backward(module, loss_fn, batch, count=False, **run)  # type: ignore[arg-type]
-        _sync(device)
+        forward_backward(module, loss_fn, batch, count=False, **run)  # type: ignore[arg-type]
+        synchronize(device)
         times.append(time.perf_counter() - start)
     best = max(min(times), 1e-9)
     return ProbeRow(size, int(memory), size / best, saved, best)
@@ -338,7 +339,7 @@ def probe(
     model_bytes = _model_bytes(module, optimizer)
     rows: list[ProbeRow] = []
     oom: int | None = None
-    with _preserved_state(module, device):
+    with preserved_state(module, device):
         for size in checked:
             try:
                 rows.append(
