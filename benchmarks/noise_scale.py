@@ -442,7 +442,7 @@ def plot(arms: Sequence[ArmResult], path: Path) -> None:
         loss_ax.set_title(f"{task}: eval loss (grey: target)")
         loss_ax.set_yscale("log")
         loss_ax.legend(fontsize="small")
-        batch_ax.set_title(f"{task}: global batch (solid) and measured B_crit (dashed), in items")
+        batch_ax.set_title(f"{task}: global batch (solid), measured B_crit (dashed), items")
         batch_ax.set_yscale("log", base=2)
         batch_ax.set_xlabel("samples seen")
         batch_ax.legend(fontsize="small")
