@@ -225,3 +225,42 @@ def test_adaptive_config_errors_name_the_field():
         validate(dict(batch_size_schedule="adaptive", max_steps=5, max_global_batch_size=8))
     assert validate(dict(batch_size_schedule="adaptive", epochs=1, max_global_batch_size=8))
     assert validate(dict(lr_scaling={"rule": "adascale"})).noise_scale
+
+
+def test_adascale_learning_rate_uses_the_base_batch_trace():
+    """tr S of AdaScale is the base batch's: the per-item trace over its items (formula)."""
+    from bigbatch.noise import NoiseScale
+    from bigbatch.schedule import BatchPlanner
+
+    config = validate(
+        dict(
+            global_batch_size=64,
+            micro_batch_size=8,
+            epochs=1,
+            lr_scaling={"rule": "adascale", "base_batch_size": 32},
+            lr_schedule="constant",
+        )
+    )
+    planner = BatchPlanner(config, 1, 1000, lambda: 8)
+    noise = NoiseScale(
+        critical_batch_size=50.0, gradient_sq_norm=2.0, trace_covariance=300.0, num_steps=9
+    )
+    items_per_sample = 3.0
+    lr = planner.learning_rate(0.1, 0, 10, 0, noise, items_per_sample)
+    base_trace = 300.0 / (32 * items_per_sample)
+    scale = 64 / 32
+    expected_gain = (base_trace + 2.0) / (base_trace / scale + 2.0)
+    assert lr == pytest.approx(
+        0.1 * expected_gain * lr_factor(0, 10, config.warmup_steps, "constant")
+    )
+
+
+def test_noise_scale_summary_compares_in_samples():
+    """B_crit is measured in loss items; the advice compares it with B in samples."""
+    from bigbatch.run import noise_scale_summary
+
+    summary = noise_scale_summary(300.0, 64, 3.0, adaptive=False)
+    assert summary["critical_batch_samples"] == pytest.approx(100.0)
+    advice = summary["sections"]["Gradient noise scale"]
+    assert "B_crit = 100 samples, 300 loss items" in advice
+    assert "B / B_crit = 0.64" in advice

@@ -63,7 +63,9 @@ class GradientNormTracker:
     def _record(self, gradient: torch.Tensor) -> None:
         if self._active:
             norm = torch.linalg.vector_norm(gradient, dtype=self._norm_dtype)
-            self._norms.append(norm.to(self.device, non_blocking=True))
+            if norm.device != self.device:  # a model spread over devices
+                norm = norm.to(self.device, non_blocking=True)
+            self._norms.append(norm)
 
     def begin_micro_step(self) -> None:
         """Start recording the gradients of the next backward."""
@@ -333,11 +335,11 @@ class NoiseScaleEstimator:
 class NoiseScaleMeter:
     """The engine's side of the measurement: three on-device sums per window, one update per step.
 
-    Per micro-step the tracker's squared norm of the backward's gradient (of ``c * loss_sum``)
-    turns into the micro-batch's item-mean squared norm times c^2; c, constant within a window, is
-    divided out once in `local_statistics`. The three sums (norms, 1 / items, count) are what
-    `estimates_from_sums` needs, so every rank's micro-batches count after one SUM all-reduce,
-    whatever the number of micro-batches of each rank.
+    Per micro-step the tracker's squared norm of the backward's gradient (of ``c * loss_sum``) is
+    kept with the micro-batch's item count; `local_statistics` turns them, once per window, into
+    item-mean squared norms (dividing out c, constant within a window). The three sums (norms,
+    1 / items, count) are what `estimates_from_sums` needs, so every rank's micro-batches count
+    after one SUM all-reduce, whatever the number of micro-batches of each rank.
     """
 
     def __init__(
@@ -345,33 +347,40 @@ class NoiseScaleMeter:
     ) -> None:
         self.tracker = GradientNormTracker(parameters)
         self.estimator = NoiseScaleEstimator(smoothing_steps)
-        self._sums = torch.zeros(3, dtype=torch.float64, device=self.tracker.device)
+        self._raw_sq_norms: list[torch.Tensor] = []
+        self._items: list[torch.Tensor] = []
 
     def begin_window(self) -> None:
         """Forget a previous (or failed) window."""
-        self._sums.zero_()
+        self._raw_sq_norms.clear()
+        self._items.clear()
 
     def begin_micro_step(self) -> None:
         self.tracker.begin_micro_step()
 
     def end_micro_step(self, num_items: torch.Tensor) -> None:
-        """Add this micro-batch (its item count a float64 tensor) to the window's sums."""
-        raw = self.tracker.end_micro_step()
-        has_items = num_items > 0
-        items = torch.where(has_items, num_items, torch.ones_like(num_items))
-        zero = torch.zeros_like(items)
-        self._sums += torch.stack(
-            [
-                torch.where(has_items, raw / items.square(), zero),
-                torch.where(has_items, 1.0 / items, zero),
-                has_items.to(torch.float64),
-            ]
-        )
+        """Keep this micro-batch's squared norm and item count (float64 tensors, no work yet)."""
+        self._raw_sq_norms.append(self.tracker.end_micro_step())
+        self._items.append(num_items)
 
     def local_statistics(self, loss_scale: float = 1.0) -> torch.Tensor:
-        """This rank's three sums, for loss sums backpropagated times ``loss_scale``."""
-        return self._sums * torch.tensor(
-            [1.0 / loss_scale**2, 1.0, 1.0], dtype=torch.float64, device=self._sums.device
+        """This rank's three sums, for loss sums backpropagated times ``loss_scale``.
+
+        Computed once per window, so the micro-steps pay only for the tracker's norms.
+        """
+        device = self.tracker.device
+        if not self._raw_sq_norms:
+            return torch.zeros(3, dtype=torch.float64, device=device)
+        raw, items = torch.stack(self._raw_sq_norms), torch.stack(self._items)
+        has_items = items > 0
+        safe_items = torch.where(has_items, items, torch.ones_like(items))
+        zero = torch.zeros_like(items)
+        return torch.stack(
+            [
+                torch.where(has_items, raw / safe_items.square(), zero).sum() / loss_scale**2,
+                torch.where(has_items, 1.0 / safe_items, zero).sum(),
+                has_items.to(torch.float64).sum(),
+            ]
         )
 
     def end_window(

@@ -59,7 +59,8 @@ def plot_run(metrics: list[dict[str, Any]], path: Path) -> Path | None:
     """Draw the run's curves into a PNG; None without matplotlib or without anything to draw.
 
     Panels, each only when its data is present: train and eval loss; eval accuracy; learning
-    rate; ``global_batch_size`` with ``critical_batch_size`` (the gradient-noise estimate).
+    rate; ``global_batch_size`` with ``critical_batch_samples`` (the gradient-noise estimate,
+    converted from loss items to samples so both are in the unit of the global batch).
     """
     try:
         from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -75,10 +76,10 @@ def plot_run(metrics: list[dict[str, Any]], path: Path) -> Path | None:
         ("eval accuracy", [(evals, "eval/accuracy", "eval")]),
         ("learning rate", [(train, "lr", "lr"), (train, "learning_rate", "lr")]),
         (
-            "batch size (items)",
+            "batch size (samples)",
             [
                 (train, "global_batch_size", "global batch size"),
-                (train, "critical_batch_size", "critical batch size (estimate)"),
+                (train, "critical_batch_samples", "critical batch size (estimate)"),
             ],
         ),
     ]
@@ -166,11 +167,12 @@ def format_summary(summary: Mapping[str, Any]) -> str:
             label = labels[key].removeprefix("final ")
             figures.append(f"{_format_value(key, summary[key])} {label}")
     lines = ["done: " + ", ".join(f for f in figures if f)]
-    if summary.get("critical_batch_size") is not None:
+    critical = summary.get("critical_batch_samples", summary.get("critical_batch_size"))
+    if critical is not None:
         global_batch = summary.get("final_global_batch_size", summary.get("global_batch_size"))
         lines.append(
-            f"critical batch size: {format_number(float(summary['critical_batch_size']))} items "
-            f"(global batch {global_batch}); see the report for what it means for this run"
+            f"critical batch size: about {float(critical):.0f} samples (global batch "
+            f"{global_batch}); see the report for what it means for this run"
         )
     for key in ("report", "run_dir"):
         if summary.get(key):

@@ -252,10 +252,43 @@ class EarlyWarning:
         self.fired = bool(state["fired"])
 
 
+def noise_scale_summary(
+    critical_batch_size: float | None,
+    global_batch_size: int,
+    items_per_sample: float,
+    *,
+    adaptive: bool,
+) -> dict[str, Any]:
+    """The run summary's noise-scale entries: the estimate and the advice as a report section."""
+    critical_samples = (
+        None if critical_batch_size is None else critical_batch_size / items_per_sample
+    )
+    advice = noise_scale_advice(
+        global_batch_size, critical_samples, adaptive=adaptive, items_per_sample=items_per_sample
+    )
+    if distributed.is_main_process():
+        logger.info("gradient noise scale: %s", " ".join(advice.split()))
+    summary: dict[str, Any] = {
+        "critical_batch_size": critical_batch_size,
+        "critical_batch_samples": critical_samples,
+        "sections": {"Gradient noise scale": advice},
+    }
+    if adaptive:
+        summary["final_global_batch_size"] = global_batch_size
+    return summary
+
+
 def noise_scale_advice(
-    global_batch_size: int, critical_batch_size: float | None, *, adaptive: bool = False
+    global_batch_size: int,
+    critical_batch_size: float | None,
+    *,
+    adaptive: bool = False,
+    items_per_sample: float = 1.0,
 ) -> str:
     """B versus the measured B_crit, its cost by McCandlish et al.'s model, and a recommendation.
+
+    Both in samples (the unit of the global batch); ``items_per_sample`` > 1 (tokens per
+    sequence) also states B_crit in the loss items it was measured in.
 
     Their model (arXiv:1812.06162): a run at global batch B needs about (1 + B_crit / B) x the
     minimum number of optimizer steps and (1 + B / B_crit) x the minimum number of items.
@@ -272,9 +305,14 @@ def noise_scale_advice(
     ratio = global_batch_size / critical_batch_size
     items, steps = 1.0 + ratio, 1.0 + 1.0 / ratio
     which = "last global batch" if adaptive else "global batch"
+    in_items = (
+        f" samples, {critical_batch_size * items_per_sample:.0f} loss items"
+        if items_per_sample != 1.0
+        else ""
+    )
     lines = [
         f"{which} B = {global_batch_size}, measured critical batch size B_crit = "
-        f"{critical_batch_size:.0f} (B / B_crit = {ratio:.2f}).",
+        f"{critical_batch_size:.0f}{in_items} (B / B_crit = {ratio:.2f}).",
         f"By McCandlish et al.'s model the run used about {items:.1f}x the minimum items and "
         f"{steps:.1f}x the minimum steps.",
     ]
@@ -315,8 +353,13 @@ def step_record(
     learning_rate: float,
     step_time_s: float,
     global_batch_size: int,
+    items_per_sample: float = 1.0,
 ) -> dict[str, Any]:
-    """The figures of one step for metrics.jsonl, TensorBoard and the progress bar."""
+    """The figures of one step for metrics.jsonl, TensorBoard and the progress bar.
+
+    The critical batch size is measured in loss items; ``critical_batch_samples`` divides it by
+    the run's items per sample, the unit of the global batch.
+    """
     record: dict[str, Any] = {
         "loss": result.loss,
         "lr": learning_rate,
@@ -332,7 +375,9 @@ def step_record(
         "epoch": window.epoch,
     }
     if result.noise_scale is not None:
-        record["critical_batch_size"] = result.noise_scale.critical_batch_size
+        critical = result.noise_scale.critical_batch_size
+        record["critical_batch_size"] = critical
+        record["critical_batch_samples"] = None if critical is None else critical / items_per_sample
         record["gradient_sq_norm"] = result.noise_scale.gradient_sq_norm
         record["trace_covariance"] = result.noise_scale.trace_covariance
     return record

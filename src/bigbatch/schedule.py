@@ -307,11 +307,13 @@ class BatchPlanner:
         total_steps: int,
         samples_before: int,
         noise: NoiseScale | None,
+        items_per_sample: float = 1.0,
     ) -> float:
         """base_lr x lr_scaling rule (or AdaScale's gain) x warm-up/decay, for one step.
 
         The adaptive schedule counts warm-up and decay in samples: warmup_steps x the first
-        global batch, and the run's epochs x the training set.
+        global batch, and the run's epochs x the training set. AdaScale's tr S is that of the
+        base batch's gradient: the per-item trace over the base batch's items.
         """
         config, global_batch_size = self.config, self.at(step)
         base = config.lr_scaling.base_batch_size
@@ -332,5 +334,6 @@ class BatchPlanner:
         gain = 1.0
         if noise is not None:
             scale = global_batch_size / base_batch_size
-            gain = adascale_gain(scale, noise.gradient_sq_norm, noise.trace_covariance)
+            base_items = base_batch_size * items_per_sample
+            gain = adascale_gain(scale, noise.gradient_sq_norm, noise.trace_covariance / base_items)
         return base_lr * gain * factor

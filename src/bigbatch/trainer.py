@@ -140,12 +140,17 @@ class Trainer:
         logger.info("micro_batch_size auto: %d (%s)", chosen[0], choice.reason)
         return int(chosen[0])
 
-    def _set_lr(self, step: int, total: int, samples_before: int) -> float:
+    def _set_lr(self, step: int, total: int, counters: dict[str, int]) -> float:
         """Every group's lr for this step: base x scaling rule x warm-up/decay."""
         noise = self.accumulator.noise_scale()
         for group in self.optimizer.param_groups:
             group["lr"] = self.batches.learning_rate(
-                group["initial_lr"], step, total, samples_before, noise
+                group["initial_lr"],
+                step,
+                total,
+                counters["samples_done"],
+                noise,
+                _items_per_sample(counters),
             )
         return float(self.optimizer.param_groups[0]["lr"])
 
@@ -175,7 +180,7 @@ class Trainer:
         )
         # Training draws (dropout, ...) from a stream of its own per rank, reproducible on resume.
         run.seed_everything(self.config.seed + 1_000_003 * self.rank)
-        counters = {"skipped_steps": 0, "nonfinite_in_row": 0, "samples_done": 0}
+        counters = {"skipped_steps": 0, "nonfinite_in_row": 0, "samples_done": 0, "items_done": 0}
         restored = self._restore(loader, counters) if resume else None
         total = self.batches.total_steps()
         if writes:
@@ -212,7 +217,7 @@ class Trainer:
             global_batch_size=self.first_global_batch_size,
             wall_time_s=time.perf_counter() - start_time,
             recipe=self.name,
-            extra=self._noise_scale_summary(loader.step),
+            extra=self._noise_scale_summary(loader.step, _items_per_sample(counters)),
         )
         if writes:
             self._finish_run_dir(summary)
@@ -234,12 +239,13 @@ class Trainer:
         try:
             while not self.batches.finished(loader.step, loader.sampler, total):
                 window = next(windows)
-                learning_rate = self._set_lr(window.step, total, counters["samples_done"])
+                learning_rate = self._set_lr(window.step, total, counters)
                 micro_batches = [batches.to_device(m, self.device) for m in window.micro_batches]
                 result = self.accumulator.step(micro_batches, self.loss_fn)
                 step_time_s, tick = time.perf_counter() - tick, time.perf_counter()
                 self._count(result, window.step, counters)
                 counters["samples_done"] += window.num_samples
+                counters["items_done"] += result.num_items
                 figures["samples"] += window.num_samples
                 figures["items"] += result.num_items
                 figures["time_s"] += step_time_s
@@ -253,13 +259,18 @@ class Trainer:
                         self.batch_size_at(window.step),
                     )
                 record = run.step_record(
-                    window, result, learning_rate, step_time_s, self.batch_size_at(window.step)
+                    window,
+                    result,
+                    learning_rate,
+                    step_time_s,
+                    self.batch_size_at(window.step),
+                    _items_per_sample(counters),
                 )
                 record["peak_memory_bytes"] = run.peak_memory_bytes(self.device)
                 record["skipped_steps"] = counters["skipped_steps"]
                 logger_.log_step(loader.step, record)
                 bar.update(loader.step, record)
-                changed = self._adapt(loader.step, result)
+                changed = self._adapt(loader.step, result, _items_per_sample(counters))
                 finished = self.batches.finished(loader.step, loader.sampler, total)
                 every_eval, every_save = self.config.eval_every, self.config.checkpoint_every
                 if not finished and every_eval and loader.step % every_eval == 0:
@@ -274,12 +285,21 @@ class Trainer:
         finally:
             windows.close()  # type: ignore[attr-defined]
 
-    def _adapt(self, steps_done: int, result: StepResult) -> bool:
-        """Adaptive schedule: let the controller decide; True when the global batch changed."""
+    def _adapt(self, steps_done: int, result: StepResult, items_per_sample: float) -> bool:
+        """Adaptive schedule: let the controller decide; True when the global batch changed.
+
+        The critical batch is measured in loss items and the global batch counts samples. No
+        decision before the estimate has smoothed over a quarter of its window (an early, noisy
+        estimate would move the batch only to move it back).
+        """
         adaptive, noise = self.batches.adaptive, result.noise_scale
-        if adaptive is None or noise is None:
+        if adaptive is None or noise is None or noise.critical_batch_size is None:
             return False
-        return adaptive.update(steps_done, noise.critical_batch_size) is not None
+        settled = max(self.config.adapt_every, self.config.noise_smoothing_steps // 4)
+        if noise.num_steps < settled:
+            return False
+        critical_samples = noise.critical_batch_size / items_per_sample
+        return adaptive.update(steps_done, critical_samples) is not None
 
     def _count(self, result: StepResult, step: int, counters: dict[str, int]) -> None:
         """Count skipped steps; stop after too many non-finite ones in a row (on_nonfinite stop)."""
@@ -358,24 +378,17 @@ class Trainer:
         logger.info("resumed from %s at step %d", found.path, found.step)
         return found.step
 
-    def _noise_scale_summary(self, steps: int) -> dict[str, Any]:
+    def _noise_scale_summary(self, steps: int, items_per_sample: float) -> dict[str, Any]:
         """B versus the measured critical batch, for the report and the printed summary."""
         noise = self.accumulator.noise_scale()
         if noise is None:
             return {}
-        global_batch_size = self.batch_size_at(max(0, steps - 1))
-        advice = run.noise_scale_advice(
-            global_batch_size, noise.critical_batch_size, adaptive=self.batches.adaptive is not None
+        return run.noise_scale_summary(
+            noise.critical_batch_size,
+            self.batch_size_at(max(0, steps - 1)),
+            items_per_sample,
+            adaptive=self.batches.adaptive is not None,
         )
-        if distributed.is_main_process():
-            logger.info("gradient noise scale: %s", " ".join(advice.split()))
-        extra: dict[str, Any] = {
-            "critical_batch_size": noise.critical_batch_size,
-            "sections": {"Gradient noise scale": advice},
-        }
-        if self.batches.adaptive is not None:
-            extra["final_global_batch_size"] = global_batch_size
-        return extra
 
     def _finish_run_dir(self, summary: RunSummary) -> None:
         assert self.run_dir is not None
@@ -383,6 +396,12 @@ class Trainer:
         records = run_metrics.read_metrics(self.run_dir / "metrics.jsonl")
         plot = run_report.plot_run(records, self.run_dir / run.PLOT_FILE)
         run_report.write_report(self.run_dir, summary.to_dict(), records, plot)
+
+
+def _items_per_sample(counters: dict[str, int]) -> float:
+    """Loss items per sample so far (tokens per sequence, 1 for a per-sample loss)."""
+    samples = counters["samples_done"]
+    return counters["items_done"] / samples if samples and counters["items_done"] else 1.0
 
 
 def fit(
