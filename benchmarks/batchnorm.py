@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import platform
 import tempfile
 import time
@@ -152,6 +153,18 @@ def plot(cells: list[Cell], path: Path) -> None:
     plt.close(figure)
 
 
+def machine() -> str:
+    """The CPU model and core count, e.g. "AMD EPYC, 2 cores" (the platform name elsewhere)."""
+    name = platform.processor() or platform.machine()
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.exists():
+        models = [
+            line for line in cpuinfo.read_text().splitlines() if line.startswith("model name")
+        ]
+        name = models[0].split(":", 1)[1].strip() if models else name
+    return f"{name}, {os.cpu_count()} cores"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawTextHelpFormatter
@@ -196,7 +209,7 @@ def main() -> None:
         f"`{RECIPE}`, global batch {GLOBAL_BATCH_SIZE}, {steps} optimizer steps, AdamW lr "
         f"{args.lr:g}, seed {args.seed}, test accuracy on the 360 held-out digits every "
         f"{eval_every} steps; `sync` needs DDP on GPUs and is not run. {len(cells)} runs in "
-        f"{total_s:.0f} s on {platform.processor() or platform.machine()}, "
+        f"{total_s:.0f} s on {machine()}, "
         f"{torch.get_num_threads()} thread, torch {torch.__version__}."
     )
     print(text)
