@@ -17,7 +17,16 @@ import time
 from pathlib import Path
 
 HERE = Path(__file__).parent
-SCRIPTS = ("overhead", "alternatives", "ddp", "memory", "plan_quality", "gpu")
+SCRIPTS = (
+    "overhead",
+    "alternatives",
+    "ddp",
+    "memory",
+    "plan_quality",
+    "gpu",
+    "batchnorm",
+    "noise_scale",
+)
 
 
 def main() -> int:

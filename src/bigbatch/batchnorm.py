@@ -44,12 +44,17 @@ def warn_small_micro_batches(
 ) -> bool:
     """Warn once per model when its BatchNorm layers see micro-batches below ``threshold``.
 
-    The warning (a UserWarning and a log record) names the layers and the `batchnorm` options.
+    The warning (a UserWarning: the user can act on it) names the layers and the `batchnorm`
+    options. Layers held by the `freeze` policy do not count: they use no batch statistics.
 
     Returns:
         True when this call warned.
     """
-    names = find_batchnorm(model)
+    names = [
+        name
+        for name, module in model.named_modules()
+        if isinstance(module, _BatchNorm) and not is_frozen(module)
+    ]
     if not names or micro_batch_size >= threshold or getattr(model, _WARNED_ATTRIBUTE, False):
         return False
     object.__setattr__(model, _WARNED_ATTRIBUTE, True)  # a plain flag, not a module attribute
@@ -58,12 +63,20 @@ def warn_small_micro_batches(
     message = (
         f"{len(names)} BatchNorm layer(s) ({shown}) normalise with micro-batches of "
         f"{micro_batch_size} < {threshold} items, not with the global batch: accumulation is not "
-        f"equivalent to one big batch and small micro-batches make training unstable. Choose a "
-        f"batchnorm policy:\n{options}"
+        "equivalent to one big batch, and small micro-batches can make training unstable, above "
+        "all where BatchNorm sees few values per channel (BatchNorm1d); see docs/batchnorm.md. "
+        f"Choose a batchnorm policy:\n{options}"
     )
-    logger.warning(message)
     warnings.warn(message, UserWarning, stacklevel=2)
     return True
+
+
+def mark_warned(model: torch.nn.Module) -> None:
+    """Count the model (and copies made from it afterwards) as told: no small-micro-batch warning.
+
+    For tools that report BatchNorm themselves, such as `bigbatch verify`.
+    """
+    object.__setattr__(model, _WARNED_ATTRIBUTE, True)
 
 
 def is_frozen(module: torch.nn.Module) -> bool:

@@ -226,6 +226,7 @@ def verify(
     model = copy.deepcopy(recipe.model).double().train()
     if batchnorm in ("freeze", "groupnorm"):
         model = batchnorm_policies.apply_policy(model, batchnorm)  # type: ignore[arg-type]
+    batchnorm_policies.mark_warned(model)  # the report names BatchNorm layers itself
     collate = recipe.collate_fn or default_collate
     splits = _splits(global_batch_size, micro_batch_size)
     errors = dict.fromkeys(splits, 0.0)
