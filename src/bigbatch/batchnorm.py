@@ -16,14 +16,14 @@ from typing import Any, Literal
 import torch
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from bigbatch import distributed
+from bigbatch import distributed, syncnorm
 
 logger = logging.getLogger(__name__)
 
 Policy = Literal["keep", "sync", "freeze", "groupnorm", "window"]
 POLICIES: dict[str, str] = {
     "keep": "leave BatchNorm as it is: it normalises with each micro-batch's statistics",
-    "sync": "SyncBatchNorm: statistics of the micro-batches of every rank at once (DDP only)",
+    "sync": "statistics of the same micro-step over every rank at once (DDP; gloo on CPU too)",
     "freeze": "normalise with the running statistics (eval mode); the affine parameters train",
     "groupnorm": "replace BatchNorm by GroupNorm, which needs no batch statistics at all",
     "window": "running statistics updated once per step from the whole global batch",
@@ -143,7 +143,13 @@ def _to_groupnorm(module: torch.nn.Module, prefix: str = "") -> torch.nn.Module:
     return module
 
 
-def apply_policy(model: torch.nn.Module, policy: Policy, *, world_size: int = 1) -> torch.nn.Module:
+def apply_policy(
+    model: torch.nn.Module,
+    policy: Policy,
+    *,
+    world_size: int = 1,
+    device_type: str | None = None,
+) -> torch.nn.Module:
     """Apply a `batchnorm` policy; call before DDP wrapping and before building the optimizer.
 
     Args:
@@ -151,6 +157,8 @@ def apply_policy(model: torch.nn.Module, policy: Policy, *, world_size: int = 1)
         policy: one of ``keep``, ``sync``, ``freeze``, ``groupnorm``, ``window`` (see `POLICIES`);
             ``window`` also needs a `WindowBatchNormStatistics` in the training loop.
         world_size: number of ranks; ``sync`` has no effect with 1.
+        device_type: where the model will train (default: cuda when available): ``sync`` uses
+            torch's SyncBatchNorm on CUDA and `bigbatch.syncnorm.CrossRankBatchNorm` elsewhere.
 
     Returns:
         The model to train: the same object, except for ``sync`` and a model that is itself a
@@ -188,13 +196,12 @@ def apply_policy(model: torch.nn.Module, policy: Policy, *, world_size: int = 1)
             stacklevel=2,
         )
         return model
-    # torch's SyncBatchNorm reduces only GPU (or XPU, HPU) tensors: fail now, not mid-training.
-    if all(p.device.type == "cpu" for p in model.parameters()) and not torch.cuda.is_available():
-        raise ValueError(
-            "batchnorm='sync' needs GPUs: torch's SyncBatchNorm does not run on CPU; use "
-            "batchnorm='window' (statistics pooled over ranks per step) or 'groupnorm'"
-        )
-    return torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    if device_type is None:
+        device_type = "cuda" if torch.cuda.is_available() else "cpu"
+    if device_type == "cuda":
+        return torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    # torch's SyncBatchNorm reduces only GPU tensors: the same statistics over gloo, in torch ops.
+    return syncnorm.convert(model)
 
 
 class WindowBatchNormStatistics:

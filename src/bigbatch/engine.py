@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 
-from bigbatch import batches, distributed, recovery
+from bigbatch import batches, distributed, recovery, syncnorm
 from bigbatch import batchnorm as batchnorm_policies
 from bigbatch.loss import LossFn, invalid_count, read_loss_output
 from bigbatch.noise import NoiseScale, NoiseScaleMeter
@@ -130,6 +130,8 @@ class Accumulator:
             if batchnorm == "window"
             else None
         )
+        # Forwards that run collectives (cross-rank BatchNorm) must run on every rank, empty or not.
+        self._forward_empty = self._is_ddp and syncnorm.has_cross_rank_layers(model)
         self._noise = (
             NoiseScaleMeter(self._parameters, noise_smoothing_steps)
             if measure_noise_scale
@@ -207,7 +209,7 @@ class Accumulator:
         last = len(micro_batches) - 1
         for index, micro_batch in enumerate(micro_batches):
             rows = batches.num_rows(micro_batch)
-            if rows == 0 and not (self._is_ddp and index == last):
+            if rows == 0 and not (self._forward_empty or (self._is_ddp and index == last)):
                 continue
             in_backward = False
             try:

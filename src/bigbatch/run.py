@@ -337,12 +337,19 @@ def noise_scale_advice(
     return "\n\n".join(lines)
 
 
-def apply_batchnorm_policy(model: torch.nn.Module, policy: str, world_size: int) -> torch.nn.Module:
+def apply_batchnorm_policy(
+    model: torch.nn.Module, policy: str, world_size: int, device_type: str
+) -> torch.nn.Module:
     """`batchnorm.apply_policy` once per model: `fit` applies it before building the optimizer,
     the Trainer (for a model given directly) before DDP wrapping; a second call does nothing."""
     if getattr(distributed.unwrap(model), _POLICY_MARK, None) == policy:
         return model
-    model = batchnorm_policies.apply_policy(model, policy, world_size=world_size)  # type: ignore[arg-type]
+    model = batchnorm_policies.apply_policy(
+        model,
+        policy,  # type: ignore[arg-type]
+        world_size=world_size,
+        device_type=device_type,
+    )
     object.__setattr__(distributed.unwrap(model), _POLICY_MARK, policy)
     return model
 

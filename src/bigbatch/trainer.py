@@ -90,7 +90,9 @@ class Trainer:
         self.progress, self.name = progress, name
         self.rank, self.world_size = distributed.get_rank(), distributed.get_world_size()
         self.device = run.resolve_device(config.device)
-        model = run.apply_batchnorm_policy(model, config.batchnorm, self.world_size)
+        model = run.apply_batchnorm_policy(
+            model, config.batchnorm, self.world_size, self.device.type
+        )
         self.module = distributed.unwrap(model).to(self.device)
         self.model: torch.nn.Module = model if distributed.is_ddp(model) else self.module
         if self.world_size > 1 and not distributed.is_ddp(model):
@@ -428,7 +430,8 @@ def fit(
             dist.broadcast_object_list(name, src=0)  # every rank writes to / reads from one place
         out_dir = Path(name[0])
     world_size = distributed.get_world_size()
-    model = run.apply_batchnorm_policy(recipe.model, config.batchnorm, world_size)
+    device_type = run.resolve_device(config.device).type
+    model = run.apply_batchnorm_policy(recipe.model, config.batchnorm, world_size, device_type)
     optimizer = run.build_optimizer(recipe.optimizer, model, config.lr, config.weight_decay)
     trainer = Trainer(
         model,
