@@ -11,12 +11,12 @@ Accelerate and Lightning are optional (`pip install -e '.[bench]'`); a missing o
 
 from __future__ import annotations
 
-import argparse
 import copy
 import importlib.util
 import logging
 import math
 import statistics
+import sys
 import time
 import warnings
 from collections.abc import Callable
@@ -27,7 +27,9 @@ import torch.nn.functional as F
 
 import bigbatch
 
-RESULTS = Path(__file__).parent / "results"
+sys.path.insert(0, str(Path(__file__).parent))  # `common`, also when loaded by path
+from common import argument_parser, publish, pyplot, save_figure  # noqa: E402
+
 VOCAB = 64
 IGNORE = -100
 Batch = tuple[torch.Tensor, torch.Tensor]
@@ -260,10 +262,7 @@ def step_times(window: list[Batch], repeats: int) -> dict[str, float | None]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawTextHelpFormatter
-    )
-    parser.add_argument("--smoke", action="store_true", help="tiny sizes (CI)")
+    parser = argument_parser(__doc__, "tiny sizes (CI)")
     args = parser.parse_args()
     for name in ("pytorch_lightning", "lightning", "lightning.pytorch", "lightning_fabric"):
         logging.getLogger(name).setLevel(logging.ERROR)
@@ -294,22 +293,11 @@ def main() -> None:
         f"tokens per micro-batch: {tokens}. Errors in float64 against one full-batch gradient; "
         f"step times in float32, median of {repeats} interleaved rounds, torch {torch.__version__}."
     )
-    print(table)
-    print()
-    print(note)
-    if args.smoke:
-        return
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "alternatives.md").write_text(f"{table}\n\n{note}\n")
-    plot(errors, RESULTS / "alternatives.png")
+    publish("alternatives", table, note, smoke=args.smoke, plot=lambda path: plot(errors, path))
 
 
 def plot(errors: dict[str, tuple[float, float] | None], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     names = [name for name, error in errors.items() if error is not None]
     values = [max(errors[name][0], 1e-17) for name in names]  # type: ignore[index]
     figure, axis = plt.subplots(figsize=(7, 3))
@@ -320,9 +308,7 @@ def plot(errors: dict[str, tuple[float, float] | None], path: Path) -> None:
     for y, value in enumerate(values):
         axis.text(value, y, f" {value:.1e}", va="center")
     axis.set_xlim(1e-17, 10)
-    figure.tight_layout()
-    figure.savefig(path, dpi=120)
-    plt.close(figure)
+    save_figure(figure, path)
     assert math.isfinite(sum(values))
 
 

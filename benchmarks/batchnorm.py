@@ -13,10 +13,10 @@ few steps) reaches 95%. `sync` needs several processes on GPUs and is not run he
 
 from __future__ import annotations
 
-import argparse
 import logging
 import os
 import platform
+import sys
 import tempfile
 import time
 import warnings
@@ -29,7 +29,9 @@ import bigbatch
 from bigbatch.configfile import load_config
 from bigbatch.metrics import read_metrics
 
-RESULTS = Path(__file__).parent / "results"
+sys.path.insert(0, str(Path(__file__).parent))  # `common`, also when loaded by path
+from common import RESULTS, argument_parser, publish, pyplot, save_figure  # noqa: E402
+
 RECIPE = "digits-bn"
 GLOBAL_BATCH_SIZE = 256
 MICRO_BATCH_SIZES = (2, 4, 16, 64, 256)
@@ -126,11 +128,7 @@ def table(cells: list[Cell]) -> str:
 
 def plot(cells: list[Cell], path: Path) -> None:
     """Test accuracy vs step, one panel per micro-batch size, one line per policy."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     micros = sorted({cell.micro_batch_size for cell in cells})
     figure, axes = plt.subplots(
         1, len(micros), figsize=(2.9 * len(micros), 3.1), sharey=True, squeeze=False
@@ -148,9 +146,7 @@ def plot(cells: list[Cell], path: Path) -> None:
     axes[0].set_ylabel("test accuracy")
     axes[-1].legend(loc="lower right")
     figure.suptitle(f"{RECIPE}, global batch {GLOBAL_BATCH_SIZE}: batchnorm policy", fontsize=10)
-    figure.tight_layout()
-    figure.savefig(path, dpi=110)
-    plt.close(figure)
+    save_figure(figure, path, dpi=110)
 
 
 def machine() -> str:
@@ -166,10 +162,7 @@ def machine() -> str:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawTextHelpFormatter
-    )
-    parser.add_argument("--smoke", action="store_true", help="a few steps of 2 cells (CI)")
+    parser = argument_parser(__doc__, "a few steps of 2 cells (CI)")
     parser.add_argument("--steps", type=int, default=40, help="optimizer steps per cell")
     parser.add_argument("--lr", type=float, default=0.01, help="AdamW learning rate")
     parser.add_argument("--eval-every", type=int, default=2, help="steps between test evals")
@@ -212,14 +205,14 @@ def main() -> None:
         f"{total_s:.0f} s on {machine()}, "
         f"{torch.get_num_threads()} thread, torch {torch.__version__}."
     )
-    print(text)
-    print()
-    print(note)
-    if args.smoke:
-        return
-    args.results_dir.mkdir(parents=True, exist_ok=True)
-    (args.results_dir / "batchnorm.md").write_text(f"{text}\n\n{note}\n")
-    plot(cells, args.results_dir / "batchnorm.png")
+    publish(
+        "batchnorm",
+        text,
+        note,
+        smoke=args.smoke,
+        plot=lambda path: plot(cells, path),
+        results_dir=args.results_dir,
+    )
 
 
 if __name__ == "__main__":

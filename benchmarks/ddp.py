@@ -10,10 +10,10 @@ backward. bigbatch syncs once per optimizer step. All-reduces are counted with a
 
 from __future__ import annotations
 
-import argparse
 import os
 import socket
 import statistics
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -26,7 +26,9 @@ from torch.nn.parallel import DistributedDataParallel
 
 import bigbatch
 
-RESULTS = Path(__file__).parent / "results"
+sys.path.insert(0, str(Path(__file__).parent))  # `common`, also when loaded by path
+from common import argument_parser, publish, pyplot, save_figure  # noqa: E402
+
 WIDTH = 512
 
 
@@ -88,10 +90,7 @@ def _run(rank: int, world_size: int, port: int, ks: list[int], steps: int, out: 
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawTextHelpFormatter
-    )
-    parser.add_argument("--smoke", action="store_true")
+    parser = argument_parser(__doc__)
     args = parser.parse_args()
     ks, steps = ([1, 2], 2) if args.smoke else ([1, 4, 16], 10)
     with socket.socket() as s:
@@ -118,22 +117,11 @@ def main() -> None:
         f"{sum(p.numel() for p in mlp().parameters()) / 1e6:.2f}M parameters, micro-batch 16 per "
         f"rank, median of {steps} steps; one gradient bucket, all-reduces counted by a comm hook."
     )
-    print(table)
-    print()
-    print(note)
-    if args.smoke:
-        return
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "ddp.md").write_text(f"{table}\n\n{note}\n")
-    plot(results, ks, RESULTS / "ddp.png")
+    publish("ddp", table, note, smoke=args.smoke, plot=lambda path: plot(results, ks, path))
 
 
 def plot(results: dict, ks: list[int], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     figure, (left, right) = plt.subplots(1, 2, figsize=(9, 3.2))
     for method, colour in (("sync every micro-batch", "#c44"), ("bigbatch", "#4a4")):
         left.plot(ks, [results[(k, method)][0] for k in ks], "o-", color=colour, label=method)
@@ -145,9 +133,7 @@ def plot(results: dict, ks: list[int], path: Path) -> None:
     right.set_xlabel("accumulation steps k")
     right.set_ylabel("step time (ms)")
     left.legend()
-    figure.tight_layout()
-    figure.savefig(path, dpi=120)
-    plt.close(figure)
+    save_figure(figure, path)
 
 
 if __name__ == "__main__":

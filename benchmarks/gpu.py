@@ -15,7 +15,6 @@ Without a CUDA device (and without --smoke) it prints "no CUDA device: skipped" 
 
 from __future__ import annotations
 
-import argparse
 import copy
 import statistics
 import sys
@@ -28,7 +27,9 @@ import torch.nn.functional as F
 
 import bigbatch
 
-RESULTS = Path(__file__).parent / "results"
+sys.path.insert(0, str(Path(__file__).parent))  # `common`, also when loaded by path
+from common import argument_parser, publish, pyplot, save_figure  # noqa: E402
+
 # Dense bf16 tensor-core peak (no sparsity), by a substring of torch.cuda.get_device_name().
 PEAK_BF16_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12}
 
@@ -203,10 +204,7 @@ def run_fitting(config, args, device):
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawTextHelpFormatter
-    )
-    parser.add_argument("--smoke", action="store_true", help="tiny model, two steps (CI)")
+    parser = argument_parser(__doc__, "tiny model, two steps (CI)")
     parser.add_argument("--micro-batch-size", type=int, default=16)
     parser.add_argument("--accumulation", type=int, default=8)
     parser.add_argument("--context", type=int, default=1024, help="tokens per sequence")
@@ -259,22 +257,11 @@ def main() -> None:
             else "MFU needs the device's bf16 peak (--peak-tflops)."
         )
     )
-    print(table)
-    print()
-    print(note)
-    if args.smoke:
-        return
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "gpu.md").write_text(f"{table}\n\n{note}\n")
-    plot(figures, RESULTS / "gpu.png")
+    publish("gpu", table, note, smoke=args.smoke, plot=lambda path: plot(figures, path))
 
 
 def plot(figures: dict[str, tuple[float, float | None]], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     names = list(figures)
     figure, axis = plt.subplots(figsize=(7, 2.8))
     values = [figures[name][0] for name in names]
@@ -285,9 +272,7 @@ def plot(figures: dict[str, tuple[float, float | None]], path: Path) -> None:
         axis.text(tokens_per_s, y, label, va="center")
     axis.set_xlim(0, max(values) * 1.6)
     axis.set_xlabel("tokens / s (GPT-2 small, bf16)")
-    figure.tight_layout()
-    figure.savefig(path, dpi=120)
-    plt.close(figure)
+    save_figure(figure, path)
 
 
 if __name__ == "__main__":

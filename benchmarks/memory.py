@@ -12,9 +12,9 @@ CUDA it is the allocator's peak during the step. Activation memory should fall a
 
 from __future__ import annotations
 
-import argparse
 import copy
 import platform
+import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -29,7 +29,9 @@ from bigbatch import recipes
 from bigbatch.autobatch import format_bytes
 from bigbatch.memory import optimizer_state_bytes, probe
 
-RESULTS = Path(__file__).parent / "results"
+sys.path.insert(0, str(Path(__file__).parent))  # `common`, also when loaded by path
+from common import argument_parser, publish, pyplot, save_figure  # noqa: E402
+
 RECIPES = ("digits", "tinylm")
 
 
@@ -202,11 +204,7 @@ def table(rows: list[Row], global_batch_size: int) -> str:
 
 
 def plot(rows: list[Row], global_batch_size: int, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     figure, (left, right) = plt.subplots(1, 2, figsize=(10, 3.6))
     for name, colour in zip(RECIPES, ("#36c", "#c63")):
         mine = [r for r in rows if r.recipe == name]
@@ -237,16 +235,11 @@ def plot(rows: list[Row], global_batch_size: int, path: Path) -> None:
     for axis in (left, right):
         axis.legend()
         axis.grid(alpha=0.3)
-    figure.tight_layout()
-    figure.savefig(path, dpi=120)
-    plt.close(figure)
+    save_figure(figure, path)
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawTextHelpFormatter
-    )
-    parser.add_argument("--smoke", action="store_true", help="tiny global batch (CI)")
+    parser = argument_parser(__doc__, "tiny global batch (CI)")
     parser.add_argument("--global-batch-size", type=int, default=256)
     args = parser.parse_args()
     global_batch_size = 8 if args.smoke else args.global_batch_size
@@ -266,14 +259,13 @@ def main() -> None:
         "micro-batch can need less than micro / global of the full batch's activations. "
         f"{platform.machine()}, torch {torch.__version__}."
     )
-    print(text)
-    print()
-    print(note)
-    if args.smoke:
-        return
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "memory.md").write_text(f"{text}\n\n{note}\n")
-    plot(rows, global_batch_size, RESULTS / "memory.png")
+    publish(
+        "memory",
+        text,
+        note,
+        smoke=args.smoke,
+        plot=lambda path: plot(rows, global_batch_size, path),
+    )
 
 
 if __name__ == "__main__":

@@ -14,13 +14,13 @@ at micro-batch >= 16).
 
 from __future__ import annotations
 
-import argparse
 import copy
 import logging
 import math
 import os
 import platform
 import statistics
+import sys
 import tempfile
 import time
 import warnings
@@ -42,7 +42,9 @@ try:  # the config loading functions moved from config.py to configfile.py
 except ImportError:  # pragma: no cover - an older tree
     from bigbatch.config import load_config  # type: ignore[attr-defined,no-redef]
 
-RESULTS = Path(__file__).parent / "results"
+sys.path.insert(0, str(Path(__file__).parent))  # `common`, also when loaded by path
+from common import argument_parser, publish  # noqa: E402
+
 ARMS = ("small", "large", "adaptive")
 OVERHEAD_TARGET = 1.03
 
@@ -468,10 +470,7 @@ def machine() -> str:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawTextHelpFormatter
-    )
-    parser.add_argument("--smoke", action="store_true", help="a few steps of each path (CI)")
+    parser = argument_parser(__doc__, "a few steps of each path (CI)")
     parser.add_argument("--skip-overhead", action="store_true", help="training runs only")
     parser.add_argument(
         "--smoothing-steps", type=int, default=50, help="noise_smoothing_steps of every run"
@@ -504,12 +503,7 @@ def main() -> None:
             f"{len(arms)} runs in {train_s:.0f} s, {total_s:.0f} s in all, on {where}.",
         ]
     )
-    print(text)
-    if args.smoke:
-        return
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "noise_scale.md").write_text(text + "\n")
-    plot(arms, RESULTS / "noise_scale.png")
+    publish("noise_scale", text, smoke=args.smoke, plot=lambda path: plot(arms, path))
 
 
 if __name__ == "__main__":

@@ -9,19 +9,17 @@ micro-batches, interleaved steps, median of per-pair time ratios. Target: ratio 
 
 from __future__ import annotations
 
-import argparse
+import sys
 from pathlib import Path
 
 from bigbatch.bench import format_rows, measure_overhead
 
-RESULTS = Path(__file__).parent / "results"
+sys.path.insert(0, str(Path(__file__).parent))  # `common`, also when loaded by path
+from common import argument_parser, publish  # noqa: E402
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawTextHelpFormatter
-    )
-    parser.add_argument("--smoke", action="store_true", help="a few steps only (CI)")
+    parser = argument_parser(__doc__, "a few steps only (CI)")
     parser.add_argument("--steps", type=int, default=40)
     parser.add_argument("--micro-batch-size", type=int, default=32)
     parser.add_argument("--accumulation", type=int, default=8)
@@ -34,10 +32,7 @@ def main() -> None:
         gradient_accumulation_steps=args.accumulation,
     )
     table = format_rows([row])
-    print(table)
-    if not args.smoke:
-        RESULTS.mkdir(exist_ok=True)
-        (RESULTS / "overhead.md").write_text(table + "\n")
+    publish("overhead", table, smoke=args.smoke)
 
 
 if __name__ == "__main__":

@@ -13,12 +13,12 @@ samples/s >= 0.95 of the best; and the probe's cost as a share of a 1,000-step r
 
 from __future__ import annotations
 
-import argparse
 import copy
 import math
 import platform
 import random
 import statistics
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
@@ -31,7 +31,9 @@ import bigbatch
 from bigbatch import recipes
 from bigbatch.autobatch import choose_micro_batch_size, format_bytes, parse_memory_size
 
-RESULTS = Path(__file__).parent / "results"
+sys.path.insert(0, str(Path(__file__).parent))  # `common`, also when loaded by path
+from common import argument_parser, publish, pyplot, save_figure  # noqa: E402
+
 # A budget under the full batch's need, so the memory cap binds (see memory.md for the bytes).
 BUDGETS = {"digits": "4MiB", "tinylm": "12MiB"}
 HEADROOM = 0.1
@@ -184,11 +186,7 @@ def table(results: list[Result]) -> str:
 
 
 def plot(results: list[Result], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     figure, axes = plt.subplots(1, len(results), figsize=(5 * len(results), 3.6), squeeze=False)
     for axis, r in zip(axes[0], results):
         micros = sorted(r.samples_per_s)
@@ -205,16 +203,11 @@ def plot(results: list[Result], path: Path) -> None:
         axis.set_title(f"{r.recipe}: global batch {r.global_batch_size}, budget {r.memory_budget}")
         axis.grid(alpha=0.3)
         axis.legend(fontsize=8)
-    figure.tight_layout()
-    figure.savefig(path, dpi=120)
-    plt.close(figure)
+    save_figure(figure, path)
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawTextHelpFormatter
-    )
-    parser.add_argument("--smoke", action="store_true", help="tiny global batch, one round (CI)")
+    parser = argument_parser(__doc__, "tiny global batch, one round (CI)")
     parser.add_argument("--global-batch-size", type=int, default=256)
     parser.add_argument("--rounds", type=int, default=7, help="timed rounds per plan")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (stable timing)")
@@ -241,14 +234,7 @@ def main() -> None:
         for r in results
     )
     note += "\n\n" + curves
-    print(text)
-    print()
-    print(note)
-    if args.smoke:
-        return
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "plan_quality.md").write_text(f"{text}\n\n{note}\n")
-    plot(results, RESULTS / "plan_quality.png")
+    publish("plan_quality", text, note, smoke=args.smoke, plot=lambda path: plot(results, path))
 
 
 if __name__ == "__main__":
