@@ -29,7 +29,7 @@ import bigbatch
 sys.path.insert(0, str(Path(__file__).parent))  # `common`, also when loaded by path
 from common import argument_parser, publish, pyplot, save_figure  # noqa: E402
 
-WIDTH = 512
+WIDTH = 1024
 
 
 def mlp() -> torch.nn.Module:
