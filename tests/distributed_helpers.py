@@ -30,7 +30,9 @@ def _worker(
         LOCAL_RANK=str(rank),
     )
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=world_size)
+    # A file rendezvous: no port to pick and lose to another process between tests.
+    rendezvous = f"file://{os.path.join(out_dir, 'rendezvous')}"
+    dist.init_process_group("gloo", init_method=rendezvous, rank=rank, world_size=world_size)
     try:
         result = function(rank, world_size, *args)
         torch.save(result, os.path.join(out_dir, f"rank{rank}.pt"))

@@ -82,3 +82,22 @@ def token_mean_loss_fn(model: torch.nn.Module, batch: tuple[torch.Tensor, torch.
     tokens, labels = batch
     logits = model(tokens)
     return F.cross_entropy(logits.reshape(-1, VOCAB), labels.reshape(-1), ignore_index=IGNORE)
+
+
+def token_item_losses(model: torch.nn.Module, batch: tuple[torch.Tensor, torch.Tensor]):
+    """(per-token losses, 0/1 mask of the tokens that carry loss): the reference's form."""
+    tokens, labels = batch
+    return token_losses(model, tokens, labels), (labels != IGNORE).double()
+
+
+class IndexedRegression(torch.utils.data.Dataset):
+    """Regression samples that also return their index, to check which items a run used."""
+
+    def __init__(self, n: int) -> None:
+        self.x, self.y = regression_data(n)
+
+    def __len__(self) -> int:
+        return len(self.x)
+
+    def __getitem__(self, i: int):
+        return self.x[i], self.y[i], i

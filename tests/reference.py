@@ -40,3 +40,19 @@ def relative_error(actual: dict[str, torch.Tensor], expected: dict[str, torch.Te
     difference = sum(float((actual[k] - expected[k]).pow(2).sum()) for k in expected)
     norm = sum(float(expected[k].pow(2).sum()) for k in expected)
     return (difference / norm) ** 0.5
+
+
+def full_batch_sgd(
+    model: torch.nn.Module,
+    global_batches: list,
+    per_item_losses: Callable[[torch.nn.Module, object], tuple[torch.Tensor, torch.Tensor]],
+    lr: float,
+) -> dict[str, torch.Tensor]:
+    """Weights after plain SGD with one full-batch gradient per global batch, on a copy."""
+    model = copy.deepcopy(model)
+    for global_batch in global_batches:
+        gradients = full_batch_gradients(model, lambda m, b=global_batch: per_item_losses(m, b))
+        with torch.no_grad():
+            for name, parameter in model.named_parameters():
+                parameter -= lr * gradients[name]
+    return {name: p.detach().clone() for name, p in model.named_parameters()}

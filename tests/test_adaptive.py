@@ -88,15 +88,7 @@ def test_progress_in_samples_equals_steps_at_a_constant_batch(schedule):
         assert actual == pytest.approx(expected, rel=1e-12, abs=1e-15)
 
 
-class Indexed(torch.utils.data.Dataset):
-    def __init__(self, n):
-        self.x, self.y = models.regression_data(n)
-
-    def __len__(self):
-        return len(self.x)
-
-    def __getitem__(self, i):
-        return self.x[i], self.y[i], i
+Indexed = models.IndexedRegression
 
 
 def dropout_model():

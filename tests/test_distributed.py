@@ -12,7 +12,7 @@ from torch.nn.parallel import DistributedDataParallel
 import bigbatch
 from tests import models
 from tests.distributed_helpers import run_processes
-from tests.reference import full_batch_gradients, relative_error
+from tests.reference import full_batch_sgd, relative_error
 
 pytestmark = pytest.mark.slow
 
@@ -65,19 +65,7 @@ def train_rank(rank: int, world_size: int, micro: int) -> dict:
 
 
 def reference_weights():
-    model = models.token_model()
-    for tokens, labels in global_batches():
-        gradients = full_batch_gradients(
-            model,
-            lambda m, t=tokens, y=labels: (
-                models.token_losses(m, t, y),
-                (y != models.IGNORE).double(),
-            ),
-        )
-        with torch.no_grad():
-            for name, parameter in model.named_parameters():
-                parameter -= 0.5 * gradients[name]
-    return {n: p.detach().clone() for n, p in model.named_parameters()}
+    return full_batch_sgd(models.token_model(), global_batches(), models.token_item_losses, 0.5)
 
 
 @pytest.mark.parametrize("micro", [2, 1])

@@ -10,7 +10,7 @@ import torch
 import bigbatch
 from tests import models
 from tests.distributed_helpers import run_processes
-from tests.reference import full_batch_gradients, relative_error
+from tests.reference import full_batch_sgd, relative_error
 
 
 class _FailingBackward(torch.autograd.Function):
@@ -56,21 +56,11 @@ def windows(num_steps: int, micro: int, accumulation: int):
 
 
 def reference_weights(num_steps: int, micro: int, accumulation: int, lr: float = 0.5):
-    model = models.token_model()
-    for window in windows(num_steps, micro, accumulation):
-        tokens = torch.cat([w[0] for w in window])
-        labels = torch.cat([w[1] for w in window])
-        gradients = full_batch_gradients(
-            model,
-            lambda m, t=tokens, y=labels: (
-                models.token_losses(m, t, y),
-                (y != models.IGNORE).double(),
-            ),
-        )
-        with torch.no_grad():
-            for name, parameter in model.named_parameters():
-                parameter -= lr * gradients[name]
-    return {n: p.detach().clone() for n, p in model.named_parameters()}
+    global_batches = [
+        (torch.cat([w[0] for w in window]), torch.cat([w[1] for w in window]))
+        for window in windows(num_steps, micro, accumulation)
+    ]
+    return full_batch_sgd(models.token_model(), global_batches, models.token_item_losses, lr)
 
 
 @pytest.mark.parametrize("where", ["forward", "backward"])

@@ -119,15 +119,7 @@ def test_lr_follows_the_scaling_rule_and_schedule(tmp_path, rule):
     assert logged == pytest.approx(expected, rel=1e-12)
 
 
-class Indexed(torch.utils.data.Dataset):
-    def __init__(self, n):
-        self.x, self.y = models.regression_data(n)
-
-    def __len__(self):
-        return len(self.x)
-
-    def __getitem__(self, i):
-        return self.x[i], self.y[i], i
+Indexed = models.IndexedRegression
 
 
 def test_batch_size_schedule_uses_every_item_once_per_epoch():
