@@ -243,3 +243,29 @@ def test_noise_scale_per_step_and_in_the_report(tmp_path):
     if critical is not None:  # McCandlish et al.: (1 + B / B_crit) items, (1 + B_crit / B) steps
         assert f"{1 + 32 / critical:.1f}x the minimum items" in report
         assert f"{1 + critical / 32:.1f}x the minimum steps" in report
+
+
+def test_resume_with_another_micro_batch_continues_the_same_sample_order(tmp_path):
+    """Stopped after 2 steps at micro 8, resumed at micro 5: the same items, step for step."""
+    first = dict(global_batch_size=64, micro_batch_size=8, max_steps=2, checkpoint_every=2)
+    train(first, run_dir=tmp_path / "run")
+    resumed = dict(global_batch_size=64, micro_batch_size=5, max_steps=5, checkpoint_every=2)
+    summary, actual = train(resumed, run_dir=tmp_path / "run", fit={"resume": True})
+    assert summary.steps == 5
+    assert max_difference(actual, reference_weights(64, 5, lr=0.05)) < 1e-10
+
+
+def _resume_on_rank(rank, world_size, run_dir):
+    config = dict(global_batch_size=64, micro_batch_size=8, max_steps=5, checkpoint_every=2)
+    _, actual = train(config, run_dir=run_dir, fit={"resume": True})
+    return actual
+
+
+@pytest.mark.slow
+def test_resume_on_another_world_size_continues_the_same_sample_order(tmp_path):
+    """Stopped after 2 steps in one process, resumed in two: the same items, step for step."""
+    first = dict(global_batch_size=64, micro_batch_size=8, max_steps=2, checkpoint_every=2)
+    train(first, run_dir=tmp_path / "run")
+    expected = reference_weights(64, 5, lr=0.05)
+    for actual in run_processes(_resume_on_rank, 2, tmp_path / "run"):
+        assert max_difference(actual, expected) < 1e-10
