@@ -1,8 +1,11 @@
-"""`bigbatch bench`: the step time of `Accumulator.step` against the hand-written loop.
+"""`bigbatch bench`: quick versions of the engine overhead, DDP sync and memory benchmarks.
 
-Same model, same micro-batches, same optimizer and clipping; the two run interleaved (A B A B ...)
-so drift in machine speed hits both alike, and the figure is the median of per-pair time ratios.
-The target is a ratio <= 1.01: exactness should cost nothing measurable.
+Overhead: `Accumulator.step` against the hand-written loop on the same model and micro-batches,
+interleaved (A B A B ...) so drift in machine speed hits both alike; the figure is the median of
+per-pair time ratios (target <= 1.01). DDP: gradient all-reduces per step and step time, two gloo
+processes, bigbatch against syncing every micro-batch. Memory: activation memory per micro-batch
+size at a fixed global batch, against the full batch (it should fall as micro / global).
+`benchmarks/` runs the full versions.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from bigbatch.engine import Accumulator
+from bigbatch.plan import plan
 
 Window = list[tuple[torch.Tensor, torch.Tensor]]
 
@@ -168,4 +172,144 @@ def format_rows(rows: Sequence[BenchRow]) -> str:
     lines.append(
         f"{steps} interleaved steps after warm-up; {machine_description()}; target ratio <= 1.01"
     )
+    return "\n".join(lines)
+
+
+@dataclass(frozen=True)
+class DdpRow:
+    """Gradient all-reduces and median step time of one loop at one accumulation count."""
+
+    gradient_accumulation_steps: int
+    method: str
+    all_reduces_per_step: float
+    step_s: float
+
+
+def _ddp_worker(
+    rank: int, rendezvous: str, accumulations: Sequence[int], steps: int, width: int, out: str
+) -> None:
+    import torch.distributed as dist
+    from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
+    from torch.nn.parallel import DistributedDataParallel
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=rendezvous, rank=rank, world_size=2)
+    rows = []
+    for accumulation in accumulations:
+        window = _window(16, accumulation, width)
+        for method in ("sync every micro-batch", "bigbatch"):
+            model = DistributedDataParallel(mlp(width), bucket_cap_mb=1024)  # one bucket
+            calls = [0]
+
+            # DDP checks the hook's annotations at run time: none, or the real GradBucket class.
+            def count(state, bucket, calls=calls):  # type: ignore[no-untyped-def]
+                calls[0] += 1
+                return default_hooks.allreduce_hook(None, bucket)
+
+            model.register_comm_hook(None, count)
+            optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
+            accumulator = Accumulator(model, optimizer)
+            times = []
+            for step in range(steps + 1):  # the first step warms up
+                calls[0] = 0
+                dist.barrier()
+                start = time.perf_counter()
+                if method == "bigbatch":
+                    accumulator.step(window, loss_fn)
+                else:
+                    for micro_batch in window:
+                        (loss_fn(model, micro_batch) / accumulation).backward()
+                    optimizer.step()
+                    optimizer.zero_grad(set_to_none=True)
+                if step:
+                    times.append(time.perf_counter() - start)
+            rows.append(DdpRow(accumulation, method, calls[0], statistics.median(times)))
+    if rank == 0:
+        torch.save([row.__dict__ for row in rows], out)
+    dist.destroy_process_group()
+
+
+def measure_ddp(
+    accumulations: Sequence[int] = (1, 4), *, steps: int = 3, width: int = 256
+) -> list[DdpRow]:
+    """Run two gloo processes on this machine and count each loop's gradient all-reduces."""
+    import tempfile
+
+    import torch.multiprocessing as mp
+
+    with tempfile.TemporaryDirectory() as folder:
+        rendezvous, out = f"file://{folder}/rendezvous", f"{folder}/rows.pt"
+        mp.spawn(_ddp_worker, args=(rendezvous, tuple(accumulations), steps, width, out), nprocs=2)
+        return [DdpRow(**row) for row in torch.load(out, weights_only=True)]
+
+
+def format_ddp(rows: Sequence[DdpRow]) -> str:
+    """A Markdown table: all-reduces per step, step time and the speed-up over the naive loop."""
+    naive = {r.gradient_accumulation_steps: r.step_s for r in rows if r.method != "bigbatch"}
+    lines = [
+        "| k | method | gradient all-reduces per step | step time | speed-up |",
+        "| ---: | --- | ---: | ---: | ---: |",
+    ]
+    for row in rows:
+        lines.append(
+            f"| {row.gradient_accumulation_steps} | {row.method} | {row.all_reduces_per_step:.0f} "
+            f"| {row.step_s * 1e3:.1f} ms "
+            f"| {naive[row.gradient_accumulation_steps] / row.step_s:.2f} |"
+        )
+    return "\n".join(lines)
+
+
+@dataclass(frozen=True)
+class MemoryRow:
+    """Activation memory (tensors saved for backward) of one micro-batch size."""
+
+    micro_batch_size: int
+    gradient_accumulation_steps: int
+    activation_bytes: int
+    full_batch_fraction: float
+
+
+def measure_memory(
+    global_batch_size: int = 256, micro_batch_sizes: Sequence[int] = (1, 16, 64, 256)
+) -> list[MemoryRow]:
+    """The digits recipe's activation memory per micro-batch size, by the memory probe."""
+    from torch.utils.data import default_collate
+
+    from bigbatch import memory, recipes
+
+    recipe = recipes.build("digits", {"seed": 0})
+    dataset = recipe.train_dataset
+    collate = recipe.collate_fn or default_collate
+    sizes = sorted({*micro_batch_sizes, global_batch_size})
+    probed = memory.probe(
+        recipe.model,
+        recipe.loss_fn,
+        lambda n: collate([dataset[i] for i in range(n)]),
+        sizes,
+        repetitions=1,
+    )
+    saved = {row.micro_batch_size: row.saved_tensor_bytes for row in probed.rows}
+    return [
+        MemoryRow(
+            size,
+            plan(global_batch_size, micro_batch_size=size).gradient_accumulation_steps,
+            saved[size],
+            saved[size] / saved[global_batch_size],
+        )
+        for size in sorted(micro_batch_sizes)
+    ]
+
+
+def format_memory(rows: Sequence[MemoryRow], global_batch_size: int = 256) -> str:
+    """A Markdown table: activations per micro-batch size against micro / global."""
+    lines = [
+        "| micro x k | activations | activations / full batch | micro / global |",
+        "| --- | ---: | ---: | ---: |",
+    ]
+    for row in rows:
+        lines.append(
+            f"| {row.micro_batch_size} x {row.gradient_accumulation_steps} "
+            f"| {row.activation_bytes / 1024:.0f} KiB | {row.full_batch_fraction:.3f} "
+            f"| {row.micro_batch_size / global_batch_size:.3f} |"
+        )
     return "\n".join(lines)

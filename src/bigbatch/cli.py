@@ -144,16 +144,22 @@ def _verify_command(args: argparse.Namespace) -> int:
 
 
 def _bench_command(args: argparse.Namespace) -> int:
-    from bigbatch.bench import format_rows, measure_overhead
+    from bigbatch import bench
 
     steps, warmup = (3, 1) if args.smoke else (args.steps, 5)
-    row = measure_overhead(
+    row = bench.measure_overhead(
         steps=steps,
         warmup=warmup,
         micro_batch_size=args.micro_batch_size,
         gradient_accumulation_steps=args.gradient_accumulation_steps,
     )
-    print(format_rows([row]))
+    print("Engine overhead: Accumulator.step vs the hand-written loop\n")
+    print(bench.format_rows([row]))
+    size = sum(p.numel() for p in bench.mlp(256).parameters()) / 1e6
+    print(f"\nDDP: 2 gloo processes on this machine, MLP {size:.2f}M, micro-batch 16 per rank\n")
+    print(bench.format_ddp(bench.measure_ddp((1, 4), steps=2 if args.smoke else 5)))
+    print("\nMemory: digits, global batch 256, tensors saved for backward (the memory probe)\n")
+    print(bench.format_memory(bench.measure_memory()))
     return 0
 
 
@@ -223,7 +229,9 @@ def build_parser() -> argparse.ArgumentParser:
     verify.add_argument("--tolerance", type=float, default=1e-6, help="largest relative error")
     verify.set_defaults(handler=_verify_command)
 
-    bench = commands.add_parser("bench", help="Accumulator.step vs the hand-written loop")
+    bench = commands.add_parser(
+        "bench", help="quick benchmarks: engine overhead, DDP all-reduces, activation memory"
+    )
     bench.add_argument("--steps", type=int, default=40, help="timed steps after warm-up")
     bench.add_argument("--micro-batch-size", type=int, default=32)
     bench.add_argument("--gradient-accumulation-steps", type=int, default=8)
