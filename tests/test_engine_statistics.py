@@ -184,3 +184,26 @@ def test_freeze_keeps_running_statistics_and_trains_affine():
     accumulator.step(list(torch.randn(8, 2, 5, 5, dtype=torch.float64).split(4)), image_loss)
     assert torch.equal(model[1].running_mean, before)
     assert not torch.equal(model[1].weight, weight)
+
+
+def test_fp16_norms_are_unscaled():
+    """Under fp16 the backward runs on loss x scale / divisor: the estimate must not see it."""
+    estimates = {}
+    for precision in ("fp32", "fp16"):
+        model = regression_model(DELTA).float()
+        accumulator = bigbatch.Accumulator(
+            model,
+            torch.optim.SGD(model.parameters(), lr=0.0),
+            precision=precision,
+            measure_noise_scale=True,
+            noise_smoothing_steps=1,
+        )
+        generator = torch.Generator().manual_seed(3)
+        for _ in range(2):  # the second step runs with the fp16 divisor settled
+            window = [tuple(t.float() for t in sample(n, generator)) for n in (6, 10, 16)]
+            result = accumulator.step(window, regression_loss)
+        estimates[precision] = result.noise_scale
+    for field in ("gradient_sq_norm", "trace_covariance"):
+        assert getattr(estimates["fp16"], field) == pytest.approx(
+            getattr(estimates["fp32"], field), rel=0.05
+        )
