@@ -260,14 +260,15 @@ class Accumulator:
         gradients = [p.grad for p in self._parameters if p.grad is not None]
         self._scaling.unscale_(self.optimizer)
         # The one normalisation: DDP averaged over ranks, so world_size / global items turns the
-        # summed per-item gradients into their mean over the whole global batch.
-        if gradients:
-            torch._foreach_mul_(gradients, self._world_size * loss_divisor / num_items)
-        if self.max_grad_norm is not None:
-            norm = torch.nn.utils.clip_grad_norm_(self._parameters, self.max_grad_norm)
-        else:
-            norm = torch.nn.utils.get_total_norm(gradients) if gradients else torch.zeros(())
-        grad_norm = float(norm)
+        # summed per-item gradients into their mean over the whole global batch. It is folded with
+        # the clipping into one pass over the gradients, after one pass for the norm.
+        scale = self._world_size * loss_divisor / num_items
+        summed_norm = torch.nn.utils.get_total_norm(gradients) if gradients else torch.zeros(())
+        grad_norm = float(summed_norm) * scale
+        if self.max_grad_norm is not None and math.isfinite(grad_norm):
+            scale *= min(1.0, self.max_grad_norm / (grad_norm + 1e-6))  # torch's clip coefficient
+        if gradients and math.isfinite(grad_norm):
+            torch._foreach_mul_(gradients, scale)
         skip_reason = None
         if not (math.isfinite(grad_norm) and math.isfinite(loss)):
             skip_reason = f"non-finite {'loss' if not math.isfinite(loss) else 'gradient'}"
