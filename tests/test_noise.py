@@ -17,9 +17,7 @@ from bigbatch.noise import (
     GradientNormTracker,
     NoiseScaleEstimator,
     item_mean_sq_norms,
-    pack_micro_statistics,
     step_estimates,
-    unpack_micro_statistics,
 )
 from tests import models
 
@@ -208,27 +206,20 @@ def test_state_dict_resume_continues_the_same_estimate():
     assert result == expected
 
 
-def test_pack_gathers_every_rank_with_one_sum():
-    world_size, k = 3, 2
-    norms = [torch.rand(k, dtype=torch.float64) for _ in range(world_size)]
-    items = [torch.tensor([float(r + 1), 0.0 if r == 1 else 5.0]) for r in range(world_size)]
-    reduced = sum(
-        pack_micro_statistics(norms[r], items[r], rank=r, world_size=world_size)
-        for r in range(world_size)
-    )
-    assert reduced.dtype == torch.float64 and reduced.numel() == 2 * k * world_size
-    gathered_norms, gathered_items = unpack_micro_statistics(reduced)
-    assert torch.equal(gathered_norms, torch.cat(norms))
-    assert torch.equal(gathered_items, torch.cat(items).double())
-    with pytest.raises(ValueError, match="rank"):
-        pack_micro_statistics(norms[0], items[0], rank=3, world_size=3)
-
-
 def test_item_mean_sq_norms_divides_by_scaled_counts_and_zeroes_empty():
     raw = torch.tensor([36.0, 5.0, 8.0], dtype=torch.float64)
     items = torch.tensor([3, 0, 1])
     result = item_mean_sq_norms(raw, items, torch.tensor(2.0))
     assert result.tolist() == [36.0 / 36.0, 0.0, 8.0 / 4.0]
+
+
+def pack(norms: torch.Tensor, items: torch.Tensor, rank: int, world_size: int) -> torch.Tensor:
+    """This rank's norms and counts in its own slots, so one SUM all-reduce gathers every rank's."""
+    k = norms.numel()
+    packed = torch.zeros(2 * k * world_size, dtype=torch.float64)
+    packed[rank * k : (rank + 1) * k] = norms
+    packed[k * world_size + rank * k : k * world_size + (rank + 1) * k] = items.double()
+    return packed
 
 
 def estimate_on_rank(rank: int, world_size: int) -> dict:
@@ -242,11 +233,11 @@ def estimate_on_rank(rank: int, world_size: int) -> dict:
     generator = torch.Generator().manual_seed(100 + rank)
     for _ in range(500):
         norms, items, _, _ = window_norms(model, tracker, sizes, generator)
-        packed = pack_micro_statistics(norms, items, rank=rank, world_size=world_size)
+        packed = pack(norms, items, rank, world_size)
         gradient_sum = model.weight.grad.reshape(-1) / LOSS_SCALE
         merged = torch.cat([packed, gradient_sum])  # the engine merges its totals likewise
         dist.all_reduce(merged)
-        all_norms, all_items = unpack_micro_statistics(merged[: packed.numel()])
+        all_norms, all_items = merged[: packed.numel()].chunk(2)
         global_items = int(all_items.sum())
         global_sq = float((merged[packed.numel() :] / global_items).pow(2).sum())
         result = estimator.update(all_norms, all_items, global_sq, global_items)

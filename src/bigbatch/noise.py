@@ -115,39 +115,6 @@ def item_mean_sq_norms(
     return torch.where(items > 0, raw_sq_norms.to(torch.float64) / safe, torch.zeros_like(safe))
 
 
-def pack_micro_statistics(
-    micro_sq_norms: torch.Tensor, micro_items: torch.Tensor, *, rank: int, world_size: int
-) -> torch.Tensor:
-    """This rank's micro-batch norms and item counts, placed by rank for one SUM all-reduce.
-
-    Returns a float64 tensor of length ``2 * k * world_size`` (k = this rank's micro-batches, the
-    same on every rank): squared norms in ``[rank * k, (rank + 1) * k)``, item counts in the same
-    slots of the second half, zeros elsewhere. Summing it over ranks gathers everyone's values;
-    the engine can concatenate it with its own small totals so the step keeps one all-reduce.
-    """
-    if micro_sq_norms.shape != micro_items.shape or micro_sq_norms.dim() != 1:
-        raise ValueError(
-            f"micro_sq_norms and micro_items must be 1-d of the same length, got shapes "
-            f"{tuple(micro_sq_norms.shape)} and {tuple(micro_items.shape)}"
-        )
-    if not 0 <= rank < world_size:
-        raise ValueError(f"rank must be in [0, world_size={world_size}), got {rank}")
-    k = micro_sq_norms.numel()
-    packed = torch.zeros(2 * k * world_size, dtype=torch.float64, device=micro_sq_norms.device)
-    packed[rank * k : (rank + 1) * k] = micro_sq_norms.to(torch.float64)
-    offset = k * world_size + rank * k
-    packed[offset : offset + k] = micro_items.to(torch.float64)
-    return packed
-
-
-def unpack_micro_statistics(packed: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Split the all-reduced `pack_micro_statistics` tensor: (micro_sq_norms, micro_items)."""
-    if packed.dim() != 1 or packed.numel() % 2:
-        raise ValueError(f"packed must be 1-d of even length, got shape {tuple(packed.shape)}")
-    half = packed.numel() // 2
-    return packed[:half], packed[half:]
-
-
 @dataclass(frozen=True)
 class NoiseScale:
     """The smoothed gradient noise scale after a step.
@@ -371,16 +338,12 @@ class NoiseScaleMeter:
         device = self.tracker.device
         if not self._raw_sq_norms:
             return torch.zeros(3, dtype=torch.float64, device=device)
-        raw, items = torch.stack(self._raw_sq_norms), torch.stack(self._items)
+        items = torch.stack(self._items)
+        micro_sq_norms = item_mean_sq_norms(torch.stack(self._raw_sq_norms), items, loss_scale)
         has_items = items > 0
-        safe_items = torch.where(has_items, items, torch.ones_like(items))
-        zero = torch.zeros_like(items)
+        inverse_items = torch.where(has_items, 1.0 / items, torch.zeros_like(items))
         return torch.stack(
-            [
-                torch.where(has_items, raw / safe_items.square(), zero).sum() / loss_scale**2,
-                torch.where(has_items, 1.0 / safe_items, zero).sum(),
-                has_items.to(torch.float64).sum(),
-            ]
+            [micro_sq_norms.sum(), inverse_items.sum(), has_items.to(torch.float64).sum()]
         )
 
     def end_window(

@@ -30,11 +30,11 @@ from bigbatch.data import Window, WindowLoader
 from bigbatch.engine import Accumulator, LossFn, StepResult
 from bigbatch.recipes import EvalFn
 from bigbatch.run import RunSummary
-from bigbatch.schedule import BatchPlanner, lr_factor
+from bigbatch.schedule import BatchPlanner
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["NonFiniteError", "RunSummary", "Trainer", "fit", "lr_factor"]
+__all__ = ["NonFiniteError", "RunSummary", "Trainer", "fit"]
 
 
 class NonFiniteError(RuntimeError):
