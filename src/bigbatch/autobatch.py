@@ -11,7 +11,6 @@ import functools
 import itertools
 import logging
 import math
-import re
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
@@ -20,6 +19,7 @@ from typing import TYPE_CHECKING, Any, Literal
 import torch
 
 from bigbatch import batches, distributed, memory
+from bigbatch.config import parse_memory_size
 from bigbatch.engine import LossFn
 from bigbatch.memory import Batch, MemoryProbe, device_of, merge_probes, probe, tensor_bytes
 from bigbatch.plan import Plan, plan
@@ -31,47 +31,10 @@ logger = logging.getLogger(__name__)
 
 Optimize = Literal["memory", "throughput"]
 
-_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12}
-_UNITS.update({"kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40})
 _FIRST_SIZES = 4  # probe 1, 2, 4, 8 first: cheap, and enough for a straight line
 _CONFIRM_TRIES = 3
 _ROUNDS = 3  # interleaved timing rounds per stage (throughput), on top of the probe's own
 _MARGIN = 0.03  # a smaller plan must be this much faster than a larger one to be chosen
-
-
-def parse_memory_size(value: int | str) -> int:
-    """Bytes from an int or a string such as ``"512MiB"``, ``"20GiB"`` or ``"1.5GB"``.
-
-    KB/MB/GB/TB are powers of 1000, KiB/MiB/GiB/TiB powers of 1024 (case-insensitive).
-
-    Raises:
-        TypeError: not an int or a string.
-        ValueError: an unknown unit or a size that is not positive.
-
-    Example:
-        >>> parse_memory_size("1.5GiB"), parse_memory_size("2GB"), parse_memory_size(123)
-        (1610612736, 2000000000, 123)
-    """
-    if isinstance(value, bool) or not isinstance(value, (int, str)):
-        raise TypeError(
-            f"memory_budget must be a number of bytes or a string such as '20GiB', got "
-            f"{value!r} ({type(value).__name__})"
-        )
-    if isinstance(value, int):
-        size = value
-    else:
-        match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+(?:[eE][0-9]+)?)\s*([A-Za-z]*)\s*", value)
-        unit = match.group(2).lower() if match else None
-        if match is None or unit not in _UNITS:
-            raise ValueError(
-                f"memory_budget {value!r} is not a memory size: use a number of bytes with an "
-                "optional unit B, KB, MB, GB, TB (powers of 1000) or KiB, MiB, GiB, TiB "
-                "(powers of 1024), e.g. '20GiB'"
-            )
-        size = int(float(match.group(1)) * _UNITS[unit])
-    if size <= 0:
-        raise ValueError(f"memory_budget must be positive, got {value!r}")
-    return size
 
 
 def format_bytes(num_bytes: float) -> str:

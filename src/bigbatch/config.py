@@ -44,20 +44,43 @@ def parse_bytes(value: int | str) -> int | Auto:
         >>> parse_bytes("512MiB"), parse_bytes("2GB"), parse_bytes("auto")
         (536870912, 2000000000, 'auto')
     """
-    if isinstance(value, bool):
-        raise ValueError("not a size")
-    if isinstance(value, int):
-        if value <= 0:
-            raise ValueError("not a positive size")
-        return value
-    if value.strip().lower() == "auto":
+    if isinstance(value, str) and value.strip().lower() == "auto":
         return "auto"
-    match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", value)
-    if not match or match.group(2).lower() not in _UNITS:
-        raise ValueError("not a size")
-    size = int(float(match.group(1)) * _UNITS[match.group(2).lower()])
+    return parse_memory_size(value)
+
+
+def parse_memory_size(value: int | str) -> int:
+    """Bytes from an int or a string such as ``"512MiB"``, ``"20GiB"`` or ``"1.5GB"``.
+
+    KB/MB/GB/TB are powers of 1000, KiB/MiB/GiB/TiB powers of 1024 (case-insensitive).
+
+    Raises:
+        TypeError: not an int or a string.
+        ValueError: an unknown unit or a size that is not positive.
+
+    Example:
+        >>> parse_memory_size("1.5GiB"), parse_memory_size("2GB"), parse_memory_size(123)
+        (1610612736, 2000000000, 123)
+    """
+    if isinstance(value, bool) or not isinstance(value, (int, str)):
+        raise TypeError(
+            f"memory_budget must be a number of bytes or a string such as '20GiB', got "
+            f"{value!r} ({type(value).__name__})"
+        )
+    if isinstance(value, int):
+        size = value
+    else:
+        match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+(?:[eE][0-9]+)?)\s*([A-Za-z]*)\s*", value)
+        unit = match.group(2).lower() if match else None
+        if match is None or unit not in _UNITS:
+            raise ValueError(
+                f"memory_budget {value!r} is not a memory size: use a number of bytes with an "
+                "optional unit B, KB, MB, GB, TB (powers of 1000) or KiB, MiB, GiB, TiB "
+                "(powers of 1024), e.g. '20GiB'"
+            )
+        size = int(float(match.group(1)) * _UNITS[unit])
     if size <= 0:
-        raise ValueError("not a positive size")
+        raise ValueError(f"memory_budget must be positive, got {value!r}")
     return size
 
 
@@ -273,7 +296,7 @@ class Config(_Model):
     @field_validator("memory_budget", mode="before")
     @classmethod
     def _bytes(cls, value: Any) -> int | str:
-        if not isinstance(value, (int, str)):
+        if isinstance(value, bool) or not isinstance(value, (int, str)):
             raise ValueError("not a size")
         return parse_bytes(value)
 
