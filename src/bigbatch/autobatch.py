@@ -22,6 +22,7 @@ from bigbatch import batches, distributed, memory
 from bigbatch.config import parse_memory_size
 from bigbatch.engine import LossFn
 from bigbatch.memory import Batch, MemoryProbe, device_of, merge_probes, probe, tensor_bytes
+from bigbatch.metrics import format_bytes
 from bigbatch.plan import Plan, plan
 
 if TYPE_CHECKING:
@@ -35,17 +36,6 @@ _FIRST_SIZES = 4  # probe 1, 2, 4, 8 first: cheap, and enough for a straight lin
 _CONFIRM_TRIES = 3
 _ROUNDS = 3  # interleaved timing rounds per stage (throughput), on top of the probe's own
 _MARGIN = 0.03  # a smaller plan must be this much faster than a larger one to be chosen
-
-
-def format_bytes(num_bytes: float) -> str:
-    """Three significant digits in powers of 1024: ``3355443`` -> ``"3.20 MiB"``."""
-    size = float(num_bytes)
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(size) < 999.5 or unit == "TiB":
-            break
-        size /= 1024
-    decimals = 0 if unit == "B" or abs(size) >= 99.95 else 1 if abs(size) >= 9.995 else 2
-    return f"{size:.{decimals}f} {unit}"
 
 
 @dataclass(frozen=True)

@@ -198,15 +198,18 @@ def read_metrics(path: Path, kind: Literal["train", "eval"] | None = None) -> li
 
 
 def format_bytes(num_bytes: float) -> str:
-    """Bytes in the largest unit that keeps the number >= 1.
+    """Three significant digits in powers of 1024.
 
-    >>> format_bytes(3 * 2**30), format_bytes(512)
-    ('3.00 GiB', '512 B')
+    >>> format_bytes(3 * 2**30), format_bytes(3355443), format_bytes(512)
+    ('3.00 GiB', '3.20 MiB', '512 B')
     """
-    for unit, scale in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
-        if abs(num_bytes) >= scale:
-            return f"{num_bytes / scale:.2f} {unit}"
-    return f"{int(num_bytes)} B"
+    size = float(num_bytes)
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(size) < 999.5 or unit == "TiB":
+            break
+        size /= 1024
+    decimals = 0 if unit == "B" or abs(size) >= 99.95 else 1 if abs(size) >= 9.995 else 2
+    return f"{size:.{decimals}f} {unit}"
 
 
 def format_number(value: Any) -> str:
