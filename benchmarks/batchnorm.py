@@ -26,8 +26,8 @@ from pathlib import Path
 import torch
 
 import bigbatch
-from bigbatch.configfile import load_config
-from bigbatch.metrics import read_metrics
+from bigbatch.train.configfile import load_config
+from bigbatch.train.metrics import read_metrics
 
 sys.path.insert(0, str(Path(__file__).parent))  # `common`, also when loaded by path
 from common import RESULTS, argument_parser, publish, pyplot, save_figure  # noqa: E402

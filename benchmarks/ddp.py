@@ -13,7 +13,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from bigbatch.bench import DdpRow, format_ddp, measure_ddp, mlp
+from bigbatch.tools.bench import DdpRow, format_ddp, measure_ddp, mlp
 
 sys.path.insert(0, str(Path(__file__).parent))  # `common`, also when loaded by path
 from common import argument_parser, publish, pyplot, save_figure  # noqa: E402

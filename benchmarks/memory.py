@@ -3,8 +3,9 @@
 For each micro-batch size the same global batch runs through one `Accumulator.step`. On CPU the
 memory is counted: the storages autograd holds for backward (live, tracked with saved-tensor hooks
 across the whole step, so a graph kept alive by mistake would show) plus parameters, gradients and
-optimizer state; `bigbatch.memory.probe`'s accounting of one micro-batch is shown beside it. On
-CUDA it is the allocator's peak during the step. Activation memory should fall as micro / global.
+optimizer state; `bigbatch.tools.memory.probe`'s accounting of one micro-batch is shown beside
+it. On CUDA it is the allocator's peak during the step. Activation memory should fall as
+micro / global.
 
     python benchmarks/memory.py            # writes benchmarks/results/memory.{md,png}
     python benchmarks/memory.py --smoke    # tiny global batch, prints the table only (CI)
@@ -26,8 +27,9 @@ from torch.autograd.graph import saved_tensors_hooks
 
 import bigbatch
 from bigbatch import recipes
-from bigbatch.autobatch import format_bytes
-from bigbatch.memory import optimizer_state_bytes, probe
+from bigbatch.core import batches
+from bigbatch.tools.memory import optimizer_state_bytes, probe
+from bigbatch.units import format_bytes
 
 sys.path.insert(0, str(Path(__file__).parent))  # `common`, also when loaded by path
 from common import argument_parser, publish, pyplot, save_figure  # noqa: E402
@@ -129,7 +131,7 @@ def step_memory(recipe: recipes.Recipe, window: list[Any], device: torch.device)
     model = copy.deepcopy(recipe.model).to(device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
     accumulator = bigbatch.Accumulator(model, optimizer)
-    window = [bigbatch.batches.to_device(micro_batch, device) for micro_batch in window]
+    window = [batches.to_device(micro_batch, device) for micro_batch in window]
     accumulator.step(window[:1], recipe.loss_fn)  # the optimizer state exists from now on
     resident = model_bytes(model, optimizer)
     if device.type == "cuda":
@@ -149,11 +151,11 @@ def step_memory(recipe: recipes.Recipe, window: list[Any], device: torch.device)
 
 
 def probe_bytes(recipe: recipes.Recipe, window: list[Any], device: torch.device) -> int:
-    """`bigbatch.memory.probe`'s memory of the window's largest micro-batch."""
+    """`bigbatch.tools.memory.probe`'s memory of the window's largest micro-batch."""
     model = copy.deepcopy(recipe.model).to(device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
-    largest = max(window, key=bigbatch.batches.num_rows)
-    size = bigbatch.batches.num_rows(largest)
+    largest = max(window, key=batches.num_rows)
+    size = batches.num_rows(largest)
     make_batch: Callable[[int], Any] = lambda n: largest  # noqa: E731
     result = probe(model, recipe.loss_fn, make_batch, [size], optimizer=optimizer, device=device)
     return result.rows[0].memory_bytes

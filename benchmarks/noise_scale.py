@@ -33,14 +33,15 @@ import torch
 
 import bigbatch
 from bigbatch import recipes
-from bigbatch.bench import loss_fn as mlp_loss_fn
-from bigbatch.bench import mlp
-from bigbatch.metrics import read_metrics
+from bigbatch.core import batches
+from bigbatch.tools.bench import loss_fn as mlp_loss_fn
+from bigbatch.tools.bench import mlp
+from bigbatch.train.metrics import read_metrics
 
 try:  # the config loading functions moved from config.py to configfile.py
-    from bigbatch.configfile import load_config
+    from bigbatch.train.configfile import load_config
 except ImportError:  # pragma: no cover - an older tree
-    from bigbatch.config import load_config  # type: ignore[attr-defined,no-redef]
+    from bigbatch.train.config import load_config  # type: ignore[attr-defined,no-redef]
 
 sys.path.insert(0, str(Path(__file__).parent))  # `common`, also when loaded by path
 from common import argument_parser, publish  # noqa: E402
@@ -351,7 +352,7 @@ def time_overhead(
         model=name,
         num_parameters=sum(p.numel() for p in parameters),
         num_tensors=len(parameters),
-        micro_batch_size=int(bigbatch.batches.num_rows(window[0])),
+        micro_batch_size=int(batches.num_rows(window[0])),
         gradient_accumulation_steps=len(window),
         pairs=pairs,
         off_s=statistics.median(times[False]),

@@ -1,6 +1,6 @@
 """Step time of `Accumulator.step` against the hand-written accumulation loop.
 
-A thin script over `bigbatch.bench` (which `bigbatch bench` also runs): same model, same
+A thin script over `bigbatch.tools.bench` (which `bigbatch bench` also runs): same model, same
 micro-batches, interleaved steps, median of per-pair time ratios. Target: ratio <= 1.01.
 
     python benchmarks/overhead.py              # full run, writes benchmarks/results/overhead.md
@@ -12,7 +12,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from bigbatch.bench import format_rows, measure_overhead
+from bigbatch.tools.bench import format_rows, measure_overhead
 
 sys.path.insert(0, str(Path(__file__).parent))  # `common`, also when loaded by path
 from common import argument_parser, publish  # noqa: E402

@@ -29,7 +29,8 @@ import torch
 
 import bigbatch
 from bigbatch import recipes
-from bigbatch.autobatch import choose_micro_batch_size, format_bytes, parse_memory_size
+from bigbatch.tools.autobatch import choose_micro_batch_size
+from bigbatch.units import format_bytes, parse_memory_size
 
 sys.path.insert(0, str(Path(__file__).parent))  # `common`, also when loaded by path
 from common import argument_parser, publish, pyplot, save_figure  # noqa: E402

@@ -15,9 +15,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from bigbatch.configfile import validate
-from bigbatch.schedule import AdaptiveBatchSize, adascale_gain, lr_factor, progress_factor
-from bigbatch.trainer import Trainer
+from bigbatch.train.configfile import validate
+from bigbatch.train.schedules import AdaptiveBatchSize, adascale_gain, lr_factor, progress_factor
+from bigbatch.train.trainer import Trainer
 from tests import models
 
 
@@ -221,8 +221,8 @@ def test_adaptive_config_errors_name_the_field():
 
 def test_adascale_learning_rate_uses_the_base_batch_trace():
     """tr S of AdaScale is the base batch's: the per-item trace over its items (formula)."""
-    from bigbatch.noise import NoiseScale
-    from bigbatch.schedule import BatchPlanner
+    from bigbatch.core.noise import NoiseScale
+    from bigbatch.train.schedules import BatchPlanner
 
     config = validate(
         dict(
@@ -249,7 +249,7 @@ def test_adascale_learning_rate_uses_the_base_batch_trace():
 
 def test_noise_scale_summary_compares_in_samples():
     """B_crit is measured in loss items; the advice compares it with B in samples."""
-    from bigbatch.run import noise_scale_summary
+    from bigbatch.train.report import noise_scale_summary
 
     summary = noise_scale_summary(300.0, 64, 3.0, adaptive=False)
     assert summary["critical_batch_samples"] == pytest.approx(100.0)

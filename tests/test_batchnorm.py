@@ -8,7 +8,7 @@ import warnings
 import pytest
 import torch
 
-from bigbatch.batchnorm import (
+from bigbatch.core.batchnorm import (
     WindowBatchNormStatistics,
     apply_policy,
     find_batchnorm,
@@ -194,7 +194,7 @@ def test_bad_policy_and_sync_without_ranks():
 
 
 def window_on_rank(rank: int, world_size: int) -> dict:
-    from bigbatch import distributed
+    from bigbatch.core import distributed
 
     model = two_branch_net()
     x = torch.randn(9, 3, 6, 6, generator=torch.Generator().manual_seed(3), dtype=torch.float64)

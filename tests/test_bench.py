@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from bigbatch import bench
+from bigbatch.tools import bench
 
 
 def test_activation_memory_falls_as_micro_over_global():

@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 import torch
 
-from bigbatch import checkpoint
-from bigbatch.checkpoint import (
+from bigbatch.train import checkpoint
+from bigbatch.train.checkpoint import (
     capture_rng_state,
     list_checkpoints,
     load_latest_checkpoint,
@@ -182,7 +182,7 @@ def test_scheduler_and_grad_scaler_states_are_accepted(tmp_path):
 
 
 def assert_fell_back(tmp_path, caplog, damaged: str, reason: str) -> None:
-    with caplog.at_level(logging.WARNING, logger="bigbatch.checkpoint"):
+    with caplog.at_level(logging.WARNING, logger="bigbatch.train.checkpoint"):
         loaded = load_latest_checkpoint(tmp_path)
     assert loaded is not None and loaded.step == 2
     assert torch.equal(loaded.model_state["w"], torch.full((3,), 2.0))
@@ -310,7 +310,7 @@ def test_bad_arguments_are_refused(tmp_path):
 
 SAVE_FOREVER = """
 import sys, torch
-from bigbatch.checkpoint import save_checkpoint
+from bigbatch.train.checkpoint import save_checkpoint
 directory = sys.argv[1]
 weights = {"w": torch.zeros(256, 1024)}
 for step in range(1, 10**6):

@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from bigbatch.config import Config, LRScaling, parse_bytes
-from bigbatch.configfile import (
+from bigbatch.train.config import Config, LRScaling, parse_bytes
+from bigbatch.train.configfile import (
     ALIASES,
     config_to_yaml,
     load_config,

@@ -15,7 +15,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import bigbatch
-from bigbatch.data import GlobalBatchSampler, WindowLoader, count_steps
+from bigbatch.data.loader import WindowLoader
+from bigbatch.data.sampler import GlobalBatchSampler, count_steps
 
 
 def reference_steps(num_samples, seed, sizes, drop_last=False):

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import bigbatch
-from bigbatch import batches
+from bigbatch.core import batches
 from tests import models
 from tests.reference import full_batch_gradients, relative_error, sgd_update
 

@@ -1,4 +1,4 @@
-"""The memory probe (`bigbatch.memory`) and the micro-batch choice (`bigbatch.autobatch`).
+"""The memory probe (`bigbatch.tools.memory`) and the micro-batch choice (`tools.autobatch`).
 
 Both are checked against formulas and an independent count of the autograd graph.
 """
@@ -15,8 +15,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from bigbatch import autobatch, memory
+from bigbatch import units
 from bigbatch.recipes import Recipe
+from bigbatch.tools import autobatch, memory
 
 D_IN, D_HIDDEN, D_OUT = 5, 16, 3
 
@@ -94,16 +95,16 @@ def graph_saved_bytes(model: torch.nn.Module, loss: torch.Tensor) -> int:
 
 
 def test_parse_memory_size() -> None:
-    assert autobatch.parse_memory_size(123) == 123
-    assert autobatch.parse_memory_size("512MiB") == 512 * 1024**2
-    assert autobatch.parse_memory_size("20GiB") == 20 * 1024**3
-    assert autobatch.parse_memory_size("1.5GB") == 1_500_000_000
-    assert autobatch.parse_memory_size("2 kib") == 2048
+    assert units.parse_memory_size(123) == 123
+    assert units.parse_memory_size("512MiB") == 512 * 1024**2
+    assert units.parse_memory_size("20GiB") == 20 * 1024**3
+    assert units.parse_memory_size("1.5GB") == 1_500_000_000
+    assert units.parse_memory_size("2 kib") == 2048
     for bad in ("2 parsecs", "GiB", "-1GiB", "0", 0):
         with pytest.raises(ValueError, match="memory_budget"):
-            autobatch.parse_memory_size(bad)  # type: ignore[arg-type]
+            units.parse_memory_size(bad)  # type: ignore[arg-type]
     with pytest.raises(TypeError, match="memory_budget"):
-        autobatch.parse_memory_size(1.5)  # type: ignore[arg-type]
+        units.parse_memory_size(1.5)  # type: ignore[arg-type]
 
 
 @pytest.mark.parametrize(

@@ -7,7 +7,7 @@ import math
 
 import pytest
 
-from bigbatch.metrics import MetricsLogger, ProgressBar, read_metrics
+from bigbatch.train.metrics import MetricsLogger, ProgressBar, read_metrics
 
 
 def strict_json_lines(path) -> list[dict]:

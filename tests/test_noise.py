@@ -13,7 +13,7 @@ import logging
 import pytest
 import torch
 
-from bigbatch.noise import (
+from bigbatch.core.noise import (
     GradientNormTracker,
     NoiseScaleEstimator,
     item_mean_sq_norms,
@@ -174,7 +174,7 @@ def test_estimate_follows_when_delta_changes():
 def test_one_micro_batch_gives_no_estimate_and_warns_once(caplog):
     estimator = NoiseScaleEstimator()
     assert estimator.current().critical_batch_size is None
-    with caplog.at_level(logging.WARNING, logger="bigbatch.noise"):
+    with caplog.at_level(logging.WARNING, logger="bigbatch.core.noise"):
         for _ in range(3):
             result = estimator.update(
                 torch.tensor([2.0, 0.0]),

@@ -10,7 +10,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import bigbatch
-from bigbatch.plan import BatchSizeSchedule, scale_learning_rate
+from bigbatch.train.schedules import BatchSizeSchedule, scale_learning_rate
 
 
 @st.composite

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 
-from bigbatch.report import format_summary, plot_run, summarize_metrics, write_report
+from bigbatch.train.report import format_summary, plot_run, summarize_metrics, write_report
 
 
 def sample_metrics() -> list[dict]:

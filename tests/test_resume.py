@@ -18,8 +18,8 @@ SCRIPT = r"""
 import os, sys, time
 import torch
 torch.set_num_threads(1)
-from bigbatch.configfile import validate
-from bigbatch.trainer import Trainer
+from bigbatch.train.configfile import validate
+from bigbatch.train.trainer import Trainer
 from tests import models
 
 run_dir, resume = sys.argv[1], sys.argv[2] == "resume"

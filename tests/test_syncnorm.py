@@ -9,8 +9,8 @@ import torch
 from torch.nn.parallel import DistributedDataParallel
 
 import bigbatch
-from bigbatch.batchnorm import apply_policy
-from bigbatch.syncnorm import CrossRankBatchNorm
+from bigbatch.core.batchnorm import apply_policy
+from bigbatch.core.syncnorm import CrossRankBatchNorm
 from tests import models
 from tests.distributed_helpers import run_processes
 from tests.reference import full_batch_gradients, relative_error, sgd_update

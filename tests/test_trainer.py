@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-from bigbatch.configfile import validate
-from bigbatch.trainer import NonFiniteError, Trainer
+from bigbatch.train.configfile import validate
+from bigbatch.train.trainer import NonFiniteError, Trainer
 from tests import models
 from tests.distributed_helpers import run_processes
 from tests.reference import full_batch_gradients
@@ -197,7 +197,7 @@ def test_corrupt_newest_checkpoint_falls_back_and_resume_is_exact(tmp_path):
 
 
 def test_early_warning_on_a_rising_loss_fires_once(caplog):
-    from bigbatch.run import EarlyWarning
+    from bigbatch.train.early_warning import EarlyWarning
 
     watch = EarlyWarning()
     figures = [(1.0, 1.0), (1.1, 1.0), (0.9, 1.0), (1.4, 1.0), (2.0, 1.0), (2.2, 1.0), (3.0, 1.0)]
@@ -212,7 +212,7 @@ def test_early_warning_on_a_rising_loss_fires_once(caplog):
 
 
 def test_early_warning_on_a_gradient_spike_and_only_in_the_first_steps():
-    from bigbatch.run import EarlyWarning
+    from bigbatch.train.early_warning import EarlyWarning
 
     watch = EarlyWarning(window_steps=50)
     norms = [1.0, 1.2, 0.8, 1.1, 12.5, 30.0]

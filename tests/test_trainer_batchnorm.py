@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 import torch
 
-from bigbatch import run
-from bigbatch.configfile import validate
-from bigbatch.trainer import Trainer
+from bigbatch.core.batchnorm import apply_policy
+from bigbatch.train.configfile import validate
+from bigbatch.train.trainer import Trainer
 from tests import models
 
 N = 40
@@ -58,7 +58,7 @@ def train(policy, *, images=False, global_batch_size=11, micro_batch_size=4, max
             batchnorm=policy,
         )
     )
-    model = run.apply_batchnorm_policy(model, policy, 1, "cpu")  # as fit: before the optimizer
+    model = apply_policy(model, policy, world_size=1, device_type="cpu")  # before the optimizer
     trainer = Trainer(
         model,
         torch.optim.SGD(model.parameters(), lr=0.05),

@@ -11,9 +11,9 @@ import pytest
 import torch
 from torch.utils.data import TensorDataset
 
-from bigbatch import verify as verify_module
 from bigbatch.recipes import Recipe, build
-from bigbatch.verify import breaking_layers, format_report, verify
+from bigbatch.tools import verify as verify_module
+from bigbatch.tools.verify import breaking_layers, format_report, verify
 from tests.reference import full_batch_gradients
 
 SMALL_LM = {"num_train_samples": 64, "num_eval_samples": 8, "d_model": 16, "num_heads": 2}

@@ -2,12 +2,35 @@
 
 A run is defined by its global batch; bigbatch plans the split into micro-batches, ranks and
 accumulation steps, and applies every optimizer step exactly as one big batch would.
+
+The public names load lazily (PEP 562): ``import bigbatch.plan`` needs no torch, and
+``from bigbatch import Accumulator`` loads the core only, none of the trainer, the tools or the
+command line.
 """
 
-from bigbatch.data import GlobalBatchSampler, WindowLoader
-from bigbatch.engine import Accumulator, LossFn, StepResult
-from bigbatch.plan import BatchSizeSchedule, Plan, plan, scale_learning_rate
-from bigbatch.trainer import Trainer, fit
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+# Loaded now, not lazily: `plan` is both a module and the function it defines, and importing the
+# module binds the package attribute to the module; this binds it to the function (no torch).
+from bigbatch.plan import Plan, plan
+
+__version__ = "0.1.0"
+
+# Public name -> the module that defines it.
+_PUBLIC: dict[str, str] = {
+    "Accumulator": "bigbatch.core.engine",
+    "LossFn": "bigbatch.core.loss",
+    "StepResult": "bigbatch.core.engine",
+    "GlobalBatchSampler": "bigbatch.data.sampler",
+    "WindowLoader": "bigbatch.data.loader",
+    "BatchSizeSchedule": "bigbatch.train.schedules",
+    "scale_learning_rate": "bigbatch.train.schedules",
+    "Trainer": "bigbatch.train.trainer",
+    "fit": "bigbatch.train.trainer",
+}
 
 __all__ = [
     "Accumulator",
@@ -22,4 +45,25 @@ __all__ = [
     "plan",
     "scale_learning_rate",
 ]
-__version__ = "0.1.0"
+
+if TYPE_CHECKING:
+    from bigbatch.core.engine import Accumulator, StepResult
+    from bigbatch.core.loss import LossFn
+    from bigbatch.data.loader import WindowLoader
+    from bigbatch.data.sampler import GlobalBatchSampler
+    from bigbatch.train.schedules import BatchSizeSchedule, scale_learning_rate
+    from bigbatch.train.trainer import Trainer, fit
+
+
+def __getattr__(name: str) -> Any:
+    """Load a public name's module on first use."""
+    module = _PUBLIC.get(name)
+    if module is None:
+        raise AttributeError(f"module 'bigbatch' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value  # later look-ups skip this function
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_PUBLIC})

@@ -15,6 +15,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from bigbatch.choices import DEFAULT_OPTIMIZE, OPTIMIZE_GOALS, describe
 from bigbatch.plan import plan
 
 logger = logging.getLogger(__name__)
@@ -36,7 +37,7 @@ def _rank() -> int:
 def _resolved_config(args: argparse.Namespace) -> tuple[Any, Any]:
     """The config from YAML and --set, with the recipe's defaults filled in, and the recipe."""
     from bigbatch import recipes
-    from bigbatch.configfile import load_config, with_recipe_defaults
+    from bigbatch.train.configfile import load_config, with_recipe_defaults
 
     config = load_config(args.config, args.set)
     recipe = recipes.build(config.recipe, config.model_dump())
@@ -44,7 +45,7 @@ def _resolved_config(args: argparse.Namespace) -> tuple[Any, Any]:
 
 
 def _print_config(config: Any) -> int:
-    from bigbatch.configfile import config_to_yaml
+    from bigbatch.train.configfile import config_to_yaml
 
     print(config_to_yaml(config), end="")
     return 0
@@ -52,15 +53,15 @@ def _print_config(config: Any) -> int:
 
 def _format_summary(summary: Any) -> str:
     """The end-of-run lines."""
-    from bigbatch import report
+    from bigbatch.train import report
 
     return str(report.format_summary(summary.to_dict()))
 
 
 def _train_command(args: argparse.Namespace) -> int:
-    from bigbatch import distributed
-    from bigbatch.configfile import load_config
-    from bigbatch.trainer import NonFiniteError, fit
+    from bigbatch.core import distributed
+    from bigbatch.train.configfile import load_config
+    from bigbatch.train.trainer import NonFiniteError, fit
 
     if args.print_config:
         return _print_config(_resolved_config(args)[0])
@@ -102,7 +103,7 @@ def _plan_command(args: argparse.Namespace) -> int:
             "--memory-budget chooses micro_batch_size: leave out --micro-batch-size and "
             "--gradient-accumulation-steps"
         )
-    from bigbatch.autobatch import format_choice, plan_for_budget
+    from bigbatch.tools.autobatch import format_choice, plan_for_budget
 
     choice, result = plan_for_budget(
         args.recipe or "digits",
@@ -119,7 +120,7 @@ def _plan_command(args: argparse.Namespace) -> int:
 
 
 def _verify_command(args: argparse.Namespace) -> int:
-    from bigbatch.verify import format_report, verify
+    from bigbatch.tools.verify import format_report, verify
 
     config, recipe = _resolved_config(args)
     if args.print_config:
@@ -144,7 +145,7 @@ def _verify_command(args: argparse.Namespace) -> int:
 
 
 def _bench_command(args: argparse.Namespace) -> int:
-    from bigbatch import bench
+    from bigbatch.tools import bench
 
     steps, warmup = (3, 1) if args.smoke else (args.steps, 5)
     row = bench.measure_overhead(
@@ -195,10 +196,10 @@ def _add_plan_parser(commands: Any) -> None:
     parser.add_argument("--recipe", help="the recipe to probe with --memory-budget (digits)")
     parser.add_argument(
         "--optimize",
-        choices=("memory", "throughput"),
-        default="memory",
-        help="with --memory-budget: the smallest micro-batch that keeps the device busy "
-        "(memory) or the fastest that fits (throughput)",
+        choices=tuple(OPTIMIZE_GOALS),
+        default=DEFAULT_OPTIMIZE,
+        help=f"with --memory-budget, what to choose: {describe(OPTIMIZE_GOALS)} "
+        f"(default {DEFAULT_OPTIMIZE})",
     )
     parser.add_argument("--json", action="store_true", help="print the plan as JSON")
     parser.set_defaults(handler=_plan_command)

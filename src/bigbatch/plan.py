@@ -9,12 +9,11 @@ per step in lockstep. This module needs no torch.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any
 
 
-def _check_count(name: str, value: object, *, allow_none: bool = False) -> int | None:
+def check_count(name: str, value: object, *, allow_none: bool = False) -> int | None:
     """Validate a positive integer argument; booleans and floats are refused by name."""
     if value is None and allow_none:
         return None
@@ -72,6 +71,20 @@ class Plan:
             start += sum(rank_sizes)
         return offsets
 
+    def for_items(self, num_items: int) -> Plan:
+        """The plan of a short global batch: the same window length, items spread as evenly.
+
+        Micro-batches never grow; some may be empty (e.g. fewer items than ranks).
+
+        Example:
+            >>> plan(8, world_size=2, micro_batch_size=2).for_items(5).sizes
+            ((2, 1), (1, 1))
+        """
+        if num_items == self.global_batch_size:
+            return self
+        steps = self.gradient_accumulation_steps
+        return Plan(num_items, self.world_size, steps, spread(num_items, self.world_size, steps))
+
     def to_dict(self) -> dict[str, Any]:
         """A JSON-able description of the plan."""
         return {
@@ -116,7 +129,7 @@ def _compact(sizes: tuple[int, ...]) -> str:
     return ", ".join(f"{size} x {count}" for size, count in runs)
 
 
-def _spread(global_batch_size: int, world_size: int, steps: int) -> tuple[tuple[int, ...], ...]:
+def spread(global_batch_size: int, world_size: int, steps: int) -> tuple[tuple[int, ...], ...]:
     """Spread items over world_size x steps slots, sizes differing by at most one.
 
     The extra items go to the first slots in micro-step-major order (step 0 on every rank, then
@@ -176,11 +189,9 @@ def plan(
         >>> plan(10, world_size=2, micro_batch_size=3).sizes
         ((3, 2), (3, 2))
     """
-    world_size = _check_count("world_size", world_size)  # type: ignore[assignment]
-    micro = _check_count("micro_batch_size", micro_batch_size, allow_none=True)
-    steps = _check_count(
-        "gradient_accumulation_steps", gradient_accumulation_steps, allow_none=True
-    )
+    world_size = check_count("world_size", world_size)  # type: ignore[assignment]
+    micro = check_count("micro_batch_size", micro_batch_size, allow_none=True)
+    steps = check_count("gradient_accumulation_steps", gradient_accumulation_steps, allow_none=True)
     if global_batch_size is None:
         if micro is None or steps is None:
             raise ValueError(
@@ -188,7 +199,7 @@ def plan(
                 "gradient_accumulation_steps are given"
             )
         global_batch_size = micro * steps * world_size
-    total = _check_count("global_batch_size", global_batch_size)
+    total = check_count("global_batch_size", global_batch_size)
     assert total is not None
     if world_size > total:
         raise ValueError(
@@ -215,107 +226,4 @@ def plan(
         steps = math.ceil(total / (world_size * micro))
     elif steps is None:
         steps = 1
-    return Plan(total, world_size, steps, _spread(total, world_size, steps))
-
-
-LrScalingRule = Literal["linear", "sqrt", "none"]
-LR_SCALING_RULES: tuple[str, ...] = ("linear", "sqrt", "none")
-
-
-def scale_learning_rate(
-    base_lr: float, global_batch_size: int, base_batch_size: int, rule: LrScalingRule
-) -> float:
-    """The learning rate for a global batch, scaled from one tuned at base_batch_size.
-
-    linear: lr = base_lr x global / base (Goyal et al. 2017, for SGD); sqrt: lr = base_lr x
-    sqrt(global / base) (for adaptive optimizers such as Adam); none: base_lr.
-
-    Example:
-        >>> scale_learning_rate(0.1, 1024, 256, "linear")
-        0.4
-        >>> scale_learning_rate(1e-3, 1024, 256, "sqrt")
-        0.002
-    """
-    if rule not in LR_SCALING_RULES:
-        raise ValueError(
-            f"lr_scaling.rule must be one of {', '.join(LR_SCALING_RULES)}, got {rule!r}"
-        )
-    _check_count("global_batch_size", global_batch_size)
-    _check_count("lr_scaling.base_batch_size", base_batch_size)
-    ratio = global_batch_size / base_batch_size
-    if rule == "linear":
-        return base_lr * ratio
-    if rule == "sqrt":
-        return base_lr * math.sqrt(ratio)
-    return base_lr
-
-
-def stage_at(stages: Sequence[tuple[int, int]], step: int) -> int:
-    """The value of the last ``(start_step, value)`` stage that has started by ``step``."""
-    value = stages[0][1]
-    for start, stage_value in stages:
-        if start > step:
-            break
-        value = stage_value
-    return value
-
-
-@dataclass(frozen=True)
-class BatchSizeSchedule:
-    """A piecewise-constant global batch over optimizer steps.
-
-    ``stages`` holds ``(start_step, global_batch_size)`` pairs, the first at step 0, starts
-    increasing. Steps count from 0. A ramp-up (small to large), or fewer accumulation steps late
-    in training (large to small), are both schedules.
-
-    Example:
-        >>> schedule = BatchSizeSchedule.from_value([[0, 64], [100, 256]])
-        >>> schedule.at(99), schedule.at(100)
-        (64, 256)
-    """
-
-    stages: tuple[tuple[int, int], ...]
-
-    def __post_init__(self) -> None:
-        if not self.stages:
-            raise ValueError(
-                "batch_size_schedule needs at least one [step, global_batch_size] stage"
-            )
-        starts = [start for start, _ in self.stages]
-        if starts[0] != 0:
-            raise ValueError(
-                f"batch_size_schedule must start at step 0, got first step {starts[0]}"
-            )
-        if any(later <= earlier for earlier, later in zip(starts, starts[1:])):
-            raise ValueError(f"batch_size_schedule steps must increase, got {starts}")
-        for start, size in self.stages:
-            if isinstance(start, bool) or not isinstance(start, int) or start < 0:
-                raise ValueError(f"batch_size_schedule step must be an integer >= 0, got {start!r}")
-            _check_count("batch_size_schedule global_batch_size", size)
-
-    @classmethod
-    def constant(cls, global_batch_size: int) -> BatchSizeSchedule:
-        """The same global batch for every step."""
-        return cls(((0, global_batch_size),))
-
-    @classmethod
-    def from_value(cls, value: int | Sequence[Sequence[int]]) -> BatchSizeSchedule:
-        """From an int (constant) or a list of ``[start_step, global_batch_size]`` pairs."""
-        if isinstance(value, int) and not isinstance(value, bool):
-            return cls.constant(value)
-        try:
-            stages = tuple((int(start), int(size)) for start, size in value)  # type: ignore[union-attr]
-        except (TypeError, ValueError):
-            raise ValueError(
-                "batch_size_schedule must be a global batch size or a list of "
-                f"[step, global_batch_size] pairs, got {value!r}"
-            ) from None
-        return cls(stages)
-
-    def at(self, step: int) -> int:
-        """The global batch size of (0-based) optimizer step ``step``."""
-        return stage_at(self.stages, step)
-
-    def to_dict(self) -> dict[str, Any]:
-        """A JSON-able form: ``{"stages": [[step, global_batch_size], ...]}``."""
-        return {"stages": [list(stage) for stage in self.stages]}
+    return Plan(total, world_size, steps, spread(total, world_size, steps))

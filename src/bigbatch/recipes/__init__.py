@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from torch.utils.data import Dataset
 
-from bigbatch.engine import LossFn
+from bigbatch.core.engine import LossFn
 
 RECIPES: dict[str, str] = {
     "digits": "bigbatch.recipes.digits:build",
@@ -55,6 +55,18 @@ class Recipe:
     eval_fn: EvalFn | None = None
     optimizer: str = "adamw"
     defaults: dict[str, Any] = field(default_factory=dict)
+
+    def build_optimizer(
+        self, model: torch.nn.Module, lr: float, weight_decay: float = 0.0
+    ) -> torch.optim.Optimizer:
+        """The recipe's optimizer by name over the model's trainable parameters: "adamw", or
+        "sgd" (momentum 0.9)."""
+        parameters = [p for p in model.parameters() if p.requires_grad]
+        if self.optimizer == "adamw":
+            return torch.optim.AdamW(parameters, lr=lr, weight_decay=weight_decay)
+        if self.optimizer == "sgd":
+            return torch.optim.SGD(parameters, lr=lr, momentum=0.9, weight_decay=weight_decay)
+        raise ValueError(f"recipe optimizer must be 'adamw' or 'sgd', got {self.optimizer!r}")
 
 
 def resolve(spec: str) -> Callable[[Mapping[str, Any]], Recipe]:

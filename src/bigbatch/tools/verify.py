@@ -20,9 +20,9 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.modules.dropout import _DropoutNd
 from torch.utils.data import default_collate
 
-from bigbatch import batches
-from bigbatch import batchnorm as batchnorm_policies
-from bigbatch.engine import Accumulator, LossFn
+from bigbatch.core import batches
+from bigbatch.core import batchnorm as batchnorm_policies
+from bigbatch.core.engine import Accumulator, LossFn
 from bigbatch.plan import plan
 from bigbatch.recipes import Recipe
 

@@ -10,13 +10,13 @@ from __future__ import annotations
 
 import contextlib
 import warnings
-from typing import Any, Literal
+from typing import Any
 
 import torch
 
-from bigbatch import distributed
+from bigbatch.choices import Precision
+from bigbatch.core import distributed
 
-Precision = Literal["fp32", "bf16", "fp16"]
 PRECISIONS: tuple[str, ...] = ("fp32", "bf16", "fp16")
 
 

@@ -4,7 +4,7 @@
 peak on CUDA; on other devices an accounting of the tensors saved for backward plus parameters,
 gradients and optimizer state) and its samples/s, then fits memory(n) = a + b * n. It leaves the
 model, its gradients, the optimizer and every RNG as it found them. Choosing a micro-batch from
-the measurements is `bigbatch.autobatch`.
+the measurements is `bigbatch.tools.autobatch`.
 """
 
 from __future__ import annotations
@@ -22,8 +22,8 @@ import numpy as np
 import torch
 from torch.autograd.graph import saved_tensors_hooks
 
-from bigbatch import batches, distributed
-from bigbatch.engine import LossFn
+from bigbatch.core import batches, distributed
+from bigbatch.core.engine import LossFn
 
 logger = logging.getLogger(__name__)
 

@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from bigbatch import batches, distributed
+from bigbatch.core import batches, distributed
 
 logger = logging.getLogger(__name__)
 

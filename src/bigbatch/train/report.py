@@ -1,8 +1,8 @@
 """What a run leaves behind when it ends: ``report.md``, the curves and the closing summary.
 
-Everything is computed from the records of ``metrics.jsonl`` (see `bigbatch.metrics`), so a report
-can be rebuilt from any run directory; steps are optimizer steps (DESIGN invariant 4). Only rank 0
-calls these.
+Everything is computed from the records of ``metrics.jsonl`` (see `bigbatch.train.metrics`), so a
+report can be rebuilt from any run directory; steps are optimizer steps (docs/design.md, invariant
+4). Only rank 0 calls these.
 """
 
 from __future__ import annotations
@@ -13,13 +13,13 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from bigbatch.metrics import format_bytes, format_number
+from bigbatch.core import distributed
+from bigbatch.units import format_bytes, format_number
 
 logger = logging.getLogger(__name__)
 
 
 REPORT_FILE = "report.md"
-PLOT_FILE = "training.png"
 
 
 def summarize_metrics(metrics: list[dict[str, Any]]) -> dict[str, Any]:
@@ -216,3 +216,88 @@ def _format_plan(plan: Any) -> str:
     if isinstance(plan, Mapping):
         return "\n".join(f"{key}: {value}" for key, value in plan.items())
     return str(plan)
+
+
+def noise_scale_summary(
+    critical_batch_size: float | None,
+    global_batch_size: int,
+    items_per_sample: float,
+    *,
+    adaptive: bool,
+) -> dict[str, Any]:
+    """The run summary's noise-scale entries: the estimate and the advice as a report section."""
+    critical_samples = (
+        None if critical_batch_size is None else critical_batch_size / items_per_sample
+    )
+    advice = noise_scale_advice(
+        global_batch_size, critical_samples, adaptive=adaptive, items_per_sample=items_per_sample
+    )
+    if distributed.is_main_process():
+        logger.info("gradient noise scale: %s", " ".join(advice.split()))
+    summary: dict[str, Any] = {
+        "critical_batch_size": critical_batch_size,
+        "critical_batch_samples": critical_samples,
+        "sections": {"Gradient noise scale": advice},
+    }
+    if adaptive:
+        summary["final_global_batch_size"] = global_batch_size
+    return summary
+
+
+def noise_scale_advice(
+    global_batch_size: int,
+    critical_batch_size: float | None,
+    *,
+    adaptive: bool = False,
+    items_per_sample: float = 1.0,
+) -> str:
+    """B versus the measured B_crit, its cost by McCandlish et al.'s model, and a recommendation.
+
+    Both in samples (the unit of the global batch); ``items_per_sample`` > 1 (tokens per
+    sequence) also states B_crit in the loss items it was measured in.
+
+    Their model (arXiv:1812.06162): a run at global batch B needs about (1 + B_crit / B) x the
+    minimum number of optimizer steps and (1 + B / B_crit) x the minimum number of items.
+
+    Example:
+        >>> print(noise_scale_advice(1024, 256.0).splitlines()[2][:60])
+        By McCandlish et al.'s model the run used about 5.0x the min
+    """
+    if critical_batch_size is None or not critical_batch_size > 0:
+        return (
+            f"Global batch B = {global_batch_size}; no critical batch size was measured (a step "
+            "needs 2 or more micro-batches over all ranks, and enough steps to smooth over)."
+        )
+    ratio = global_batch_size / critical_batch_size
+    items, steps = 1.0 + ratio, 1.0 + 1.0 / ratio
+    which = "last global batch" if adaptive else "global batch"
+    in_items = (
+        f" samples, {critical_batch_size * items_per_sample:.0f} loss items"
+        if items_per_sample != 1.0
+        else ""
+    )
+    lines = [
+        f"{which} B = {global_batch_size}, measured critical batch size B_crit = "
+        f"{critical_batch_size:.0f}{in_items} (B / B_crit = {ratio:.2f}).",
+        f"By McCandlish et al.'s model the run used about {items:.1f}x the minimum items and "
+        f"{steps:.1f}x the minimum steps.",
+    ]
+    if ratio > 2.0:
+        lines.append(
+            f"Recommendation: the global batch is well above B_crit, so most extra items are "
+            f"wasted; a global batch near {critical_batch_size:.0f} would need far fewer items "
+            "for a few more steps (fewer accumulation steps or ranks)."
+        )
+    elif ratio < 0.5:
+        lines.append(
+            f"Recommendation: the global batch is well below B_crit; a larger one, up to about "
+            f"{critical_batch_size:.0f} (more accumulation steps or ranks), would cut the "
+            "optimizer steps almost proportionally for few extra items."
+        )
+    else:
+        lines.append(
+            "Recommendation: the global batch is near B_crit, the usual sweet spot between "
+            "steps and items; keep it."
+        )
+    lines[0] = lines[0][0].upper() + lines[0][1:]
+    return "\n\n".join(lines)

@@ -1,7 +1,7 @@
-"""Split-invariant data: global batches from a seeded per-epoch permutation, cut into windows.
+"""This rank's windows: each global batch of the sampler cut by the step's plan into micro-batches.
 
-`GlobalBatchSampler` decides which items every optimizer step consumes, independently of the
-world size, micro-batch or accumulation (DESIGN invariant 3). `WindowLoader` cuts each global batch
+`WindowLoader` takes the items of every step from `bigbatch.data.sampler.GlobalBatchSampler`
+(split-invariant, docs/design.md invariant 3) and cuts each global batch
 with the step's plan into this rank's window of collated micro-batches, through a
 `torch.utils.data.DataLoader` (workers, prefetching across steps), and resumes at an exact position.
 """
@@ -13,126 +13,14 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, default_collate
 
-from bigbatch import batches
+from bigbatch.core import batches
+from bigbatch.data.sampler import GlobalBatchSampler
 from bigbatch.plan import Plan
 
 logger = logging.getLogger(__name__)
-
-
-class GlobalBatchSampler:
-    """The indices of each global batch: the next items of a seeded permutation per epoch.
-
-    The permutation of epoch e is drawn from a generator seeded with (seed, e). Each call takes the
-    next global_batch_size items of the current epoch; the last global batch of an epoch is short
-    unless drop_last, then the next epoch starts. The size may change from call to call
-    (batch-size schedules), and every item is used exactly once per epoch.
-
-    Example:
-        >>> sampler = GlobalBatchSampler(5, seed=0)
-        >>> [len(sampler.next_global_batch(2)) for _ in range(4)], sampler.epoch
-        ([2, 2, 1, 2], 1)
-    """
-
-    def __init__(self, num_samples: int, *, seed: int, drop_last: bool = False) -> None:
-        if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 1:
-            raise ValueError(f"num_samples must be a positive integer, got {num_samples!r}")
-        if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
-            raise ValueError(f"seed must be an integer >= 0, got {seed!r}")
-        self.num_samples = num_samples
-        self.seed = seed
-        self.drop_last = drop_last
-        self.epoch = 0
-        self.position = 0
-        self._permutation: tuple[int, np.ndarray] | None = None
-
-    def permutation(self, epoch: int) -> np.ndarray:
-        """The order of the items in one epoch."""
-        if self._permutation is None or self._permutation[0] != epoch:
-            order = np.random.default_rng([self.seed, epoch]).permutation(self.num_samples)
-            self._permutation = (epoch, order)
-        return self._permutation[1]
-
-    def advance(self, global_batch_size: int) -> tuple[int, int, int]:
-        """Move past the next global batch without drawing it: (epoch, start, stop)."""
-        if isinstance(global_batch_size, bool) or not isinstance(global_batch_size, int):
-            raise TypeError(f"global_batch_size must be an integer, got {global_batch_size!r}")
-        if global_batch_size < 1:
-            raise ValueError(f"global_batch_size must be >= 1, got {global_batch_size}")
-        if self.drop_last and global_batch_size > self.num_samples:
-            raise ValueError(
-                f"global_batch_size {global_batch_size} is larger than the dataset "
-                f"({self.num_samples} items) with drop_last: every batch would be dropped; "
-                "use drop_last false or a smaller global_batch_size"
-            )
-        remaining = self.num_samples - self.position
-        if remaining == 0 or (self.drop_last and remaining < global_batch_size):
-            self.epoch += 1
-            self.position = 0
-        start = self.position
-        self.position = min(self.num_samples, start + global_batch_size)
-        return self.epoch, start, self.position
-
-    def next_epoch(self, global_batch_size: int) -> int:
-        """The epoch the next global batch of this size would come from (state unchanged)."""
-        remaining = self.num_samples - self.position
-        return self.epoch + int(
-            remaining == 0 or (self.drop_last and remaining < global_batch_size)
-        )
-
-    def next_global_batch(self, global_batch_size: int) -> list[int]:
-        """The dataset indices of the next global batch."""
-        epoch, start, stop = self.advance(global_batch_size)
-        return [int(index) for index in self.permutation(epoch)[start:stop]]
-
-    def state_dict(self) -> dict[str, int]:
-        """The position, as plain ints: the epoch and the items of it already used."""
-        return {"epoch": self.epoch, "position": self.position}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Continue from a position returned by `state_dict`."""
-        epoch, position = int(state["epoch"]), int(state["position"])
-        if epoch < 0 or not 0 <= position <= self.num_samples:
-            raise ValueError(
-                f"data position epoch {epoch}, position {position} does not fit a dataset of "
-                f"{self.num_samples} items"
-            )
-        self.epoch, self.position = epoch, position
-
-
-def count_steps(
-    num_samples: int,
-    epochs: int,
-    global_batch_size_at: Callable[[int], int],
-    *,
-    drop_last: bool = False,
-) -> int:
-    """How many optimizer steps `epochs` passes take under a (possibly changing) global batch."""
-    sampler = GlobalBatchSampler(num_samples, seed=0, drop_last=drop_last)
-    step = 0
-    while sampler.next_epoch(global_batch_size_at(step)) < epochs:
-        sampler.advance(global_batch_size_at(step))
-        step += 1
-    return step
-
-
-def window_plan(plan: Plan, num_items: int) -> Plan:
-    """The plan of a short global batch: the same window length, items spread as evenly.
-
-    Micro-batches never grow; some may be empty (e.g. fewer items than ranks).
-    """
-    if num_items == plan.global_batch_size:
-        return plan
-    steps, world_size = plan.gradient_accumulation_steps, plan.world_size
-    base, extra = divmod(num_items, world_size * steps)
-    sizes = tuple(
-        tuple(base + (step * world_size + rank < extra) for step in range(steps))
-        for rank in range(world_size)
-    )
-    return Plan(num_items, world_size, steps, sizes)
 
 
 @dataclass(frozen=True)
@@ -195,7 +83,7 @@ class _MicroBatchIndices:
         while True:
             plan = loader.plan_for(loader.global_batch_size_at(step))
             indices = sampler.next_global_batch(plan.global_batch_size)
-            plan = window_plan(plan, len(indices))
+            plan = plan.for_items(len(indices))
             start = plan.rank_offsets()[loader.rank]
             for size in plan.micro_batch_sizes(loader.rank):
                 if size == 0:
@@ -281,7 +169,7 @@ class WindowLoader:
         while True:
             plan = self.plan_for(self.global_batch_size_at(self.step))
             epoch, start, stop = self.sampler.advance(plan.global_batch_size)
-            plan = window_plan(plan, stop - start)
+            plan = plan.for_items(stop - start)
             window = [next(micro_batches) for _ in range(plan.gradient_accumulation_steps)]
             self.step += 1
             yield Window(self.step - 1, epoch, plan, window, stop - start)
@@ -316,3 +204,19 @@ def eval_batches(
         generator=torch.Generator().manual_seed(0),
     )
     return iter(loader)
+
+
+def first_samples(
+    dataset: Dataset[Any], collate_fn: Callable[[list[Any]], Any] | None = None
+) -> Callable[[int], Any]:
+    """``make_batch(n)``: the first n samples of the dataset (cycled), collated as training does.
+
+    What the memory probe measures a micro-batch size with.
+    """
+    collate = collate_fn or default_collate
+    length = len(dataset)  # type: ignore[arg-type]
+
+    def make_batch(size: int) -> Any:
+        return collate([dataset[index % length] for index in range(size)])
+
+    return make_batch

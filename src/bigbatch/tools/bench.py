@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from bigbatch.engine import Accumulator
+from bigbatch.core.engine import Accumulator
 from bigbatch.plan import plan
 
 Window = list[tuple[torch.Tensor, torch.Tensor]]
@@ -284,7 +284,8 @@ def measure_memory(
     """The digits recipe's activation memory per micro-batch size, by the memory probe."""
     from torch.utils.data import default_collate
 
-    from bigbatch import memory, recipes
+    from bigbatch import recipes
+    from bigbatch.tools import memory
 
     recipe = recipes.build("digits", {"seed": 0})
     dataset = recipe.train_dataset

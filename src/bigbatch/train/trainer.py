@@ -20,17 +20,21 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import Dataset
 
-from bigbatch import batches, distributed, recipes, run
-from bigbatch import batchnorm as batchnorm_policies
-from bigbatch import metrics as run_metrics
-from bigbatch import report as run_report
-from bigbatch.config import Config
-from bigbatch.configfile import config_to_yaml, with_recipe_defaults
-from bigbatch.data import Window, WindowLoader
-from bigbatch.engine import Accumulator, LossFn, StepResult
+from bigbatch import recipes
+from bigbatch.core import batches, distributed
+from bigbatch.core import batchnorm as batchnorm_policies
+from bigbatch.core.engine import Accumulator, LossFn, StepResult
+from bigbatch.data.loader import Window, WindowLoader, first_samples
 from bigbatch.recipes import EvalFn
-from bigbatch.run import RunSummary
-from bigbatch.schedule import BatchPlanner
+from bigbatch.tools.autobatch import choose_micro_batch_size
+from bigbatch.train import checkpoint, environment, evaluation, rundir
+from bigbatch.train import metrics as run_metrics
+from bigbatch.train import report as run_report
+from bigbatch.train.config import Config
+from bigbatch.train.configfile import config_to_yaml, with_recipe_defaults
+from bigbatch.train.early_warning import EarlyWarning
+from bigbatch.train.schedules import BatchPlanner
+from bigbatch.train.state import RunSummary, SessionFigures, TrainState
 
 logger = logging.getLogger(__name__)
 
@@ -89,8 +93,8 @@ class Trainer:
         self.run_dir = Path(run_dir) if run_dir is not None else None
         self.progress, self.name = progress, name
         self.rank, self.world_size = distributed.get_rank(), distributed.get_world_size()
-        self.device = run.resolve_device(config.device)
-        model = run.apply_batchnorm_policy(
+        self.device = environment.resolve_device(config.device)
+        model = _apply_batchnorm_policy_once(
             model, config.batchnorm, self.world_size, self.device.type
         )
         self.module = distributed.unwrap(model).to(self.device)
@@ -115,21 +119,17 @@ class Trainer:
         self.batches = BatchPlanner(config, self.world_size, num_samples, self._probe)
         self.plan_for, self.batch_size_at = self.batches.plan_for, self.batches.at
         self.first_global_batch_size = self.batches.first_global_batch_size
-        self.early_warning = run.EarlyWarning()
+        self.early_warning = EarlyWarning()
 
     # -- plans, batch sizes and learning rate --------------------------------------------------
 
     def _probe(self) -> int:
         """micro_batch_size auto: the memory probe, agreed over ranks."""
-        from bigbatch.autobatch import choose_micro_batch_size
-
-        collate = self.collate_fn or torch.utils.data.default_collate
-        dataset, length = self.train_dataset, len(self.train_dataset)  # type: ignore[arg-type]
         budget = self.config.memory_budget
         choice = choose_micro_batch_size(
             self.module,
             self.loss_fn,
-            lambda n: collate([dataset[i % length] for i in range(n)]),
+            first_samples(self.train_dataset, self.collate_fn),
             max_micro_batch_size=math.ceil(self.first_global_batch_size / self.world_size),
             memory_budget_bytes=None if budget == "auto" else budget,
             optimize=self.config.optimize,
@@ -142,7 +142,7 @@ class Trainer:
         logger.info("micro_batch_size auto: %d (%s)", chosen[0], choice.reason)
         return int(chosen[0])
 
-    def _set_lr(self, step: int, total: int, counters: dict[str, int]) -> float:
+    def _set_lr(self, step: int, total: int, state: TrainState) -> float:
         """Every group's lr for this step: base x scaling rule x warm-up/decay."""
         noise = self.accumulator.noise_scale()
         for group in self.optimizer.param_groups:
@@ -150,9 +150,9 @@ class Trainer:
                 group["initial_lr"],
                 step,
                 total,
-                counters["samples_done"],
+                state.samples_done,
                 noise,
-                _items_per_sample(counters),
+                state.items_per_sample,
             )
         return float(self.optimizer.param_groups[0]["lr"])
 
@@ -166,7 +166,7 @@ class Trainer:
             batchnorm_policies.warn_small_micro_batches(self.module, first_plan.micro_batch_size)
         writes = self.run_dir is not None and distributed.is_main_process()
         if self.run_dir is not None:
-            run.prepare_run_dir(self.run_dir, resume=resume, overwrite=overwrite)
+            rundir.prepare_run_dir(self.run_dir, resume=resume, overwrite=overwrite)
             if distributed.is_initialized():
                 dist.barrier()  # every rank has checked the directory before rank 0 writes
         loader = WindowLoader(
@@ -181,9 +181,9 @@ class Trainer:
             pin_memory=self.device.type == "cuda",
         )
         # Training draws (dropout, ...) from a stream of its own per rank, reproducible on resume.
-        run.seed_everything(self.config.seed + 1_000_003 * self.rank)
-        counters = {"skipped_steps": 0, "nonfinite_in_row": 0, "samples_done": 0, "items_done": 0}
-        restored = self._restore(loader, counters) if resume else None
+        environment.seed_everything(self.config.seed + 1_000_003 * self.rank)
+        state = TrainState()
+        restored = self._restore(loader, state) if resume else None
         total = self.batches.total_steps()
         if writes:
             assert self.run_dir is not None
@@ -194,32 +194,32 @@ class Trainer:
             self.run_dir or Path("."), enabled=writes, resume_step=restored
         )
         bar = run_metrics.ProgressBar(total, initial=loader.step, enabled=self.progress and writes)
-        figures: dict[str, Any] = {"samples": 0, "items": 0, "time_s": 0.0, "final_loss": None}
+        figures = SessionFigures()
         try:
-            self._loop(loader, total, counters, logger_, bar, figures)
+            self._loop(loader, total, state, logger_, bar, figures)
             eval_metrics = self.evaluate()
             if eval_metrics:
                 logger_.log_eval(loader.step, eval_metrics)
             if self.run_dir is not None:
-                self._save_checkpoint(loader, counters)
+                self._save_checkpoint(loader, state)
         finally:
             bar.close()
             logger_.close()
-        time_s = max(figures["time_s"], 1e-12)
+        time_s = max(figures.time_s, 1e-12)
         summary = RunSummary(
             steps=loader.step,
-            final_loss=figures["final_loss"],
+            final_loss=figures.final_loss,
             eval_metrics=eval_metrics,
-            samples_per_s=figures["samples"] / time_s,
-            items_per_s=figures["items"] / time_s,
-            peak_memory_bytes=run.peak_memory_bytes(self.device),
-            skipped_steps=counters["skipped_steps"],
+            samples_per_s=figures.samples / time_s,
+            items_per_s=figures.items / time_s,
+            peak_memory_bytes=environment.peak_memory_bytes(self.device),
+            skipped_steps=state.skipped_steps,
             plan=first_plan.to_dict(),
             run_dir=self.run_dir,
             global_batch_size=self.first_global_batch_size,
             wall_time_s=time.perf_counter() - start_time,
             recipe=self.name,
-            extra=self._noise_scale_summary(loader.step, _items_per_sample(counters)),
+            extra=self._noise_scale_summary(loader.step, state.items_per_sample),
         )
         if writes:
             self._finish_run_dir(summary)
@@ -229,10 +229,10 @@ class Trainer:
         self,
         loader: WindowLoader,
         total: int,
-        counters: dict[str, int],
+        state: TrainState,
         logger_: run_metrics.MetricsLogger,
         bar: run_metrics.ProgressBar,
-        figures: dict[str, Any],
+        figures: SessionFigures,
     ) -> None:
         """Steps from the loader's position to the end, with logs, evaluations and checkpoints."""
         self.model.train()
@@ -241,18 +241,18 @@ class Trainer:
         try:
             while not self.batches.finished(loader.step, loader.sampler, total):
                 window = next(windows)
-                learning_rate = self._set_lr(window.step, total, counters)
+                learning_rate = self._set_lr(window.step, total, state)
                 micro_batches = [batches.to_device(m, self.device) for m in window.micro_batches]
                 result = self.accumulator.step(micro_batches, self.loss_fn)
                 step_time_s, tick = time.perf_counter() - tick, time.perf_counter()
-                self._count(result, window.step, counters)
-                counters["samples_done"] += window.num_samples
-                counters["items_done"] += result.num_items
-                figures["samples"] += window.num_samples
-                figures["items"] += result.num_items
-                figures["time_s"] += step_time_s
+                self._count(result, window.step, state)
+                state.samples_done += window.num_samples
+                state.items_done += result.num_items
+                figures.samples += window.num_samples
+                figures.items += result.num_items
+                figures.time_s += step_time_s
                 if not result.skipped:
-                    figures["final_loss"] = result.loss
+                    figures.final_loss = result.loss
                     self.early_warning.observe(
                         loader.step,
                         result.loss,
@@ -260,26 +260,26 @@ class Trainer:
                         learning_rate,
                         self.batch_size_at(window.step),
                     )
-                record = run.step_record(
+                record = run_metrics.step_record(
                     window,
                     result,
                     learning_rate,
                     step_time_s,
                     self.batch_size_at(window.step),
-                    _items_per_sample(counters),
+                    state.items_per_sample,
                 )
-                record["peak_memory_bytes"] = run.peak_memory_bytes(self.device)
-                record["skipped_steps"] = counters["skipped_steps"]
+                record["peak_memory_bytes"] = environment.peak_memory_bytes(self.device)
+                record["skipped_steps"] = state.skipped_steps
                 logger_.log_step(loader.step, record)
                 bar.update(loader.step, record)
-                changed = self._adapt(loader.step, result, _items_per_sample(counters))
+                changed = self._adapt(loader.step, result, state.items_per_sample)
                 finished = self.batches.finished(loader.step, loader.sampler, total)
                 every_eval, every_save = self.config.eval_every, self.config.checkpoint_every
                 if not finished and every_eval and loader.step % every_eval == 0:
                     logger_.log_eval(loader.step, self.evaluate())
                 due = every_save and loader.step % every_save == 0 and not finished
                 if due and self.run_dir is not None:
-                    self._save_checkpoint(loader, counters)
+                    self._save_checkpoint(loader, state)
                 if changed:  # prefetched micro-batches were cut for the old size: start afresh
                     windows.close()  # type: ignore[attr-defined]
                     windows = iter(loader)
@@ -303,13 +303,13 @@ class Trainer:
         critical_samples = noise.critical_batch_size / items_per_sample
         return adaptive.update(steps_done, critical_samples) is not None
 
-    def _count(self, result: StepResult, step: int, counters: dict[str, int]) -> None:
+    def _count(self, result: StepResult, step: int, state: TrainState) -> None:
         """Count skipped steps; stop after too many non-finite ones in a row (on_nonfinite stop)."""
-        counters["skipped_steps"] += int(result.skipped)
+        state.skipped_steps += int(result.skipped)
         nonfinite = result.skipped and (result.skip_reason or "").startswith("non-finite")
-        counters["nonfinite_in_row"] = counters["nonfinite_in_row"] + 1 if nonfinite else 0
+        state.nonfinite_in_row = state.nonfinite_in_row + 1 if nonfinite else 0
         limit = self.config.max_nonfinite_in_row
-        if self.config.on_nonfinite == "stop" and counters["nonfinite_in_row"] >= limit:
+        if self.config.on_nonfinite == "stop" and state.nonfinite_in_row >= limit:
             raise NonFiniteError(
                 f"{result.skip_reason} for {limit} optimizer steps in a row (last: step "
                 f"{step + 1}); weights were not updated with it. Check: the learning rate (lr "
@@ -322,7 +322,7 @@ class Trainer:
         if self.eval_dataset is None:
             return {}
         micro_batch_size = self.plan_for(self.first_global_batch_size).micro_batch_size
-        return run.evaluate(
+        return evaluation.evaluate(
             self.module,
             self.loss_fn,
             self.eval_fn,
@@ -334,12 +334,12 @@ class Trainer:
 
     # -- checkpoints, the run directory and the summary ----------------------------------------
 
-    def _save_checkpoint(self, loader: WindowLoader, counters: dict[str, int]) -> None:
-        rng = run.gather_rng_states(self.world_size)
+    def _save_checkpoint(self, loader: WindowLoader, state: TrainState) -> None:
+        rng = checkpoint.gather_rng_states(self.world_size)
         if not distributed.is_main_process():
             return
         assert self.run_dir is not None
-        state = {
+        training_state = {
             "optimizer": self.optimizer.state_dict(),
             "accumulator": self.accumulator.state_dict(),
             "data": loader.state_dict(),
@@ -347,36 +347,36 @@ class Trainer:
             "plan": self.plan_for(self.batch_size_at(max(0, loader.step - 1))).to_dict(),
             "micro_batch_size": self.batches.micro_batch_size,
             "config": self.config.model_dump(mode="json"),
-            "counters": dict(counters),
+            "counters": state.state_dict(),
             "world_size": self.world_size,
             "early_warning": self.early_warning.state_dict(),
             "adaptive": self.batches.adaptive.state_dict()
             if self.batches.adaptive is not None
             else None,
         }
-        run.save_run_checkpoint(
-            self.run_dir, loader.step, self.module, state, self.config.keep_checkpoints
+        checkpoint.save_run_checkpoint(
+            self.run_dir, loader.step, self.module, training_state, self.config.keep_checkpoints
         )
 
-    def _restore(self, loader: WindowLoader, counters: dict[str, int]) -> int | None:
+    def _restore(self, loader: WindowLoader, state: TrainState) -> int | None:
         """Load the newest valid checkpoint into everything; returns its step (None: none)."""
-        found = run.load_run_checkpoint(self.run_dir)
+        found = checkpoint.load_run_checkpoint(self.run_dir)
         if found is None:
             return None
-        state = found.training_state
+        saved = found.training_state
         self.module.load_state_dict(found.model_state)
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.accumulator.load_state_dict(state["accumulator"])
-        loader.load_state_dict(state["data"])
-        counters.update({key: int(value) for key, value in state["counters"].items()})
+        self.optimizer.load_state_dict(saved["optimizer"])
+        self.accumulator.load_state_dict(saved["accumulator"])
+        loader.load_state_dict(saved["data"])
+        state.load_state_dict(saved["counters"])
         if self.config.micro_batch_size == "auto":
-            self.batches.micro_batch_size = int(state["micro_batch_size"])  # no second memory probe
-        if state.get("early_warning"):
-            self.early_warning.load_state_dict(state["early_warning"])
-        if self.batches.adaptive is not None and state.get("adaptive"):
-            self.batches.adaptive.load_state_dict(state["adaptive"])
+            self.batches.micro_batch_size = int(saved["micro_batch_size"])  # no second memory probe
+        if saved.get("early_warning"):
+            self.early_warning.load_state_dict(saved["early_warning"])
+        if self.batches.adaptive is not None and saved.get("adaptive"):
+            self.batches.adaptive.load_state_dict(saved["adaptive"])
         rank, world_size = self.rank, self.world_size
-        run.restore_rng_states(state["rng"], rank, world_size, state.get("world_size"))
+        checkpoint.restore_rng_states(saved["rng"], rank, world_size, saved.get("world_size"))
         logger.info("resumed from %s at step %d", found.path, found.step)
         return found.step
 
@@ -385,7 +385,7 @@ class Trainer:
         noise = self.accumulator.noise_scale()
         if noise is None:
             return {}
-        return run.noise_scale_summary(
+        return run_report.noise_scale_summary(
             noise.critical_batch_size,
             self.batch_size_at(max(0, steps - 1)),
             items_per_sample,
@@ -394,16 +394,10 @@ class Trainer:
 
     def _finish_run_dir(self, summary: RunSummary) -> None:
         assert self.run_dir is not None
-        run.save_final_weights(self.run_dir, self.module)
+        rundir.save_final_weights(self.run_dir, self.module)
         records = run_metrics.read_metrics(self.run_dir / "metrics.jsonl")
-        plot = run_report.plot_run(records, self.run_dir / run.PLOT_FILE)
+        plot = run_report.plot_run(records, self.run_dir / rundir.PLOT_FILE)
         run_report.write_report(self.run_dir, summary.to_dict(), records, plot)
-
-
-def _items_per_sample(counters: dict[str, int]) -> float:
-    """Loss items per sample so far (tokens per sequence, 1 for a per-sample loss)."""
-    samples = counters["samples_done"]
-    return counters["items_done"] / samples if samples and counters["items_done"] else 1.0
 
 
 def fit(
@@ -421,7 +415,7 @@ def fit(
     the optimizer is built.
     """
     distributed.setup_process_group()
-    run.seed_everything(config.seed)  # the model's initialisation, the same on every rank
+    environment.seed_everything(config.seed)  # the model's initialisation, the same on every rank
     recipe = recipes.build(config.recipe, config.model_dump())
     config = with_recipe_defaults(config, recipe.defaults)
     if out_dir is None:
@@ -430,9 +424,9 @@ def fit(
             dist.broadcast_object_list(name, src=0)  # every rank writes to / reads from one place
         out_dir = Path(name[0])
     world_size = distributed.get_world_size()
-    device_type = run.resolve_device(config.device).type
-    model = run.apply_batchnorm_policy(recipe.model, config.batchnorm, world_size, device_type)
-    optimizer = run.build_optimizer(recipe.optimizer, model, config.lr, config.weight_decay)
+    device_type = environment.resolve_device(config.device).type
+    model = _apply_batchnorm_policy_once(recipe.model, config.batchnorm, world_size, device_type)
+    optimizer = recipe.build_optimizer(model, config.lr, config.weight_decay)
     trainer = Trainer(
         model,
         optimizer,
@@ -447,3 +441,23 @@ def fit(
         name=recipe.name,
     )
     return trainer.fit(resume=resume, overwrite=overwrite)
+
+
+_POLICY_MARK = "_bigbatch_batchnorm_policy"
+
+
+def _apply_batchnorm_policy_once(
+    model: torch.nn.Module, policy: str, world_size: int, device_type: str
+) -> torch.nn.Module:
+    """`batchnorm.apply_policy` once per model: `fit` applies it before building the optimizer,
+    the Trainer (for a model given directly) before DDP wrapping; a second call does nothing."""
+    if getattr(distributed.unwrap(model), _POLICY_MARK, None) == policy:
+        return model
+    model = batchnorm_policies.apply_policy(
+        model,
+        policy,  # type: ignore[arg-type]
+        world_size=world_size,
+        device_type=device_type,
+    )
+    object.__setattr__(distributed.unwrap(model), _POLICY_MARK, policy)
+    return model

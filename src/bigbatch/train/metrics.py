@@ -1,9 +1,10 @@
 """What a run shows while it runs: progress bar, metrics.jsonl, TensorBoard, live figures.
 
-Everything counts optimizer steps (DESIGN invariant 4). ``metrics.jsonl`` holds one train line per
-step and one eval line per evaluation; on resume the lines after the checkpoint's step are dropped
-first, so the file keeps exactly one train line per step. Only rank 0 writes: on other ranks every
-object here is built with ``enabled=False`` and does nothing. The end-of-run report is `report`.
+Everything counts optimizer steps (docs/design.md, invariant 4). ``metrics.jsonl`` holds one train
+line per step and one eval line per evaluation; on resume the lines after the checkpoint's step are
+dropped first, so the file keeps exactly one train line per step. Only rank 0 writes: on other ranks
+every object here is built with ``enabled=False`` and does nothing. The end-of-run report is
+`report`.
 """
 
 from __future__ import annotations
@@ -17,6 +18,10 @@ from pathlib import Path
 from typing import Any, Literal
 
 from tqdm.auto import tqdm
+
+from bigbatch.core.engine import StepResult
+from bigbatch.data.loader import Window
+from bigbatch.units import format_bytes, format_number
 
 logger = logging.getLogger(__name__)
 
@@ -197,32 +202,6 @@ def read_metrics(path: Path, kind: Literal["train", "eval"] | None = None) -> li
     return records
 
 
-def format_bytes(num_bytes: float) -> str:
-    """Three significant digits in powers of 1024.
-
-    >>> format_bytes(3 * 2**30), format_bytes(3355443), format_bytes(512)
-    ('3.00 GiB', '3.20 MiB', '512 B')
-    """
-    size = float(num_bytes)
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(size) < 999.5 or unit == "TiB":
-            break
-        size /= 1024
-    decimals = 0 if unit == "B" or abs(size) >= 99.95 else 1 if abs(size) >= 9.995 else 2
-    return f"{size:.{decimals}f} {unit}"
-
-
-def format_number(value: Any) -> str:
-    """Short numbers: integers as is, floats with 4 significant digits or in e-notation."""
-    if isinstance(value, bool) or not isinstance(value, float):
-        return str(value)
-    if value != 0 and (abs(value) < 1e-3 or abs(value) >= 1e7):
-        return f"{value:.2e}"
-    if abs(value) >= 1000:
-        return f"{value:.0f}"
-    return f"{value:.4g}"
-
-
 def _jsonable(value: Any) -> Any:
     """Numbers as JSON numbers (non-finite ones as null), tensors and numpy scalars via item()."""
     if hasattr(value, "item") and callable(value.item):
@@ -268,3 +247,39 @@ def _summary_writer(log_dir: Path, purge_step: int | None) -> Any:
         logger.warning("TensorBoard logging is off: %s (pip install tensorboard)", error)
         return None
     return SummaryWriter(log_dir=str(log_dir), purge_step=purge_step)
+
+
+def step_record(
+    window: Window,
+    result: StepResult,
+    learning_rate: float,
+    step_time_s: float,
+    global_batch_size: int,
+    items_per_sample: float = 1.0,
+) -> dict[str, Any]:
+    """The figures of one step for metrics.jsonl, TensorBoard and the progress bar.
+
+    The critical batch size is measured in loss items; ``critical_batch_samples`` divides it by
+    the run's items per sample, the unit of the global batch.
+    """
+    record: dict[str, Any] = {
+        "loss": result.loss,
+        "lr": learning_rate,
+        "grad_norm": result.grad_norm,
+        "num_items": result.num_items,
+        "global_batch_size": global_batch_size,
+        "num_samples": window.num_samples,
+        "micro_batches": result.micro_batches,
+        "samples_per_s": window.num_samples / step_time_s,
+        "items_per_s": result.num_items / step_time_s,
+        "step_time_s": step_time_s,
+        "skipped": int(result.skipped),
+        "epoch": window.epoch,
+    }
+    if result.noise_scale is not None:
+        critical = result.noise_scale.critical_batch_size
+        record["critical_batch_size"] = critical
+        record["critical_batch_samples"] = None if critical is None else critical / items_per_sample
+        record["gradient_sq_norm"] = result.noise_scale.gradient_sq_norm
+        record["trace_covariance"] = result.noise_scale.trace_covariance
+    return record

@@ -1,4 +1,4 @@
-"""The micro-batch for a memory budget: chosen from `bigbatch.memory` probes, planned, printed.
+"""The micro-batch for a memory budget: chosen from `bigbatch.tools.memory` probes, then planned.
 
 `choose_micro_batch_size` picks the largest micro-batch whose measured memory x (1 + headroom)
 fits the budget, or the fastest feasible one; the chosen size is always a measured row.
@@ -14,23 +14,24 @@ import math
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any
 
 import torch
 
-from bigbatch import batches, distributed, memory
-from bigbatch.config import parse_memory_size
-from bigbatch.engine import LossFn
-from bigbatch.memory import Batch, MemoryProbe, device_of, merge_probes, probe, tensor_bytes
-from bigbatch.metrics import format_bytes
+from bigbatch.choices import DEFAULT_OPTIMIZE, OPTIMIZE_GOALS, Optimize
+from bigbatch.core import batches, distributed
+from bigbatch.core.engine import LossFn
+from bigbatch.data.loader import first_samples
 from bigbatch.plan import Plan, plan
+from bigbatch.tools import memory
+from bigbatch.tools.memory import Batch, MemoryProbe, device_of, merge_probes, probe, tensor_bytes
+from bigbatch.units import format_bytes, parse_memory_size
 
 if TYPE_CHECKING:
-    from bigbatch.recipes import Recipe
+    pass
 
 logger = logging.getLogger(__name__)
 
-Optimize = Literal["memory", "throughput"]
 
 _FIRST_SIZES = 4  # probe 1, 2, 4, 8 first: cheap, and enough for a straight line
 _CONFIRM_TRIES = 3
@@ -244,7 +245,7 @@ def choose_micro_batch_size(
     *,
     max_micro_batch_size: int,
     memory_budget_bytes: int | str | None,
-    optimize: Optimize = "memory",
+    optimize: Optimize = DEFAULT_OPTIMIZE,
     optimizer: torch.optim.Optimizer | None = None,
     device: torch.device | str | None = None,
     headroom: float = 0.1,
@@ -267,8 +268,8 @@ def choose_micro_batch_size(
     max_size = max_micro_batch_size
     if isinstance(max_size, bool) or not isinstance(max_size, int) or max_size < 1:
         raise ValueError(f"max_micro_batch_size must be a positive integer, got {max_size!r}")
-    if optimize not in ("memory", "throughput"):
-        raise ValueError(f"optimize must be 'memory' or 'throughput', got {optimize!r}")
+    if optimize not in OPTIMIZE_GOALS:
+        raise ValueError(f"optimize must be one of {', '.join(OPTIMIZE_GOALS)}, got {optimize!r}")
     if not (isinstance(headroom, (int, float)) and 0 <= headroom < 10):
         raise ValueError(f"headroom must be a fraction >= 0 such as 0.1, got {headroom!r}")
     module = distributed.unwrap(model)
@@ -306,35 +307,13 @@ def choose_micro_batch_size(
     return MicroBatchChoice(chosen, result, budget, optimize, reason, float(headroom))
 
 
-def _recipe_make_batch(recipe: Recipe) -> Callable[[int], Batch]:
-    """Micro-batches of the first n training samples (cycled), collated as the trainer does."""
-    dataset = recipe.train_dataset
-    length = len(dataset)  # type: ignore[arg-type]
-    collate = recipe.collate_fn or torch.utils.data.default_collate
-
-    def make_batch(size: int) -> Batch:
-        return collate([dataset[index % length] for index in range(size)])
-
-    return make_batch
-
-
-def _recipe_optimizer(recipe: Recipe, module: torch.nn.Module) -> torch.optim.Optimizer:
-    """The recipe's optimizer, built only to count its state (never stepped)."""
-    parameters = [p for p in module.parameters() if p.requires_grad]
-    lr = float(recipe.defaults.get("lr", 1e-3))
-    if recipe.optimizer == "sgd":
-        momentum = float(recipe.defaults.get("momentum", 0.9))
-        return torch.optim.SGD(parameters, lr=lr, momentum=momentum)
-    return torch.optim.AdamW(parameters, lr=lr)
-
-
 def plan_for_budget(
     recipe_spec: str,
     global_batch_size: int,
     *,
     world_size: int = 1,
     memory_budget: int | str,
-    optimize: Optimize = "memory",
+    optimize: Optimize = DEFAULT_OPTIMIZE,
     seed: int = 0,
     device: torch.device | str | None = None,
     headroom: float = 0.1,
@@ -361,11 +340,11 @@ def plan_for_budget(
     choice = choose_micro_batch_size(
         module,
         recipe.loss_fn,
-        _recipe_make_batch(recipe),
+        first_samples(recipe.train_dataset, recipe.collate_fn),
         max_micro_batch_size=math.ceil(global_batch_size / world_size),
         memory_budget_bytes=memory_budget,
         optimize=optimize,
-        optimizer=_recipe_optimizer(recipe, module),
+        optimizer=recipe.build_optimizer(module, lr=float(recipe.defaults.get("lr", 1e-3))),
         device=device,
         headroom=headroom,
     )

@@ -11,15 +11,117 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
-from bigbatch.config import Config
-from bigbatch.data import GlobalBatchSampler, count_steps
-from bigbatch.noise import NoiseScale
-from bigbatch.plan import BatchSizeSchedule, Plan, plan, scale_learning_rate, stage_at
+from bigbatch.core.noise import NoiseScale
+from bigbatch.data.sampler import GlobalBatchSampler, count_steps
+from bigbatch.plan import Plan, check_count, plan
+from bigbatch.train.config import Config
 
 logger = logging.getLogger(__name__)
+
+
+# The rules that depend on the global batch alone (adascale also needs the measured noise).
+STATIC_RULES: tuple[str, ...] = ("linear", "sqrt", "none")
+
+
+def scale_learning_rate(
+    base_lr: float, global_batch_size: int, base_batch_size: int, rule: str
+) -> float:
+    """The learning rate for a global batch, scaled from one tuned at base_batch_size.
+
+    linear: lr = base_lr x global / base (Goyal et al. 2017, for SGD); sqrt: lr = base_lr x
+    sqrt(global / base) (for adaptive optimizers such as Adam); none: base_lr.
+
+    Example:
+        >>> scale_learning_rate(0.1, 1024, 256, "linear")
+        0.4
+        >>> scale_learning_rate(1e-3, 1024, 256, "sqrt")
+        0.002
+    """
+    if rule not in STATIC_RULES:
+        raise ValueError(f"lr_scaling.rule must be one of {', '.join(STATIC_RULES)}, got {rule!r}")
+    check_count("global_batch_size", global_batch_size)
+    check_count("lr_scaling.base_batch_size", base_batch_size)
+    ratio = global_batch_size / base_batch_size
+    if rule == "linear":
+        return base_lr * ratio
+    if rule == "sqrt":
+        return base_lr * math.sqrt(ratio)
+    return base_lr
+
+
+def stage_at(stages: Sequence[tuple[int, int]], step: int) -> int:
+    """The value of the last ``(start_step, value)`` stage that has started by ``step``."""
+    value = stages[0][1]
+    for start, stage_value in stages:
+        if start > step:
+            break
+        value = stage_value
+    return value
+
+
+@dataclass(frozen=True)
+class BatchSizeSchedule:
+    """A piecewise-constant global batch over optimizer steps.
+
+    ``stages`` holds ``(start_step, global_batch_size)`` pairs, the first at step 0, starts
+    increasing. Steps count from 0. A ramp-up (small to large), or fewer accumulation steps late
+    in training (large to small), are both schedules.
+
+    Example:
+        >>> schedule = BatchSizeSchedule.from_value([[0, 64], [100, 256]])
+        >>> schedule.at(99), schedule.at(100)
+        (64, 256)
+    """
+
+    stages: tuple[tuple[int, int], ...]
+
+    def __post_init__(self) -> None:
+        if not self.stages:
+            raise ValueError(
+                "batch_size_schedule needs at least one [step, global_batch_size] stage"
+            )
+        starts = [start for start, _ in self.stages]
+        if starts[0] != 0:
+            raise ValueError(
+                f"batch_size_schedule must start at step 0, got first step {starts[0]}"
+            )
+        if any(later <= earlier for earlier, later in zip(starts, starts[1:])):
+            raise ValueError(f"batch_size_schedule steps must increase, got {starts}")
+        for start, size in self.stages:
+            if isinstance(start, bool) or not isinstance(start, int) or start < 0:
+                raise ValueError(f"batch_size_schedule step must be an integer >= 0, got {start!r}")
+            check_count("batch_size_schedule global_batch_size", size)
+
+    @classmethod
+    def constant(cls, global_batch_size: int) -> BatchSizeSchedule:
+        """The same global batch for every step."""
+        return cls(((0, global_batch_size),))
+
+    @classmethod
+    def from_value(cls, value: int | Sequence[Sequence[int]]) -> BatchSizeSchedule:
+        """From an int (constant) or a list of ``[start_step, global_batch_size]`` pairs."""
+        if isinstance(value, int) and not isinstance(value, bool):
+            return cls.constant(value)
+        try:
+            stages = tuple((int(start), int(size)) for start, size in value)  # type: ignore[union-attr]
+        except (TypeError, ValueError):
+            raise ValueError(
+                "batch_size_schedule must be a global batch size or a list of "
+                f"[step, global_batch_size] pairs, got {value!r}"
+            ) from None
+        return cls(stages)
+
+    def at(self, step: int) -> int:
+        """The global batch size of (0-based) optimizer step ``step``."""
+        return stage_at(self.stages, step)
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-able form: ``{"stages": [[step, global_batch_size], ...]}``."""
+        return {"stages": [list(stage) for stage in self.stages]}
 
 
 def lr_factor(step: int, total_steps: int, warmup_steps: int, schedule: str) -> float:

@@ -15,7 +15,7 @@ import torch
 import torch.distributed as dist
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from bigbatch import distributed
+from bigbatch.core import distributed
 
 
 class _AllReduceSum(torch.autograd.Function):

@@ -1,8 +1,8 @@
 """Loading a run configuration: YAML files, `--set a.b=c` overrides, aliases, one-line errors.
 
 Values come from, in order of precedence: `--set` overrides, the YAML file, the recipe's
-`defaults`, the built-in defaults of `bigbatch.config.Config`. HF / DeepSpeed names are accepted
-as aliases here, at the loading boundary only; the schema itself knows one name per field.
+`defaults`, the built-in defaults of `bigbatch.train.config.Config`. HF / DeepSpeed names are
+accepted as aliases here, at the loading boundary only; the schema itself knows one name per field.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from typing import Any
 import yaml
 from pydantic import ValidationError
 
-from bigbatch.config import Config
+from bigbatch.train.config import Config
 
 ALIASES: dict[str, str] = {
     "per_device_train_batch_size": "micro_batch_size",  # Hugging Face Trainer

@@ -11,23 +11,16 @@ from __future__ import annotations
 
 import logging
 import warnings
-from typing import Any, Literal
+from typing import Any
 
 import torch
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from bigbatch import distributed, syncnorm
+from bigbatch.choices import BATCHNORM_POLICIES, BatchNormPolicy
+from bigbatch.core import distributed, syncnorm
 
 logger = logging.getLogger(__name__)
 
-Policy = Literal["keep", "sync", "freeze", "groupnorm", "window"]
-POLICIES: dict[str, str] = {
-    "keep": "leave BatchNorm as it is: it normalises with each micro-batch's statistics",
-    "sync": "statistics of the same micro-step over every rank at once (DDP; gloo on CPU too)",
-    "freeze": "normalise with the running statistics (eval mode); the affine parameters train",
-    "groupnorm": "replace BatchNorm by GroupNorm, which needs no batch statistics at all",
-    "window": "running statistics updated once per step from the whole global batch",
-}
 MAX_GROUPS = 32
 MIN_CHANNELS_PER_GROUP = 4
 _WARNED_ATTRIBUTE = "_bigbatch_batchnorm_warned"
@@ -59,7 +52,7 @@ def warn_small_micro_batches(
         return False
     object.__setattr__(model, _WARNED_ATTRIBUTE, True)  # a plain flag, not a module attribute
     shown = ", ".join(names[:8]) + (f" and {len(names) - 8} more" if len(names) > 8 else "")
-    options = "\n".join(f"  {name}: {effect}" for name, effect in POLICIES.items())
+    options = "\n".join(f"  {name}: {effect}" for name, effect in BATCHNORM_POLICIES.items())
     message = (
         f"{len(names)} BatchNorm layer(s) ({shown}) normalise with micro-batches of "
         f"{micro_batch_size} < {threshold} items, not with the global batch: accumulation is not "
@@ -145,7 +138,7 @@ def _to_groupnorm(module: torch.nn.Module, prefix: str = "") -> torch.nn.Module:
 
 def apply_policy(
     model: torch.nn.Module,
-    policy: Policy,
+    policy: BatchNormPolicy,
     *,
     world_size: int = 1,
     device_type: str | None = None,
@@ -154,18 +147,20 @@ def apply_policy(
 
     Args:
         model: the unwrapped model.
-        policy: one of ``keep``, ``sync``, ``freeze``, ``groupnorm``, ``window`` (see `POLICIES`);
+        policy: one of `bigbatch.choices.BATCHNORM_POLICIES`;
             ``window`` also needs a `WindowBatchNormStatistics` in the training loop.
         world_size: number of ranks; ``sync`` has no effect with 1.
         device_type: where the model will train (default: cuda when available): ``sync`` uses
-            torch's SyncBatchNorm on CUDA and `bigbatch.syncnorm.CrossRankBatchNorm` elsewhere.
+            torch's SyncBatchNorm on CUDA and `bigbatch.core.syncnorm.CrossRankBatchNorm` elsewhere.
 
     Returns:
         The model to train: the same object, except for ``sync`` and a model that is itself a
         BatchNorm layer (then a new module; parameters are shared, never copied).
     """
-    if policy not in POLICIES:
-        raise ValueError(f"batchnorm must be one of {', '.join(POLICIES)}, got {policy!r}")
+    if policy not in BATCHNORM_POLICIES:
+        raise ValueError(
+            f"batchnorm must be one of {', '.join(BATCHNORM_POLICIES)}, got {policy!r}"
+        )
     if distributed.is_ddp(model) and policy in ("sync", "groupnorm"):
         raise ValueError(
             f"batchnorm={policy!r} must be applied to the model before wrapping it in "

@@ -2,31 +2,33 @@
 
 Every field has a description (the single source for docs/configuration.md) and the values it
 allows (for one-line error messages); unknown keys are errors, "auto" means let bigbatch choose.
-Reading YAML, `--set` overrides and HF / DeepSpeed aliases live in `bigbatch.configfile`.
+Reading YAML, `--set` overrides and HF / DeepSpeed aliases live in `bigbatch.train.configfile`.
 """
 
 from __future__ import annotations
 
-import re
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from bigbatch.choices import (
+    BATCHNORM_POLICIES,
+    DEFAULT_OPTIMIZE,
+    LR_SCALING_RULES,
+    OPTIMIZE_GOALS,
+    PRECISIONS,
+    BatchNormPolicy,
+    LrScalingRule,
+    Optimize,
+    Precision,
+    describe,
+    one_of,
+)
+from bigbatch.units import parse_memory_size
+
 Auto = Literal["auto"]
 
 _POSITIVE = "a positive integer"
-_UNITS = {
-    "": 1,
-    "b": 1,
-    "kb": 10**3,
-    "mb": 10**6,
-    "gb": 10**9,
-    "tb": 10**12,
-    "kib": 2**10,
-    "mib": 2**20,
-    "gib": 2**30,
-    "tib": 2**40,
-}
 
 
 def _field(default: Any, description: str, allowed: str) -> Any:
@@ -38,7 +40,7 @@ def parse_bytes(value: int | str) -> int | Auto:
     """`"20GiB"`, `"512MiB"`, `"1.5GB"`, `123` or `"auto"` as a byte count (or "auto").
 
     It lives with the schema, not with the loading code, because the memory_budget validator
-    calls it: the schema imports nothing from `bigbatch.configfile`.
+    calls it: the schema imports nothing from `bigbatch.train.configfile`.
 
     Example:
         >>> parse_bytes("512MiB"), parse_bytes("2GB"), parse_bytes("auto")
@@ -49,41 +51,6 @@ def parse_bytes(value: int | str) -> int | Auto:
     return parse_memory_size(value)
 
 
-def parse_memory_size(value: int | str) -> int:
-    """Bytes from an int or a string such as ``"512MiB"``, ``"20GiB"`` or ``"1.5GB"``.
-
-    KB/MB/GB/TB are powers of 1000, KiB/MiB/GiB/TiB powers of 1024 (case-insensitive).
-
-    Raises:
-        TypeError: not an int or a string.
-        ValueError: an unknown unit or a size that is not positive.
-
-    Example:
-        >>> parse_memory_size("1.5GiB"), parse_memory_size("2GB"), parse_memory_size(123)
-        (1610612736, 2000000000, 123)
-    """
-    if isinstance(value, bool) or not isinstance(value, (int, str)):
-        raise TypeError(
-            f"memory_budget must be a number of bytes or a string such as '20GiB', got "
-            f"{value!r} ({type(value).__name__})"
-        )
-    if isinstance(value, int):
-        size = value
-    else:
-        match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+(?:[eE][0-9]+)?)\s*([A-Za-z]*)\s*", value)
-        unit = match.group(2).lower() if match else None
-        if match is None or unit not in _UNITS:
-            raise ValueError(
-                f"memory_budget {value!r} is not a memory size: use a number of bytes with an "
-                "optional unit B, KB, MB, GB, TB (powers of 1000) or KiB, MiB, GiB, TiB "
-                "(powers of 1024), e.g. '20GiB'"
-            )
-        size = int(float(match.group(1)) * _UNITS[unit])
-    if size <= 0:
-        raise ValueError(f"memory_budget must be positive, got {value!r}")
-    return size
-
-
 class _Model(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True, frozen=False)
 
@@ -91,13 +58,11 @@ class _Model(BaseModel):
 class LRScaling(_Model):
     """How the learning rate follows the global batch: lr = lr x rule(global / base_batch_size)."""
 
-    rule: Literal["linear", "sqrt", "none", "adascale"] = _field(
+    rule: LrScalingRule = _field(
         "linear",
-        "linear (Goyal et al. 2017, for SGD), sqrt (for adaptive optimizers), none, or adascale "
-        "(Johnson et al. 2020: gain (tr S + G2) / (tr S / s + G2) at scale s = global / "
-        "base_batch_size, from the measured noise; G2 the squared gradient norm; needs "
-        "noise_scale).",
-        '"linear", "sqrt", "none" or "adascale"',
+        f"{describe(LR_SCALING_RULES)}. AdaScale's gain is (tr S + G2) / (tr S / s + G2) at "
+        "scale s = global / base_batch_size, G2 the squared gradient norm; it needs noise_scale.",
+        one_of(LR_SCALING_RULES),
     )
     base_batch_size: int | Auto = _field(
         "auto",
@@ -148,11 +113,10 @@ class Config(_Model):
         "device has free.",
         'a positive byte count, a size such as "20GiB", or "auto"',
     )
-    optimize: Literal["memory", "throughput"] = _field(
-        "throughput",
-        "micro_batch_size auto: the fastest micro-batch that fits (throughput) or the smallest "
-        "that keeps the device busy (memory).",
-        '"memory" or "throughput"',
+    optimize: Optimize = _field(
+        DEFAULT_OPTIMIZE,
+        f"what micro_batch_size auto chooses: {describe(OPTIMIZE_GOALS)}.",
+        one_of(OPTIMIZE_GOALS),
     )
     max_steps: int | None = _field(
         None, "optimizer steps to train (exclusive with epochs).", _POSITIVE
@@ -171,11 +135,7 @@ class Config(_Model):
         "decay after warm-up, to 0 at the run's last step.",
         '"constant", "cosine" or "linear"',
     )
-    precision: Literal["fp32", "bf16", "fp16"] = _field(
-        "fp32",
-        "fp32, bf16 (autocast) or fp16 (autocast and loss scaling).",
-        '"fp32", "bf16", "fp16"',
-    )
+    precision: Precision = _field("fp32", f"{describe(PRECISIONS)}.", one_of(PRECISIONS))
     max_grad_norm: float | None = _field(
         None, "clip the total gradient norm per step; unset: no clipping.", "a number > 0 or null"
     )
@@ -224,12 +184,11 @@ class Config(_Model):
     device: Literal["auto", "cpu", "cuda"] = _field(
         "auto", "auto: this rank's GPU when there is one, else the CPU.", '"auto", "cpu" or "cuda"'
     )
-    batchnorm: Literal["keep", "sync", "freeze", "groupnorm", "window"] = _field(
+    batchnorm: BatchNormPolicy = _field(
         "keep",
-        "what to do with BatchNorm layers (they break split equivalence): keep, sync "
-        "(SyncBatchNorm, GPUs under DDP), freeze (running statistics), groupnorm (replace), "
-        "window (running statistics from the whole global batch); see docs/batchnorm.md.",
-        '"keep", "sync", "freeze", "groupnorm" or "window"',
+        "what to do with BatchNorm layers (they break split equivalence): "
+        f"{describe(BATCHNORM_POLICIES)}; see docs/batchnorm.md.",
+        one_of(BATCHNORM_POLICIES),
     )
     noise_scale: bool = _field(
         False,

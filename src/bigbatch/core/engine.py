@@ -22,15 +22,15 @@ from typing import Any
 
 import torch
 
-from bigbatch import batches, distributed, recovery, syncnorm
-from bigbatch import batchnorm as batchnorm_policies
-from bigbatch.loss import LossFn, invalid_count, read_loss_output
-from bigbatch.noise import NoiseScale, NoiseScaleMeter
-from bigbatch.precision import LossScaling, Precision, autocast
+from bigbatch.choices import ENGINE_BATCHNORM_POLICIES, Precision
+from bigbatch.core import batches, distributed, recovery, syncnorm
+from bigbatch.core import batchnorm as batchnorm_policies
+from bigbatch.core.loss import LossFn, invalid_count, read_loss_output
+from bigbatch.core.noise import NoiseScale, NoiseScaleMeter
+from bigbatch.core.precision import LossScaling, autocast
 
 logger = logging.getLogger(__name__)
 
-ENGINE_BATCHNORM: tuple[str, ...] = ("keep", "freeze", "window")
 NUM_TOTALS = 4  # loss sum, item count, invalid-count flag, out-of-memory flag
 
 __all__ = ["Accumulator", "LossFn", "StepResult"]
@@ -74,8 +74,8 @@ class Accumulator:
         batchnorm: ``"keep"`` (warn once when BatchNorm meets micro-batches below 16),
             ``"freeze"`` (running statistics, affine parameters train) or ``"window"`` (running
             statistics updated once per step as one forward over the global batch would). For
-            ``"sync"`` and ``"groupnorm"`` call `bigbatch.batchnorm.apply_policy` before wrapping
-            the model in DDP and building the optimizer.
+            ``"sync"`` and ``"groupnorm"`` call `bigbatch.core.batchnorm.apply_policy` before
+            wrapping the model in DDP and building the optimizer.
         measure_noise_scale: estimate the gradient noise scale (critical batch size) every step.
         noise_smoothing_steps: the estimate's moving-average window, in steps.
 
@@ -376,10 +376,10 @@ def _check_arguments(model: Any, optimizer: Any, max_grad_norm: Any, batchnorm: 
     if batchnorm in ("sync", "groupnorm"):
         raise ValueError(
             f"batchnorm={batchnorm!r} changes the model's layers: call "
-            f"bigbatch.batchnorm.apply_policy(model, {batchnorm!r}) before wrapping the model in "
-            "DDP and building the optimizer, then pass batchnorm='keep'"
+            f"bigbatch.core.batchnorm.apply_policy(model, {batchnorm!r}) before wrapping the "
+            "model in DDP and building the optimizer, then pass batchnorm='keep'"
         )
-    if batchnorm not in ENGINE_BATCHNORM:
+    if batchnorm not in ENGINE_BATCHNORM_POLICIES:
         raise ValueError(
-            f"batchnorm must be one of {', '.join(ENGINE_BATCHNORM)}, got {batchnorm!r}"
+            f"batchnorm must be one of {', '.join(ENGINE_BATCHNORM_POLICIES)}, got {batchnorm!r}"
         )

@@ -2,8 +2,8 @@
 
 A checkpoint is a directory ``step-00000100/`` with the weights (safetensors), the training state
 (``torch.save``, loaded back with ``weights_only=True``) and ``meta.json`` (step, checksums, format
-version). It appears under its final name only once complete (DESIGN invariant 5); a damaged one is
-reported and the previous one used. Loading never unpickles arbitrary objects.
+version). It appears under its final name only once complete (docs/design.md, invariant 5); a
+damaged one is reported and the previous one used. Loading never unpickles arbitrary objects.
 """
 
 from __future__ import annotations
@@ -29,6 +29,9 @@ import numpy as np
 import safetensors
 import safetensors.torch
 import torch
+import torch.distributed as dist
+
+from bigbatch.core import distributed
 
 logger = logging.getLogger(__name__)
 
@@ -398,3 +401,41 @@ def _fsync_dir(path: Path) -> None:
             os.fsync(fd)
         finally:
             os.close(fd)
+
+
+def gather_rng_states(world_size: int) -> list[Any]:
+    """Every rank's RNG states, on every rank (a collective under torch.distributed)."""
+    rng = [capture_rng_state()]
+    if distributed.is_initialized() and world_size > 1:
+        gathered: list[Any] = [None] * world_size
+        dist.all_gather_object(gathered, rng[0])
+        rng = gathered
+    return rng
+
+
+def save_run_checkpoint(
+    run_dir: Path, step: int, module: torch.nn.Module, state: dict[str, Any], keep: int
+) -> None:
+    """Write ``run_dir/checkpoints/step-N`` atomically (call on rank 0 only)."""
+    save_checkpoint(run_dir / "checkpoints", step, module.state_dict(), state, keep=keep)
+
+
+def load_run_checkpoint(run_dir: Path | None) -> Checkpoint | None:
+    """The newest valid checkpoint of a run directory, or None (with a warning)."""
+    found = None
+    if run_dir is not None:
+        found = load_latest_checkpoint(run_dir / "checkpoints")
+    if found is None:
+        logger.warning("resume: no valid checkpoint under %s: starting at step 0", run_dir)
+    return found
+
+
+def restore_rng_states(rng: list[Any], rank: int, world_size: int, saved_world_size: Any) -> None:
+    """This rank's RNG states from a checkpoint (rank 0's when the world size changed)."""
+    restore_rng_state(rng[rank] if len(rng) == world_size else rng[0])
+    if saved_world_size != world_size:
+        logger.warning(
+            "resume: world_size %s -> %d: same sample order; RNG streams of rank 0 restored",
+            saved_world_size,
+            world_size,
+        )

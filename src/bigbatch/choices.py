@@ -1,0 +1,70 @@
+"""The enumerations users choose from, each defined once with what every choice does.
+
+The config schema, the command line, the engine and the docs all read these, so a choice means
+the same everywhere and its description is written once. No torch is needed here.
+"""
+
+from __future__ import annotations
+
+from typing import Literal, get_args
+
+Precision = Literal["fp32", "bf16", "fp16"]
+PRECISIONS: dict[str, str] = {
+    "fp32": "float32 everywhere",
+    "bf16": "autocast to bfloat16 in the forward",
+    "fp16": "autocast to float16 in the forward, with loss scaling (a GradScaler)",
+}
+
+BatchNormPolicy = Literal["keep", "sync", "freeze", "groupnorm", "window"]
+BATCHNORM_POLICIES: dict[str, str] = {
+    "keep": "leave BatchNorm as it is: it normalises with each micro-batch's statistics",
+    "sync": "statistics of the same micro-step over every rank at once (DDP; gloo on CPU too)",
+    "freeze": "normalise with the running statistics (eval mode); the affine parameters train",
+    "groupnorm": "replace BatchNorm by GroupNorm, which needs no batch statistics at all",
+    "window": "running statistics updated once per step from the inputs every BatchNorm saw in "
+    "the window's micro-batches",
+}
+# The policies the engine applies itself; sync and groupnorm change the model's layers first.
+ENGINE_BATCHNORM_POLICIES: tuple[str, ...] = ("keep", "freeze", "window")
+
+Optimize = Literal["memory", "throughput"]
+OPTIMIZE_GOALS: dict[str, str] = {
+    "memory": "the largest micro-batch whose measured memory fits the budget (fewest micro-steps)",
+    "throughput": "the fastest plan among micro-batches that fit the budget, timed on the device",
+}
+DEFAULT_OPTIMIZE: Optimize = "memory"
+
+LrScalingRule = Literal["linear", "sqrt", "none", "adascale"]
+LR_SCALING_RULES: dict[str, str] = {
+    "linear": "lr x global / base (Goyal et al. 2017, for SGD)",
+    "sqrt": "lr x sqrt(global / base) (for adaptive optimizers such as Adam)",
+    "none": "the learning rate as given",
+    "adascale": "lr x AdaScale's gain from the measured gradient noise (Johnson et al. 2020)",
+}
+
+for _literal, _table in (
+    (Precision, PRECISIONS),
+    (BatchNormPolicy, BATCHNORM_POLICIES),
+    (Optimize, OPTIMIZE_GOALS),
+    (LrScalingRule, LR_SCALING_RULES),
+):
+    assert tuple(_table) == get_args(_literal), "a choice and its description disagree"
+
+
+def describe(choices: dict[str, str]) -> str:
+    """``"a: what a does; b: what b does"``, for help texts and docs.
+
+    >>> describe({"a": "first", "b": "second"})
+    'a: first; b: second'
+    """
+    return "; ".join(f"{name}: {effect}" for name, effect in choices.items())
+
+
+def one_of(choices: dict[str, str] | tuple[str, ...]) -> str:
+    """``'"a", "b" or "c"'``, for error messages.
+
+    >>> one_of(("a", "b", "c"))
+    '"a", "b" or "c"'
+    """
+    quoted = [f'"{name}"' for name in choices]
+    return quoted[0] if len(quoted) == 1 else f"{', '.join(quoted[:-1])} or {quoted[-1]}"

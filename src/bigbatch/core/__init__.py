@@ -1,0 +1,11 @@
+"""The exact step and what it needs, usable inside anyone's training loop.
+
+`engine.Accumulator.step(window, loss_fn)` applies one optimizer step whose gradient is that of
+(sum of every item's loss) / (number of items), whatever the split; around it: reading the loss
+(`loss`), mixed precision (`precision`), out-of-memory re-split (`recovery`), nested batches
+(`batches`), ranks and collectives (`distributed`), the gradient noise scale (`noise`) and the
+BatchNorm policies (`batchnorm`, `syncnorm`).
+
+May import: torch, `bigbatch.plan` and the small shared helpers (`bigbatch.choices`,
+`bigbatch.units`). Never `data`, `train`, `tools`, `recipes` or the command line.
+"""

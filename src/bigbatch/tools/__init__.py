@@ -1,0 +1,9 @@
+"""Tools around the step: the memory probe and micro-batch choice, `verify` and `bench`.
+
+`memory` measures what one forward + backward costs per micro-batch size, `autobatch` picks the
+micro-batch for a memory budget, `verify` compares full-batch and accumulated gradients, and
+`bench` runs the quick benchmarks of `bigbatch bench`.
+
+May import: `bigbatch.data`, `bigbatch.core`, `bigbatch.recipes`, `bigbatch.plan` and the small
+shared helpers. Never `bigbatch.train` or the command line.
+"""

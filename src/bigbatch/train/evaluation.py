@@ -1,0 +1,66 @@
+"""Evaluation: the loss (sum over items / items) and the recipe's metrics on the eval set.
+
+Every rank evaluates its share of the eval set (`bigbatch.data.loader.eval_batches`) under the
+run's precision and reads the loss as the engine does (`bigbatch.core.loss`), so a scalar mean
+and a (sum, count) pair give the same figure; the sums are reduced over ranks once.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch.utils.data import Dataset
+
+from bigbatch.choices import Precision
+from bigbatch.core import batches, distributed
+from bigbatch.core.loss import LossFn, read_loss_output
+from bigbatch.core.precision import autocast
+from bigbatch.data.loader import eval_batches
+from bigbatch.recipes import EvalFn
+
+
+def evaluate(
+    module: torch.nn.Module,
+    loss_fn: LossFn,
+    eval_fn: EvalFn | None,
+    dataset: Dataset[Any],
+    *,
+    micro_batch_size: int,
+    precision: Precision = "fp32",
+    collate_fn: Callable[[list[Any]], Any] | None = None,
+) -> dict[str, float]:
+    """Loss (loss_fn sums / items) and eval_fn metrics on this rank's share, reduced over ranks."""
+    device = next(module.parameters()).device
+    sums: dict[str, list[float]] = {}
+    module.eval()
+    with torch.no_grad(), autocast(precision, device.type):
+        for micro_batch in eval_batches(
+            dataset,
+            micro_batch_size=micro_batch_size,
+            rank=distributed.get_rank(),
+            world_size=distributed.get_world_size(),
+            collate_fn=collate_fn,
+        ):
+            micro_batch = batches.to_device(micro_batch, device)
+            rows = batches.num_rows(micro_batch)
+            loss_sum, count = read_loss_output(loss_fn(module, micro_batch), rows, device)
+            values = {"loss": (float(loss_sum), float(count))}
+            if eval_fn is not None:
+                values.update(eval_fn(module, micro_batch))
+            for key, (total, num) in values.items():
+                entry = sums.setdefault(key, [0.0, 0.0])
+                entry[0] += float(total)
+                entry[1] += float(num)
+    module.train()
+    keys = [sorted(sums)]
+    if distributed.is_initialized():
+        dist.broadcast_object_list(keys, src=0)  # rank 0 always has eval items
+    reduced = torch.tensor(
+        [sums.get(key, [0.0, 0.0]) for key in keys[0]], dtype=torch.float64, device=device
+    )
+    distributed.all_reduce_sum(reduced)
+    return {key: float(s / c) if c else math.nan for key, (s, c) in zip(keys[0], reduced)}

@@ -1,0 +1,88 @@
+"""The typed state of a run: what the training loop counts, and what a finished run achieved.
+
+`TrainState` holds the counters the loop updates every step and checkpoints for an exact resume
+(skipped steps, non-finite steps in a row, samples and loss items so far); `RunSummary` is what
+`Trainer.fit` returns and the report reads.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+
+@dataclass
+class TrainState:
+    """The loop's counters over the whole run (a resumed run continues them).
+
+    Attributes:
+        skipped_steps: optimizer steps not applied (non-finite, or no loss items).
+        nonfinite_in_row: the latest run of consecutive non-finite steps.
+        samples_done: samples of every global batch so far.
+        items_done: loss items of every global batch so far.
+    """
+
+    skipped_steps: int = 0
+    nonfinite_in_row: int = 0
+    samples_done: int = 0
+    items_done: int = 0
+
+    @property
+    def items_per_sample(self) -> float:
+        """Loss items per sample so far (tokens per sequence; 1 for a per-sample loss)."""
+        if self.samples_done and self.items_done:
+            return self.items_done / self.samples_done
+        return 1.0
+
+    def state_dict(self) -> dict[str, int]:
+        """Plain ints, for checkpoints."""
+        return asdict(self)
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Continue from what `state_dict` returned."""
+        for key in asdict(self):
+            setattr(self, key, int(state[key]))
+
+
+@dataclass
+class SessionFigures:
+    """What this process ran since it started (a resumed run counts from its resume).
+
+    Attributes:
+        samples: samples of the steps run.
+        items: loss items of the steps run.
+        time_s: seconds spent in those steps.
+        final_loss: the loss of the last applied step.
+    """
+
+    samples: int = 0
+    items: int = 0
+    time_s: float = 0.0
+    final_loss: float | None = None
+
+
+@dataclass
+class RunSummary:
+    """What a run achieved; `to_dict()` is what `metrics.format_summary` and reports read."""
+
+    steps: int
+    final_loss: float | None
+    eval_metrics: dict[str, float]
+    samples_per_s: float
+    items_per_s: float
+    peak_memory_bytes: int
+    skipped_steps: int
+    plan: dict[str, Any]
+    run_dir: Path | None
+    global_batch_size: int
+    wall_time_s: float
+    recipe: str | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Flat figures: final_eval_loss / final_eval_accuracy from eval_metrics."""
+        summary = {k: v for k, v in asdict(self).items() if k not in ("eval_metrics", "extra")}
+        summary.update({f"final_eval_{k}": v for k, v in self.eval_metrics.items()})
+        summary["run_dir"] = str(self.run_dir) if self.run_dir else None
+        return {**summary, **self.extra}

@@ -1,0 +1,81 @@
+"""Memory sizes and short numbers: one parser and one formatter for every place that shows them.
+
+`parse_memory_size` reads ``"20GiB"``, ``"512MB"`` or a byte count (pydantic's `ByteSize` does the
+reading; the errors here stay one line naming the field); `format_bytes` and `format_number` are
+what the progress bar, the reports and the memory choice print. No torch is needed here.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import ByteSize, TypeAdapter, ValidationError
+
+_BYTE_SIZE = TypeAdapter(ByteSize)
+
+
+def parse_memory_size(value: int | str, field: str = "memory_budget") -> int:
+    """Bytes from an int or a string such as ``"512MiB"``, ``"20GiB"`` or ``"1.5GB"``.
+
+    KB/MB/GB/TB are powers of 1000, KiB/MiB/GiB/TiB powers of 1024 (case-insensitive).
+
+    Raises:
+        TypeError: not an int or a string.
+        ValueError: an unknown unit or a size that is not positive.
+
+    Example:
+        >>> parse_memory_size("1.5GiB"), parse_memory_size("2GB"), parse_memory_size(123)
+        (1610612736, 2000000000, 123)
+    """
+    if isinstance(value, bool) or not isinstance(value, (int, str)):
+        raise TypeError(
+            f"{field} must be a number of bytes or a string such as '20GiB', got "
+            f"{_short(value)} ({type(value).__name__})"
+        )
+    try:
+        size = int(_BYTE_SIZE.validate_python(value.strip() if isinstance(value, str) else value))
+    except ValidationError:
+        raise ValueError(
+            f"{field} {_short(value)} is not a memory size: use a number of bytes with an "
+            "optional unit B, KB, MB, GB, TB (powers of 1000) or KiB, MiB, GiB, TiB "
+            "(powers of 1024), e.g. '20GiB'"
+        ) from None
+    if size <= 0:
+        raise ValueError(f"{field} must be positive, got {_short(value)}")
+    return size
+
+
+def format_bytes(num_bytes: float) -> str:
+    """Three significant digits in powers of 1024.
+
+    >>> format_bytes(3 * 2**30), format_bytes(3355443), format_bytes(512)
+    ('3.00 GiB', '3.20 MiB', '512 B')
+    """
+    size = float(num_bytes)
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(size) < 999.5 or unit == "TiB":
+            break
+        size /= 1024
+    decimals = 0 if unit == "B" or abs(size) >= 99.95 else 1 if abs(size) >= 9.995 else 2
+    return f"{size:.{decimals}f} {unit}"
+
+
+def format_number(value: Any) -> str:
+    """Short numbers: integers as is, floats with 4 significant digits or in e-notation.
+
+    >>> format_number(0.000123), format_number(1234.5), format_number(2.5), format_number(7)
+    ('1.23e-04', '1234', '2.5', '7')
+    """
+    if isinstance(value, bool) or not isinstance(value, float):
+        return str(value)
+    if value != 0 and (abs(value) < 1e-3 or abs(value) >= 1e7):
+        return f"{value:.2e}"
+    if abs(value) >= 1000:
+        return f"{value:.0f}"
+    return f"{value:.4g}"
+
+
+def _short(value: Any, limit: int = 60) -> str:
+    """repr(value), cut to ``limit`` characters: a message never echoes a huge value back."""
+    text = repr(value)
+    return text if len(text) <= limit else f"{text[: limit - 5]}...{text[-2:]}"
