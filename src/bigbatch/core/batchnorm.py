@@ -2,9 +2,10 @@
 
 BatchNorm normalises with the statistics of the micro-batch, not the global batch, so accumulation
 is not equivalent to one big batch for models that use it. This module finds BatchNorm layers,
-warns once when micro-batches are small, and applies a policy: keep, sync (SyncBatchNorm), freeze
-(running statistics), groupnorm (replace), or window (`WindowBatchNormStatistics`: running
-statistics updated once per step as one forward over the whole global batch would).
+warns once when micro-batches are small, and applies a policy: keep, sync (SyncBatchNorm on CUDA,
+`syncnorm.CrossRankBatchNorm` elsewhere), freeze (running statistics), groupnorm (replace), or
+window (`WindowBatchNormStatistics`: running statistics updated once per step from the inputs
+each layer saw in the window; see docs/batchnorm.md for where that equals one big forward).
 """
 
 from __future__ import annotations
@@ -200,7 +201,7 @@ def apply_policy(
 
 
 class WindowBatchNormStatistics:
-    """Running statistics that end each step where one forward over the global batch leaves them.
+    """Running statistics updated once per step from the inputs each BatchNorm saw in the window.
 
     For ``batchnorm='window'``: forwards still normalise with micro-batch statistics, but a hook
     records the per-channel count, sum and sum of squares (float64) of every BatchNorm layer's
@@ -209,12 +210,13 @@ class WindowBatchNormStatistics:
     unbiased variance over all items (within plus between micro-batches), with the layer's
     momentum, or the cumulative average for ``momentum=None``, as torch's BatchNorm does.
 
-    Exact for every layer whose input does not depend on an earlier BatchNorm's normalisation
-    (the first of a stack, parallel branches); a layer behind another one pools the inputs it
-    actually saw, normalised per micro-batch: no accumulation can give it the full-batch
-    forward's inputs. Only layers in training mode with running statistics count. Everything
-    stays on the device: no host sync. Under DDP, SUM all-reduce `local_statistics` (merged
-    into the step's one small all-reduce) and pass the result to `end_window`.
+    For a layer whose input passes through no other BatchNorm in training mode (the first of a
+    stack, parallel branches) this is the update one forward over the whole global batch makes.
+    A layer behind another one pools the inputs it actually saw, normalised per micro-batch:
+    close to the full-batch forward's statistics, not equal (no accumulation can give it the
+    full-batch forward's inputs). Only layers in training mode with running statistics count.
+    Everything stays on the device: no host sync. Under DDP, SUM all-reduce `local_statistics`
+    (merged into the step's one small all-reduce) and pass the result to `end_window`.
 
     Args:
         model: the model (a DDP wrapper is unwrapped).

@@ -73,7 +73,9 @@ class Accumulator:
         grad_scaler: a GradScaler to use with fp16 instead of a new one.
         batchnorm: ``"keep"`` (warn once when BatchNorm meets micro-batches below 16),
             ``"freeze"`` (running statistics, affine parameters train) or ``"window"`` (running
-            statistics updated once per step as one forward over the global batch would). For
+            statistics updated once per step from the inputs each BatchNorm saw in the window:
+            one full-batch forward's update for a BatchNorm with no train-mode BatchNorm before
+            it, the pooled statistics of its per-micro-batch-normalised inputs behind one). For
             ``"sync"`` and ``"groupnorm"`` call `bigbatch.core.batchnorm.apply_policy` before
             wrapping the model in DDP and building the optimizer.
         measure_noise_scale: estimate the gradient noise scale (critical batch size) every step.
