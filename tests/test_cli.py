@@ -159,3 +159,17 @@ def test_python_dash_m_runs_the_cli_without_traceback(tmp_path):
     )
     assert bad.returncode == 2 and "Traceback" not in bad.stderr
     assert len(bad.stderr.strip().splitlines()) == 1 and "lr" in bad.stderr
+
+
+def test_help_config_lists_every_key_from_the_schema(capsys):
+    from bigbatch.train.config import Config, LRScaling
+    from bigbatch.train.configfile import ALIASES
+
+    with pytest.raises(SystemExit) as exited:
+        main(["train", "--help-config"])
+    assert exited.value.code == 0
+    out = capsys.readouterr().out
+    keys = {line.split(":")[0] for line in out.splitlines() if line and not line[0].isspace()}
+    assert set(Config.model_fields) | {f"lr_scaling.{k}" for k in LRScaling.model_fields} <= keys
+    assert all(f"{alias} -> {name}" in out for alias, name in ALIASES.items())
+    assert 'optimize: "memory" or "throughput"; default "memory"' in out

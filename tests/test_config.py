@@ -35,6 +35,18 @@ def test_yaml_then_overrides(tmp_path):
         ("per_device_train_batch_size", "micro_batch_size"),
         ("train_micro_batch_size_per_gpu", "micro_batch_size"),
         ("train_batch_size", "global_batch_size"),
+        ("learning_rate", "lr"),
+        ("num_train_epochs", "epochs"),
+        ("save_steps", "checkpoint_every"),
+        ("eval_steps", "eval_every"),
+        ("save_total_limit", "keep_checkpoints"),
+        ("dataloader_num_workers", "num_workers"),
+        ("gradient_clipping", "max_grad_norm"),
+        ("accumulate_grad_batches", "gradient_accumulation_steps"),
+        ("gradient_clip_val", "max_grad_norm"),
+        ("max_epochs", "epochs"),
+        ("batch_accumulate", "gradient_accumulation_steps"),
+        ("initial_lr", "lr"),
     ],
 )
 def test_aliases_in_yaml_and_overrides(tmp_path, alias, field):
@@ -162,3 +174,35 @@ def test_the_docs_key_table_is_the_schema():
         default = "(see below)" if isinstance(info.default, LRScaling) else json.dumps(info.default)
         expected[name] = (info.json_schema_extra["allowed"], default, info.description)
     assert _docs_key_table() == expected
+
+
+@pytest.mark.parametrize("switch", ["bf16", "fp16"])
+def test_precision_switches(tmp_path, switch):
+    assert validate({switch: True}).precision == switch
+    assert validate({switch: False}).precision == "fp32"  # false asks for nothing
+    assert load_config(None, [f"{switch}=true"]).precision == switch
+    with pytest.raises(ValueError, match=f"{switch} must be true or false"):
+        validate({switch: "yes please"})
+    with pytest.raises(ValueError, match="both set"):
+        validate({switch: True, "precision": "fp32"})
+
+
+@pytest.mark.parametrize(
+    ("key", "hint"),
+    [
+        ("micro_batchsize", "did you mean 'micro_batch_size'?"),
+        ("global_bach_size", "did you mean 'global_batch_size'?"),
+        ("batch_size", "did you mean global_batch_size (the items of one step"),
+        ("warmup_ratio", "did you mean warmup_steps"),
+    ],
+)
+def test_unknown_keys_get_a_hint_of_the_same_meaning(key, hint):
+    with pytest.raises(ValueError, match=re.escape(hint)):
+        validate({key: 1})
+
+
+@pytest.mark.parametrize("key", ["save_every", "max_stepz_per_epoch", "dropout"])
+def test_no_misleading_did_you_mean(key):
+    with pytest.raises(ValueError) as error:
+        validate({key: 1})
+    assert "did you mean" not in str(error.value), str(error.value)

@@ -4,7 +4,13 @@ from __future__ import annotations
 
 import math
 
-from bigbatch.train.report import format_summary, plot_run, summarize_metrics, write_report
+from bigbatch.train.report import (
+    format_summary,
+    plot_panels,
+    plot_run,
+    summarize_metrics,
+    write_report,
+)
 
 
 def sample_metrics() -> list[dict]:
@@ -100,3 +106,51 @@ def test_summary_of_the_records_matches_the_formulas():
         "skipped_steps": 1,
     }
     assert summarize_metrics([]) == {}
+
+
+def test_panels_show_what_varies_and_drop_constants():
+    records = sample_metrics()
+    for record in records:
+        if record["kind"] == "train":
+            record["grad_norm"] = 1.0 + record["step"] / 10
+            record["items_per_s"] = 900.0  # constant, but drawn beside the varying samples/s
+    titles = [title for title, _ in plot_panels(records)]
+    assert titles == [
+        "loss",
+        "eval accuracy",
+        "learning rate",
+        "gradient norm",
+        "batch size (samples)",
+        "throughput (per s)",
+        "peak memory (MiB)",
+    ]
+    for record in records:
+        record.update(grad_norm=2.0, peak_memory_bytes=2**30, lr=0.01)  # constant from now on
+    titles = [title for title, _ in plot_panels(records)]
+    assert "gradient norm" not in titles and "peak memory (MiB)" not in titles
+    assert "learning rate" not in titles and "loss" in titles
+    memory = dict(plot_panels(sample_metrics()))["peak memory (MiB)"]
+    assert memory[0][0][0]["peak_memory_mib"] == (2**30 + 1) / 2**20
+
+
+def test_report_states_config_seed_versions_device_and_date(tmp_path):
+    import datetime
+
+    import torch
+    import yaml
+
+    config = {"recipe": "digits", "seed": 7, "lr_scaling": {"rule": "sqrt", "base_batch_size": 64}}
+    text = write_report(
+        tmp_path, {"recipe": "digits"}, sample_metrics(), config=config, device="cpu (2 threads)"
+    ).read_text()
+    rows = dict(
+        line.strip("|").split("|")[:2] for line in text.splitlines() if line.startswith("| ")
+    )
+    rows = {key.strip(): value.strip() for key, value in rows.items()}
+    assert rows["seed"] == "7" and rows["device"] == "cpu (2 threads)"
+    assert f"torch {torch.__version__}" in rows["versions"]
+    date = datetime.datetime.strptime(rows["date"], "%Y-%m-%d %H:%M:%S UTC")
+    now = datetime.datetime.now(datetime.timezone.utc).replace(tzinfo=None)
+    assert abs((now - date).total_seconds()) < 60
+    block = text.split("## Config\n\n```yaml\n", 1)[1].split("```", 1)[0]
+    assert yaml.safe_load(block) == config

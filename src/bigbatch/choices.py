@@ -42,11 +42,19 @@ LR_SCALING_RULES: dict[str, str] = {
     "adascale": "lr x AdaScale's gain from the measured gradient noise (Johnson et al. 2020)",
 }
 
+TrackerName = Literal["tensorboard", "mlflow", "wandb"]
+TRACKERS: dict[str, str] = {
+    "tensorboard": "event files under tensorboard/ (scalars, the config as text and hparams)",
+    "mlflow": "an MLflow file store under mlruns/ (pip install 'bigbatch[mlflow]')",
+    "wandb": "a Weights & Biases offline run under wandb/ (pip install 'bigbatch[wandb]')",
+}
+
 for _literal, _table in (
     (Precision, PRECISIONS),
     (BatchNormPolicy, BATCHNORM_POLICIES),
     (Optimize, OPTIMIZE_GOALS),
     (LrScalingRule, LR_SCALING_RULES),
+    (TrackerName, TRACKERS),
 ):
     assert tuple(_table) == get_args(_literal), "a choice and its description disagree"
 

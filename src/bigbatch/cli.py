@@ -178,6 +178,24 @@ def _add_config_arguments(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help="print the resolved config (recipe defaults filled in) and exit",
     )
+    parser.add_argument(
+        "--help-config",
+        action=_ConfigHelp,
+        help="list every config key with what it allows, its default and its meaning, and exit",
+    )
+
+
+class _ConfigHelp(argparse.Action):
+    """``--help-config``: like --help, it answers and exits before any other check."""
+
+    def __init__(self, option_strings: list[str], dest: str, **kwargs: Any) -> None:
+        super().__init__(option_strings, dest, nargs=0, default=argparse.SUPPRESS, **kwargs)
+
+    def __call__(self, parser: argparse.ArgumentParser, *args: Any, **kwargs: Any) -> None:
+        from bigbatch.train.configfile import describe_keys
+
+        print(describe_keys())
+        parser.exit()
 
 
 def _add_plan_parser(commands: Any) -> None:

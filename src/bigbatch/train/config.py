@@ -17,10 +17,12 @@ from bigbatch.choices import (
     LR_SCALING_RULES,
     OPTIMIZE_GOALS,
     PRECISIONS,
+    TRACKERS,
     BatchNormPolicy,
     LrScalingRule,
     Optimize,
     Precision,
+    TrackerName,
     describe,
     one_of,
 )
@@ -97,7 +99,7 @@ class Config(_Model):
     )
     micro_batch_size: int | Auto | None = _field(
         None,
-        "items per forward/backward on one rank; auto: the largest that fits memory_budget; "
+        "items per forward/backward on one rank; auto: chosen by probing memory, see optimize; "
         "unset: the recipe's, else derived from gradient_accumulation_steps, else the rank's "
         "whole share.",
         f'{_POSITIVE} or "auto"',
@@ -189,6 +191,12 @@ class Config(_Model):
         "what to do with BatchNorm layers (they break split equivalence): "
         f"{describe(BATCHNORM_POLICIES)}; see docs/batchnorm.md.",
         one_of(BATCHNORM_POLICIES),
+    )
+    trackers: list[TrackerName] = _field(
+        ["tensorboard"],
+        "where the per-step figures go besides metrics.jsonl (always written), all offline in "
+        f"the run directory: {describe(TRACKERS)}.",
+        f"a list of {one_of(TRACKERS)}",
     )
     noise_scale: bool = _field(
         False,

@@ -18,10 +18,43 @@ from pydantic import ValidationError
 
 from bigbatch.train.config import Config
 
+# Names users know from other frameworks -> the field they mean (same value).
 ALIASES: dict[str, str] = {
-    "per_device_train_batch_size": "micro_batch_size",  # Hugging Face Trainer
-    "train_micro_batch_size_per_gpu": "micro_batch_size",  # DeepSpeed
-    "train_batch_size": "global_batch_size",  # DeepSpeed: the global batch over every rank
+    # Hugging Face Trainer (TrainingArguments)
+    "per_device_train_batch_size": "micro_batch_size",
+    "learning_rate": "lr",
+    "num_train_epochs": "epochs",
+    "save_steps": "checkpoint_every",
+    "eval_steps": "eval_every",
+    "save_total_limit": "keep_checkpoints",
+    "dataloader_num_workers": "num_workers",
+    # DeepSpeed
+    "train_micro_batch_size_per_gpu": "micro_batch_size",
+    "train_batch_size": "global_batch_size",  # the global batch over every rank
+    "gradient_clipping": "max_grad_norm",
+    # PyTorch Lightning (Trainer arguments)
+    "accumulate_grad_batches": "gradient_accumulation_steps",
+    "gradient_clip_val": "max_grad_norm",
+    "max_epochs": "epochs",
+    # Super-Gradients (training_params)
+    "batch_accumulate": "gradient_accumulation_steps",
+    "initial_lr": "lr",
+}
+# Boolean switches that set a field to one value (Hugging Face's bf16 / fp16 flags).
+SWITCH_ALIASES: dict[str, tuple[str, str]] = {
+    "bf16": ("precision", "bf16"),
+    "fp16": ("precision", "fp16"),
+}
+# Names that mean something close but not the same: a hint instead of a guess.
+HINTS: dict[str, str] = {
+    "batch_size": "global_batch_size (the items of one step over every rank) or "
+    "micro_batch_size (one forward on one rank)",
+    "per_device_eval_batch_size": "micro_batch_size (evaluation uses the training micro-batch)",
+    "warmup_ratio": "warmup_steps (a number of optimizer steps)",
+    "lr_scheduler_type": "lr_schedule",
+    "gradient_accumulation": "gradient_accumulation_steps",
+    "output_dir": "the --out option of bigbatch train",
+    "optimizer": "the recipe's optimizer (recipes choose it)",
 }
 
 
@@ -62,8 +95,7 @@ def format_validation_error(error: ValidationError, source: str = "config") -> s
         for part in loc[:-1]:
             parent = getattr(parent.model_fields.get(part), "annotation", None)
         names = list(getattr(parent, "model_fields", {}))
-        close = difflib.get_close_matches(str(loc[-1]), names, n=1)
-        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        hint = _suggestion(str(loc[-1]), names)
         return f"{source}: unknown key {key!r}{hint}; see docs/configuration.md for the keys"
     if not loc:  # a model-level check: its message carries the field name
         return f"{source}: {str(first['msg']).removeprefix('Value error, ')}"
@@ -73,10 +105,29 @@ def format_validation_error(error: ValidationError, source: str = "config") -> s
     return f"{source}: {path}: must be {allowed}, got {_describe(first.get('input'))}"
 
 
+def _suggestion(key: str, names: list[str]) -> str:
+    """A hint for an unknown key: a known near-synonym, or a field of the same meaning.
+
+    Spelling alone misleads (``save_steps`` is not ``max_steps``), so a close spelling is only
+    offered when it starts with the same word or differs by a typo.
+    """
+    if key in HINTS:
+        return f" (did you mean {HINTS[key]}?)"
+    for close in difflib.get_close_matches(key, names, n=3, cutoff=0.6):
+        same_start = close.split("_")[0] == key.split("_")[0]
+        if same_start or difflib.SequenceMatcher(None, key, close).ratio() >= 0.85:
+            return f" (did you mean {close!r}?)"
+    return ""
+
+
 def _apply_aliases(data: dict[str, Any], source: str) -> dict[str, Any]:
     result: dict[str, Any] = {}
     for key, value in data.items():
         name = ALIASES.get(key, key)
+        if key in SWITCH_ALIASES:
+            name, value = _switch(key, value, source)
+            if value is None:
+                continue  # `bf16: false` asks for nothing
         if name in result:
             raise ValueError(
                 f"{source}: {key!r} and {name!r} both set: {key!r} is an alias of {name!r}, "
@@ -84,6 +135,14 @@ def _apply_aliases(data: dict[str, Any], source: str) -> dict[str, Any]:
             )
         result[name] = value
     return result
+
+
+def _switch(key: str, value: Any, source: str) -> tuple[str, Any]:
+    """``bf16: true`` -> ``("precision", "bf16")``; false -> (name, None): nothing is set."""
+    name, setting = SWITCH_ALIASES[key]
+    if not isinstance(value, bool):
+        raise ValueError(f"{source}: {key} must be true or false (an alias of {name}: {setting})")
+    return name, setting if value else None
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:
@@ -173,3 +232,30 @@ def config_to_yaml(config: Config) -> str:
     if isinstance(data.get("batch_size_schedule"), list):
         data["batch_size_schedule"] = [list(stage) for stage in data["batch_size_schedule"]]
     return yaml.safe_dump(data, sort_keys=False)
+
+
+def describe_keys(width: int = 100) -> str:
+    """Every config key with what it allows, its default and its description, from the schema.
+
+    What ``bigbatch train --help-config`` prints; the aliases follow.
+    """
+    import textwrap
+
+    from bigbatch.train.config import LRScaling
+
+    fields = [*Config.model_fields.items()]
+    fields += [(f"lr_scaling.{name}", info) for name, info in LRScaling.model_fields.items()]
+    lines = ["config keys (YAML or --set key=value):", ""]
+    for name, info in fields:
+        extra = info.json_schema_extra if isinstance(info.json_schema_extra, dict) else {}
+        default = "(a mapping)" if isinstance(info.default, LRScaling) else json.dumps(info.default)
+        lines.append(f"{name}: {extra.get('allowed')}; default {default}")
+        lines += textwrap.wrap(
+            str(info.description), width, initial_indent="    ", subsequent_indent="    "
+        )
+    lines += ["", "names from other frameworks, accepted as aliases:"]
+    for alias, name in ALIASES.items():
+        lines.append(f"  {alias} -> {name}")
+    for alias, (name, setting) in SWITCH_ALIASES.items():
+        lines.append(f"  {alias}: true -> {name}: {setting}")
+    return "\n".join(lines)

@@ -35,3 +35,10 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
+
+
+def describe_device(device: torch.device) -> str:
+    """The device as a report states it: ``cuda:0 (NVIDIA H100 ...)`` or ``cpu (8 threads)``."""
+    if device.type == "cuda":
+        return f"{device} ({torch.cuda.get_device_name(device)})"
+    return f"{device.type} ({torch.get_num_threads()} threads)"

@@ -1,4 +1,4 @@
-"""What a run shows while it runs: progress bar, metrics.jsonl, TensorBoard, live figures.
+"""What a run shows while it runs: progress bar, metrics.jsonl, the trackers, live figures.
 
 Everything counts optimizer steps (docs/design.md, invariant 4). ``metrics.jsonl`` holds one train
 line per step and one eval line per evaluation; on resume the lines after the checkpoint's step are
@@ -13,7 +13,8 @@ import json
 import logging
 import math
 import os
-from collections.abc import Mapping
+import time
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
@@ -21,6 +22,7 @@ from tqdm.auto import tqdm
 
 from bigbatch.core.engine import StepResult
 from bigbatch.data.loader import Window
+from bigbatch.train.trackers import Tracker, close_within, open_trackers
 from bigbatch.units import format_bytes, format_number
 
 logger = logging.getLogger(__name__)
@@ -42,12 +44,14 @@ _BAR_LABELS = {
 
 
 class MetricsLogger:
-    """Writes per-step figures to ``metrics.jsonl`` and TensorBoard in ``run_dir``.
+    """Writes per-step figures to ``metrics.jsonl`` and the configured trackers in ``run_dir``.
 
-    Train lines look like ``{"step": 5, "kind": "train", "loss": 0.31, "lr": 0.001, ...}`` and
-    evaluation lines like ``{"step": 5, "kind": "eval", "eval/loss": 0.35, "eval/accuracy": 0.9}``:
-    separate lines, because the file is only ever appended to, so a killed run loses at most the
-    line being written. Non-finite numbers are written as ``null`` (strict JSON).
+    Train lines look like ``{"step": 5, "kind": "train", "time": 1796180569.585, "loss": 0.31,
+    "lr": 0.001, ...}`` and evaluation lines like ``{"step": 5, "kind": "eval", "time": ...,
+    "eval/loss": 0.35, "eval/accuracy": 0.9}``: separate lines, because the file is only ever
+    appended to, so a killed run loses at most the line being written. ``time`` is when the line
+    was written, in seconds since the epoch. Non-finite numbers are written as ``null`` (strict
+    JSON). Trackers get train figures as ``train/<name>`` and evaluations as ``eval/<name>``.
 
     Args:
         run_dir: the run directory (created when enabled).
@@ -55,7 +59,8 @@ class MetricsLogger:
         resume_step: the step of the checkpoint a resumed run starts from: lines of later steps,
             written after that checkpoint by the interrupted run, are dropped first. None starts
             a new file.
-        tensorboard: also write TensorBoard event files under ``run_dir/tensorboard``.
+        trackers: names from `bigbatch.choices.TRACKERS` (see `bigbatch.train.trackers`).
+        config: the resolved config, handed to every tracker once (not on resume).
     """
 
     def __init__(
@@ -64,12 +69,13 @@ class MetricsLogger:
         *,
         enabled: bool = True,
         resume_step: int | None = None,
-        tensorboard: bool = True,
+        trackers: Sequence[str] = ("tensorboard",),
+        config: Mapping[str, Any] | None = None,
     ) -> None:
         self.enabled = enabled
         self.path = Path(run_dir) / METRICS_FILE
         self._file: Any = None
-        self._writer: Any = None
+        self._trackers: list[Tracker] = []
         if not enabled:
             return
         self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -79,11 +85,10 @@ class MetricsLogger:
             logger.warning("starting a new %s: the previous one is replaced", self.path)
             self.path.unlink()
         self._file = open(self.path, "a", encoding="utf-8")  # noqa: SIM115 -- closed in close()
-        if tensorboard:
-            self._writer = _summary_writer(
-                self.path.parent / "tensorboard",
-                purge_step=None if resume_step is None else resume_step + 1,
-            )
+        self._trackers = open_trackers(trackers, self.path.parent, resume_step=resume_step)
+        if config is not None and resume_step is None:
+            for tracker in self._trackers:
+                tracker.log_config(config)
 
     def log_step(self, step: int, values: Mapping[str, float | int | None]) -> None:
         """Record the figures of one optimizer step (loss, lr, grad_norm, samples_per_s, ...)."""
@@ -95,13 +100,12 @@ class MetricsLogger:
         self._write(step, "eval", named, "")
 
     def close(self) -> None:
-        """Flush and close the files (safe to call twice)."""
+        """Flush and close the file and the trackers, each within a time bound (safe twice)."""
         if self._file is not None:
             self._file.close()
             self._file = None
-        if self._writer is not None:
-            self._writer.close()
-            self._writer = None
+        trackers, self._trackers = self._trackers, []
+        close_within(trackers)
 
     def __enter__(self) -> MetricsLogger:
         return self
@@ -109,20 +113,19 @@ class MetricsLogger:
     def __exit__(self, *exc_info: object) -> None:
         self.close()
 
-    def _write(self, step: int, kind: str, values: dict[str, Any], tb_prefix: str) -> None:
+    def _write(self, step: int, kind: str, values: dict[str, Any], tracker_prefix: str) -> None:
         """Append one JSON line (flushed, so a killed run keeps it) and the TensorBoard scalars."""
         if self._file is None:
             return
-        if "step" in values or "kind" in values:
-            raise ValueError(f"values may not hold 'step' or 'kind' keys, got {sorted(values)}")
-        record = {"step": int(step), "kind": kind, **{k: _jsonable(v) for k, v in values.items()}}
+        if {"step", "kind", "time"} & set(values):
+            raise ValueError(f"values may not hold 'step', 'kind' or 'time', got {sorted(values)}")
+        record = {"step": int(step), "kind": kind, "time": round(time.time(), 3)}
+        record.update({k: _jsonable(v) for k, v in values.items()})
         self._file.write(json.dumps(record, allow_nan=False) + "\n")
         self._file.flush()
-        if self._writer is not None:
-            for key, value in values.items():
-                number = isinstance(value, int | float) and not isinstance(value, bool)
-                if number and math.isfinite(value):
-                    self._writer.add_scalar(f"{tb_prefix}{key}", value, int(step))
+        prefixed = {f"{tracker_prefix}{key}": value for key, value in values.items()}
+        for tracker in self._trackers:
+            tracker.log(int(step), prefixed)
 
 
 class ProgressBar:
@@ -234,19 +237,6 @@ def _truncate_after(path: Path, step: int) -> None:
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(tmp, path)
-
-
-def _summary_writer(log_dir: Path, purge_step: int | None) -> Any:
-    """A TensorBoard SummaryWriter, or None (with one warning) when tensorboard is missing.
-
-    ``purge_step`` hides the events an interrupted run wrote after its last checkpoint.
-    """
-    try:
-        from torch.utils.tensorboard import SummaryWriter
-    except ImportError as error:
-        logger.warning("TensorBoard logging is off: %s (pip install tensorboard)", error)
-        return None
-    return SummaryWriter(log_dir=str(log_dir), purge_step=purge_step)
 
 
 def step_record(

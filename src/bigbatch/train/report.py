@@ -58,9 +58,11 @@ def summarize_metrics(metrics: list[dict[str, Any]]) -> dict[str, Any]:
 def plot_run(metrics: list[dict[str, Any]], path: Path) -> Path | None:
     """Draw the run's curves into a PNG; None without matplotlib or without anything to draw.
 
-    Panels, each only when its data is present: train and eval loss; eval accuracy; learning
-    rate; ``global_batch_size`` with ``critical_batch_samples`` (the gradient-noise estimate,
-    converted from loss items to samples so both are in the unit of the global batch).
+    Panels, each only when its data is present and varies (a constant series says nothing a
+    plot could add): train and eval loss; eval accuracy; learning rate; gradient norm (before
+    clipping); ``global_batch_size`` with ``critical_batch_samples`` (the gradient-noise
+    estimate, converted from loss items to samples so both are in the unit of the global batch);
+    throughput (samples/s and loss items/s); peak memory.
     """
     try:
         from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -69,22 +71,8 @@ def plot_run(metrics: list[dict[str, Any]], path: Path) -> Path | None:
     except ImportError as error:
         logger.warning("no plot: %s (pip install matplotlib)", error)
         return None
-    train = [r for r in metrics if r.get("kind", "train") == "train"]
+    panels = plot_panels(metrics)
     evals = [r for r in metrics if r.get("kind") == "eval"]
-    panels = [
-        ("loss", [(train, "loss", "train"), (evals, "eval/loss", "eval")]),
-        ("eval accuracy", [(evals, "eval/accuracy", "eval")]),
-        ("learning rate", [(train, "lr", "lr"), (train, "learning_rate", "lr")]),
-        (
-            "batch size (samples)",
-            [
-                (train, "global_batch_size", "global batch size"),
-                (train, "critical_batch_samples", "critical batch size (estimate)"),
-            ],
-        ),
-    ]
-    panels = [(title, [s for s in series if _points(*s[:2])[0]]) for title, series in panels]
-    panels = [panel for panel in panels if panel[1]]
     if not panels:
         return None
     figure = Figure(figsize=(6.4, 2.4 * len(panels)), layout="constrained")
@@ -110,6 +98,47 @@ def plot_run(metrics: list[dict[str, Any]], path: Path) -> Path | None:
     return path
 
 
+Series = tuple[list[dict[str, Any]], str, str]
+
+
+def plot_panels(metrics: list[dict[str, Any]]) -> list[tuple[str, list[Series]]]:
+    """The panels `plot_run` draws: (title, [(records, key, label), ...]), present and varying."""
+    train = [_with_memory_in_mib(r) for r in metrics if r.get("kind", "train") == "train"]
+    evals = [r for r in metrics if r.get("kind") == "eval"]
+    panels = [
+        ("loss", [(train, "loss", "train"), (evals, "eval/loss", "eval")]),
+        ("eval accuracy", [(evals, "eval/accuracy", "eval")]),
+        ("learning rate", [(train, "lr", "lr"), (train, "learning_rate", "lr")]),
+        ("gradient norm", [(train, "grad_norm", "before clipping")]),
+        (
+            "batch size (samples)",
+            [
+                (train, "global_batch_size", "global batch size"),
+                (train, "critical_batch_samples", "critical batch size (estimate)"),
+            ],
+        ),
+        (
+            "throughput (per s)",
+            [(train, "samples_per_s", "samples"), (train, "items_per_s", "items")],
+        ),
+        ("peak memory (MiB)", [(train, "peak_memory_mib", "peak memory")]),
+    ]
+    panels = [(title, [s for s in series if _points(*s[:2])[0]]) for title, series in panels]
+    panels = [panel for panel in panels if panel[1] and not _constant(panel[1])]
+    return panels
+
+
+def _with_memory_in_mib(record: dict[str, Any]) -> dict[str, Any]:
+    memory = record.get("peak_memory_bytes")
+    return record if memory is None else {**record, "peak_memory_mib": memory / 2**20}
+
+
+def _constant(series: list[tuple[list[dict[str, Any]], str, str]]) -> bool:
+    """True when every value of every series of a panel is the same."""
+    values = {value for records, key, _ in series for value in _points(records, key)[1]}
+    return len(values) <= 1
+
+
 def _points(records: list[dict[str, Any]], key: str) -> tuple[list[int], list[float]]:
     """The (step, value) pairs of one series, skipping steps where it is missing or null."""
     pairs = [(int(r["step"]), float(r[key])) for r in records if r.get(key) is not None]
@@ -121,14 +150,19 @@ def write_report(
     summary: Mapping[str, Any],
     metrics: list[dict[str, Any]],
     plot: Path | None = None,
+    *,
+    config: Mapping[str, Any] | None = None,
+    device: str | None = None,
 ) -> Path:
-    """Write ``run_dir/report.md``: the recipe, plan, final figures, extra sections and the plot.
+    """Write ``run_dir/report.md``: what ran, where, when, the figures, sections and the plot.
 
     Figures missing from ``summary`` are taken from ``metrics`` (see `summarize_metrics`).
     ``summary["plan"]`` is ``Plan.to_dict()`` or text; ``summary["sections"]`` maps titles to
-    markdown that other features add. Other scalar entries of ``summary`` are listed too.
+    markdown that other features add. Other scalar entries of ``summary`` are listed too. With
+    ``config`` the report states its seed and the whole resolved config; it always states the
+    date, the library versions and, when given, the device.
     """
-    merged = {**summarize_metrics(metrics), **summary}
+    merged = {**summarize_metrics(metrics), **provenance(config, device), **summary}
     rows = [
         (label, _format_value(key, merged[key])) for key, label in _REPORT_ROWS if key in merged
     ]
@@ -145,6 +179,11 @@ def write_report(
         lines += ["", "## Curves", "", f"![training curves]({Path(target).as_posix()})"]
     for title, text in dict(merged.get("sections") or {}).items():
         lines += ["", f"## {title}", "", str(text).strip()]
+    if config is not None:
+        import yaml
+
+        text = yaml.safe_dump(dict(config), sort_keys=False, default_flow_style=None)
+        lines += ["", "## Config", "", "```yaml", text.strip(), "```"]
     path = Path(run_dir) / REPORT_FILE
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("\n".join(lines) + "\n", encoding="utf-8")
@@ -180,6 +219,29 @@ def format_summary(summary: Mapping[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def provenance(config: Mapping[str, Any] | None, device: str | None) -> dict[str, Any]:
+    """When, where and with what a run ran: date (UTC), device, seed and library versions."""
+    import datetime
+    import platform
+
+    import torch
+
+    from bigbatch import __version__
+
+    versions = (
+        f"bigbatch {__version__}, torch {torch.__version__}, python {platform.python_version()}"
+    )
+    found: dict[str, Any] = {
+        "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC"),
+        "versions": versions,
+    }
+    if device is not None:
+        found["device"] = device
+    if config is not None and "seed" in config:
+        found["seed"] = config["seed"]
+    return found
+
+
 _REPORT_ROWS = (
     ("recipe", "recipe"),
     ("steps", "steps"),
@@ -192,6 +254,10 @@ _REPORT_ROWS = (
     ("peak_memory_bytes", "peak memory"),
     ("skipped_steps", "skipped steps"),
     ("wall_time_s", "wall time"),
+    ("seed", "seed"),
+    ("device", "device"),
+    ("versions", "versions"),
+    ("date", "date"),
 )
 
 

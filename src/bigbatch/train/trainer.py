@@ -191,7 +191,11 @@ class Trainer:
             (self.run_dir / "config.yaml").write_text(config_to_yaml(self.config))
         logger.info("plan of the first step:\n%s", first_plan)
         logger_ = run_metrics.MetricsLogger(
-            self.run_dir or Path("."), enabled=writes, resume_step=restored
+            self.run_dir or Path("."),
+            enabled=writes,
+            resume_step=restored,
+            trackers=self.config.trackers,
+            config=self.config.model_dump(mode="json"),
         )
         bar = run_metrics.ProgressBar(total, initial=loader.step, enabled=self.progress and writes)
         figures = SessionFigures()
@@ -397,7 +401,14 @@ class Trainer:
         rundir.save_final_weights(self.run_dir, self.module)
         records = run_metrics.read_metrics(self.run_dir / "metrics.jsonl")
         plot = run_report.plot_run(records, self.run_dir / rundir.PLOT_FILE)
-        run_report.write_report(self.run_dir, summary.to_dict(), records, plot)
+        run_report.write_report(
+            self.run_dir,
+            summary.to_dict(),
+            records,
+            plot,
+            config=self.config.model_dump(mode="json"),
+            device=environment.describe_device(self.device),
+        )
 
 
 def fit(
