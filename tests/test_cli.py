@@ -59,7 +59,7 @@ def test_print_config_shows_recipe_defaults_and_overrides(capsys):
     ("setting", "fragments"),
     [
         ("lr=-1", ("lr",)),  # invalid value
-        ("learning_rate=0.1", ("unknown key", "learning_rate")),  # unknown key
+        ("dropout=0.1", ("unknown key", "dropout")),  # unknown key
         ("recipe=nosuch", ("recipe", "nosuch")),  # unknown recipe
         ("gradient_accumulation_steps=3", ("gradient_accumulation_steps", "256 / (1 x 16)")),
         ("micro_batch_size=300", ("micro_batch_size 300", "share", "<= 256")),
