@@ -133,14 +133,19 @@ class DivergenceCheck:
         if len(set(bits)) == 1:
             return
         majority = max(set(bits), key=bits.count)
-        odd = [rank for rank, value in enumerate(bits) if value != majority]
+        odd = [str(rank) for rank, value in enumerate(bits) if value != majority]
+        blame = (
+            f"rank(s) {', '.join(odd)} differ from the others"
+            if bits.count(majority) * 2 > len(bits)
+            else "no majority agrees"
+        )
         listing = ", ".join(
             f"rank {rank}: sum {row[0]:.10g}, bits {int(row[1]):#x}"
             for rank, row in enumerate(rows)
         )
         raise RankDivergenceError(
-            f"the ranks hold different parameters after step {steps_done}: {listing}; rank(s) "
-            f"{', '.join(map(str, odd))} differ from the others. They no longer train the same "
+            f"the ranks hold different parameters after step {steps_done}: {listing}; {blame}. "
+            "They no longer train the same "
             "model: a gradient sync was skipped (a forward or backward that did not go through "
             "the DistributedDataParallel-wrapped model) or a rank changed its weights alone. "
             "Stop, fix the loop, and resume from the last checkpoint written before the divergence"
