@@ -269,3 +269,13 @@ def test_bigbatch_plan_on_the_command_line_loads_no_torch() -> None:
         "assert code == 0, code\n"
     )
     assert "torch" not in loaded
+
+
+def test_the_integrations_load_no_framework():
+    """The adapters need none of the frameworks to import: the user's objects bring them."""
+    loaded = loaded_modules(
+        "import bigbatch.integrations.huggingface, bigbatch.integrations.accelerate\n"
+        "import bigbatch.integrations.lightning\n"
+    )
+    frameworks = {"transformers", "accelerate", "lightning", "pytorch_lightning"}
+    assert not top_level(loaded) & frameworks
