@@ -58,3 +58,27 @@ def causal_item_losses(
         logits[:, :-1].reshape(-1, VOCAB), targets.clamp(min=0).reshape(-1), reduction="none"
     )
     return losses.masked_fill(~mask, 0.0), mask.to(losses.dtype)
+
+
+class Rows(torch.utils.data.Dataset):
+    """The rows of one padded batch, one dict per sample: what a framework's dataloader batches."""
+
+    def __init__(self, batch: dict[str, torch.Tensor]) -> None:
+        self.batch = batch
+
+    def __len__(self) -> int:
+        return len(self.batch["input_ids"])
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        return {key: value[index] for key, value in self.batch.items()}
+
+
+def global_batches(
+    everything: dict[str, torch.Tensor], global_batch_size: int
+) -> list[dict[str, torch.Tensor]]:
+    """Consecutive global batches of a dataset held as one padded batch."""
+    rows = len(everything["input_ids"])
+    return [
+        rows_of(everything, start, start + global_batch_size)
+        for start in range(0, rows, global_batch_size)
+    ]

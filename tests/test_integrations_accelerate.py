@@ -24,30 +24,13 @@ STEPS = 3
 LR = 0.5
 
 
-class Rows(torch.utils.data.Dataset):
-    """The rows of one padded batch, one dict per sample."""
-
-    def __init__(self, batch: dict[str, torch.Tensor]) -> None:
-        self.batch = batch
-
-    def __len__(self) -> int:
-        return len(self.batch["input_ids"])
-
-    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
-        return {key: value[index] for key, value in self.batch.items()}
-
-
 def data() -> dict[str, torch.Tensor]:
     return hf_models.causal_batch(GLOBAL_BATCH * STEPS, seed=9)
 
 
 def reference_weights() -> dict[str, torch.Tensor]:
-    everything = data()
-    global_batches = [
-        hf_models.rows_of(everything, s * GLOBAL_BATCH, (s + 1) * GLOBAL_BATCH)
-        for s in range(STEPS)
-    ]
-    return full_batch_sgd(hf_models.gpt2(), global_batches, hf_models.causal_item_losses, LR)
+    batches = hf_models.global_batches(data(), GLOBAL_BATCH)
+    return full_batch_sgd(hf_models.gpt2(), batches, hf_models.causal_item_losses, LR)
 
 
 def fresh_accelerator(**options):
@@ -64,7 +47,9 @@ def train(rank: int, world_size: int, micro: int, desync: bool = False) -> dict:
     assert accelerator.num_processes == world_size
     model = hf_models.gpt2()
     optimizer = torch.optim.SGD(model.parameters(), lr=LR)
-    loader = torch.utils.data.DataLoader(Rows(data()), batch_size=GLOBAL_BATCH // world_size)
+    loader = torch.utils.data.DataLoader(
+        hf_models.Rows(data()), batch_size=GLOBAL_BATCH // world_size
+    )
     model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
     if desync and rank == 1:
         with torch.no_grad():

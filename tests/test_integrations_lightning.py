@@ -19,7 +19,14 @@ from bigbatch.integrations.lightning import AccumulatorMixin  # noqa: E402
 from tests import hf_models  # noqa: E402
 from tests.distributed_helpers import run_processes  # noqa: E402
 from tests.reference import full_batch_sgd, relative_error  # noqa: E402
-from tests.test_integrations_accelerate import GLOBAL_BATCH, LR, STEPS, Rows, data  # noqa: E402
+
+GLOBAL_BATCH = 10
+STEPS = 3
+LR = 0.5
+
+
+def data() -> dict[str, torch.Tensor]:
+    return hf_models.causal_batch(GLOBAL_BATCH * STEPS, seed=9)
 
 
 class CausalLM(AccumulatorMixin, pl.LightningModule):
@@ -48,12 +55,8 @@ class Desynchronise(pl.Callback):
 
 
 def reference_weights() -> dict[str, torch.Tensor]:
-    everything = data()
-    global_batches = [
-        hf_models.rows_of(everything, s * GLOBAL_BATCH, (s + 1) * GLOBAL_BATCH)
-        for s in range(STEPS)
-    ]
-    expected = full_batch_sgd(hf_models.gpt2(), global_batches, hf_models.causal_item_losses, LR)
+    batches = hf_models.global_batches(data(), GLOBAL_BATCH)
+    expected = full_batch_sgd(hf_models.gpt2(), batches, hf_models.causal_item_losses, LR)
     return {f"model.{name}": value for name, value in expected.items()}
 
 
@@ -93,7 +96,7 @@ def fit(rank: int, world_size: int, micro: int, desync: bool = False) -> dict:
         callbacks=callbacks,
         use_distributed_sampler=False,
     )
-    dataset = Rows(data())
+    dataset = hf_models.Rows(data())
     sampler = torch.utils.data.DistributedSampler(
         dataset, num_replicas=world_size, rank=rank, shuffle=False
     )
@@ -149,3 +152,35 @@ def test_lightning_fp16_is_refused_with_the_fix():
         _precision("16-mixed", "fp32")
     assert _precision("bf16-mixed", "fp32") == "bf16"
     assert _precision("32-true", "fp16") == "fp16"
+
+
+class Float32LM(CausalLM):
+    def __init__(self, bigbatch_precision: str) -> None:
+        super().__init__(micro_batch_size=4)
+        self.model = hf_models.gpt2(dtype=torch.float32)
+        self.bigbatch_precision = bigbatch_precision
+
+
+@pytest.mark.parametrize(
+    ("trainer_precision", "bigbatch_precision", "expected"),
+    [("32-true", "fp16", "fp16"), ("bf16-mixed", "fp32", "bf16")],
+)
+def test_mixed_precision_runs_with_the_step_count(trainer_precision, bigbatch_precision, expected):
+    module = Float32LM(bigbatch_precision)
+    trainer = pl.Trainer(
+        accelerator="cpu",
+        devices=1,
+        max_steps=2,
+        precision=trainer_precision,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
+    loader = torch.utils.data.DataLoader(hf_models.Rows(data()), batch_size=GLOBAL_BATCH)
+    trainer.fit(module, loader)
+    accumulator = module._bigbatch_accumulator_object
+    assert accumulator is not None and accumulator.precision == expected
+    assert (accumulator.grad_scaler is not None) == (expected == "fp16")
+    assert trainer.global_step == 2
+    assert torch.isfinite(torch.tensor(float(trainer.callback_metrics["loss"])))
