@@ -88,6 +88,38 @@ def test_two_processes_match_the_full_batch(micro):
     assert results[0]["items"] == results[1]["items"]  # global counts, the same on both ranks
 
 
+def train_uneven_shares(rank: int, world_size: int) -> dict:
+    """Rank 0 holds 8 rows of each global batch, rank 1 two: windows of 4 and [1, 1, 0, 0]."""
+    accelerator = fresh_accelerator()
+    model = hf_models.gpt2()
+    optimizer = torch.optim.SGD(model.parameters(), lr=LR)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    accumulator = AcceleratedAccumulator(accelerator, model, optimizer, micro_batch_size=2)
+    micro_batches = []
+    for global_batch in hf_models.global_batches(data(), GLOBAL_BATCH):
+        share = (
+            hf_models.rows_of(global_batch, 0, 8)
+            if rank == 0
+            else (hf_models.rows_of(global_batch, 8, GLOBAL_BATCH))
+        )
+        micro_batches.append(accumulator.step(share, causal_lm_loss).micro_batches)
+    unwrapped = accelerator.unwrap_model(model)
+    return {
+        "weights": {n: p.detach().clone() for n, p in unwrapped.named_parameters()},
+        "micro_batches": micro_batches,
+    }
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_uneven_rank_shares_agree_on_the_window_and_stay_exact():
+    results = run_processes(train_uneven_shares, 2)
+    expected = reference_weights()
+    for result in results:
+        assert result["micro_batches"] == [4] * STEPS  # rank 1 pads with empty micro-batches
+        assert relative_error(result["weights"], expected) < 1e-12
+
+
 @pytest.mark.slow
 @pytest.mark.timeout(300)
 def test_a_desynchronised_rank_is_caught_after_the_first_step():

@@ -79,6 +79,17 @@ def test_causal_lm_loss_upcasts_half_precision_logits():
     assert loss_sum.dtype == torch.float32
 
 
+@pytest.mark.parametrize("loss_fn", [causal_lm_loss, masked_lm_loss])
+def test_an_empty_micro_batch_gives_zero_loss_no_items_and_zero_gradients(loss_fn):
+    """What a rank with nothing left runs to join DDP's sync: GPT-2 itself cannot run 0 rows."""
+    model = hf_models.gpt2()
+    loss_sum, num_items = loss_fn(model, hf_models.rows_of(hf_models.causal_batch(3), 0, 0))
+    assert float(loss_sum) == 0.0 and int(num_items) == 0
+    loss_sum.backward()
+    gradients = [p.grad for p in model.parameters()]
+    assert all(g is not None and not g.any() for g in gradients)
+
+
 def test_a_batch_without_labels_is_refused_with_the_fix():
     batch = hf_models.causal_batch(2)
     del batch["labels"]

@@ -107,6 +107,8 @@ class MeanLossCheck:
     Reading the labels is a host sync for labels on an accelerator, so at most ``max_checks``
     micro-batches are examined; labels on the CPU are always examined until the warning fires.
 
+    The engine calls it with each micro-batch's loss_fn output, right after loss_fn.
+
     Args:
         max_checks: micro-batches with accelerator labels to examine before giving up.
 
@@ -148,5 +150,5 @@ class MeanLossCheck:
             "loss_fn=bigbatch.integrations.huggingface.causal_lm_loss (or masked_lm_loss) for a "
             "Hugging Face model",
             UserWarning,
-            stacklevel=3,
+            stacklevel=4,  # the caller of Accumulator.step (step -> _accumulate -> here)
         )

@@ -50,6 +50,8 @@ def causal_lm_loss(
         >>> accumulator.step(window, causal_lm_loss)  # doctest: +SKIP
     """
     logits, labels = _logits_and_labels(model, batch, extra=("shift_labels",))
+    if labels.shape[0] == 0:
+        return _no_items(logits)
     if "shift_labels" in batch:
         shifted = batch["shift_labels"].to(logits.device)
     else:
@@ -68,6 +70,8 @@ def masked_lm_loss(
     `DataCollatorForLanguageModeling` makes); nothing is shifted.
     """
     logits, labels = _logits_and_labels(model, batch)
+    if labels.shape[0] == 0:
+        return _no_items(logits)
     return _token_cross_entropy(logits, labels, ignore_index)
 
 
@@ -83,6 +87,8 @@ def sequence_classification_loss(
     multi-label, whose transformers loss is a mean over every entry).
     """
     logits, labels = _logits_and_labels(model, batch)
+    if labels.shape[0] == 0:
+        return _no_items(logits)
     logits = _upcast(logits)
     config = getattr(_unwrap(model), "config", None)
     num_labels = int(getattr(config, "num_labels", logits.shape[-1]))
@@ -208,15 +214,35 @@ def _logits_and_labels(
             f"transformers data collators make), got {keys}"
         )
     inputs = {key: value for key, value in batch.items() if key not in ("labels", *extra)}
+    labels = batch["labels"]
+    if labels.shape[0] == 0:
+        # An empty micro-batch runs only so that this rank joins DDP's gradient sync, and many
+        # transformers models cannot run on zero rows: run one stand-in row, weighed by zero.
+        inputs = {key: _stand_in_row(key, value) for key, value in inputs.items()}
     output = model(**inputs)
     logits = output.logits if hasattr(output, "logits") else output[0]
-    labels = batch["labels"].to(logits.device)
+    labels = labels.to(logits.device)
+    if labels.shape[0] == 0:
+        return logits, labels
     if logits.shape[: labels.dim()] != labels.shape:
         raise ValueError(
             f"labels of shape {tuple(labels.shape)} do not match logits of shape "
             f"{tuple(logits.shape)}"
         )
     return logits, labels
+
+
+def _stand_in_row(key: str, value: Any) -> Any:
+    """One finite row shaped like an empty input: zeros (ids 0), an attention mask of ones."""
+    if not isinstance(value, torch.Tensor):
+        return value
+    row = torch.zeros((1, *value.shape[1:]), dtype=value.dtype, device=value.device)
+    return row + 1 if key == "attention_mask" else row
+
+
+def _no_items(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """A zero loss that still reaches every parameter the logits depend on, and no items."""
+    return _upcast(logits).sum() * 0.0, torch.zeros((), dtype=torch.long, device=logits.device)
 
 
 def _upcast(logits: torch.Tensor) -> torch.Tensor:
