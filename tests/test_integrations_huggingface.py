@@ -59,7 +59,7 @@ def test_causal_lm_loss_is_the_full_batch_loss_and_gradient_over_uneven_splits(s
     expected_loss = float((losses * mask).sum().detach() / mask.sum())
     assert abs(loss - expected_loss) <= 1e-12 * abs(expected_loss)
     # transformers computes its own loss from float32 logits: a reference to 1e-6 only.
-    assert abs(loss - float(model(**batch).loss)) <= 1e-6 * abs(expected_loss)
+    assert abs(loss - float(model(**batch).loss.detach())) <= 1e-6 * abs(expected_loss)
     expected = full_batch_gradients(model, lambda m: hf_models.causal_item_losses(m, batch))
     assert relative_error(gradient, expected) < 1e-12
 
