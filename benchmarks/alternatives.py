@@ -1,9 +1,13 @@
-"""Gradient error and step time: bigbatch vs the textbook loop, HF Accelerate and Lightning.
+"""Gradient error and step time: bigbatch vs the textbook loop, Accelerate, Lightning, HF Trainer.
 
 Every method gets the same model and the same micro-batches of padded variable-length sequences
 (a small causal transformer, only real tokens carry loss). The error is measured in float64 against
 one full-batch gradient (sum of every token's loss / number of tokens); the step time in float32.
-Accelerate and Lightning are optional (`pip install -e '.[bench]'`); a missing one is reported.
+Accelerate, Lightning and transformers are optional (`pip install -e '.[bench]'`); a missing one is
+reported. The HF Trainer runs the model behind transformers' causal-LM interface (labels = the
+input ids, shifted inside; `num_items_in_batch` accepted), once as a model whose class
+transformers maps to its causal-LM loss (e.g. LlamaForCausalLM) and once as one it does not (e.g.
+GPT2LMHeadModel), for which the Trainer counts the unshifted labels.
 
     python benchmarks/alternatives.py            # writes benchmarks/results/alternatives.{md,png}
     python benchmarks/alternatives.py --smoke    # tiny sizes, for CI
@@ -17,6 +21,7 @@ import logging
 import math
 import statistics
 import sys
+import tempfile
 import time
 import warnings
 from collections.abc import Callable
@@ -210,12 +215,107 @@ def lightning_step_times(window: list[Batch], model: torch.nn.Module, steps: int
     return [later - earlier for earlier, later in zip(stamps, stamps[1:])]
 
 
+class HFCausalLM(torch.nn.Module):
+    """The model behind transformers' causal-LM interface: labels are the input ids, scored shifted.
+
+    The loss is transformers' ForCausalLMLoss (sum over the shifted labels divided by the Trainer's
+    num_items_in_batch, or a mean without it), computed here in the model's dtype so that float64
+    measures the accumulation, not transformers' float32 upcast. `loss_type` is what the Trainer
+    reads to decide whether the labels it counts are shifted.
+    """
+
+    def __init__(self, model: torch.nn.Module, loss_type: str | None) -> None:
+        super().__init__()
+        self.model = model
+        self.loss_type = loss_type
+
+    def forward(self, input_ids, labels=None, num_items_in_batch=None, **kwargs):
+        logits = self.model(input_ids)
+        shifted = F.pad(labels, (0, 1), value=IGNORE)[:, 1:]
+        loss = F.cross_entropy(
+            logits.flatten(0, 1), shifted.flatten(), ignore_index=IGNORE, reduction="sum"
+        )
+        count = num_items_in_batch if num_items_in_batch is not None else (shifted != IGNORE).sum()
+        return {"loss": loss / count, "logits": logits}
+
+
+def hf_inputs(batch: Batch) -> dict[str, torch.Tensor]:
+    """The same micro-batch as transformers takes it: labels are the ids, -100 on padding."""
+    tokens, shifted = batch
+    labels = torch.cat(
+        [tokens[:, :1], tokens[:, 1:].masked_fill(shifted[:, :-1] == IGNORE, IGNORE)], 1
+    )
+    return {"input_ids": tokens, "labels": labels}
+
+
+def _hf_trainer(model, optimizer, window: list[Batch], steps: int, loss_type, callbacks=()):
+    from transformers import Trainer, TrainingArguments
+
+    output_dir = tempfile.mkdtemp(prefix="bigbatch-hf-trainer-")
+    arguments = TrainingArguments(
+        output_dir=output_dir,
+        per_device_train_batch_size=1,  # one dataset item is one prepared micro-batch
+        gradient_accumulation_steps=len(window),
+        max_steps=steps,
+        max_grad_norm=0.0,  # no clipping, as for the other methods
+        lr_scheduler_type="constant",
+        report_to="none",
+        save_strategy="no",
+        logging_strategy="no",
+        disable_tqdm=True,
+        use_cpu=True,
+        remove_unused_columns=False,
+        seed=0,
+    )
+    return Trainer(
+        model=HFCausalLM(model, loss_type),
+        args=arguments,
+        train_dataset=[hf_inputs(batch) for batch in window] * steps,
+        data_collator=lambda items: items[0],
+        optimizers=(optimizer, None),
+        callbacks=list(callbacks),
+    )
+
+
+def hf_trainer_step(loss_type: str | None):
+    def factory(window: list[Batch]):
+        def step(model, optimizer):
+            _hf_trainer(model, optimizer, window, 1, loss_type).train()
+
+        return step
+
+    return factory
+
+
+def hf_trainer_step_times(window: list[Batch], model: torch.nn.Module, steps: int) -> list[float]:
+    """Seconds between consecutive optimizer steps inside one long-lived HF Trainer run."""
+    from transformers import TrainerCallback
+
+    stamps: list[float] = []
+
+    class Clock(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            stamps.append(time.perf_counter())
+
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    _hf_trainer(model, optimizer, window, steps + 1, "ForCausalLM", [Clock()]).train()
+    return [later - earlier for earlier, later in zip(stamps, stamps[1:])]
+
+
+HF_TRAINER = "HF Trainer num_items_in_batch"
+HF_TRAINER_UNSHIFTED = "HF Trainer num_items_in_batch, GPT-2 class"
+
+
 METHODS: dict[str, tuple[Callable, str | None]] = {
     "textbook loop (loss / k)": (textbook_step, None),
     "HF Accelerate accumulate": (accelerate_step, "accelerate"),
     "Lightning accumulate_grad_batches": (lightning_step, "pytorch_lightning"),
+    HF_TRAINER: (hf_trainer_step("ForCausalLM"), "transformers"),
+    HF_TRAINER_UNSHIFTED: (hf_trainer_step(None), "transformers"),
     "bigbatch Accumulator.step": (bigbatch_step, None),
 }
+# Methods that run their own loop: timed inside one long run, set-up excluded.
+OWN_LOOP = ("pytorch_lightning", "transformers")
 
 
 def gradient_errors(window: list[Batch]) -> dict[str, tuple[float, float] | None]:
@@ -236,14 +336,13 @@ def gradient_errors(window: list[Batch]) -> dict[str, tuple[float, float] | None
 def step_times(window: list[Batch], repeats: int) -> dict[str, float | None]:
     """Median seconds per optimizer step (float32), the methods interleaved round by round.
 
-    Lightning runs its own loop, so it is timed inside one long fit (set-up excluded)."""
+    Lightning and the HF Trainer run their own loop, so they are timed inside one long run
+    (set-up excluded); the Trainer once, its count does not change its speed."""
     model = TinyCausalLM()
     times: dict[str, list[float]] = {name: [] for name in METHODS}
     steps = {}
     for name, (factory, package) in METHODS.items():
-        if package == "pytorch_lightning" or (
-            package and importlib.util.find_spec(package) is None
-        ):
+        if package in OWN_LOOP or (package and importlib.util.find_spec(package) is None):
             continue
         method_model = copy.deepcopy(model)
         optimizer = torch.optim.AdamW(method_model.parameters(), lr=1e-4)
@@ -258,13 +357,16 @@ def step_times(window: list[Batch], repeats: int) -> dict[str, float | None]:
         times["Lightning accumulate_grad_batches"] = lightning_step_times(
             window, copy.deepcopy(model), repeats
         )
+    if importlib.util.find_spec("transformers") is not None:
+        times[HF_TRAINER] = hf_trainer_step_times(window, copy.deepcopy(model), repeats)
     return {name: statistics.median(t) if t else None for name, t in times.items()}
 
 
 def main() -> None:
     parser = argument_parser(__doc__, "tiny sizes (CI)")
     args = parser.parse_args()
-    for name in ("pytorch_lightning", "lightning", "lightning.pytorch", "lightning_fabric"):
+    for name in ("pytorch_lightning", "lightning", "lightning.pytorch", "lightning_fabric",
+                 "transformers"):  # fmt: skip
         logging.getLogger(name).setLevel(logging.ERROR)
     warnings.filterwarnings("ignore")
     micro, accumulation, max_len = (4, 2, 16) if args.smoke else (8, 8, 64)
@@ -279,9 +381,12 @@ def main() -> None:
         "| --- | ---: | ---: | ---: | ---: |",
     ]
     for name in METHODS:
-        error, seconds = errors[name], times[name]
-        if error is None or seconds is None or baseline is None:
+        error, seconds = errors[name], times.get(name)
+        if error is None or baseline is None:
             rows.append(f"| {name} | not installed | | | |")
+            continue
+        if seconds is None:  # measured once per framework: same loop, another count
+            rows.append(f"| {name} | {error[0]:.2e} | {error[1]:.6f} | as above | |")
             continue
         rows.append(
             f"| {name} | {error[0]:.2e} | {error[1]:.6f} | {seconds * 1e3:.1f} ms "

@@ -1,10 +1,10 @@
 """The layers of docs/design.md kept honest: imports point down, through `__init__` too.
 
-core <- data <- tools <- train <- cli; recipes import the core only; `plan`, `choices` and
-`units` (the base) import nothing of the package. The package is read with `ast` (nothing is
-imported, so imports inside functions count too); importing a module runs the `__init__` of every
-package above it, so those count as imports of the importer. A few checks run Python to see which
-modules an import really loads.
+core <- data <- tools <- train <- cli; recipes and integrations import the core only; `plan`,
+`choices` and `units` (the base) import nothing of the package. The package is read with `ast`
+(nothing is imported, so imports inside functions count too); importing a module runs the
+`__init__` of every package above it, so those count as imports of the importer. A few checks run
+Python to see which modules an import really loads.
 """
 
 from __future__ import annotations
@@ -28,6 +28,7 @@ ALLOWED: dict[str, set[str]] = {
     "base": {"base"},
     "core": {"base", "core"},
     "recipes": {"base", "core", "recipes"},
+    "integrations": {"base", "core", "integrations"},
     "data": {"base", "core", "data"},
     "tools": {"base", "core", "data", "recipes", "tools"},
     "train": {"base", "core", "data", "recipes", "tools", "train"},
@@ -268,3 +269,13 @@ def test_bigbatch_plan_on_the_command_line_loads_no_torch() -> None:
         "assert code == 0, code\n"
     )
     assert "torch" not in loaded
+
+
+def test_the_integrations_load_no_framework():
+    """The adapters need none of the frameworks to import: the user's objects bring them."""
+    loaded = loaded_modules(
+        "import bigbatch.integrations.huggingface, bigbatch.integrations.accelerate\n"
+        "import bigbatch.integrations.lightning\n"
+    )
+    frameworks = {"transformers", "accelerate", "lightning", "pytorch_lightning"}
+    assert not top_level(loaded) & frameworks

@@ -3,13 +3,19 @@
 `loss_fn(model, micro_batch)` returns either ``(loss_sum, num_items)`` -- the sum of the per-item
 losses and how many items carry loss -- or a scalar mean over the micro-batch's samples. Both
 become one (loss sum, item count) pair here, so the engine normalises once by the true count.
+`MeanLossCheck` warns when a scalar mean hides ignored tokens (a Hugging Face model's `.loss`).
 """
 
 from __future__ import annotations
 
+import warnings
+from collections.abc import Mapping
 from typing import Any, Protocol
 
 import torch
+
+IGNORE_INDEX = -100
+"""The label that carries no loss: PyTorch's cross_entropy default and Hugging Face's convention."""
 
 
 class LossFn(Protocol):
@@ -87,3 +93,62 @@ def _as_count(num_items: Any, device: torch.device) -> torch.Tensor:
             f"num_items must hold one value, got a tensor of shape {tuple(num_items.shape)}"
         )
     return num_items.detach().reshape(()).to(device=device, dtype=torch.float64)
+
+
+class MeanLossCheck:
+    """Warns once when loss_fn returns a scalar mean for a micro-batch whose labels ignore items.
+
+    A scalar mean is counted as the mean over the micro-batch's samples. When the micro-batch's
+    ``labels`` are token-level (two or more dimensions) and hold ignored (-100) entries, the
+    mean was taken over a number of tokens that varies from micro-batch to micro-batch (what a
+    Hugging Face model's ``.loss`` is), and weighing it by samples is the textbook accumulation
+    error. Sample-level labels (shape ``[rows]``, e.g. classification) are never flagged.
+
+    Reading the labels is a host sync for labels on an accelerator, so at most ``max_checks``
+    micro-batches are examined; labels on the CPU are always examined until the warning fires.
+
+    The engine calls it with each micro-batch's loss_fn output, right after loss_fn.
+
+    Args:
+        max_checks: micro-batches with accelerator labels to examine before giving up.
+
+    Example:
+        >>> check = MeanLossCheck()
+        >>> labels = torch.tensor([[5, 6, -100], [7, -100, -100]])
+        >>> with warnings.catch_warnings(record=True) as caught:
+        ...     warnings.simplefilter("always")
+        ...     check(torch.tensor(1.5), {"labels": labels})
+        ...     check(torch.tensor(1.5), {"labels": labels})
+        >>> len(caught)
+        1
+    """
+
+    def __init__(self, max_checks: int = 32) -> None:
+        self.max_checks = max_checks
+        self.warned = False
+        self._device_checks = 0
+
+    def __call__(self, output: Any, micro_batch: Any) -> None:
+        """Look at one micro-batch's loss_fn output and labels; warn the first time it is wrong."""
+        if self.warned or isinstance(output, (tuple, list)):
+            return
+        labels = micro_batch.get("labels") if isinstance(micro_batch, Mapping) else None
+        if not isinstance(labels, torch.Tensor) or labels.dim() < 2 or labels.is_floating_point():
+            return
+        if labels.device.type != "cpu":
+            if self._device_checks >= self.max_checks:
+                return
+            self._device_checks += 1
+        if not bool((labels == IGNORE_INDEX).any()):
+            return
+        self.warned = True
+        warnings.warn(
+            "loss_fn returned a scalar mean loss for a micro-batch whose labels hold ignored "
+            f"({IGNORE_INDEX}) entries: a mean is weighed by the micro-batch's samples, so "
+            "micro-batches with different numbers of loss tokens are weighed wrongly (the "
+            "textbook accumulation error). Return (loss_sum, num_items) instead, e.g. "
+            "loss_fn=bigbatch.integrations.huggingface.causal_lm_loss (or masked_lm_loss) for a "
+            "Hugging Face model",
+            UserWarning,
+            stacklevel=4,  # the caller of Accumulator.step (step -> _accumulate -> here)
+        )
