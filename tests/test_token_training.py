@@ -8,12 +8,17 @@ nothing of bigbatch's batching, padding, packing or planning is used.
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import subprocess
+import sys
 
 import pytest
 import torch
 import torch.nn.functional as F
+from safetensors.torch import load_file
 
+from bigbatch.cli import main
 from bigbatch.data.tokens import plan_tokens
 from bigbatch.recipes import tinylm
 from bigbatch.train.configfile import validate
@@ -218,3 +223,73 @@ def test_the_schema_keeps_one_unit(config, fragment):
 def test_micro_batch_tokens_below_the_longest_sample_is_refused():
     with pytest.raises(ValueError, match="below the longest training sample"):
         train(dict(global_batch_tokens=150, micro_batch_tokens=10, max_steps=1))
+
+
+ADAPTIVE = dict(
+    global_batch_tokens=60,
+    micro_batch_tokens=50,
+    batch_size_schedule="adaptive",
+    max_global_batch_tokens=400,
+    adapt_every=2,
+    noise_smoothing_steps=1,
+    epochs=2,
+)
+
+
+def test_adaptive_global_batch_in_tokens_uses_every_sample_once_per_epoch(tmp_path):
+    data = dataset(40)
+    summary, _ = train(ADAPTIVE, data=data, run_dir=tmp_path)
+    lines = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    lines = [line for line in lines if line["kind"] == "train"]
+    budgets = [line["global_batch_tokens"] for line in lines]
+    assert len(set(budgets)) > 1, "the global batch never changed: the test proves nothing"
+    assert all(60 <= budget <= 400 for budget in budgets)
+    assert all(budget % 50 == 0 for budget in budgets[1:] if budget != 60)  # micro x ranks
+    assert any(line.get("critical_batch_tokens") is not None for line in lines)
+    assert sum(line["num_tokens"] for line in lines) == 2 * sum(data.lengths)
+    assert sum(line["num_samples"] for line in lines) == 2 * len(data)
+    assert summary.steps == len(lines)
+
+
+CLI_RUN = [
+    "train", "--no-progress",
+    "--set", "recipe=tinylm",
+    "--set", "recipe_options={max_digits: 2, max_sums: 6, num_train_samples: 400, "
+    "num_eval_samples: 20, d_model: 32, num_layers: 1, num_heads: 2}",
+    "--set", "global_batch_tokens=300", "--set", "max_steps=4",
+    "--set", "eval_every=0", "--set", "checkpoint_every=0",
+]  # fmt: skip
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_the_command_line_run_is_the_same_on_any_split(tmp_path):
+    """Two micro_batch_tokens in one process and one in two processes: float32 rounding apart."""
+    for micro in (64, 256):
+        assert (
+            main(
+                [
+                    *CLI_RUN,
+                    "--set",
+                    f"micro_batch_tokens={micro}",
+                    "--out",
+                    str(tmp_path / f"m{micro}"),
+                ]
+            )
+            == 0
+        )
+    command = [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+        "-m", "bigbatch", *CLI_RUN, "--set", "micro_batch_tokens=64",
+        "--out", str(tmp_path / "ddp"),
+    ]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=240)
+    assert done.returncode == 0, done.stderr[-3000:]
+    expected = load_file(tmp_path / "m64" / "final.safetensors")
+    for run in ("m256", "ddp"):
+        actual = load_file(tmp_path / run / "final.safetensors")
+        for name, tensor in expected.items():
+            torch.testing.assert_close(
+                actual[name], tensor, rtol=1e-4, atol=1e-5, msg=f"{run} {name}"
+            )

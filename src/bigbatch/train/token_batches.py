@@ -153,10 +153,10 @@ class TokenBatchPlanner:
 
     def total_steps(self) -> int:
         """Optimizer steps of the run (max_steps, or what `epochs` take; adaptive: an estimate)."""
-        if self.config.max_steps is not None:
-            return self.config.max_steps
-        assert self.config.epochs is not None
         config = self.config
+        if config.max_steps is not None:
+            return config.max_steps
+        assert config.epochs is not None
         return count_token_steps(
             self.lengths, config.epochs, self.at, seed=config.seed, drop_last=config.drop_last
         )
