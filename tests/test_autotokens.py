@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import json
 import re
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -139,6 +141,19 @@ def test_auto_micro_batch_tokens_is_kept_on_resume(tmp_path, caplog):
     probed = re.search(r"micro_batch_tokens auto: (\d+)", caplog.text)
     assert probed is not None and int(probed[1]) < chosen
     assert chosen % max(recipe.train_dataset.lengths) == 0
+
+
+def test_the_budget_plan_loads_no_torch():
+    code = (
+        "import contextlib, io, sys\n"
+        "from bigbatch.cli import main\n"
+        "with contextlib.redirect_stdout(io.StringIO()):\n"
+        "    assert main(['plan', '--global-batch-tokens', '4096', '--world-size', '2']) == 0\n"
+        "print('torch' in sys.modules)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "False"
 
 
 def test_plan_command_with_and_without_a_recipe(capsys):

@@ -99,6 +99,14 @@ def _token_plan_command(args: argparse.Namespace) -> int:
             "--memory-budget chooses micro_batch_tokens by probing a recipe: give --recipe and "
             "leave out --micro-batch-tokens"
         )
+    if args.recipe is None:  # the budgets alone: no torch to load
+        from bigbatch.data.tokens import TokenBudget
+
+        budget = TokenBudget(
+            args.global_batch_tokens, args.world_size, args.micro_batch_tokens, args.packing
+        )
+        print(json.dumps(budget.to_dict()) if args.json else budget)
+        return 0
     from bigbatch.tools.autotokens import token_plan_report
 
     text, result = token_plan_report(
@@ -157,6 +165,11 @@ def _verify_command(args: argparse.Namespace) -> int:
     config, recipe = _resolved_config(args)
     if args.print_config:
         return _print_config(config)
+    if config.global_batch_tokens is not None:
+        raise ValueError(
+            "global_batch_tokens: verify splits a global batch in samples; check the recipe "
+            "with --set global_batch_size=N (a run in tokens runs the same Accumulator.step)"
+        )
     if config.global_batch_size is None:
         raise ValueError("global_batch_size: not set by the config nor the recipe; set it")
     micro = config.micro_batch_size if isinstance(config.micro_batch_size, int) else None

@@ -162,7 +162,7 @@ def _epoch_figures(
 
 
 def token_plan_report(
-    recipe_spec: str | None,
+    recipe_spec: str,
     global_batch_tokens: int,
     *,
     world_size: int = 1,
@@ -173,15 +173,11 @@ def token_plan_report(
     seed: int = 0,
     recipe_options: Mapping[str, Any] | None = None,
 ) -> tuple[str, dict[str, Any]]:
-    """The token plan as text and as a JSON-able dict.
-
-    Without a recipe, the budgets alone; with one, its training set's lengths give the first
-    step's split and padding over an epoch, and memory_budget probes micro_batch_tokens.
+    """The token plan of a recipe as text and as a JSON-able dict: its training set's lengths
+    give the first step's split and the padding over an epoch; memory_budget probes
+    micro_batch_tokens first.
     """
-    if recipe_spec is None:
-        budget = TokenBudget(global_batch_tokens, world_size, micro_batch_tokens, packing)
-        return str(budget), budget.to_dict()
-    from bigbatch import recipes  # recipes import the engine and torch: only when asked for
+    from bigbatch import recipes  # recipes import the engine: keep this module light to import
 
     recipe = recipes.build(
         recipe_spec, {"seed": seed, "recipe_options": dict(recipe_options or {})}

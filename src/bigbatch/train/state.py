@@ -74,11 +74,12 @@ class SessionFigures:
     tokens: int = 0
     padded_tokens: int = 0
 
-    def token_summary(self, steps: int) -> dict[str, Any]:
+    def token_summary(self, steps: int, global_batch_tokens: int) -> dict[str, Any]:
         """tokens/s, padding and samples per step for the run summary ({} for a run in samples)."""
         if not self.padded_tokens:
             return {}
         return {
+            "global_batch_tokens": global_batch_tokens,
             "tokens_per_s": self.tokens / max(self.time_s, 1e-12),
             "padding_fraction": 1.0 - self.tokens / self.padded_tokens,
             # A token run's global batch in samples varies: the mean of the steps run.

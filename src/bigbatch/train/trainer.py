@@ -266,7 +266,9 @@ class Trainer:
             recipe=self.name,
             extra={
                 **self._noise_scale_summary(loader.step, self._in_tokens(state)[1]),
-                **figures.token_summary(loader.step - (restored or 0)),
+                **figures.token_summary(
+                    loader.step - (restored or 0), self.first_global_batch_size
+                ),
             },
         )
         if writes:
