@@ -203,28 +203,7 @@ class Trainer:
             rundir.prepare_run_dir(self.run_dir, resume=resume, overwrite=overwrite)
             if distributed.is_initialized():
                 dist.barrier()  # every rank has checked the directory before rank 0 writes
-        loader: WindowLoader | TokenWindowLoader
-        if isinstance(self.batches, TokenBatchPlanner):
-            loader = self.batches.window_loader(
-                self.train_dataset,
-                rank=self.rank,
-                collate_fn=self.collate_fn,
-                collate_packed=self.collate_packed,
-                num_workers=self.config.num_workers,
-                pin_memory=self.device.type == "cuda",
-            )
-        else:
-            loader = WindowLoader(
-                self.train_dataset,
-                plan_for=self.plan_for,  # type: ignore[arg-type]
-                global_batch_size_at=self.batch_size_at,
-                seed=self.config.seed,
-                rank=self.rank,
-                collate_fn=self.collate_fn,
-                drop_last=self.config.drop_last,
-                num_workers=self.config.num_workers,
-                pin_memory=self.device.type == "cuda",
-            )
+        loader = self._window_loader()
         # Training draws (dropout, ...) from a stream of its own per rank, reproducible on resume.
         environment.seed_everything(self.config.seed + 1_000_003 * self.rank)
         state = TrainState()
@@ -274,6 +253,29 @@ class Trainer:
         if writes:
             self._finish_run_dir(summary)
         return summary
+
+    def _window_loader(self) -> WindowLoader | TokenWindowLoader:
+        """This rank's windows from step 0, in samples or in tokens."""
+        if isinstance(self.batches, TokenBatchPlanner):
+            return self.batches.window_loader(
+                self.train_dataset,
+                rank=self.rank,
+                collate_fn=self.collate_fn,
+                collate_packed=self.collate_packed,
+                num_workers=self.config.num_workers,
+                pin_memory=self.device.type == "cuda",
+            )
+        return WindowLoader(
+            self.train_dataset,
+            plan_for=self.plan_for,  # type: ignore[arg-type]
+            global_batch_size_at=self.batch_size_at,
+            seed=self.config.seed,
+            rank=self.rank,
+            collate_fn=self.collate_fn,
+            drop_last=self.config.drop_last,
+            num_workers=self.config.num_workers,
+            pin_memory=self.device.type == "cuda",
+        )
 
     def _loop(
         self,
