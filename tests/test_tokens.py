@@ -16,13 +16,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from bigbatch.data.token_loader import TokenWindowLoader
-from bigbatch.data.tokens import (
-    TokenBatchSampler,
-    TokenBudget,
-    count_token_steps,
-    plan_tokens,
-    sample_lengths,
-)
+from bigbatch.data.token_plan import TokenBudget, plan_tokens
+from bigbatch.data.tokens import TokenBatchSampler, count_token_steps, sample_lengths
 
 PAD = -1
 

@@ -100,7 +100,7 @@ def _token_plan_command(args: argparse.Namespace) -> int:
             "leave out --micro-batch-tokens"
         )
     if args.recipe is None:  # the budgets alone: no torch to load
-        from bigbatch.data.tokens import TokenBudget
+        from bigbatch.data.token_plan import TokenBudget
 
         budget = TokenBudget(
             args.global_batch_tokens, args.world_size, args.micro_batch_tokens, args.packing

@@ -19,7 +19,8 @@ import torch
 from torch.utils.data import DataLoader, Dataset, default_collate
 
 from bigbatch.core import batches
-from bigbatch.data.tokens import TokenBatchSampler, TokenPlan
+from bigbatch.data.token_plan import TokenPlan
+from bigbatch.data.tokens import TokenBatchSampler
 
 PlanTokens = Callable[[int, Sequence[int]], TokenPlan]
 """``plan_for(global_batch_tokens, lengths)``: the plan of a global batch of these lengths."""

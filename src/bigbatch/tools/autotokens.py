@@ -21,13 +21,8 @@ from torch.utils.data import Dataset, default_collate
 
 from bigbatch.choices import DEFAULT_OPTIMIZE, Optimize
 from bigbatch.core.engine import LossFn
-from bigbatch.data.tokens import (
-    TokenBatchSampler,
-    TokenBudget,
-    TokenPlan,
-    plan_tokens,
-    sample_lengths,
-)
+from bigbatch.data.token_plan import TokenBudget, TokenPlan, plan_tokens
+from bigbatch.data.tokens import TokenBatchSampler, sample_lengths
 from bigbatch.tools.autobatch import MicroBatchChoice, choose_micro_batch_size
 from bigbatch.tools.memory import Batch
 from bigbatch.units import format_bytes

@@ -23,13 +23,11 @@ from bigbatch.core import distributed
 from bigbatch.core.engine import LossFn
 from bigbatch.core.noise import NoiseScale
 from bigbatch.data.token_loader import TokenWindowLoader
+from bigbatch.data.token_plan import TokenBudget, TokenPlan, plan_tokens
 from bigbatch.data.tokens import (
     TokenBatchSampler,
-    TokenBudget,
-    TokenPlan,
     check_lengths,
     count_token_steps,
-    plan_tokens,
     token_batch_sizes,
 )
 from bigbatch.tools.autotokens import choose_micro_batch_tokens, longest_rows
