@@ -26,6 +26,7 @@ SCRIPTS = (
     "gpu",
     "batchnorm",
     "noise_scale",
+    "token_batches",
 )
 
 

@@ -60,6 +60,15 @@ def test_ddp_smoke_prints_a_table() -> None:
     assert table_rows(run_smoke("ddp.py"))
 
 
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_token_batches_smoke_prints_the_three_arms() -> None:
+    rows = table_rows(run_smoke("token_batches.py", timeout=240))
+    assert [row[0] for row in rows] == ["samples", "tokens", "tokens + packing"]
+    padding = [float(row[2].rstrip("%")) for row in rows]
+    assert padding[2] < padding[0]  # packing pads less than fixed-size sample micro-batches
+
+
 def test_run_all_passes_smoke_through() -> None:
     output = run_smoke("run_all.py", "gpu")
     assert "== gpu" in output and "failed" not in output

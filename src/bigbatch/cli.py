@@ -86,7 +86,47 @@ def _train_command(args: argparse.Namespace) -> int:
     return 0
 
 
+def _token_plan_command(args: argparse.Namespace) -> int:
+    """`bigbatch plan --global-batch-tokens`: the budgets alone, or a recipe's first steps."""
+    if args.micro_batch_size is not None or args.gradient_accumulation_steps is not None:
+        raise ValueError(
+            "--global-batch-tokens cuts micro-batches by tokens: use --micro-batch-tokens (or "
+            "--memory-budget with --recipe) instead of --micro-batch-size or "
+            "--gradient-accumulation-steps"
+        )
+    if args.memory_budget is not None and (args.recipe is None or args.micro_batch_tokens):
+        raise ValueError(
+            "--memory-budget chooses micro_batch_tokens by probing a recipe: give --recipe and "
+            "leave out --micro-batch-tokens"
+        )
+    if args.recipe is None:  # the budgets alone: no torch to load
+        from bigbatch.data.token_plan import TokenBudget
+
+        budget = TokenBudget(
+            args.global_batch_tokens, args.world_size, args.micro_batch_tokens, args.packing
+        )
+        print(json.dumps(budget.to_dict()) if args.json else budget)
+        return 0
+    from bigbatch.tools.autotokens import token_plan_report
+
+    text, result = token_plan_report(
+        args.recipe,
+        args.global_batch_tokens,
+        world_size=args.world_size,
+        micro_batch_tokens=args.micro_batch_tokens,
+        packing=args.packing,
+        memory_budget=args.memory_budget,
+        optimize=args.optimize,
+    )
+    print(json.dumps(result) if args.json else text)
+    return 0
+
+
 def _plan_command(args: argparse.Namespace) -> int:
+    if args.global_batch_tokens is not None:
+        return _token_plan_command(args)
+    if args.micro_batch_tokens is not None or args.packing:
+        raise ValueError("--micro-batch-tokens and --packing need --global-batch-tokens")
     if args.memory_budget is None:
         if args.recipe is not None:
             raise ValueError("--recipe only matters with --memory-budget (the probe runs it)")
@@ -125,6 +165,11 @@ def _verify_command(args: argparse.Namespace) -> int:
     config, recipe = _resolved_config(args)
     if args.print_config:
         return _print_config(config)
+    if config.global_batch_tokens is not None:
+        raise ValueError(
+            "global_batch_tokens: verify splits a global batch in samples; check the recipe "
+            "with --set global_batch_size=N (a run in tokens runs the same Accumulator.step)"
+        )
     if config.global_batch_size is None:
         raise ValueError("global_batch_size: not set by the config nor the recipe; set it")
     micro = config.micro_batch_size if isinstance(config.micro_batch_size, int) else None
@@ -202,7 +247,13 @@ def _add_plan_parser(commands: Any) -> None:
     parser = commands.add_parser(
         "plan", help="split a global batch into ranks x accumulation steps x micro-batches"
     )
-    parser.add_argument("--global-batch-size", type=int, required=True)
+    unit = parser.add_mutually_exclusive_group(required=True)
+    unit.add_argument("--global-batch-size", type=int)
+    unit.add_argument(
+        "--global-batch-tokens",
+        type=int,
+        help="a global batch in input tokens (docs/tokens.md); with --recipe its first steps",
+    )
     parser.add_argument("--world-size", type=int, default=1)
     split = parser.add_mutually_exclusive_group()
     split.add_argument("--micro-batch-size", type=int)
@@ -211,7 +262,17 @@ def _add_plan_parser(commands: Any) -> None:
         "--memory-budget",
         help='choose micro_batch_size by probing the recipe within this memory, e.g. "2GiB"',
     )
-    parser.add_argument("--recipe", help="the recipe to probe with --memory-budget (digits)")
+    parser.add_argument(
+        "--recipe",
+        help="the recipe to probe with --memory-budget (digits); with --global-batch-tokens, "
+        "whose sample lengths to plan",
+    )
+    parser.add_argument(
+        "--micro-batch-tokens", type=int, help="padded tokens (rows x longest row) a micro-batch"
+    )
+    parser.add_argument(
+        "--packing", action="store_true", help="with --global-batch-tokens: packed rows"
+    )
     parser.add_argument(
         "--optimize",
         choices=tuple(OPTIMIZE_GOALS),

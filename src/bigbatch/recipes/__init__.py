@@ -44,6 +44,11 @@ class Recipe:
         optimizer: ``"adamw"`` or ``"sgd"``, built by the trainer with `lr` and `weight_decay`.
         defaults: config values this recipe suggests (global_batch_size, micro_batch_size,
             max_steps, lr, ...); the user's config wins.
+        sample_length: ``sample_length(sample)``, a sample's input tokens, for global batches in
+            tokens when the train dataset has no ``lengths`` attribute (docs/tokens.md).
+        collate_packed: rows of samples -> one packed micro-batch (several sequences a row,
+            positions and attention kept within each), for ``packing: true``; None: the model
+            does not support packing.
     """
 
     name: str
@@ -55,6 +60,8 @@ class Recipe:
     eval_fn: EvalFn | None = None
     optimizer: str = "adamw"
     defaults: dict[str, Any] = field(default_factory=dict)
+    sample_length: Callable[[Any], int] | None = None
+    collate_packed: Callable[[list[list[Any]]], Any] | None = None
 
     def build_optimizer(
         self, model: torch.nn.Module, lr: float, weight_decay: float = 0.0

@@ -3,7 +3,10 @@
 Only the answer tokens carry loss (labels are -100 on the operands and padding), and operands have
 varying digit counts, so the number of loss items per sample varies: the case where `loss / k`
 accumulation is wrong and bigbatch's per-item normalisation is exact. Sequences are padded per
-micro-batch by `collate`.
+micro-batch by `collate`. With `max_sums` above 1 a sample chains 1 to max_sums sums, their
+count long-tailed, so sequence lengths vary widely (the case for global batches in tokens,
+docs/tokens.md); `collate_packed` packs several sequences into one row, the model keeping
+attention and positions within each sequence.
 """
 
 from __future__ import annotations
@@ -38,6 +41,7 @@ OPTIONS: dict[str, int] = {
     "d_model": 64,
     "num_layers": 2,
     "num_heads": 4,
+    "max_sums": 1,
 }
 
 
@@ -45,12 +49,19 @@ class AdditionDataset(Dataset[torch.Tensor]):
     """Seeded sums "a+b=c<end>" as token tensors; a and b have 1..max_digits digits.
 
     The digit count of each operand is drawn first, then its value, so short and long operands
-    are equally common and the answer length (the items of a sample) varies.
+    are equally common and the answer length (the items of a sample) varies. With max_sums > 1 a
+    sample chains k sums, k drawn with probability proportional to 1 / k^2 over 1..max_sums:
+    most samples are short, a few long. `lengths` holds each sample's input tokens (its length
+    minus the last token, which is only ever a label).
     """
 
-    def __init__(self, num_samples: int, max_digits: int, seed: int) -> None:
+    def __init__(self, num_samples: int, max_digits: int, seed: int, max_sums: int = 1) -> None:
         generator = torch.Generator().manual_seed(seed)
-        self.samples = [_sample(max_digits, generator) for _ in range(num_samples)]
+        weights = 1.0 / torch.arange(1, max_sums + 1, dtype=torch.float64) ** 2
+        self.samples = [
+            _chain(max_digits, max_sums, weights, generator) for _ in range(num_samples)
+        ]
+        self.lengths = [len(sample) - 1 for sample in self.samples]
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -65,11 +76,26 @@ def _operand(max_digits: int, generator: torch.Generator) -> int:
     return int(torch.randint(low, 10**digits, (1,), generator=generator))
 
 
-def _sample(max_digits: int, generator: torch.Generator) -> torch.Tensor:
+def _sum(max_digits: int, generator: torch.Generator) -> list[int]:
     a, b = _operand(max_digits, generator), _operand(max_digits, generator)
     tokens = [int(c) for c in str(a)] + [PLUS] + [int(c) for c in str(b)] + [EQUALS]
-    tokens += [int(c) for c in str(a + b)] + [END]
+    return tokens + [int(c) for c in str(a + b)] + [END]
+
+
+def _chain(
+    max_digits: int, max_sums: int, weights: torch.Tensor, generator: torch.Generator
+) -> torch.Tensor:
+    count = 1 if max_sums == 1 else int(torch.multinomial(weights, 1, generator=generator)) + 1
+    tokens = [token for _ in range(count) for token in _sum(max_digits, generator)]
     return torch.tensor(tokens, dtype=torch.long)
+
+
+def _labels(sample: torch.Tensor) -> torch.Tensor:
+    """The next token where it is an answer token (after "=", up to its <end>), else -100."""
+    targets = sample[1:]
+    opened = torch.cumsum((sample == EQUALS).long(), 0)[:-1]
+    closed = torch.cumsum((sample == END).long(), 0)[:-1]
+    return torch.where(opened > closed, targets, torch.full_like(targets, IGNORE))
 
 
 def collate(samples: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -82,9 +108,33 @@ def collate(samples: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     labels = torch.full((len(samples), length), IGNORE, dtype=torch.long)
     for row, sample in enumerate(samples):
         inputs[row, : len(sample) - 1] = sample[:-1]
-        answer_start = int((sample == EQUALS).nonzero()[0])
-        labels[row, answer_start : len(sample) - 1] = sample[answer_start + 1 :]
+        labels[row, : len(sample) - 1] = _labels(sample)
     return inputs, labels
+
+
+def collate_packed(rows: list[list[torch.Tensor]]) -> tuple[torch.Tensor, ...]:
+    """Pack rows of sequences into (inputs, labels, positions, documents), each (rows, longest row).
+
+    A row holds its sequences one after the other; positions restart at 0 for each sequence and
+    documents number the sequences of a row (-1 on padding), so that the model attends only
+    within a sequence: the same computation as one row per sequence, with less padding.
+    """
+    length = max(sum(len(sample) - 1 for sample in row) for row in rows)
+    shape = (len(rows), length)
+    inputs = torch.full(shape, PAD, dtype=torch.long)
+    labels = torch.full(shape, IGNORE, dtype=torch.long)
+    positions = torch.zeros(shape, dtype=torch.long)
+    documents = torch.full(shape, -1, dtype=torch.long)
+    for index, row in enumerate(rows):
+        start = 0
+        for document, sample in enumerate(row):
+            stop = start + len(sample) - 1
+            inputs[index, start:stop] = sample[:-1]
+            labels[index, start:stop] = _labels(sample)
+            positions[index, start:stop] = torch.arange(stop - start)
+            documents[index, start:stop] = document
+            start = stop
+    return inputs, labels, positions, documents
 
 
 class Block(torch.nn.Module):
@@ -103,14 +153,16 @@ class Block(torch.nn.Module):
             torch.nn.Linear(4 * d_model, d_model),
         )
 
-    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        """(samples, positions, d_model) -> same shape."""
+    def forward(self, hidden: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """(samples, positions, d_model) -> same shape; mask: where a position may attend
+        (rows, 1, positions, positions), None: causal."""
         samples, positions, d_model = hidden.shape
         q, k, v = self.qkv(self.norm1(hidden)).split(d_model, dim=2)
         q, k, v = (
-            t.view(samples, positions, self.num_heads, -1).transpose(1, 2) for t in (q, k, v)
+            t.view(samples, positions, self.num_heads, d_model // self.num_heads).transpose(1, 2)
+            for t in (q, k, v)  # no -1: a 0-row micro-batch (an empty micro-step) forwards too
         )
-        attended = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        attended = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None)
         hidden = hidden + self.proj(attended.transpose(1, 2).reshape(samples, positions, d_model))
         return hidden + self.mlp(self.norm2(hidden))
 
@@ -127,12 +179,29 @@ class TinyGPT(torch.nn.Module):
         self.head = torch.nn.Linear(d_model, VOCAB_SIZE)
         self.apply(_init_weights)
 
-    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        """Logits of shape (samples, positions, vocabulary) for tokens (samples, positions)."""
-        positions = torch.arange(tokens.shape[1], device=tokens.device)
+    def forward(
+        self,
+        tokens: torch.Tensor,
+        positions: torch.Tensor | None = None,
+        documents: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Logits of shape (rows, positions, vocabulary) for tokens (rows, positions).
+
+        Packed rows (`collate_packed`) give each token's position within its sequence and the
+        number of its sequence in the row: attention is then causal within each sequence only
+        (a block-diagonal mask), padding attending to padding.
+        """
+        if positions is None:
+            positions = torch.arange(tokens.shape[1], device=tokens.device)
         hidden = self.token_embedding(tokens) + self.position_embedding(positions)
+        mask = None
+        if documents is not None:
+            length = tokens.shape[1]
+            causal = torch.ones(length, length, dtype=torch.bool, device=tokens.device).tril()
+            mask = (documents.unsqueeze(2) == documents.unsqueeze(1)) & causal
+            mask = mask.unsqueeze(1)  # one mask for every head
         for block in self.blocks:
-            hidden = block(hidden)
+            hidden = block(hidden, mask)
         return self.head(self.norm(hidden))
 
 
@@ -145,11 +214,14 @@ def _init_weights(module: torch.nn.Module) -> None:
 
 
 def loss_fn(
-    model: torch.nn.Module, micro_batch: tuple[torch.Tensor, torch.Tensor]
+    model: torch.nn.Module, micro_batch: tuple[torch.Tensor, ...]
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Sum of the cross-entropy over answer tokens, and how many answer tokens there are."""
-    inputs, labels = micro_batch
-    logits = model(inputs)
+    """Sum of the cross-entropy over answer tokens, and how many answer tokens there are.
+
+    The micro-batch is (inputs, labels) from `collate`, or packed rows from `collate_packed`.
+    """
+    inputs, labels, *packed = micro_batch
+    logits = model(inputs, *packed)
     loss_sum = F.cross_entropy(
         logits.flatten(0, 1), labels.flatten(), ignore_index=IGNORE, reduction="sum"
     )
@@ -157,10 +229,11 @@ def loss_fn(
 
 
 def eval_fn(
-    model: torch.nn.Module, micro_batch: tuple[torch.Tensor, torch.Tensor]
+    model: torch.nn.Module, micro_batch: tuple[torch.Tensor, ...]
 ) -> dict[str, tuple[float, float]]:
-    """Loss per answer token and teacher-forced exact match (every answer token right) per sum."""
-    inputs, labels = micro_batch
+    """Loss per answer token and teacher-forced exact match (every answer token right) per sample
+    (unpacked micro-batches: one sample per row)."""
+    inputs, labels = micro_batch[:2]
     with torch.no_grad():
         logits = model(inputs)
         loss_sum = F.cross_entropy(
@@ -200,18 +273,19 @@ def build(config: Mapping[str, Any]) -> Recipe:
     """The `tinylm` recipe; model and data are seeded by config["seed"].
 
     recipe_options: max_digits (3), num_train_samples (20000), num_eval_samples (500), d_model
-    (64), num_layers (2), num_heads (4).
+    (64), num_layers (2), num_heads (4), max_sums (1: one sum per sample; more: long-tailed
+    chains of sums).
     """
     options = _options(config)
     seed = int(config.get("seed", 0) or 0)
-    digits = options["max_digits"]
-    # a+b=c<end> minus the last token: 2 operands, "+", "=", an answer one digit longer, "<end>".
-    max_length = 3 * digits + 3
+    digits, sums = options["max_digits"], options["max_sums"]
+    # Each a+b=c<end>: 2 operands, "+", "=", an answer one digit longer, "<end>"; minus the last.
+    max_length = sums * (3 * digits + 4) - 1
     with torch.random.fork_rng(devices=[]):  # seeded, without touching the caller's RNG
         torch.manual_seed(seed)
         model = TinyGPT(options["d_model"], options["num_layers"], options["num_heads"], max_length)
-    train = AdditionDataset(options["num_train_samples"], digits, seed=2 * seed + 1)
-    evaluation = AdditionDataset(options["num_eval_samples"], digits, seed=2 * seed + 2)
+    train = AdditionDataset(options["num_train_samples"], digits, 2 * seed + 1, sums)
+    evaluation = AdditionDataset(options["num_eval_samples"], digits, 2 * seed + 2, sums)
     return Recipe(
         name="tinylm",
         model=model,
@@ -222,4 +296,5 @@ def build(config: Mapping[str, Any]) -> Recipe:
         eval_fn=eval_fn,
         optimizer="adamw",
         defaults=dict(DEFAULTS),
+        collate_packed=collate_packed,
     )

@@ -207,6 +207,52 @@ class Config(_Model):
     noise_smoothing_steps: int = _field(
         200, "noise_scale: the moving-average window of the estimate, in steps.", _POSITIVE
     )
+    # Global batches in tokens (docs/tokens.md): checked together in _token_fields.
+    global_batch_tokens: int | None = _field(
+        None,
+        "input tokens of one optimizer step over every rank, instead of global_batch_size: each "
+        "global batch is the next samples of the epoch order until their tokens reach it. "
+        "batch_size_schedule stages and lr_scaling.base_batch_size then count tokens too.",
+        _POSITIVE,
+    )
+    micro_batch_tokens: int | Auto | None = _field(
+        None,
+        "with global_batch_tokens: padded tokens (rows x longest row) per forward/backward on "
+        "one rank; auto: the most that fit memory_budget; unset: a rank's share in one "
+        "micro-batch.",
+        f'{_POSITIVE} or "auto"',
+    )
+    packing: bool = _field(
+        False,
+        "with global_batch_tokens: several sequences share a row, positions and attention kept "
+        "within each (the recipe needs collate_packed).",
+        "a boolean",
+    )
+    min_global_batch_tokens: int | None = _field(
+        None,
+        "batch_size_schedule adaptive in tokens: the smallest global batch; unset: "
+        "global_batch_tokens.",
+        _POSITIVE,
+    )
+    max_global_batch_tokens: int | None = _field(
+        None,
+        "batch_size_schedule adaptive in tokens: the largest global batch (required there).",
+        _POSITIVE,
+    )
+
+    @field_validator("global_batch_tokens", "min_global_batch_tokens", "max_global_batch_tokens")
+    @classmethod
+    def _positive_tokens(cls, value: int | None) -> int | None:
+        if value is not None and value <= 0:
+            raise ValueError("not positive")
+        return value
+
+    @field_validator("micro_batch_tokens")
+    @classmethod
+    def _positive_tokens_or_auto(cls, value: int | str | None) -> int | str | None:
+        if isinstance(value, int) and value <= 0:
+            raise ValueError("not positive")
+        return value
 
     @field_validator(
         "global_batch_size",
@@ -309,6 +355,47 @@ class Config(_Model):
             self._check_adaptive()
         return self
 
+    @model_validator(mode="after")
+    def _token_fields(self) -> Config:
+        """A run counts its global batch in samples or in tokens; each field names its unit."""
+        tokens = self.global_batch_tokens
+        if tokens is None:
+            given = [
+                name
+                for name in (
+                    "micro_batch_tokens",
+                    "min_global_batch_tokens",
+                    "max_global_batch_tokens",
+                )
+                if getattr(self, name) is not None
+            ] + (["packing"] if self.packing else [])
+            if given:
+                raise ValueError(
+                    f"{given[0]}: only applies to global batches in tokens: set "
+                    "global_batch_tokens (instead of global_batch_size), or leave it out"
+                )
+            return self
+        samples = {
+            "global_batch_size": self.global_batch_size,
+            "micro_batch_size": self.micro_batch_size,
+            "min_global_batch_size": self.min_global_batch_size,
+            "max_global_batch_size": self.max_global_batch_size,
+        }
+        for name, value in samples.items():
+            if value is not None:
+                raise ValueError(
+                    f"{name}: a run counts its global batch in samples or in tokens, not both: "
+                    f"got {name}={value} and global_batch_tokens={tokens}; keep one "
+                    f"({name.replace('size', 'tokens')} in a token run)"
+                )
+        if isinstance(self.gradient_accumulation_steps, int):
+            raise ValueError(
+                f"gradient_accumulation_steps: with global_batch_tokens each step's micro-steps "
+                f"follow its samples' lengths and micro_batch_tokens; got "
+                f"{self.gradient_accumulation_steps}, leave it auto"
+            )
+        return self
+
     def _check_adaptive(self) -> None:
         """The adaptive schedule's bounds and needs, each error naming its field."""
         if not self.noise_scale:
@@ -322,6 +409,9 @@ class Config(_Model):
                 f"must be in epochs: set epochs instead of max_steps (got max_steps="
                 f"{self.max_steps})"
             )
+        if self.global_batch_tokens is not None:
+            self._check_adaptive_tokens()
+            return
         if self.max_global_batch_size is None:
             raise ValueError(
                 "max_global_batch_size: batch_size_schedule adaptive needs the largest global "
@@ -339,4 +429,21 @@ class Config(_Model):
                 f"global_batch_size: the adaptive schedule starts at {start}, outside "
                 f"[min_global_batch_size {low or start}, max_global_batch_size "
                 f"{self.max_global_batch_size}]; start within the bounds"
+            )
+
+    def _check_adaptive_tokens(self) -> None:
+        """The adaptive schedule's bounds in tokens."""
+        high, low = self.max_global_batch_tokens, self.min_global_batch_tokens
+        if high is None:
+            raise ValueError(
+                "max_global_batch_tokens: batch_size_schedule adaptive needs the largest global "
+                "batch it may use; set max_global_batch_tokens"
+            )
+        start = self.global_batch_tokens
+        assert start is not None
+        if not (low or start) <= start <= high:
+            raise ValueError(
+                f"global_batch_tokens: the adaptive schedule starts at {start}, outside "
+                f"[min_global_batch_tokens {low or start}, max_global_batch_tokens {high}]; "
+                "start within the bounds"
             )

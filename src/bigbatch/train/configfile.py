@@ -213,17 +213,33 @@ def load_config(path: str | Path | None, overrides: Sequence[str] = ()) -> Confi
 def with_recipe_defaults(config: Config, defaults: Mapping[str, Any]) -> Config:
     """The config with the recipe's defaults filled in where the user set nothing.
 
-    Setting either max_steps or epochs overrides both of the recipe's.
+    Setting either max_steps or epochs overrides both of the recipe's; likewise a global batch
+    in samples or in tokens (docs/tokens.md).
     """
     recipe = validate(defaults, "recipe defaults").model_dump(exclude_unset=True)
     user = config.model_dump(exclude_unset=True)
     if "max_steps" in user or "epochs" in user:
         recipe.pop("max_steps", None)
         recipe.pop("epochs", None)
+    _drop_other_unit(recipe, user)
     merged = {**recipe, **user}
     if isinstance(recipe.get("lr_scaling"), dict) and isinstance(user.get("lr_scaling"), dict):
         merged["lr_scaling"] = {**recipe["lr_scaling"], **user["lr_scaling"]}
     return validate(merged)
+
+
+_SAMPLE_KEYS = ("global_batch_size", "micro_batch_size", "gradient_accumulation_steps")
+_TOKEN_KEYS = ("global_batch_tokens", "micro_batch_tokens", "packing")
+
+
+def _drop_other_unit(recipe: dict[str, Any], user: dict[str, Any]) -> None:
+    """A user's global batch in tokens replaces the recipe's in samples, and the reverse."""
+    if "global_batch_tokens" in user:
+        for key in _SAMPLE_KEYS:
+            recipe.pop(key, None)
+    if "global_batch_size" in user:
+        for key in _TOKEN_KEYS:
+            recipe.pop(key, None)
 
 
 def config_to_yaml(config: Config) -> str:

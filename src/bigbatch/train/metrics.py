@@ -36,6 +36,8 @@ _BAR_LABELS = {
     "grad_norm": "gnorm",
     "samples_per_s": "samples/s",
     "items_per_s": "items/s",
+    "tokens_per_s": "tokens/s",
+    "padding_fraction": "padding",
     "step_time_s": "s/step",
     "peak_memory_bytes": "mem",
     "skipped_steps": "skipped",
@@ -272,4 +274,35 @@ def step_record(
         record["critical_batch_samples"] = None if critical is None else critical / items_per_sample
         record["gradient_sq_norm"] = result.noise_scale.gradient_sq_norm
         record["trace_covariance"] = result.noise_scale.trace_covariance
+    return record
+
+
+def token_record(
+    window: Any,
+    result: StepResult,
+    step_time_s: float,
+    global_batch_tokens: int,
+    items_per_token: float = 1.0,
+) -> dict[str, Any]:
+    """The token figures of one step of a run in tokens; {} for a run in samples.
+
+    ``num_tokens`` counts the input tokens of the global batch, ``padding_fraction`` the share of
+    padding in its micro-batches (rows x longest row, every rank); ``global_batch_size`` becomes
+    the step's samples, and ``critical_batch_tokens`` the critical batch in input tokens.
+    """
+    num_tokens = getattr(window, "num_tokens", None)
+    if num_tokens is None:
+        return {}
+    padded = window.num_padded_tokens
+    record: dict[str, Any] = {
+        "global_batch_size": window.num_samples,
+        "global_batch_tokens": global_batch_tokens,
+        "num_tokens": num_tokens,
+        "num_padded_tokens": padded,
+        "padding_fraction": 1.0 - num_tokens / padded if padded else 0.0,
+        "tokens_per_s": num_tokens / step_time_s,
+        "micro_steps": window.plan.gradient_accumulation_steps,
+    }
+    if result.noise_scale is not None and result.noise_scale.critical_batch_size is not None:
+        record["critical_batch_tokens"] = result.noise_scale.critical_batch_size / items_per_token
     return record

@@ -27,7 +27,8 @@ def summarize_metrics(metrics: list[dict[str, Any]]) -> dict[str, Any]:
 
     Keys (only those found): ``steps``, ``final_loss``, ``final_eval_loss``,
     ``final_eval_accuracy``, ``samples_per_s`` (mean over steps after the first, which pays for
-    warm-up), ``items_per_s``, ``peak_memory_bytes`` (max) and ``skipped_steps``.
+    warm-up), ``items_per_s``, ``tokens_per_s`` and ``padding_fraction`` (runs in tokens),
+    ``peak_memory_bytes`` (max) and ``skipped_steps``.
     """
     train = [r for r in metrics if r.get("kind", "train") == "train"]
     evals = [r for r in metrics if r.get("kind") == "eval"]
@@ -41,10 +42,13 @@ def summarize_metrics(metrics: list[dict[str, Any]]) -> dict[str, Any]:
         values = [r[key] for r in evals if r.get(key) is not None]
         if values:
             summary[target] = values[-1]
-    for key in ("samples_per_s", "items_per_s"):
+    for key in ("samples_per_s", "items_per_s", "tokens_per_s"):
         values = [r[key] for r in train[1:] or train if r.get(key) is not None]
         if values:
             summary[key] = sum(values) / len(values)
+    padded = sum(r.get("num_padded_tokens") or 0 for r in train)
+    if padded:  # a run in tokens: the padding of all its micro-batches together
+        summary["padding_fraction"] = 1.0 - sum(r.get("num_tokens") or 0 for r in train) / padded
     memory = [r["peak_memory_bytes"] for r in train if r.get("peak_memory_bytes") is not None]
     if memory:
         summary["peak_memory_bytes"] = max(memory)
@@ -59,10 +63,7 @@ def plot_run(metrics: list[dict[str, Any]], path: Path) -> Path | None:
     """Draw the run's curves into a PNG; None without matplotlib or without anything to draw.
 
     Panels, each only when its data is present and varies (a constant series says nothing a
-    plot could add): train and eval loss; eval accuracy; learning rate; gradient norm (before
-    clipping); ``global_batch_size`` with ``critical_batch_samples`` (the gradient-noise
-    estimate, converted from loss items to samples so both are in the unit of the global batch);
-    throughput (samples/s and loss items/s); peak memory.
+    plot could add), see `plot_panels`.
     """
     try:
         from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -82,7 +83,7 @@ def plot_run(metrics: list[dict[str, Any]], path: Path) -> Path | None:
         for records, key, label in series:
             steps, values = _points(records, key)
             marker = "o" if len(steps) <= 30 or records is evals else None
-            style = "steps-post" if key == "global_batch_size" else "default"
+            style = "steps-post" if key.startswith("global_batch") else "default"
             ax.plot(steps, values, label=label, marker=marker, markersize=3, drawstyle=style)
         if title.startswith("batch size"):
             ax.set_yscale("log", base=2)  # batch sizes are mostly powers of two
@@ -121,6 +122,15 @@ def plot_panels(metrics: list[dict[str, Any]]) -> list[tuple[str, list[Series]]]
             "throughput (per s)",
             [(train, "samples_per_s", "samples"), (train, "items_per_s", "items")],
         ),
+        (
+            "batch size (tokens)",
+            [
+                (train, "global_batch_tokens", "global batch tokens"),
+                (train, "critical_batch_tokens", "critical batch size (estimate)"),
+            ],
+        ),
+        ("tokens/s", [(train, "tokens_per_s", "tokens/s")]),
+        ("padding fraction", [(train, "padding_fraction", "padding")]),
         ("peak memory (MiB)", [(train, "peak_memory_mib", "peak memory")]),
     ]
     panels = [(title, [s for s in series if _points(*s[:2])[0]]) for title, series in panels]
@@ -201,16 +211,28 @@ def format_summary(summary: Mapping[str, Any]) -> str:
         if summary.get(key) is not None:
             figures.append(f"{label} {format_number(summary[key])}")
     labels = dict(_REPORT_ROWS)
-    for key in ("final_eval_accuracy", "samples_per_s", "peak_memory_bytes", "skipped_steps"):
+    for key in (
+        "final_eval_accuracy",
+        "samples_per_s",
+        "tokens_per_s",
+        "padding_fraction",
+        "peak_memory_bytes",
+        "skipped_steps",
+    ):
         if summary.get(key) is not None:
             label = labels[key].removeprefix("final ")
             figures.append(f"{_format_value(key, summary[key])} {label}")
     lines = ["done: " + ", ".join(f for f in figures if f)]
-    critical = summary.get("critical_batch_samples", summary.get("critical_batch_size"))
+    unit = "tokens" if summary.get("critical_batch_tokens") is not None else "samples"
+    critical = summary.get(f"critical_batch_{unit}", summary.get("critical_batch_size"))
     if critical is not None:
         global_batch = summary.get("final_global_batch_size", summary.get("global_batch_size"))
+        if unit == "tokens":
+            global_batch = summary.get(
+                "final_global_batch_size", summary.get("global_batch_tokens")
+            )
         lines.append(
-            f"critical batch size: about {float(critical):.0f} samples (global batch "
+            f"critical batch size: about {float(critical):.0f} {unit} (global batch "
             f"{global_batch}); see the report for what it means for this run"
         )
     for key in ("report", "run_dir"):
@@ -249,8 +271,11 @@ _REPORT_ROWS = (
     ("final_eval_loss", "final eval loss"),
     ("final_eval_accuracy", "final eval accuracy"),
     ("global_batch_size", "global batch size"),
+    ("global_batch_tokens", "global batch tokens"),
     ("samples_per_s", "samples/s"),
     ("items_per_s", "items/s"),
+    ("tokens_per_s", "tokens/s"),
+    ("padding_fraction", "padding"),
     ("peak_memory_bytes", "peak memory"),
     ("skipped_steps", "skipped steps"),
     ("wall_time_s", "wall time"),
@@ -267,7 +292,7 @@ def _format_value(key: str, value: Any) -> str:
         return "-"
     if key.endswith("_bytes"):
         return format_bytes(value)
-    if key.endswith("accuracy") and isinstance(value, float):
+    if (key.endswith("accuracy") or key == "padding_fraction") and isinstance(value, float):
         return f"{100 * value:.2f}%"
     if key.endswith("_per_s"):
         return f"{value:,.0f}"
@@ -290,19 +315,28 @@ def noise_scale_summary(
     items_per_sample: float,
     *,
     adaptive: bool,
+    unit: str = "samples",
 ) -> dict[str, Any]:
-    """The run summary's noise-scale entries: the estimate and the advice as a report section."""
+    """The run summary's noise-scale entries: the estimate and the advice as a report section.
+
+    ``unit`` is the global batch's ("samples", or "tokens" for a run in tokens, where
+    items_per_sample is then loss items per token).
+    """
     critical_samples = (
         None if critical_batch_size is None else critical_batch_size / items_per_sample
     )
     advice = noise_scale_advice(
-        global_batch_size, critical_samples, adaptive=adaptive, items_per_sample=items_per_sample
+        global_batch_size,
+        critical_samples,
+        adaptive=adaptive,
+        items_per_sample=items_per_sample,
+        unit=unit,
     )
     if distributed.is_main_process():
         logger.info("gradient noise scale: %s", " ".join(advice.split()))
     summary: dict[str, Any] = {
         "critical_batch_size": critical_batch_size,
-        "critical_batch_samples": critical_samples,
+        f"critical_batch_{unit}": critical_samples,
         "sections": {"Gradient noise scale": advice},
     }
     if adaptive:
@@ -316,10 +350,12 @@ def noise_scale_advice(
     *,
     adaptive: bool = False,
     items_per_sample: float = 1.0,
+    unit: str = "samples",
 ) -> str:
     """B versus the measured B_crit, its cost by McCandlish et al.'s model, and a recommendation.
 
-    Both in samples (the unit of the global batch); ``items_per_sample`` > 1 (tokens per
+    Both in samples, the unit of the global batch (or in ``unit``: tokens for a run in tokens,
+    items_per_sample then being loss items per token); ``items_per_sample`` > 1 (tokens per
     sequence) also states B_crit in the loss items it was measured in.
 
     Their model (arXiv:1812.06162): a run at global batch B needs about (1 + B_crit / B) x the
@@ -338,7 +374,7 @@ def noise_scale_advice(
     items, steps = 1.0 + ratio, 1.0 + 1.0 / ratio
     which = "last global batch" if adaptive else "global batch"
     in_items = (
-        f" samples, {critical_batch_size * items_per_sample:.0f} loss items"
+        f" {unit}, {critical_batch_size * items_per_sample:.0f} loss items"
         if items_per_sample != 1.0
         else ""
     )

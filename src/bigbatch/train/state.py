@@ -21,18 +21,27 @@ class TrainState:
         nonfinite_in_row: the latest run of consecutive non-finite steps.
         samples_done: samples of every global batch so far.
         items_done: loss items of every global batch so far.
+        tokens_done: input tokens of every global batch so far (runs in tokens; else 0).
     """
 
     skipped_steps: int = 0
     nonfinite_in_row: int = 0
     samples_done: int = 0
     items_done: int = 0
+    tokens_done: int = 0
 
     @property
     def items_per_sample(self) -> float:
         """Loss items per sample so far (tokens per sequence; 1 for a per-sample loss)."""
         if self.samples_done and self.items_done:
             return self.items_done / self.samples_done
+        return 1.0
+
+    @property
+    def items_per_token(self) -> float:
+        """Loss items per input token so far (a run in tokens; 1 before the first step)."""
+        if self.tokens_done and self.items_done:
+            return self.items_done / self.tokens_done
         return 1.0
 
     def state_dict(self) -> dict[str, int]:
@@ -42,7 +51,7 @@ class TrainState:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Continue from what `state_dict` returned."""
         for key in asdict(self):
-            setattr(self, key, int(state[key]))
+            setattr(self, key, int(state.get(key, 0)))  # 0: a counter older checkpoints lack
 
 
 @dataclass
@@ -54,12 +63,28 @@ class SessionFigures:
         items: loss items of the steps run.
         time_s: seconds spent in those steps.
         final_loss: the loss of the last applied step.
+        tokens: input tokens of the steps run (runs in tokens).
+        padded_tokens: padded tokens of their micro-batches (runs in tokens).
     """
 
     samples: int = 0
     items: int = 0
     time_s: float = 0.0
     final_loss: float | None = None
+    tokens: int = 0
+    padded_tokens: int = 0
+
+    def token_summary(self, steps: int, global_batch_tokens: int) -> dict[str, Any]:
+        """tokens/s, padding and samples per step for the run summary ({} for a run in samples)."""
+        if not self.padded_tokens:
+            return {}
+        return {
+            "global_batch_tokens": global_batch_tokens,
+            "tokens_per_s": self.tokens / max(self.time_s, 1e-12),
+            "padding_fraction": 1.0 - self.tokens / self.padded_tokens,
+            # A token run's global batch in samples varies: the mean of the steps run.
+            "global_batch_size": round(self.samples / max(1, steps)),
+        }
 
 
 @dataclass

@@ -25,6 +25,8 @@ from bigbatch.core import batches, distributed
 from bigbatch.core import batchnorm as batchnorm_policies
 from bigbatch.core.engine import Accumulator, LossFn, StepResult
 from bigbatch.data.loader import Window, WindowLoader, first_samples
+from bigbatch.data.token_loader import TokenWindow, TokenWindowLoader
+from bigbatch.data.tokens import sample_lengths
 from bigbatch.recipes import EvalFn
 from bigbatch.tools.autobatch import choose_micro_batch_size
 from bigbatch.train import checkpoint, environment, evaluation, rundir
@@ -35,6 +37,7 @@ from bigbatch.train.configfile import config_to_yaml, with_recipe_defaults
 from bigbatch.train.early_warning import EarlyWarning
 from bigbatch.train.schedules import BatchPlanner
 from bigbatch.train.state import RunSummary, SessionFigures, TrainState
+from bigbatch.train.token_batches import TokenBatchPlanner, probe_micro_batch_tokens
 
 logger = logging.getLogger(__name__)
 
@@ -66,6 +69,9 @@ class Trainer:
         run_dir: where metrics, checkpoints and weights go; None: nothing is written.
         progress: show a progress bar (rank 0).
         name: the task's name, for reports.
+        sample_length: a sample's input tokens, for global_batch_tokens when the dataset has no
+            ``lengths`` (docs/tokens.md).
+        collate_packed: rows of samples -> a packed micro-batch, for packing.
     """
 
     def __init__(
@@ -82,9 +88,14 @@ class Trainer:
         run_dir: str | Path | None = None,
         progress: bool = True,
         name: str | None = None,
+        sample_length: Callable[[Any], int] | None = None,
+        collate_packed: Callable[[list[list[Any]]], Any] | None = None,
     ) -> None:
-        if config.global_batch_size is None:
-            raise ValueError("global_batch_size: not set by the config nor the recipe; set it")
+        if config.global_batch_size is None and config.global_batch_tokens is None:
+            raise ValueError(
+                "global_batch_size: not set by the config nor the recipe; set it (or "
+                "global_batch_tokens)"
+            )
         if config.max_steps is None and config.epochs is None:
             raise ValueError("max_steps: set max_steps or epochs (neither is set)")
         self.config = config
@@ -116,7 +127,13 @@ class Trainer:
             noise_smoothing_steps=config.noise_smoothing_steps,
         )
         num_samples = len(train_dataset)  # type: ignore[arg-type]
-        self.batches = BatchPlanner(config, self.world_size, num_samples, self._probe)
+        self.collate_packed = collate_packed
+        self.batches: BatchPlanner | TokenBatchPlanner
+        if config.global_batch_tokens is None:
+            self.batches = BatchPlanner(config, self.world_size, num_samples, self._probe)
+        else:
+            lengths = sample_lengths(train_dataset, sample_length)
+            self.batches = TokenBatchPlanner(config, self.world_size, lengths, self._probe_tokens)
         self.plan_for, self.batch_size_at = self.batches.plan_for, self.batches.at
         self.first_global_batch_size = self.batches.first_global_batch_size
         self.early_warning = EarlyWarning()
@@ -142,17 +159,34 @@ class Trainer:
         logger.info("micro_batch_size auto: %d (%s)", chosen[0], choice.reason)
         return int(chosen[0])
 
+    def _probe_tokens(self, lengths: Any) -> int:
+        """micro_batch_tokens auto: the memory probe per padded token, agreed over ranks."""
+        return probe_micro_batch_tokens(
+            self.module,
+            self.loss_fn,
+            self.train_dataset,
+            lengths,
+            config=self.config,
+            collate_fn=self.collate_fn,
+            collate_packed=self.collate_packed,
+            optimizer=self.optimizer,
+            device=self.device,
+            world_size=self.world_size,
+        )
+
+    def _in_tokens(self, state: TrainState) -> tuple[int, float]:
+        """Progress so far and loss items per unit, in the unit of the global batch."""
+        if self.config.global_batch_tokens is None:
+            return state.samples_done, state.items_per_sample
+        return state.tokens_done, state.items_per_token
+
     def _set_lr(self, step: int, total: int, state: TrainState) -> float:
         """Every group's lr for this step: base x scaling rule x warm-up/decay."""
         noise = self.accumulator.noise_scale()
+        done, items_per_unit = self._in_tokens(state)
         for group in self.optimizer.param_groups:
             group["lr"] = self.batches.learning_rate(
-                group["initial_lr"],
-                step,
-                total,
-                state.samples_done,
-                noise,
-                state.items_per_sample,
+                group["initial_lr"], step, total, done, noise, items_per_unit
             )
         return float(self.optimizer.param_groups[0]["lr"])
 
@@ -169,17 +203,7 @@ class Trainer:
             rundir.prepare_run_dir(self.run_dir, resume=resume, overwrite=overwrite)
             if distributed.is_initialized():
                 dist.barrier()  # every rank has checked the directory before rank 0 writes
-        loader = WindowLoader(
-            self.train_dataset,
-            plan_for=self.plan_for,
-            global_batch_size_at=self.batch_size_at,
-            seed=self.config.seed,
-            rank=self.rank,
-            collate_fn=self.collate_fn,
-            drop_last=self.config.drop_last,
-            num_workers=self.config.num_workers,
-            pin_memory=self.device.type == "cuda",
-        )
+        loader = self._window_loader()
         # Training draws (dropout, ...) from a stream of its own per rank, reproducible on resume.
         environment.seed_everything(self.config.seed + 1_000_003 * self.rank)
         state = TrainState()
@@ -223,15 +247,43 @@ class Trainer:
             global_batch_size=self.first_global_batch_size,
             wall_time_s=time.perf_counter() - start_time,
             recipe=self.name,
-            extra=self._noise_scale_summary(loader.step, state.items_per_sample),
+            extra={
+                **self._noise_scale_summary(loader.step, self._in_tokens(state)[1]),
+                **figures.token_summary(
+                    loader.step - (restored or 0), self.first_global_batch_size
+                ),
+            },
         )
         if writes:
             self._finish_run_dir(summary)
         return summary
 
+    def _window_loader(self) -> WindowLoader | TokenWindowLoader:
+        """This rank's windows from step 0, in samples or in tokens."""
+        if isinstance(self.batches, TokenBatchPlanner):
+            return self.batches.window_loader(
+                self.train_dataset,
+                rank=self.rank,
+                collate_fn=self.collate_fn,
+                collate_packed=self.collate_packed,
+                num_workers=self.config.num_workers,
+                pin_memory=self.device.type == "cuda",
+            )
+        return WindowLoader(
+            self.train_dataset,
+            plan_for=self.plan_for,  # type: ignore[arg-type]
+            global_batch_size_at=self.batch_size_at,
+            seed=self.config.seed,
+            rank=self.rank,
+            collate_fn=self.collate_fn,
+            drop_last=self.config.drop_last,
+            num_workers=self.config.num_workers,
+            pin_memory=self.device.type == "cuda",
+        )
+
     def _loop(
         self,
-        loader: WindowLoader,
+        loader: WindowLoader | TokenWindowLoader,
         total: int,
         state: TrainState,
         logger_: run_metrics.MetricsLogger,
@@ -240,7 +292,7 @@ class Trainer:
     ) -> None:
         """Steps from the loader's position to the end, with logs, evaluations and checkpoints."""
         self.model.train()
-        windows: Iterator[Window] = iter(loader)
+        windows: Iterator[Window | TokenWindow] = iter(loader)
         tick = time.perf_counter()
         try:
             while not self.batches.finished(loader.step, loader.sampler, total):
@@ -252,6 +304,9 @@ class Trainer:
                 self._count(result, window.step, state)
                 state.samples_done += window.num_samples
                 state.items_done += result.num_items
+                state.tokens_done += getattr(window, "num_tokens", 0)
+                figures.tokens += getattr(window, "num_tokens", 0)
+                figures.padded_tokens += getattr(window, "num_padded_tokens", 0)
                 figures.samples += window.num_samples
                 figures.items += result.num_items
                 figures.time_s += step_time_s
@@ -265,18 +320,27 @@ class Trainer:
                         self.batch_size_at(window.step),
                     )
                 record = run_metrics.step_record(
-                    window,
+                    window,  # type: ignore[arg-type]
                     result,
                     learning_rate,
                     step_time_s,
                     self.batch_size_at(window.step),
                     state.items_per_sample,
                 )
+                record.update(
+                    run_metrics.token_record(
+                        window,
+                        result,
+                        step_time_s,
+                        self.batch_size_at(window.step),
+                        state.items_per_token,
+                    )
+                )
                 record["peak_memory_bytes"] = environment.peak_memory_bytes(self.device)
                 record["skipped_steps"] = state.skipped_steps
                 logger_.log_step(loader.step, record)
                 bar.update(loader.step, record)
-                changed = self._adapt(loader.step, result, state.items_per_sample)
+                changed = self._adapt(loader.step, result, self._in_tokens(state)[1])
                 finished = self.batches.finished(loader.step, loader.sampler, total)
                 every_eval, every_save = self.config.eval_every, self.config.checkpoint_every
                 if not finished and every_eval and loader.step % every_eval == 0:
@@ -291,10 +355,11 @@ class Trainer:
         finally:
             windows.close()  # type: ignore[attr-defined]
 
-    def _adapt(self, steps_done: int, result: StepResult, items_per_sample: float) -> bool:
+    def _adapt(self, steps_done: int, result: StepResult, items_per_unit: float) -> bool:
         """Adaptive schedule: let the controller decide; True when the global batch changed.
 
-        The critical batch is measured in loss items and the global batch counts samples. No
+        The critical batch is measured in loss items and the global batch counts samples (or
+        tokens: items_per_unit is then loss items per token). No
         decision before the estimate has smoothed over a quarter of its window (an early, noisy
         estimate would move the batch only to move it back).
         """
@@ -304,8 +369,8 @@ class Trainer:
         settled = max(self.config.adapt_every, self.config.noise_smoothing_steps // 4)
         if noise.num_steps < settled:
             return False
-        critical_samples = noise.critical_batch_size / items_per_sample
-        return adaptive.update(steps_done, critical_samples) is not None
+        critical = noise.critical_batch_size / items_per_unit
+        return adaptive.update(steps_done, critical) is not None
 
     def _count(self, result: StepResult, step: int, state: TrainState) -> None:
         """Count skipped steps; stop after too many non-finite ones in a row (on_nonfinite stop)."""
@@ -338,7 +403,7 @@ class Trainer:
 
     # -- checkpoints, the run directory and the summary ----------------------------------------
 
-    def _save_checkpoint(self, loader: WindowLoader, state: TrainState) -> None:
+    def _save_checkpoint(self, loader: WindowLoader | TokenWindowLoader, state: TrainState) -> None:
         rng = checkpoint.gather_rng_states(self.world_size)
         if not distributed.is_main_process():
             return
@@ -350,6 +415,7 @@ class Trainer:
             "rng": rng,
             "plan": self.plan_for(self.batch_size_at(max(0, loader.step - 1))).to_dict(),
             "micro_batch_size": self.batches.micro_batch_size,
+            "micro_batch_tokens": getattr(self.batches, "micro_batch_tokens", None),
             "config": self.config.model_dump(mode="json"),
             "counters": state.state_dict(),
             "world_size": self.world_size,
@@ -362,7 +428,7 @@ class Trainer:
             self.run_dir, loader.step, self.module, training_state, self.config.keep_checkpoints
         )
 
-    def _restore(self, loader: WindowLoader, state: TrainState) -> int | None:
+    def _restore(self, loader: WindowLoader | TokenWindowLoader, state: TrainState) -> int | None:
         """Load the newest valid checkpoint into everything; returns its step (None: none)."""
         found = checkpoint.load_run_checkpoint(self.run_dir)
         if found is None:
@@ -373,7 +439,10 @@ class Trainer:
         self.accumulator.load_state_dict(saved["accumulator"])
         loader.load_state_dict(saved["data"])
         state.load_state_dict(saved["counters"])
-        if self.config.micro_batch_size == "auto":
+        if isinstance(self.batches, TokenBatchPlanner):
+            if self.config.micro_batch_tokens == "auto":  # no second memory probe
+                self.batches.micro_batch_tokens = int(saved["micro_batch_tokens"])
+        elif self.config.micro_batch_size == "auto":
             self.batches.micro_batch_size = int(saved["micro_batch_size"])  # no second memory probe
         if saved.get("early_warning"):
             self.early_warning.load_state_dict(saved["early_warning"])
@@ -384,7 +453,7 @@ class Trainer:
         logger.info("resumed from %s at step %d", found.path, found.step)
         return found.step
 
-    def _noise_scale_summary(self, steps: int, items_per_sample: float) -> dict[str, Any]:
+    def _noise_scale_summary(self, steps: int, items_per_unit: float) -> dict[str, Any]:
         """B versus the measured critical batch, for the report and the printed summary."""
         noise = self.accumulator.noise_scale()
         if noise is None:
@@ -392,8 +461,9 @@ class Trainer:
         return run_report.noise_scale_summary(
             noise.critical_batch_size,
             self.batch_size_at(max(0, steps - 1)),
-            items_per_sample,
+            items_per_unit,
             adaptive=self.batches.adaptive is not None,
+            unit="samples" if self.config.global_batch_tokens is None else "tokens",
         )
 
     def _finish_run_dir(self, summary: RunSummary) -> None:
@@ -450,6 +520,8 @@ def fit(
         run_dir=out_dir,
         progress=progress,
         name=recipe.name,
+        sample_length=recipe.sample_length,
+        collate_packed=recipe.collate_packed,
     )
     return trainer.fit(resume=resume, overwrite=overwrite)
 
