@@ -1,4 +1,6 @@
-# The two commands of the README: `make demo` (the main job) and `make test` (the whole suite).
+# The commands of the README: `make demo` (the main job), `make test` (lint, then the whole suite:
+# what CI runs) and `make test-fast` (while editing: the suite without the tests marked slow, the
+# multi-process, end-to-end and benchmark runs; under a minute on 2 cores).
 # Each creates .venv/ on first use and installs torch==2.13.0 before anything that depends on it:
 # that release is the CPU wheel on our machines, while an unpinned torch pulls a multi-GB CUDA build.
 VENV ?= .venv
@@ -6,7 +8,7 @@ PYTHON := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 TORCH_PIN ?= torch==2.13.0
 
-.PHONY: setup demo test lint bench clean
+.PHONY: setup demo test test-fast lint bench clean
 
 setup: $(STAMP)
 
@@ -29,8 +31,13 @@ lint: $(STAMP)
 	$(VENV)/bin/ruff format --check src tests benchmarks
 	$(VENV)/bin/mypy
 
+# 2 xdist workers; tests/conftest.py gives each one torch thread (OMP_NUM_THREADS=1, inherited by
+# the processes the tests start), so they do not oversubscribe 2 cores.
 test: lint
 	$(PYTHON) -m pytest -n 2 -q
+
+test-fast: $(STAMP)
+	$(PYTHON) -m pytest -n 2 -q -m "not slow"
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache

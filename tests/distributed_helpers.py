@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime
 import os
 import socket
 import tempfile
@@ -11,6 +12,10 @@ from typing import Any
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+
+# A rank that waits longer than this for the other one (a deadlock, a crashed peer) raises instead
+# of waiting for gloo's 30-minute default; the test's own timeout (300 s) is longer.
+GLOO_TIMEOUT = datetime.timedelta(seconds=120)
 
 
 def free_port() -> int:
@@ -32,10 +37,16 @@ def _worker(
     torch.set_num_threads(1)
     # A file rendezvous: no port to pick and lose to another process between tests.
     rendezvous = f"file://{os.path.join(out_dir, 'rendezvous')}"
-    dist.init_process_group("gloo", init_method=rendezvous, rank=rank, world_size=world_size)
+    dist.init_process_group(
+        "gloo", init_method=rendezvous, rank=rank, world_size=world_size, timeout=GLOO_TIMEOUT
+    )
     try:
         result = function(rank, world_size, *args)
         torch.save(result, os.path.join(out_dir, f"rank{rank}.pt"))
+        # Every collective done, the Python callbacks of comm hooks too: a gloo thread still
+        # freeing one when the interpreter shuts down aborts the process (SIGABRT, "terminate
+        # called without an active exception").
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 

@@ -7,9 +7,11 @@ from the code under test.
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import shutil
+from fractions import Fraction
 
 import pytest
 import torch
@@ -63,13 +65,65 @@ def test_controller_ignores_missing_estimates_and_resumes_its_stages():
     assert restored.stages == controller.stages and restored.at(6) == 32
 
 
+def test_adascale_gain_is_the_scale_for_pure_noise_and_1_without_noise():
+    for scale in (0.5, 2.0, 16.0):
+        assert adascale_gain(scale, 0.0, 5.0) == pytest.approx(scale, rel=1e-12)  # |G|^2 = 0
+        assert adascale_gain(scale, 3.0, 0.0) == pytest.approx(1.0, rel=1e-12)  # tr S = 0
+
+
+def batch_gradients_mean_sq_norm(gradients: list[tuple[int, int]], scale: int) -> Fraction:
+    """E |mean of `scale` independent batch gradients|^2, each drawn uniformly from `gradients`:
+    every draw enumerated, in exact fractions."""
+    total = Fraction(0)
+    for draw in itertools.product(gradients, repeat=scale):
+        mean = [Fraction(sum(column), scale) for column in zip(*draw)]
+        total += sum(x * x for x in mean)
+    return total / len(gradients) ** scale
+
+
+@pytest.mark.parametrize("scale", [2, 3, 4])
+@pytest.mark.parametrize(
+    "gradients", [[(3, 1), (-1, 1)], [(2, 0), (0, 2), (1, -2)]], ids=["two", "three"]
+)
+def test_adascale_gain_matches_its_definition_on_a_discrete_gradient(gradients, scale):
+    # Johnson et al.: r = E|g|^2 / E|mean of s batch gradients|^2, the mean over s batches being
+    # what a global batch s x the base computes. A batch gradient is one of `gradients`, each as
+    # likely; |G|^2 and tr S = E|g - G|^2 come from the same enumeration.
+    mean = [Fraction(sum(column), len(gradients)) for column in zip(*gradients)]
+    gradient_sq = sum(x * x for x in mean)
+    trace = sum(sum((x - m) ** 2 for x, m in zip(gradient, mean)) for gradient in gradients) / len(
+        gradients
+    )
+    expected = batch_gradients_mean_sq_norm(gradients, 1) / batch_gradients_mean_sq_norm(
+        gradients, scale
+    )
+    if gradients == [(3, 1), (-1, 1)] and scale == 2:
+        # by hand: G = (1, 1), |G|^2 = 2, tr S = 4; E|g|^2 = (10 + 2) / 2 = 6; the mean of a pair
+        # is (3, 1) with probability 1/4 (|.|^2 = 10), (-1, 1) with 1/4 (2), (1, 1) with 1/2 (2):
+        # 4; r = 6 / 4
+        assert (gradient_sq, trace, expected) == (2, 4, Fraction(3, 2))
+    actual = adascale_gain(float(scale), float(gradient_sq), float(trace))
+    assert actual == pytest.approx(float(expected), rel=1e-12)
+
+
+def test_adascale_gain_grows_with_the_noise_toward_the_scale():
+    traces = [0.0, 0.1, 1.0, 10.0, 100.0, 1e4]
+    for scale in (2.0, 8.0):
+        gains = [adascale_gain(scale, 1.0, trace) for trace in traces]
+        assert gains[0] == pytest.approx(1.0)
+        assert all(a < b < scale for a, b in zip(gains, gains[1:]))
+        assert adascale_gain(scale, 1.0, 1e12) == pytest.approx(scale, rel=1e-9)
+        # and falls as the gradient grows against the same noise
+        falling = [adascale_gain(scale, gradient_sq, 4.0) for gradient_sq in (0.0, 0.5, 2.0, 50.0)]
+        assert falling[0] == pytest.approx(scale)
+        assert all(a > b > 1.0 for a, b in zip(falling, falling[1:]))
+
+
 @pytest.mark.parametrize(
     ("scale", "gradient_sq", "trace"),
     [(4.0, 1.0, 3.0), (0.5, 2.0, 7.0), (16.0, 0.0, 5.0), (8.0, 3.0, 0.0), (2.0, 1e-3, 40.0)],
 )
-def test_adascale_gain_matches_its_formula(scale, gradient_sq, trace):
-    expected = (trace + gradient_sq) / (trace / scale + gradient_sq)
-    assert adascale_gain(scale, gradient_sq, trace) == pytest.approx(expected, rel=1e-12)
+def test_adascale_gain_lies_between_1_and_the_scale(scale, gradient_sq, trace):
     assert min(1.0, scale) - 1e-12 <= adascale_gain(scale, gradient_sq, trace)
     assert adascale_gain(scale, gradient_sq, trace) <= max(1.0, scale) + 1e-12
 

@@ -208,6 +208,7 @@ def window_on_rank(rank: int, world_size: int) -> dict:
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(300)
 def test_window_statistics_over_two_processes_equal_the_global_batch_forward():
     from tests.distributed_helpers import run_processes
 

@@ -13,6 +13,8 @@ import sys
 from pathlib import Path
 from types import ModuleType
 
+import pytest
+
 ROOT = Path(__file__).resolve().parent.parent
 SCRIPT = ROOT / "benchmarks" / "batchnorm.py"
 
@@ -26,6 +28,8 @@ def load_script() -> ModuleType:
     return module
 
 
+@pytest.mark.slow
+@pytest.mark.timeout(300)
 def test_smoke_exits_0_prints_a_table_and_writes_nothing_here(tmp_path: Path) -> None:
     completed = subprocess.run(
         [sys.executable, str(SCRIPT), "--smoke", "--results-dir", str(tmp_path / "results")],

@@ -41,6 +41,8 @@ def table_rows(output: str) -> list[list[str]]:
     ]
 
 
+@pytest.mark.slow
+@pytest.mark.timeout(300)
 def test_smoke_exits_0_and_prints_both_tables() -> None:
     completed = subprocess.run(
         [sys.executable, str(SCRIPT), "--smoke"], capture_output=True, text=True, timeout=120

@@ -50,12 +50,15 @@ def table_rows(output: str) -> list[list[str]]:
     ][1:]
 
 
+@pytest.mark.slow
+@pytest.mark.timeout(300)
 @pytest.mark.parametrize("script", ["plan_quality.py", "gpu.py", "alternatives.py"])
 def test_smoke_prints_a_table(script: str) -> None:
     assert table_rows(run_smoke(script))
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(300)
 def test_ddp_smoke_prints_a_table() -> None:
     assert table_rows(run_smoke("ddp.py"))
 
@@ -75,6 +78,8 @@ def test_run_all_passes_smoke_through() -> None:
     assert table_rows(output)
 
 
+@pytest.mark.slow
+@pytest.mark.timeout(300)
 def test_memory_smoke_table_digits_activations_fall_as_micro_over_global() -> None:
     rows = [row for row in table_rows(run_smoke("memory.py")) if row[0] == "digits"]
     assert len(rows) >= 3
@@ -118,6 +123,8 @@ def test_gpt2_small_has_the_published_parameter_count() -> None:
     assert gpu.num_parameters(model) == expected == 124_439_808
 
 
+@pytest.mark.slow
+@pytest.mark.timeout(300)
 def test_gpu_without_cuda_skips_cleanly() -> None:
     if torch.cuda.is_available():
         pytest.skip("a CUDA device is present: the full run would start")

@@ -321,6 +321,7 @@ for step in range(1, 10**6):
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(300)
 def test_sigkill_during_saves_leaves_a_valid_checkpoint(tmp_path):
     import signal
     import subprocess

@@ -86,6 +86,7 @@ def test_impossible_plan_on_the_plan_command(capsys):
     assert_one_line_error(code, err, "world_size 300")
 
 
+@pytest.mark.slow
 def test_train_writes_the_run_and_refuses_to_reuse_it(capsys, tmp_path):
     out = tmp_path / "run"
     code, stdout, err = run(capsys, "train", "--out", str(out), *FAST)
@@ -104,6 +105,7 @@ def test_resume_needs_out(capsys):
     assert_one_line_error(code, err, "--out")
 
 
+@pytest.mark.slow
 def test_verify_exit_codes(capsys, tmp_path):
     small = [
         "--set",
@@ -121,6 +123,7 @@ def test_verify_exit_codes(capsys, tmp_path):
     assert code == 1 and "BatchNorm2d" in out and "FAIL" in out
 
 
+@pytest.mark.slow
 def test_bench_smoke(capsys):
     code, out, _ = run(
         capsys, "bench", "--smoke", "--micro-batch-size", "4", "--gradient-accumulation-steps", "2"
@@ -128,6 +131,8 @@ def test_bench_smoke(capsys):
     assert code == 0 and "median ratio" in out and "| MLP |" in out
 
 
+@pytest.mark.slow
+@pytest.mark.timeout(300)
 def test_python_dash_m_runs_the_cli_without_traceback(tmp_path):
     root = Path(__file__).resolve().parents[1]
     ok = subprocess.run(

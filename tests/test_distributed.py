@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import time
 
 import pytest
 import torch
@@ -14,7 +15,7 @@ from tests import models
 from tests.distributed_helpers import run_processes
 from tests.reference import full_batch_sgd, relative_error
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
 
 GLOBAL_BATCH = 7  # over 2 ranks with micro 2: rank 0 gets [2, 2], rank 1 gets [2, 1]
 STEPS = 3
@@ -89,3 +90,31 @@ def test_single_process_on_the_global_batch_matches_reference():
     expected = reference_weights()
     actual = {n: p.detach().clone() for n, p in copy.deepcopy(model).named_parameters()}
     assert relative_error(actual, expected) < 1e-12
+
+
+class FreedLate:
+    """Sleeps when freed: a gloo thread freeing it is late, as one the OS left waiting is."""
+
+    def __del__(self) -> None:
+        time.sleep(0.3)
+
+
+def step_with_late_callbacks(rank: int, world_size: int) -> int:
+    ddp = DistributedDataParallel(models.token_model())
+
+    def hook(state, bucket):
+        freed_late = FreedLate()
+        future = default_hooks.allreduce_hook(None, bucket)
+        return future.then(lambda done, keep=freed_late: done.value())
+
+    ddp.register_comm_hook(None, hook)
+    tokens, labels = global_batches()[0]
+    loss, _ = models.token_loss_fn(ddp, (tokens[rank::world_size], labels[rank::world_size]))
+    loss.backward()
+    return rank
+
+
+def test_ranks_exit_cleanly_when_gloo_frees_hook_callbacks_late():
+    # run_processes waits for gloo's threads before a rank exits: one still freeing a comm hook's
+    # callback when the interpreter shuts down aborts the process (SIGABRT)
+    assert run_processes(step_with_late_callbacks, 2) == [0, 1]

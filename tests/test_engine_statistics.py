@@ -88,6 +88,7 @@ def _noise_rank(rank: int, world_size: int) -> dict:
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(300)
 def test_engine_noise_scale_under_two_processes():
     results = run_processes(_noise_rank, 2)
     assert results[0]["noise"] == results[1]["noise"]
@@ -144,6 +145,7 @@ def _batchnorm_rank(rank: int, world_size: int) -> dict:
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(300)
 def test_engine_window_batchnorm_pools_over_ranks():
     images = torch.randn(
         11, 2, 5, 5, dtype=torch.float64, generator=torch.Generator().manual_seed(4)

@@ -12,6 +12,8 @@ import pytest
 
 from tests.distributed_helpers import free_port
 
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
+
 ROOT = Path(__file__).resolve().parents[1]
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run"]
 TRAIN = [
@@ -30,7 +32,6 @@ def _check_run(out: Path, stdout: str) -> None:
     assert (out / "final.safetensors").exists() and (out / "metrics.jsonl").exists()
 
 
-@pytest.mark.slow
 def test_torchrun_two_processes_on_one_machine(tmp_path):
     out = tmp_path / "run"
     result = subprocess.run(
@@ -43,7 +44,6 @@ def test_torchrun_two_processes_on_one_machine(tmp_path):
     assert "2 (ranks)" in result.stderr  # the plan of the first step, over 2 ranks
 
 
-@pytest.mark.slow
 def test_two_launchers_on_loopback_as_two_machines(tmp_path):
     out, port = tmp_path / "run", free_port()
     launchers = []

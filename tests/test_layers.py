@@ -231,6 +231,8 @@ def test_plan_loads_no_torch() -> None:
     assert "numpy" not in loaded
 
 
+@pytest.mark.slow
+@pytest.mark.timeout(300)
 def test_the_accumulator_loads_nothing_of_the_run_machinery() -> None:
     torch_alone = loaded_modules("import torch")
     loaded = loaded_modules("from bigbatch import Accumulator")
@@ -242,6 +244,8 @@ def test_the_accumulator_loads_nothing_of_the_run_machinery() -> None:
     assert not {name for name in ours if name.split(".")[1] in ("train", "tools", "data", "cli")}
 
 
+@pytest.mark.slow
+@pytest.mark.timeout(300)
 def test_the_public_names_stay() -> None:
     loaded = loaded_modules(
         "import bigbatch\n"

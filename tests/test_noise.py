@@ -245,6 +245,7 @@ def estimate_on_rank(rank: int, world_size: int) -> dict:
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(300)
 def test_estimate_under_two_processes_within_15_percent():
     from tests.distributed_helpers import run_processes
 

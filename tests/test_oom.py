@@ -107,6 +107,7 @@ def _ddp_rank(rank: int, world_size: int) -> dict:
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(300)
 def test_out_of_memory_on_one_ddp_rank_is_agreed_and_exact():
     results = run_processes(_ddp_rank, 2)
     expected = reference_weights(2, 8, 4)

@@ -12,6 +12,8 @@ from pathlib import Path
 import pytest
 from safetensors.torch import load_file
 
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
+
 ROOT = Path(__file__).resolve().parents[1]
 
 SCRIPT = r"""
@@ -58,7 +60,6 @@ def finish(process: subprocess.Popen) -> None:
     assert process.returncode == 0, stderr.decode()[-2000:]
 
 
-@pytest.mark.slow
 def test_sigkill_then_resume_is_bitwise_equal(tmp_path):
     reference = launch(tmp_path / "uninterrupted", "fresh")
     killed_dir = tmp_path / "killed"

@@ -197,12 +197,18 @@ class DdpRow:
 def _ddp_worker(
     rank: int, rendezvous: str, accumulations: Sequence[int], steps: int, width: int, out: str
 ) -> None:
+    import datetime
+
     import torch.distributed as dist
     from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
     from torch.nn.parallel import DistributedDataParallel
 
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=rendezvous, rank=rank, world_size=2)
+    # a rank left waiting (the other one died) fails in minutes, not after gloo's 30-minute default
+    timeout = datetime.timedelta(minutes=5)
+    dist.init_process_group(
+        "gloo", init_method=rendezvous, rank=rank, world_size=2, timeout=timeout
+    )
     rows = []
     for accumulation in accumulations:
         window = _window(16, accumulation, width)
@@ -233,6 +239,11 @@ def _ddp_worker(
                 if step:
                     times.append(time.perf_counter() - start)
             rows.append(DdpRow(accumulation, method, calls[0], statistics.median(times)))
+    # The comm hook's callback runs on a gloo thread, which then frees it (taking the GIL) after
+    # the step has gone on. Exiting before that thread is done aborts the process ("terminate
+    # called without an active exception": it touches Python while the interpreter shuts down).
+    # A barrier waits for every earlier collective of this group, callbacks included.
+    dist.barrier()
     if rank == 0:
         torch.save([row.__dict__ for row in rows], out)
     dist.destroy_process_group()
