@@ -17,7 +17,7 @@ import torch
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from bigbatch.choices import BATCHNORM_POLICIES, BatchNormPolicy
-from bigbatch.core import distributed, syncnorm
+from bigbatch.core import distributed, runningstats, syncnorm
 
 logger = logging.getLogger(__name__)
 
@@ -337,30 +337,11 @@ class WindowBatchNormStatistics:
 
 
 def _update_running(layer: _BatchNorm, stats: torch.Tensor) -> None:
-    """One BatchNorm running-statistics update from pooled [count, sum, sum of squares]."""
-    assert layer.running_mean is not None and layer.running_var is not None
-    assert layer.num_batches_tracked is not None
+    """One running-statistics update from pooled [count, sum, sum of squares] (float64)."""
     channels = (stats.numel() - 1) // 2
     count = stats[0]
     mean = stats[1 : 1 + channels] / count.clamp(min=1)
+    # Pooled over micro-batches (and ranks) as sums, so the squared deviations come from the
+    # sum of squares: within plus between micro-batches.
     biased = (stats[1 + channels :] / count.clamp(min=1) - mean.square()).clamp(min=0)
-    unbiased = biased * count / (count - 1).clamp(min=1)
-    # Layers that saw no training forward (count 0), or statistics that are not finite, keep their
-    # running values, decided on the device without a host sync.
-    valid = (count > 0) & torch.isfinite(mean).all() & torch.isfinite(unbiased).all()
-    tracked = layer.num_batches_tracked + valid.to(layer.num_batches_tracked.dtype)
-    if layer.momentum is None:  # cumulative moving average, as torch: factor 1 / batches seen
-        factor = 1.0 / tracked.clamp(min=1).to(torch.float64)
-    else:
-        factor = torch.tensor(float(layer.momentum), dtype=torch.float64, device=count.device)
-    factor = torch.where(valid, factor, torch.zeros_like(factor))
-    dtype = layer.running_mean.dtype
-    new_mean = (1 - factor) * layer.running_mean.to(torch.float64) + factor * mean
-    new_var = (1 - factor) * layer.running_var.to(torch.float64) + factor * unbiased
-    layer.running_mean.copy_(
-        torch.where(valid, new_mean, layer.running_mean.to(torch.float64)).to(dtype)
-    )
-    layer.running_var.copy_(
-        torch.where(valid, new_var, layer.running_var.to(torch.float64)).to(dtype)
-    )
-    layer.num_batches_tracked.copy_(tracked)
+    runningstats.update_running_statistics(layer, count, mean, biased * count)
