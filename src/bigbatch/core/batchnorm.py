@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from bigbatch.choices import BATCHNORM_POLICIES, BatchNormPolicy
+from bigbatch.choices import BATCHNORM_POLICIES, ENGINE_BATCHNORM_POLICIES, BatchNormPolicy
 from bigbatch.core import distributed, runningstats, syncnorm
 
 logger = logging.getLogger(__name__)
@@ -62,6 +62,25 @@ def warn_small_micro_batches(
     )
     warnings.warn(message, UserWarning, stacklevel=2)
     return True
+
+
+def check_engine_policy(policy: str) -> None:
+    """Raise unless the engine can apply the policy itself (``Accumulator(batchnorm=...)``).
+
+    Raises:
+        ValueError: ``sync`` and ``groupnorm`` (they change the layers, before DDP and the
+            optimizer), or an unknown policy.
+    """
+    if policy in ("sync", "groupnorm"):
+        raise ValueError(
+            f"batchnorm={policy!r} changes the model's layers: call "
+            f"bigbatch.core.batchnorm.apply_policy(model, {policy!r}) before wrapping the "
+            "model in DDP and building the optimizer, then pass batchnorm='keep'"
+        )
+    if policy not in ENGINE_BATCHNORM_POLICIES:
+        raise ValueError(
+            f"batchnorm must be one of {', '.join(ENGINE_BATCHNORM_POLICIES)}, got {policy!r}"
+        )
 
 
 def mark_warned(model: torch.nn.Module) -> None:
@@ -214,18 +233,24 @@ class WindowBatchNormStatistics:
     actually saw, normalised per micro-batch: no accumulation can give it the full-batch
     forward's inputs. Only layers in training mode with running statistics count. Everything
     stays on the device: no host sync. Under DDP, SUM all-reduce `local_statistics` (merged
-    into the step's one small all-reduce) and pass the result to `end_window`.
+    into the step's one small all-reduce) and pass the result to `end_window`. The engine holds
+    it as a `bigbatch.core.window.WindowStatistics`.
 
     Args:
         model: the model (a DDP wrapper is unwrapped).
     """
 
+    host_sums = False  # one count and two sums per channel: they stay on the device
+
     def __init__(self, model: torch.nn.Module) -> None:
+        module = distributed.unwrap(model)
         self._layers: list[_BatchNorm] = [
-            module
-            for module in distributed.unwrap(model).modules()
-            if isinstance(module, _BatchNorm) and module.track_running_stats
+            layer
+            for layer in module.modules()
+            if isinstance(layer, _BatchNorm) and layer.track_running_stats
         ]
+        tensors = [*module.parameters(), *module.buffers()]
+        self._device = tensors[0].device if tensors else torch.device("cpu")
         self._statistics: list[torch.Tensor] = []
         self._saved: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
         self._open = False
@@ -279,12 +304,22 @@ class WindowBatchNormStatistics:
             )
         self._open = True
 
-    def local_statistics(self) -> torch.Tensor:
-        """This rank's recorded [count, sum, sum of squares] of every layer, flat float64."""
+    def begin_micro_step(self) -> None:
+        """Nothing: the forward hooks record."""
+
+    def end_micro_step(self, num_items: float | torch.Tensor) -> None:
+        """Nothing: BatchNorm counts values per channel, not loss items."""
+
+    def local_statistics(self, backward_scale: float | torch.Tensor = 1.0) -> torch.Tensor:
+        """This rank's recorded [count, sum, sum of squares] of every layer, flat float64.
+
+        Args:
+            backward_scale: unused: the inputs of a forward carry no loss scale.
+        """
         if not self._open:
             raise RuntimeError("local_statistics() needs an open window: call begin_window() first")
         if not self._statistics:
-            return torch.zeros(0, dtype=torch.float64)
+            return torch.zeros(0, dtype=torch.float64, device=self._device)
         device = self._statistics[0].device
         return torch.cat([s.to(device) for s in self._statistics])
 
@@ -297,11 +332,15 @@ class WindowBatchNormStatistics:
                 layer.running_var.copy_(var)
                 layer.num_batches_tracked.copy_(tracked)
 
-    def end_window(self, reduced: torch.Tensor | None = None) -> None:
+    def end_window(
+        self, reduced: torch.Tensor | None = None, *, num_items: int = 0, grad_norm: float = 0.0
+    ) -> None:
         """Rewind the running statistics and apply one update from the pooled statistics.
 
         Args:
             reduced: `local_statistics` summed over ranks; None: this rank's own (one process).
+            num_items: unused: the update needs only the pooled sums.
+            grad_norm: unused.
         """
         if not self._open:
             raise RuntimeError("end_window() without begin_window()")
@@ -329,7 +368,7 @@ class WindowBatchNormStatistics:
             self._open = False
 
     def remove(self) -> None:
-        """Remove the hooks (rewinding an open window first)."""
+        """Remove the hooks (rewinding an open window first); idempotent."""
         self.abort_window()
         for handle in self._handles:
             handle.remove()
