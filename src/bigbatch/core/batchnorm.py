@@ -11,10 +11,12 @@ from __future__ import annotations
 
 import logging
 import warnings
+from collections.abc import Callable
 from typing import Any
 
 import torch
 from torch.nn.modules.batchnorm import _BatchNorm
+from torch.utils.hooks import RemovableHandle
 
 from bigbatch.choices import BATCHNORM_POLICIES, ENGINE_BATCHNORM_POLICIES, BatchNormPolicy
 from bigbatch.core import distributed, runningstats, syncnorm
@@ -118,19 +120,43 @@ def _frozen_pre_hook(module: torch.nn.Module, args: Any) -> None:
     module.training = False
 
 
-def _freeze(model: torch.nn.Module) -> None:
-    for name, module in model.named_modules():
-        if not isinstance(module, _BatchNorm):
-            continue
+def freeze(model: torch.nn.Module) -> Callable[[], None]:
+    """The `freeze` policy: every BatchNorm layer normalises with its running statistics.
+
+    Each layer goes to eval mode and gets a forward pre-hook that keeps it there, so a later
+    ``model.train()`` cannot bring batch statistics back. Layers frozen before are left as they
+    are.
+
+    Returns:
+        A callable that removes the hooks this call added (idempotent); the layers stay in eval
+        mode until the next ``model.train()``.
+
+    Raises:
+        ValueError: a BatchNorm layer has no running statistics.
+    """
+    layers = [(name, m) for name, m in model.named_modules() if isinstance(m, _BatchNorm)]
+    for name, module in layers:  # all checked before any is changed
         if module.running_mean is None or module.running_var is None:
             raise ValueError(
                 f"batchnorm='freeze' needs running statistics, but layer {name!r} has "
                 "track_running_stats=False; use batchnorm='groupnorm' instead"
             )
+    added: list[tuple[torch.nn.Module, RemovableHandle]] = []
+    for _, module in layers:
         if not getattr(module, _FROZEN_ATTRIBUTE, False):
-            module.register_forward_pre_hook(_frozen_pre_hook)
+            added.append((module, module.register_forward_pre_hook(_frozen_pre_hook)))
             object.__setattr__(module, _FROZEN_ATTRIBUTE, True)
         module.eval()
+    if layers:
+        logger.info("batchnorm=freeze: %d layer(s) use their running statistics", len(layers))
+
+    def unfreeze() -> None:
+        for module, handle in added:
+            handle.remove()
+            object.__setattr__(module, _FROZEN_ATTRIBUTE, False)
+        added.clear()
+
+    return unfreeze
 
 
 def _to_groupnorm(module: torch.nn.Module, prefix: str = "") -> torch.nn.Module:
@@ -189,8 +215,7 @@ def apply_policy(
     if policy in ("keep", "window") or not names:
         return model
     if policy == "freeze":
-        _freeze(model)
-        logger.info("batchnorm=freeze: %d layer(s) use their running statistics", len(names))
+        freeze(model)
         return model
     if policy == "groupnorm":
         converted = _to_groupnorm(model)

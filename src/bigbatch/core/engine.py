@@ -79,6 +79,9 @@ class Accumulator:
         measure_noise_scale: estimate the gradient noise scale (critical batch size) every step.
         noise_smoothing_steps: the estimate's moving-average window, in steps.
 
+    The noise scale, ``batchnorm="window"`` and ``batchnorm="freeze"`` put hooks on the model;
+    `close` removes them.
+
     Example:
         >>> model = torch.nn.Linear(3, 1)
         >>> accumulator = Accumulator(model, torch.optim.SGD(model.parameters(), lr=0.1))
@@ -125,8 +128,9 @@ class Accumulator:
         self._checked_batchnorm = batchnorm != "keep"
         # Forwards that run collectives (cross-rank BatchNorm) must run on every rank, empty or not.
         self._forward_empty = self._is_ddp and syncnorm.has_cross_rank_layers(model)
+        self._remove_hooks: list[Callable[[], None]] = []
         if batchnorm == "freeze":
-            batchnorm_policies.apply_policy(distributed.unwrap(model), "freeze")
+            self._remove_hooks.append(batchnorm_policies.freeze(distributed.unwrap(model)))
         self._noise = (
             NoiseScaleMeter(self._parameters, noise_smoothing_steps)
             if measure_noise_scale
@@ -137,6 +141,7 @@ class Accumulator:
             statistics.append(batchnorm_policies.WindowBatchNormStatistics(model))
         # Those read on the host first, so that the step's one read is a prefix of the sums.
         self._statistics = sorted(statistics, key=lambda statistic: not statistic.host_sums)
+        self._closed = False
 
     def step(self, window: Iterable[Any], loss_fn: LossFn) -> StepResult:
         """Run forward/backward on every micro-batch of the window and apply one optimizer step.
@@ -149,6 +154,8 @@ class Accumulator:
                 dicts of tensors).
             loss_fn: ``loss_fn(model, micro_batch)``, see `LossFn`.
         """
+        if self._closed:
+            raise RuntimeError("step() after close(): the hooks are gone; build a new Accumulator")
         micro_batches = list(window)
         if not micro_batches:
             raise ValueError(
@@ -326,6 +333,20 @@ class Accumulator:
     def noise_scale(self) -> NoiseScale | None:
         """The current smoothed noise scale, or None when it is not measured."""
         return None if self._noise is None else self._noise.current()
+
+    def close(self) -> None:
+        """Remove every hook this accumulator put on the model; idempotent.
+
+        The hooks are the noise scale's gradient hooks, the ``batchnorm="window"`` recording
+        hooks (an open window is rewound first) and the ``batchnorm="freeze"`` hooks (the layers
+        stay in eval mode until the next ``model.train()``). Afterwards the model trains with plain
+        autograd and `step` raises: build a new Accumulator to continue.
+        """
+        for statistic in self._statistics:
+            statistic.remove()
+        for remove in self._remove_hooks:
+            remove()
+        self._closed = True
 
     def state_dict(self) -> dict[str, Any]:
         """The engine's own state (GradScaler, loss divisor, split, noise estimate): checkpoints."""
