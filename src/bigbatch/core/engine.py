@@ -246,9 +246,7 @@ class Accumulator:
             in_backward = False
             try:
                 with self._no_sync() if index < last else contextlib.nullcontext():
-                    with autocast(self.precision, self.device.type):
-                        output = loss_fn(self.model, micro_batch)
-                    loss_sum, count = read_loss_output(output, rows, self.device)
+                    loss_sum, count = self._forward(loss_fn, micro_batch, rows)
                     in_backward = True
                     self._backward(loss_sum, count)
             except torch.OutOfMemoryError:
@@ -261,10 +259,15 @@ class Accumulator:
         if out_of_memory and self._is_ddp:  # outside the except block, so the failed graph is freed
             self._clear_gradients()
             empty = batches.narrow(micro_batches[0], 0, 0)
-            with autocast(self.precision, self.device.type):
-                output = loss_fn(self.model, empty)
-            self._backward(*read_loss_output(output, 0, self.device))  # still join the one sync
+            self._backward(*self._forward(loss_fn, empty, 0))  # still join the one sync
         return local_totals(loss_sums, counts, out_of_memory, self.device), out_of_memory
+
+    def _forward(
+        self, loss_fn: LossFn, micro_batch: Any, rows: int
+    ) -> tuple[torch.Tensor, float | torch.Tensor]:
+        with autocast(self.precision, self.device.type):
+            output = loss_fn(self.model, micro_batch)
+        return read_loss_output(output, rows, self.device)
 
     def _backward(self, loss_sum: torch.Tensor, count: float | torch.Tensor) -> None:
         for statistic in self._statistics:
