@@ -219,7 +219,9 @@ def measure_overhead(
 def machine_description() -> str:
     """Processor, torch threads and torch version, for the record next to the figures."""
     processor = platform.processor() or platform.machine()
-    return f"{processor}, {torch.get_num_threads()} threads, torch {torch.__version__}"
+    threads = torch.get_num_threads()
+    plural = "" if threads == 1 else "s"
+    return f"{processor}, {threads} thread{plural}, torch {torch.__version__}"
 
 
 def format_rows(rows: Sequence[BenchRow]) -> str:
@@ -237,7 +239,7 @@ def format_rows(rows: Sequence[BenchRow]) -> str:
             f"| {row.bigbatch_s * 1e3:.1f} ms | {row.ratio_to_same_math} "
             f"| {row.ratio_to_textbook} |"
         )
-    steps = ", ".join(sorted({str(row.steps) for row in rows}))
+    steps = ", ".join(str(steps) for steps in sorted({row.steps for row in rows}))
     clocks = " and ".join(sorted({row.clock for row in rows}))
     lines.append("")
     lines.append(
