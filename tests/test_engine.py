@@ -296,3 +296,51 @@ def test_dict_micro_batches_and_helpers_agree():
         model, window, lambda m, b: models.token_loss_fn(m, (b["tokens"], b["labels"]))
     )
     assert relative_error(actual, expected) < TOLERANCE
+
+
+def count_hooks(model: torch.nn.Module) -> int:
+    """Forward and backward hooks on every module, and tensor hooks on every parameter."""
+    module_hooks = sum(
+        len(hooks)
+        for module in model.modules()
+        for hooks in (
+            module._forward_pre_hooks,
+            module._forward_hooks,
+            module._backward_pre_hooks,
+            module._backward_hooks,
+        )
+    )
+    return module_hooks + sum(len(p._backward_hooks or {}) for p in model.parameters())
+
+
+@pytest.mark.parametrize("batchnorm", ["window", "freeze"])
+def test_close_removes_every_hook_and_the_model_trains_with_plain_autograd(batchnorm):
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(
+        torch.nn.Linear(5, 4), torch.nn.BatchNorm1d(4), torch.nn.Tanh(), torch.nn.Linear(4, 3)
+    ).double()
+    plain = copy.deepcopy(model)  # never seen by bigbatch: no hook
+    accumulator = bigbatch.Accumulator(
+        model,
+        torch.optim.SGD(model.parameters(), lr=0.1),
+        batchnorm=batchnorm,
+        measure_noise_scale=True,
+    )
+    assert count_hooks(model) > 0
+    x, y = models.regression_data(8)
+    window = [(x[:5], y[:5]), (x[5:], y[5:])]
+    accumulator.step(window, lambda m, b: models.mse_per_sample(m, *b).mean())
+    accumulator.close()
+    accumulator.close()  # idempotent
+    assert count_hooks(model) == 0
+    with pytest.raises(RuntimeError, match="after close"):
+        accumulator.step(window, lambda m, b: models.mse_per_sample(m, *b).mean())
+    # Plain autograd: the same gradients and running statistics as a copy bigbatch never touched.
+    plain.load_state_dict(model.state_dict())
+    for network in (model, plain):
+        network.train()
+        models.mse_per_sample(network, x, y).mean().backward()
+    for (name, p), q in zip(model.named_parameters(), plain.parameters()):
+        assert torch.equal(p.grad, q.grad), name
+    for name, tensor in plain.state_dict().items():
+        assert torch.equal(model.state_dict()[name], tensor), name

@@ -2,9 +2,10 @@
 
 `engine.Accumulator.step(window, loss_fn)` applies one optimizer step whose gradient is that of
 (sum of every item's loss) / (number of items), whatever the split; around it: reading the loss
-(`loss`), mixed precision (`precision`), out-of-memory re-split (`recovery`), nested batches
-(`batches`), ranks and collectives (`distributed`), the gradient noise scale (`noise`) and the
-BatchNorm policies (`batchnorm`, `syncnorm`).
+(`loss`), the window's totals and statistics (`window`), mixed precision (`precision`),
+out-of-memory re-split (`recovery`), nested batches (`batches`), ranks and collectives
+(`distributed`), the gradient noise scale (`noise`) and the BatchNorm policies (`batchnorm`,
+`syncnorm`, `runningstats`).
 
 May import: torch, `bigbatch.plan` and the small shared helpers (`bigbatch.choices`,
 `bigbatch.units`). Never `data`, `train`, `tools`, `recipes` or the command line.

@@ -12,13 +12,15 @@ from __future__ import annotations
 
 import logging
 import warnings
+from collections.abc import Callable
 from typing import Any
 
 import torch
 from torch.nn.modules.batchnorm import _BatchNorm
+from torch.utils.hooks import RemovableHandle
 
-from bigbatch.choices import BATCHNORM_POLICIES, BatchNormPolicy
-from bigbatch.core import distributed, syncnorm
+from bigbatch.choices import BATCHNORM_POLICIES, ENGINE_BATCHNORM_POLICIES, BatchNormPolicy
+from bigbatch.core import distributed, runningstats, syncnorm
 
 logger = logging.getLogger(__name__)
 
@@ -65,6 +67,25 @@ def warn_small_micro_batches(
     return True
 
 
+def check_engine_policy(policy: str) -> None:
+    """Raise unless the engine can apply the policy itself (``Accumulator(batchnorm=...)``).
+
+    Raises:
+        ValueError: ``sync`` and ``groupnorm`` (they change the layers, before DDP and the
+            optimizer), or an unknown policy.
+    """
+    if policy in ("sync", "groupnorm"):
+        raise ValueError(
+            f"batchnorm={policy!r} changes the model's layers: call "
+            f"bigbatch.core.batchnorm.apply_policy(model, {policy!r}) before wrapping the "
+            "model in DDP and building the optimizer, then pass batchnorm='keep'"
+        )
+    if policy not in ENGINE_BATCHNORM_POLICIES:
+        raise ValueError(
+            f"batchnorm must be one of {', '.join(ENGINE_BATCHNORM_POLICIES)}, got {policy!r}"
+        )
+
+
 def mark_warned(model: torch.nn.Module) -> None:
     """Count the model (and copies made from it afterwards) as told: no small-micro-batch warning.
 
@@ -100,19 +121,43 @@ def _frozen_pre_hook(module: torch.nn.Module, args: Any) -> None:
     module.training = False
 
 
-def _freeze(model: torch.nn.Module) -> None:
-    for name, module in model.named_modules():
-        if not isinstance(module, _BatchNorm):
-            continue
+def freeze(model: torch.nn.Module) -> Callable[[], None]:
+    """The `freeze` policy: every BatchNorm layer normalises with its running statistics.
+
+    Each layer goes to eval mode and gets a forward pre-hook that keeps it there, so a later
+    ``model.train()`` cannot bring batch statistics back. Layers frozen before are left as they
+    are.
+
+    Returns:
+        A callable that removes the hooks this call added (idempotent); the layers stay in eval
+        mode until the next ``model.train()``.
+
+    Raises:
+        ValueError: a BatchNorm layer has no running statistics.
+    """
+    layers = [(name, m) for name, m in model.named_modules() if isinstance(m, _BatchNorm)]
+    for name, module in layers:  # all checked before any is changed
         if module.running_mean is None or module.running_var is None:
             raise ValueError(
                 f"batchnorm='freeze' needs running statistics, but layer {name!r} has "
                 "track_running_stats=False; use batchnorm='groupnorm' instead"
             )
+    added: list[tuple[torch.nn.Module, RemovableHandle]] = []
+    for _, module in layers:
         if not getattr(module, _FROZEN_ATTRIBUTE, False):
-            module.register_forward_pre_hook(_frozen_pre_hook)
+            added.append((module, module.register_forward_pre_hook(_frozen_pre_hook)))
             object.__setattr__(module, _FROZEN_ATTRIBUTE, True)
         module.eval()
+    if layers:
+        logger.info("batchnorm=freeze: %d layer(s) use their running statistics", len(layers))
+
+    def unfreeze() -> None:
+        for module, handle in added:
+            handle.remove()
+            object.__setattr__(module, _FROZEN_ATTRIBUTE, False)
+        added.clear()
+
+    return unfreeze
 
 
 def _to_groupnorm(module: torch.nn.Module, prefix: str = "") -> torch.nn.Module:
@@ -171,8 +216,7 @@ def apply_policy(
     if policy in ("keep", "window") or not names:
         return model
     if policy == "freeze":
-        _freeze(model)
-        logger.info("batchnorm=freeze: %d layer(s) use their running statistics", len(names))
+        freeze(model)
         return model
     if policy == "groupnorm":
         converted = _to_groupnorm(model)
@@ -216,18 +260,24 @@ class WindowBatchNormStatistics:
     close to the full-batch forward's statistics, not equal (no accumulation can give it the
     full-batch forward's inputs). Only layers in training mode with running statistics count.
     Everything stays on the device: no host sync. Under DDP, SUM all-reduce `local_statistics`
-    (merged into the step's one small all-reduce) and pass the result to `end_window`.
+    (merged into the step's one small all-reduce) and pass the result to `end_window`. The
+    engine holds it as a `bigbatch.core.window.WindowStatistics`.
 
     Args:
         model: the model (a DDP wrapper is unwrapped).
     """
 
+    host_sums = False  # one count and two sums per channel: they stay on the device
+
     def __init__(self, model: torch.nn.Module) -> None:
+        module = distributed.unwrap(model)
         self._layers: list[_BatchNorm] = [
-            module
-            for module in distributed.unwrap(model).modules()
-            if isinstance(module, _BatchNorm) and module.track_running_stats
+            layer
+            for layer in module.modules()
+            if isinstance(layer, _BatchNorm) and layer.track_running_stats
         ]
+        tensors = [*module.parameters(), *module.buffers()]
+        self._device = tensors[0].device if tensors else torch.device("cpu")
         self._statistics: list[torch.Tensor] = []
         self._saved: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
         self._open = False
@@ -281,12 +331,22 @@ class WindowBatchNormStatistics:
             )
         self._open = True
 
-    def local_statistics(self) -> torch.Tensor:
-        """This rank's recorded [count, sum, sum of squares] of every layer, flat float64."""
+    def begin_micro_step(self) -> None:
+        """Nothing: the forward hooks record."""
+
+    def end_micro_step(self, num_items: float | torch.Tensor) -> None:
+        """Nothing: BatchNorm counts values per channel, not loss items."""
+
+    def local_statistics(self, backward_scale: float | torch.Tensor = 1.0) -> torch.Tensor:
+        """This rank's recorded [count, sum, sum of squares] of every layer, flat float64.
+
+        Args:
+            backward_scale: unused: the inputs of a forward carry no loss scale.
+        """
         if not self._open:
             raise RuntimeError("local_statistics() needs an open window: call begin_window() first")
         if not self._statistics:
-            return torch.zeros(0, dtype=torch.float64)
+            return torch.zeros(0, dtype=torch.float64, device=self._device)
         device = self._statistics[0].device
         return torch.cat([s.to(device) for s in self._statistics])
 
@@ -299,11 +359,15 @@ class WindowBatchNormStatistics:
                 layer.running_var.copy_(var)
                 layer.num_batches_tracked.copy_(tracked)
 
-    def end_window(self, reduced: torch.Tensor | None = None) -> None:
+    def end_window(
+        self, reduced: torch.Tensor | None = None, *, num_items: int = 0, grad_norm: float = 0.0
+    ) -> None:
         """Rewind the running statistics and apply one update from the pooled statistics.
 
         Args:
             reduced: `local_statistics` summed over ranks; None: this rank's own (one process).
+            num_items: unused: the update needs only the pooled sums.
+            grad_norm: unused.
         """
         if not self._open:
             raise RuntimeError("end_window() without begin_window()")
@@ -331,7 +395,7 @@ class WindowBatchNormStatistics:
             self._open = False
 
     def remove(self) -> None:
-        """Remove the hooks (rewinding an open window first)."""
+        """Remove the hooks (rewinding an open window first); idempotent."""
         self.abort_window()
         for handle in self._handles:
             handle.remove()
@@ -339,30 +403,11 @@ class WindowBatchNormStatistics:
 
 
 def _update_running(layer: _BatchNorm, stats: torch.Tensor) -> None:
-    """One BatchNorm running-statistics update from pooled [count, sum, sum of squares]."""
-    assert layer.running_mean is not None and layer.running_var is not None
-    assert layer.num_batches_tracked is not None
+    """One running-statistics update from pooled [count, sum, sum of squares] (float64)."""
     channels = (stats.numel() - 1) // 2
     count = stats[0]
     mean = stats[1 : 1 + channels] / count.clamp(min=1)
+    # Pooled over micro-batches (and ranks) as sums, so the squared deviations come from the
+    # sum of squares: within plus between micro-batches.
     biased = (stats[1 + channels :] / count.clamp(min=1) - mean.square()).clamp(min=0)
-    unbiased = biased * count / (count - 1).clamp(min=1)
-    # Layers that saw no training forward (count 0), or statistics that are not finite, keep their
-    # running values, decided on the device without a host sync.
-    valid = (count > 0) & torch.isfinite(mean).all() & torch.isfinite(unbiased).all()
-    tracked = layer.num_batches_tracked + valid.to(layer.num_batches_tracked.dtype)
-    if layer.momentum is None:  # cumulative moving average, as torch: factor 1 / batches seen
-        factor = 1.0 / tracked.clamp(min=1).to(torch.float64)
-    else:
-        factor = torch.tensor(float(layer.momentum), dtype=torch.float64, device=count.device)
-    factor = torch.where(valid, factor, torch.zeros_like(factor))
-    dtype = layer.running_mean.dtype
-    new_mean = (1 - factor) * layer.running_mean.to(torch.float64) + factor * mean
-    new_var = (1 - factor) * layer.running_var.to(torch.float64) + factor * unbiased
-    layer.running_mean.copy_(
-        torch.where(valid, new_mean, layer.running_mean.to(torch.float64)).to(dtype)
-    )
-    layer.running_var.copy_(
-        torch.where(valid, new_var, layer.running_var.to(torch.float64)).to(dtype)
-    )
-    layer.num_batches_tracked.copy_(tracked)
+    runningstats.update_running_statistics(layer, count, mean, biased * count)

@@ -6,8 +6,9 @@ step, by world_size / (number of loss items of the whole window on every rank). 
 gradient is then the gradient of (sum of every item's loss) / (number of items), exactly as one big
 batch would give, whatever the split. Under DistributedDataParallel the gradients are all-reduced
 once per step (every micro-step but the last runs under `no_sync`), plus one small all-reduce of
-the loss sum, the item count and the optional statistics. The engine knows nothing of configs,
-files or the CLI.
+the window's totals and the optional statistics' sums. The step reads the device once (totals,
+gradient norm, noise sums: one transfer); fp16 adds the GradScaler's own read of its overflow
+flag. The engine knows nothing of configs, files or the CLI.
 """
 
 from __future__ import annotations
@@ -22,16 +23,15 @@ from typing import Any
 
 import torch
 
-from bigbatch.choices import ENGINE_BATCHNORM_POLICIES, Precision
+from bigbatch.choices import Precision
 from bigbatch.core import batches, distributed, recovery, syncnorm
 from bigbatch.core import batchnorm as batchnorm_policies
-from bigbatch.core.loss import LossFn, invalid_count, read_loss_output
+from bigbatch.core.loss import LossFn, read_loss_output
 from bigbatch.core.noise import NoiseScale, NoiseScaleMeter
 from bigbatch.core.precision import LossScaling, autocast
+from bigbatch.core.window import WindowRead, WindowStatistics, local_totals, reduce_and_read
 
 logger = logging.getLogger(__name__)
-
-NUM_TOTALS = 4  # loss sum, item count, invalid-count flag, out-of-memory flag
 
 __all__ = ["Accumulator", "LossFn", "StepResult"]
 
@@ -81,6 +81,9 @@ class Accumulator:
         measure_noise_scale: estimate the gradient noise scale (critical batch size) every step.
         noise_smoothing_steps: the estimate's moving-average window, in steps.
 
+    The noise scale, ``batchnorm="window"`` and ``batchnorm="freeze"`` put hooks on the model;
+    `close` removes them.
+
     Example:
         >>> model = torch.nn.Linear(3, 1)
         >>> accumulator = Accumulator(model, torch.optim.SGD(model.parameters(), lr=0.1))
@@ -125,20 +128,22 @@ class Accumulator:
         self.max_micro_batch_size: int | None = None
         self.batchnorm = batchnorm
         self._checked_batchnorm = batchnorm != "keep"
-        if batchnorm == "freeze":
-            batchnorm_policies.apply_policy(distributed.unwrap(model), "freeze")
-        self._batchnorm_window = (
-            batchnorm_policies.WindowBatchNormStatistics(distributed.unwrap(model))
-            if batchnorm == "window"
-            else None
-        )
         # Forwards that run collectives (cross-rank BatchNorm) must run on every rank, empty or not.
         self._forward_empty = self._is_ddp and syncnorm.has_cross_rank_layers(model)
+        self._remove_hooks: list[Callable[[], None]] = []
+        if batchnorm == "freeze":
+            self._remove_hooks.append(batchnorm_policies.freeze(distributed.unwrap(model)))
         self._noise = (
             NoiseScaleMeter(self._parameters, noise_smoothing_steps)
             if measure_noise_scale
             else None
         )
+        statistics: list[WindowStatistics] = [] if self._noise is None else [self._noise]
+        if batchnorm == "window":
+            statistics.append(batchnorm_policies.WindowBatchNormStatistics(model))
+        # Those read on the host first, so that the step's one read is a prefix of the sums.
+        self._statistics = sorted(statistics, key=lambda statistic: not statistic.host_sums)
+        self._closed = False
 
     def step(self, window: Iterable[Any], loss_fn: LossFn) -> StepResult:
         """Run forward/backward on every micro-batch of the window and apply one optimizer step.
@@ -151,63 +156,90 @@ class Accumulator:
                 dicts of tensors).
             loss_fn: ``loss_fn(model, micro_batch)``, see `LossFn`.
         """
+        if self._closed:
+            raise RuntimeError("step() after close(): the hooks are gone; build a new Accumulator")
         micro_batches = list(window)
         if not micro_batches:
             raise ValueError(
                 "window is empty: pass this rank's micro-batches for one optimizer step"
             )
         self._warn_about_batchnorm_once(micro_batches)
-        self.model.zero_grad(set_to_none=True)
         learning_rate = float(self.optimizer.param_groups[0]["lr"])
         self._scaling.start(
-            torch.tensor(float(sum(map(batches.num_rows, micro_batches))), device=self.device),
-            is_ddp=self._is_ddp,
-            world_size=self._world_size,
+            micro_batches, self.device, is_ddp=self._is_ddp, world_size=self._world_size
         )
+        self._clear_gradients()  # gradients left by code run between steps must not count
+        skip_reason: str | None
+        try:
+            micro_batches, read = self._run_window(micro_batches, loss_fn)
+            if read.totals.num_invalid_counts:
+                raise ValueError("loss_fn returned a negative or non-integer num_items")
+            num_items = int(read.totals.num_items)
+            loss_divisor = self._scaling.next_divisor(num_items, self._world_size)
+            if num_items == 0:
+                warnings.warn(
+                    "the window holds no loss items on any rank: step skipped", stacklevel=2
+                )
+                self._abort_window()
+                loss, grad_norm, skip_reason = math.nan, math.nan, "no loss items"
+            else:
+                loss = read.totals.loss_sum / num_items
+                scale = self._world_size * loss_divisor / num_items
+                grad_norm, skip_reason = self._apply(loss, read.grad_norm, scale)
+                for statistic, sums in zip(self._statistics, read.sums):
+                    if skip_reason is None:
+                        statistic.end_window(sums, num_items=num_items, grad_norm=grad_norm)
+                    else:
+                        statistic.abort_window()
+        except BaseException:
+            self._abort_window()  # e.g. loss_fn raised: rewind what the window changed
+            raise
+        finally:
+            self._clear_gradients()  # on every way out: no gradient memory held between steps
+        if skip_reason is not None:
+            logger.warning("optimizer step skipped: %s", skip_reason)
+        return StepResult(
+            loss=loss,
+            num_items=num_items,
+            grad_norm=grad_norm,
+            skipped=skip_reason is not None,
+            skip_reason=skip_reason,
+            micro_batches=len(micro_batches),
+            learning_rate=learning_rate,
+            noise_scale=self.noise_scale(),
+        )
+
+    def _run_window(
+        self, micro_batches: list[Any], loss_fn: LossFn
+    ) -> tuple[list[Any], WindowRead]:
+        """Forward and backward over the window, redone smaller until it fits in memory."""
         while True:
             if self.max_micro_batch_size is not None:
                 micro_batches = recovery.resplit(micro_batches, self.max_micro_batch_size)
-            totals, noise_sums, batchnorm_sums = self._reduce(
-                self._accumulate(micro_batches, loss_fn)
-            )
-            loss_total, num_items_float, invalid, out_of_memory = totals
-            if not out_of_memory:
-                break
-            self.model.zero_grad(set_to_none=True)
+            totals, out_of_memory = self._accumulate(micro_batches, loss_fn)
+            # Alone, this rank knows it ran out of memory without a collective or a read; under
+            # DDP the all-reduce tells every rank whether any did, so all redo the window alike.
+            if not out_of_memory or self._is_ddp:
+                read = self._reduce(totals)
+                if not read.totals.num_out_of_memory:
+                    return micro_batches, read
+            self._clear_gradients()
             self.max_micro_batch_size = recovery.halved_micro_batch_size(
                 micro_batches, self.device, agree_over_ranks=self._is_ddp
             )
-        if invalid:
-            self._abort_window()
-            raise ValueError("loss_fn returned a negative or non-integer num_items")
-        num_items = int(num_items_float)
-        loss_divisor = self._scaling.next_divisor(num_items, self._world_size)
-        if num_items == 0:
-            warnings.warn("the window holds no loss items on any rank: step skipped", stacklevel=2)
-            self._abort_window()
-            return self._result(
-                math.nan, 0, math.nan, "no loss items", micro_batches, learning_rate
-            )
-        loss = loss_total / num_items
-        grad_norm, skip_reason = self._apply(loss, num_items, loss_divisor)
-        noise_scale = self._end_window(
-            skip_reason, batchnorm_sums, noise_sums, grad_norm, num_items
-        )
-        return self._result(
-            loss, num_items, grad_norm, skip_reason, micro_batches, learning_rate, noise_scale
-        )
 
-    def _accumulate(self, micro_batches: list[Any], loss_fn: LossFn) -> torch.Tensor:
-        """Forward and backward over the window: local [loss sum, items, invalid, out of memory].
+    def _accumulate(self, micro_batches: list[Any], loss_fn: LossFn) -> tuple[torch.Tensor, bool]:
+        """Forward and backward over the window: this rank's totals (see `local_totals`) and
+        whether it ran out of memory.
 
         Out-of-memory is caught per micro-step and flagged instead of raised, so that under DDP this
         rank still joins the one gradient sync (with an empty micro-batch) and no rank hangs.
         """
-        if self._batchnorm_window is not None:
-            self._batchnorm_window.begin_window()  # also rewinds a window that ran out of memory
-        if self._noise is not None:
-            self._noise.begin_window()
-        totals = torch.zeros(NUM_TOTALS, dtype=torch.float64, device=self.device)
+        for statistic in self._statistics:
+            statistic.begin_window()  # also rewinds a window that ran out of memory
+        loss_sums: list[torch.Tensor] = []
+        counts: list[float | torch.Tensor] = []
+        out_of_memory = False
         last = len(micro_batches) - 1
         for index, micro_batch in enumerate(micro_batches):
             rows = batches.num_rows(micro_batch)
@@ -216,57 +248,61 @@ class Accumulator:
             in_backward = False
             try:
                 with self._no_sync() if index < last else contextlib.nullcontext():
-                    with autocast(self.precision, self.device.type):
-                        output = loss_fn(self.model, micro_batch)
-                    loss_sum, count = read_loss_output(output, rows, self.device)
+                    loss_sum, count = self._forward(loss_fn, micro_batch, rows)
                     in_backward = True
                     self._backward(loss_sum, count)
             except torch.OutOfMemoryError:
                 if self._is_ddp and index == last and in_backward:
                     raise recovery.out_of_memory_during_sync(rows) from None
-                totals[3] = 1.0
+                out_of_memory = True
                 break
-            totals[:3] += torch.stack([loss_sum.detach().double(), count, invalid_count(count)])
-        if totals[3] and self._is_ddp:  # outside the except block, so the failed graph is freed
-            self.model.zero_grad(set_to_none=True)
+            loss_sums.append(loss_sum.detach())
+            counts.append(count)
+        if out_of_memory and self._is_ddp:  # outside the except block, so the failed graph is freed
+            self._clear_gradients()
             empty = batches.narrow(micro_batches[0], 0, 0)
-            with autocast(self.precision, self.device.type):
-                output = loss_fn(self.model, empty)
-            self._backward(*read_loss_output(output, 0, self.device))  # still join the one sync
-        return totals
+            self._backward(*self._forward(loss_fn, empty, 0))  # still join the one sync
+        return local_totals(loss_sums, counts, out_of_memory, self.device), out_of_memory
 
-    def _backward(self, loss_sum: torch.Tensor, count: torch.Tensor) -> None:
-        if self._noise is not None:
-            self._noise.begin_micro_step()
+    def _forward(
+        self, loss_fn: LossFn, micro_batch: Any, rows: int
+    ) -> tuple[torch.Tensor, float | torch.Tensor]:
+        with autocast(self.precision, self.device.type):
+            output = loss_fn(self.model, micro_batch)
+        return read_loss_output(output, rows, self.device)
+
+    def _backward(self, loss_sum: torch.Tensor, count: float | torch.Tensor) -> None:
+        for statistic in self._statistics:
+            statistic.begin_micro_step()
         self._scaling.backward(loss_sum)
-        if self._noise is not None:
-            self._noise.end_micro_step(count)
+        for statistic in self._statistics:
+            statistic.end_micro_step(count)
 
-    def _reduce(self, totals: torch.Tensor) -> tuple[list[float], list[float], torch.Tensor | None]:
-        """Sum the totals and the optional statistics over ranks, in one small collective."""
-        parts = [totals]
-        if self._noise is not None:
-            parts.append(self._noise.local_statistics(self._scaling.backward_scale))
-        if self._batchnorm_window is not None:
-            parts.append(self._batchnorm_window.local_statistics())
-        merged = torch.cat(parts) if len(parts) > 1 else totals
-        if self._is_ddp:
-            distributed.all_reduce_sum(merged)  # the one small collective of the step
-        head = NUM_TOTALS + (3 if self._noise is not None else 0)
-        values = merged[:head].tolist()  # the step's one host read of the window's figures
-        batchnorm_sums = merged[head:] if self._batchnorm_window is not None else None
-        return values[:NUM_TOTALS], values[NUM_TOTALS:], batchnorm_sums
+    def _reduce(self, totals: torch.Tensor) -> WindowRead:
+        # After the last backward, hence after DDP's gradient sync: the same norm on every rank,
+        # read with the totals.
+        gradients = [p.grad for p in self._parameters if p.grad is not None]
+        return reduce_and_read(
+            totals,
+            self._statistics,
+            self._scaling.total_norm(gradients, self.device),
+            backward_scale=self._scaling.backward_scale(self.device) if self._statistics else 1.0,
+            is_ddp=self._is_ddp,
+        )
 
-    def _apply(self, loss: float, num_items: int, loss_divisor: float) -> tuple[float, str | None]:
-        """Normalise, unscale, clip and apply the accumulated gradients: once per step."""
+    def _apply(
+        self, loss: float, summed_grad_norm: float, scale: float
+    ) -> tuple[float, str | None]:
+        """Normalise, unscale, clip and apply the accumulated gradients: once per step.
+
+        ``scale`` is the one normalisation: DDP averaged over ranks, so world_size / global items
+        (times the fp16 loss divisor) turns the summed per-item gradients into their mean over
+        the whole global batch. It is folded with the clipping into one pass over the gradients;
+        the norm was taken before the step's host read.
+        """
         gradients = [p.grad for p in self._parameters if p.grad is not None]
         self._scaling.unscale_(self.optimizer)
-        # The one normalisation: DDP averaged over ranks, so world_size / global items turns the
-        # summed per-item gradients into their mean over the whole global batch. It is folded with
-        # the clipping into one pass over the gradients, after one pass for the norm.
-        scale = self._world_size * loss_divisor / num_items
-        summed_norm = torch.nn.utils.get_total_norm(gradients) if gradients else torch.zeros(())
-        grad_norm = float(summed_norm) * scale
+        grad_norm = summed_grad_norm * scale
         if self.max_grad_norm is not None and math.isfinite(grad_norm):
             scale *= min(1.0, self.max_grad_norm / (grad_norm + 1e-6))  # torch's clip coefficient
         if gradients and math.isfinite(grad_norm):
@@ -281,56 +317,14 @@ class Accumulator:
         self._scaling.update()
         return grad_norm, skip_reason
 
-    def _end_window(
-        self,
-        skip_reason: str | None,
-        batchnorm_sums: torch.Tensor | None,
-        noise_sums: list[float],
-        grad_norm: float,
-        num_items: int,
-    ) -> NoiseScale | None:
-        """Commit (or drop, for a skipped step) the window's BatchNorm and noise statistics."""
-        if self._batchnorm_window is not None:
-            if skip_reason is None:
-                self._batchnorm_window.end_window(batchnorm_sums)
-            else:
-                self._batchnorm_window.abort_window()
-        if self._noise is None:
-            return None
-        if skip_reason is not None:
-            return self._noise.estimator.current()
-        return self._noise.end_window(noise_sums, grad_norm**2, num_items)
-
     def _abort_window(self) -> None:
-        self.model.zero_grad(set_to_none=True)
-        if self._batchnorm_window is not None:
-            self._batchnorm_window.abort_window()
+        for statistic in self._statistics:
+            statistic.abort_window()
 
-    def _result(
-        self,
-        loss: float,
-        num_items: int,
-        grad_norm: float,
-        skip_reason: str | None,
-        micro_batches: list[Any],
-        learning_rate: float,
-        noise_scale: NoiseScale | None = None,
-    ) -> StepResult:
-        self.model.zero_grad(set_to_none=True)
-        if skip_reason is not None:
-            logger.warning("optimizer step skipped: %s", skip_reason)
-            if noise_scale is None and self._noise is not None:
-                noise_scale = self._noise.estimator.current()
-        return StepResult(
-            loss=loss,
-            num_items=num_items,
-            grad_norm=grad_norm,
-            skipped=skip_reason is not None,
-            skip_reason=skip_reason,
-            micro_batches=len(micro_batches),
-            learning_rate=learning_rate,
-            noise_scale=noise_scale,
-        )
+    def _clear_gradients(self) -> None:
+        # What zero_grad(set_to_none=True) does, over the list already held (no module walk).
+        for parameter in self._parameters:
+            parameter.grad = None
 
     def _warn_about_batchnorm_once(self, micro_batches: list[Any]) -> None:
         if self._checked_batchnorm:
@@ -343,7 +337,21 @@ class Accumulator:
 
     def noise_scale(self) -> NoiseScale | None:
         """The current smoothed noise scale, or None when it is not measured."""
-        return None if self._noise is None else self._noise.estimator.current()
+        return None if self._noise is None else self._noise.current()
+
+    def close(self) -> None:
+        """Remove every hook this accumulator put on the model; idempotent.
+
+        The hooks are the noise scale's gradient hooks, the ``batchnorm="window"`` recording
+        hooks (an open window is rewound first) and the ``batchnorm="freeze"`` hooks (the layers
+        stay in eval mode until the next ``model.train()``). Afterwards the model trains with plain
+        autograd and `step` raises: build a new Accumulator to continue.
+        """
+        for statistic in self._statistics:
+            statistic.remove()
+        for remove in self._remove_hooks:
+            remove()
+        self._closed = True
 
     def state_dict(self) -> dict[str, Any]:
         """The engine's own state (GradScaler, loss divisor, split, noise estimate): checkpoints."""
@@ -375,13 +383,4 @@ def _check_arguments(model: Any, optimizer: Any, max_grad_norm: Any, batchnorm: 
         or not 0 < max_grad_norm < math.inf
     ):
         raise ValueError(f"max_grad_norm must be a positive number or None, got {max_grad_norm!r}")
-    if batchnorm in ("sync", "groupnorm"):
-        raise ValueError(
-            f"batchnorm={batchnorm!r} changes the model's layers: call "
-            f"bigbatch.core.batchnorm.apply_policy(model, {batchnorm!r}) before wrapping the "
-            "model in DDP and building the optimizer, then pass batchnorm='keep'"
-        )
-    if batchnorm not in ENGINE_BATCHNORM_POLICIES:
-        raise ValueError(
-            f"batchnorm must be one of {', '.join(ENGINE_BATCHNORM_POLICIES)}, got {batchnorm!r}"
-        )
+    batchnorm_policies.check_engine_policy(batchnorm)

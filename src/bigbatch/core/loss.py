@@ -33,10 +33,12 @@ class LossFn(Protocol):
 
 def read_loss_output(
     output: Any, rows: int, device: torch.device
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """(loss sum to backpropagate, item count as a float64 tensor) from what loss_fn returned.
+) -> tuple[torch.Tensor, float | torch.Tensor]:
+    """(loss sum to backpropagate, item count) from what loss_fn returned.
 
-    No host sync: a tensor count stays on the device and is validated later, once per step.
+    A count known on the host (an int, or the rows of a mean loss) stays a Python number: no
+    tensor, no copy to the device. A tensor count becomes a float64 scalar on the device, without
+    a host sync; it is validated later, once per step (`invalid_count`).
 
     Raises:
         TypeError, ValueError: a loss that is not a scalar tensor, or a malformed count.
@@ -52,7 +54,7 @@ def read_loss_output(
     else:
         _check_scalar(output)
         loss_sum = output * rows  # a mean over samples: weigh by the number of samples
-        count = torch.tensor(float(rows), dtype=torch.float64, device=device)
+        count = float(rows)
     _check_scalar(loss_sum)
     if loss_sum.dtype in (torch.float16, torch.bfloat16):
         loss_sum = loss_sum.float()  # sums of many items overflow or round badly in half types
@@ -64,7 +66,7 @@ def read_loss_output(
 
 
 def invalid_count(count: torch.Tensor) -> torch.Tensor:
-    """1.0 when a count is negative or not an integer, else 0.0 (on the device, no sync)."""
+    """1.0 where a count is negative or not an integer, else 0.0 (on the device, no sync)."""
     return ((count < 0) | (count != torch.round(count))).to(torch.float64)
 
 
@@ -78,8 +80,8 @@ def _check_scalar(loss: Any) -> None:
         )
 
 
-def _as_count(num_items: Any, device: torch.device) -> torch.Tensor:
-    """The item count as a float64 tensor on the device, without a host sync."""
+def _as_count(num_items: Any, device: torch.device) -> float | torch.Tensor:
+    """The item count: an int as a float, a tensor as a float64 scalar on the device (no sync)."""
     if isinstance(num_items, bool) or not isinstance(num_items, (int, torch.Tensor)):
         raise TypeError(
             f"num_items must be an int or an integer tensor, got {type(num_items).__name__}"
@@ -87,7 +89,7 @@ def _as_count(num_items: Any, device: torch.device) -> torch.Tensor:
     if isinstance(num_items, int):
         if num_items < 0:
             raise ValueError(f"num_items must be >= 0, got {num_items}")
-        return torch.tensor(float(num_items), dtype=torch.float64, device=device)
+        return float(num_items)
     if num_items.numel() != 1:
         raise ValueError(
             f"num_items must hold one value, got a tensor of shape {tuple(num_items.shape)}"

@@ -300,14 +300,18 @@ class NoiseScaleEstimator:
 
 
 class NoiseScaleMeter:
-    """The engine's side of the measurement: three on-device sums per window, one update per step.
+    """The engine's side of the measurement: a `WindowStatistics` of three sums per window.
 
     Per micro-step the tracker's squared norm of the backward's gradient (of ``c * loss_sum``) is
     kept with the micro-batch's item count; `local_statistics` turns them, once per window, into
     item-mean squared norms (dividing out c, constant within a window). The three sums (norms,
     1 / items, count) are what `estimates_from_sums` needs, so every rank's micro-batches count
-    after one SUM all-reduce, whatever the number of micro-batches of each rank.
+    after one SUM all-reduce, whatever the number of micro-batches of each rank. The sums are
+    read to the host with the step's totals (`host_sums`) and feed the estimator once per
+    applied step.
     """
+
+    host_sums = True
 
     def __init__(
         self, parameters: Iterable[torch.nn.Parameter], smoothing_steps: int = 200
@@ -315,7 +319,7 @@ class NoiseScaleMeter:
         self.tracker = GradientNormTracker(parameters)
         self.estimator = NoiseScaleEstimator(smoothing_steps)
         self._raw_sq_norms: list[torch.Tensor] = []
-        self._items: list[torch.Tensor] = []
+        self._items: list[float | torch.Tensor] = []
 
     def begin_window(self) -> None:
         """Forget a previous (or failed) window."""
@@ -323,23 +327,24 @@ class NoiseScaleMeter:
         self._items.clear()
 
     def begin_micro_step(self) -> None:
+        """Record the gradient norms of the next backward."""
         self.tracker.begin_micro_step()
 
-    def end_micro_step(self, num_items: torch.Tensor) -> None:
-        """Keep this micro-batch's squared norm and item count (float64 tensors, no work yet)."""
+    def end_micro_step(self, num_items: float | torch.Tensor) -> None:
+        """Keep this micro-batch's squared norm and item count (no work yet)."""
         self._raw_sq_norms.append(self.tracker.end_micro_step())
         self._items.append(num_items)
 
-    def local_statistics(self, loss_scale: float = 1.0) -> torch.Tensor:
-        """This rank's three sums, for loss sums backpropagated times ``loss_scale``.
+    def local_statistics(self, backward_scale: float | torch.Tensor = 1.0) -> torch.Tensor:
+        """This rank's three sums, for loss sums backpropagated times ``backward_scale``.
 
         Computed once per window, so the micro-steps pay only for the tracker's norms.
         """
         device = self.tracker.device
         if not self._raw_sq_norms:
             return torch.zeros(3, dtype=torch.float64, device=device)
-        items = torch.stack(self._items)
-        micro_sq_norms = item_mean_sq_norms(torch.stack(self._raw_sq_norms), items, loss_scale)
+        items = _as_device_tensor(self._items, device)
+        micro_sq_norms = item_mean_sq_norms(torch.stack(self._raw_sq_norms), items, backward_scale)
         has_items = items > 0
         inverse_items = torch.where(has_items, 1.0 / items, torch.zeros_like(items))
         return torch.stack(
@@ -347,13 +352,44 @@ class NoiseScaleMeter:
         )
 
     def end_window(
-        self, reduced: list[float], global_sq_norm: float, global_items: int
-    ) -> NoiseScale:
-        """Feed an applied step: the summed statistics and the global item-mean gradient norm^2."""
-        sum_sq_norms, sum_inverse_items, num_micro_batches = reduced
-        return self.estimator.update_from_sums(
-            sum_sq_norms, sum_inverse_items, num_micro_batches, global_sq_norm, global_items
+        self, reduced: torch.Tensor | None = None, *, num_items: int = 0, grad_norm: float = 0.0
+    ) -> None:
+        """Feed an applied step to the estimator.
+
+        Args:
+            reduced: `local_statistics` summed over ranks, on the host; None: this rank's own.
+            num_items: the loss items of the global batch.
+            grad_norm: norm of the global batch's item-mean gradient, before clipping.
+        """
+        if reduced is None:
+            reduced = self.local_statistics()
+        sum_sq_norms, sum_inverse_items, num_micro_batches = reduced.tolist()
+        self.estimator.update_from_sums(
+            sum_sq_norms, sum_inverse_items, num_micro_batches, grad_norm**2, num_items
         )
 
+    def abort_window(self) -> None:
+        """A skipped step feeds nothing: the estimate stays where it was."""
+
+    def current(self) -> NoiseScale:
+        """The smoothed estimate so far."""
+        return self.estimator.current()
+
     def remove(self) -> None:
+        """Remove the tracker's gradient hooks from the parameters (idempotent)."""
         self.tracker.remove()
+
+
+def _as_device_tensor(values: list[float | torch.Tensor], device: torch.device) -> torch.Tensor:
+    """A float64 tensor of numbers and device scalars, without a host sync."""
+    if not any(isinstance(value, torch.Tensor) for value in values):
+        # A non-blocking copy from pageable memory is staged by the host: no device sync.
+        return torch.tensor(values, dtype=torch.float64).to(device, non_blocking=True)
+    return torch.stack(
+        [
+            value.to(torch.float64)
+            if isinstance(value, torch.Tensor)
+            else torch.full((), value, dtype=torch.float64, device=device)
+            for value in values
+        ]
+    )

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 
 from bigbatch.choices import Precision
-from bigbatch.core import distributed
+from bigbatch.core import batches, distributed
 
 PRECISIONS: tuple[str, ...] = ("fp32", "bf16", "fp16")
 
@@ -53,13 +53,19 @@ class LossScaling:
         )
         self.divisor: float | None = None
 
-    def start(self, rows_per_rank: torch.Tensor, *, is_ddp: bool, world_size: int) -> None:
-        """Before the first fp16 backward: samples per rank stand in for the unknown items."""
+    def start(
+        self, micro_batches: list[Any], device: torch.device, *, is_ddp: bool, world_size: int
+    ) -> None:
+        """Before the first fp16 backward: samples per rank stand in for the unknown items.
+
+        Does nothing after the first step or outside fp16 (the samples are not even counted).
+        """
         if self.grad_scaler is None or self.divisor is not None:
             return
-        if is_ddp:
-            distributed.all_reduce_sum(rows_per_rank)  # once per run, so every rank divides alike
-        self.divisor = max(float(rows_per_rank) / world_size, 1.0)
+        rows = float(sum(map(batches.num_rows, micro_batches)))
+        if is_ddp:  # once per run, so every rank divides alike
+            rows = float(distributed.all_reduce_sum(torch.tensor(rows, device=device)))
+        self.divisor = max(rows / world_size, 1.0)
 
     def backward(self, loss_sum: torch.Tensor) -> None:
         if self.grad_scaler is None:
@@ -67,12 +73,31 @@ class LossScaling:
         else:
             self.grad_scaler.scale(loss_sum / (self.divisor or 1.0)).backward()
 
-    @property
-    def backward_scale(self) -> float:
-        """What the loss sums were multiplied by before backward (1 outside fp16)."""
-        if self.grad_scaler is None:
-            return 1.0
-        return self.grad_scaler.get_scale() / (self.divisor or 1.0)
+    def _grad_scale(self, device: torch.device) -> torch.Tensor | None:
+        # `scale` multiplies by the GradScaler's scale on the device, where `get_scale` would
+        # read it back to the host: a sync.
+        if self.grad_scaler is None or not self.grad_scaler.is_enabled():
+            return None
+        return self.grad_scaler.scale(torch.ones((), dtype=torch.float32, device=device))
+
+    def backward_scale(self, device: torch.device) -> float | torch.Tensor:
+        """What the loss sums were multiplied by before backward: 1 outside fp16, else a float64
+        tensor on the device (no host read)."""
+        divisor = self.divisor or 1.0
+        grad_scale = self._grad_scale(device)
+        return 1.0 / divisor if grad_scale is None else grad_scale.to(torch.float64) / divisor
+
+    def total_norm(self, gradients: list[torch.Tensor], device: torch.device) -> torch.Tensor:
+        """Total norm of the gradients as `unscale_` leaves them (summed gradients / divisor).
+
+        Taken on the scaled gradients and divided by the scale (a power of two: exact), since
+        `unscale_` may run only once per step and the window may still be redone.
+        """
+        if not gradients:
+            return torch.zeros((), device=device)
+        norm = torch.nn.utils.get_total_norm(gradients)
+        grad_scale = self._grad_scale(device)
+        return norm if grad_scale is None else norm / grad_scale.to(norm.device)
 
     def next_divisor(self, num_items: int, world_size: int) -> float:
         """The divisor this step used; the next step divides by this step's items per rank."""

@@ -15,7 +15,7 @@ import torch
 import torch.distributed as dist
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from bigbatch.core import distributed
+from bigbatch.core import distributed, runningstats
 
 
 class _AllReduceSum(torch.autograd.Function):
@@ -61,29 +61,13 @@ class CrossRankBatchNorm(_BatchNorm):
         mean = sums[:channels] / count
         squared = _all_reduce_sum((input - mean.view(shape)).square().sum(dims))
         variance = squared / count  # biased: what the forward normalises with
-        self._update_running(mean.detach(), squared.detach(), count.detach())
+        runningstats.update_running_statistics(
+            self, count.detach(), mean.detach(), squared.detach()
+        )
         output = (input - mean.view(shape)) * torch.rsqrt(variance.view(shape) + self.eps)
         if self.affine:
             output = output * self.weight.view(shape) + self.bias.view(shape)
         return output
-
-    @torch.no_grad()
-    def _update_running(
-        self, mean: torch.Tensor, squared: torch.Tensor, count: torch.Tensor
-    ) -> None:
-        """As torch's BatchNorm does for one forward: unbiased variance, momentum or average."""
-        if not self.track_running_stats or self.running_mean is None or self.running_var is None:
-            return
-        assert self.num_batches_tracked is not None
-        self.num_batches_tracked += 1
-        momentum: float | torch.Tensor = (
-            1.0 / self.num_batches_tracked.to(mean.dtype)
-            if self.momentum is None
-            else self.momentum
-        )
-        unbiased = squared / (count - 1.0).clamp(min=1.0)
-        self.running_mean.lerp_(mean.to(self.running_mean.dtype), momentum)
-        self.running_var.lerp_(unbiased.to(self.running_var.dtype), momentum)
 
 
 def convert(module: torch.nn.Module) -> torch.nn.Module:
