@@ -83,9 +83,12 @@ def windows(rank: int, world: int, step: int) -> list:
     return window
 
 
-def _train(rank: int, world: int, gradient_sync: str, out_dir: str) -> None:
+def _train(rank: int, world: int, options: dict, out_dir: str) -> None:
+    """options: gradient_sync, and optionally precision, dtype, ddp (instead of FSDP) and
+    out_of_memory_rank (that rank's loss_fn raises once on a micro-batch above 2 rows)."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
+    from torch.nn.parallel import DistributedDataParallel
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
     torch.set_num_threads(1)
@@ -108,37 +111,64 @@ def _train(rank: int, world: int, gradient_sync: str, out_dir: str) -> None:
                 return _original(*args, **kwargs)
 
             setattr(dist, name, counting)
-        mesh = init_device_mesh("cpu", (world,))
-        model = make_model()
+        dtype = options.get("dtype", torch.float64)
+        model = make_model().to(dtype)
         blocks = [module for module in model if isinstance(module, torch.nn.Linear)]
-        for block in blocks:
-            fully_shard(block, mesh=mesh)
-        fully_shard(model, mesh=mesh)
+        if options.get("ddp"):
+            model = DistributedDataParallel(model)
+        else:
+            mesh = init_device_mesh("cpu", (world,))
+            for block in blocks:
+                fully_shard(block, mesh=mesh)
+            fully_shard(model, mesh=mesh)
         accumulator = bigbatch.Accumulator(
             model,
             torch.optim.SGD(model.parameters(), lr=LR),
             max_grad_norm=MAX_GRAD_NORM,
-            gradient_sync=gradient_sync,
+            gradient_sync=options["gradient_sync"],
+            precision=options.get("precision", "fp32"),
         )
+        failed = {"done": rank != options.get("out_of_memory_rank")}
+
+        def user_loss(model, micro_batch):
+            if not failed["done"] and micro_batch[0].shape[0] > 2:
+                failed["done"] = True
+                raise torch.OutOfMemoryError("simulated")
+            x, y, mask = micro_batch
+            return loss_fn(model, (x.to(dtype), y.to(dtype), mask.to(dtype)))
+
         per_step, micro_steps = [], []
         for step in range(STEPS):
             before = counts["reduce_scatter"]
-            result = accumulator.step(windows(rank, world, step), loss_fn)
+            result = accumulator.step(windows(rank, world, step), user_loss)
             assert not result.skipped
             per_step.append(counts["reduce_scatter"] - before)
             micro_steps.append(result.micro_batches)
-        weights = {name: p.full_tensor().detach().clone() for name, p in model.named_parameters()}
+        weights = {
+            name.removeprefix("module."): (p.full_tensor() if hasattr(p, "full_tensor") else p)
+            .detach()
+            .double()
+            .clone()
+            for name, p in model.named_parameters()
+        }
         torch.save(
-            {"weights": weights, "reduce_scatters": per_step, "blocks": len(blocks) + 1},
+            {
+                "weights": weights,
+                "reduce_scatters": per_step,
+                "blocks": len(blocks) + 1,
+                "max_micro_batch_size": accumulator.max_micro_batch_size,
+                "gradient_sync": accumulator.gradient_sync,
+            },
             os.path.join(out_dir, f"rank{rank}.pt"),
         )
     finally:
         dist.destroy_process_group()
 
 
-def run(world: int, gradient_sync: str) -> list[dict]:
+def run(world: int, gradient_sync: str, **options) -> list[dict]:
+    options["gradient_sync"] = gradient_sync
     with tempfile.TemporaryDirectory() as out_dir:
-        mp.spawn(_train, args=(world, gradient_sync, out_dir), nprocs=world, join=True)
+        mp.spawn(_train, args=(world, options, out_dir), nprocs=world, join=True)
         return [
             torch.load(os.path.join(out_dir, f"rank{r}.pt"), weights_only=False)
             for r in range(world)
@@ -176,3 +206,67 @@ def test_reference_clips():
     per_item = (model(x) - y).pow(2).mean(dim=1)
     ((per_item * mask).sum() / mask.sum()).backward()
     assert torch.nn.utils.get_total_norm([p.grad for p in model.parameters()]) > MAX_GRAD_NORM
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_fsdp_out_of_memory_is_redone_alike_on_every_rank():
+    # Rank 1 runs out of memory in its first window: both ranks redo it in halves.
+    results = run(2, "every_micro_batch", out_of_memory_rank=1)
+    expected = reference_weights()
+    for result in results:
+        assert relative_error(result["weights"], expected) < 1e-10
+        assert result["max_micro_batch_size"] == 2
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_fsdp_mixed_precision(precision):
+    results = run(2, "step_end", precision=precision, dtype=torch.float32)
+    expected = reference_weights()
+    for result in results:
+        assert relative_error(result["weights"], expected) < 2e-2
+    assert relative_error(results[0]["weights"], results[1]["weights"]) == 0.0
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_ddp_every_micro_batch_matches_one_full_batch_process():
+    results = run(2, "every_micro_batch", ddp=True)
+    expected = reference_weights()
+    for result in results:
+        assert relative_error(result["weights"], expected) < 1e-10
+
+
+def test_auto_gradient_sync_chooses_from_the_memory_budget(caplog):
+    from bigbatch.core.sharding import choose_gradient_sync
+
+    parameters = list(make_model().parameters())
+    needed = sum(p.numel() * 8 for p in parameters)
+    cpu = torch.device("cpu")
+    with caplog.at_level("INFO", logger="bigbatch.core.sharding"):
+        fits = choose_gradient_sync(
+            "auto", sharded=True, parameters=parameters, device=cpu, memory_budget_bytes=needed
+        )
+        tight = choose_gradient_sync(
+            "auto", sharded=True, parameters=parameters, device=cpu, memory_budget_bytes=needed - 1
+        )
+    assert (fits, tight) == ("step_end", "every_micro_batch")
+    assert "does not fit" in caplog.text
+    assert (
+        choose_gradient_sync(
+            "auto", sharded=True, parameters=parameters, device=cpu, memory_budget_bytes=None
+        )
+        == "step_end"
+    )  # CPU: assumed to fit
+    assert (
+        choose_gradient_sync(
+            "auto", sharded=False, parameters=parameters, device=cpu, memory_budget_bytes=1
+        )
+        == "step_end"
+    )  # replicated: a full gradient is held anyway
+    with pytest.raises(ValueError, match="gradient_sync"):
+        choose_gradient_sync(
+            "never", sharded=True, parameters=parameters, device=cpu, memory_budget_bytes=None
+        )

@@ -140,14 +140,7 @@ class Accumulator:
             raise ValueError("model has no parameter with requires_grad=True: nothing to train")
         self.device = self._parameters[0].device
         if self._is_fsdp:
-            sharding.check_sharded_parameters(self._parameters)
-            sharding.use_sum_reduction(model)
-            if measure_noise_scale:
-                raise ValueError(
-                    "measure_noise_scale is not supported under FSDP: its per-micro-batch "
-                    "gradient norms need each rank's unreduced gradient, which FSDP does not "
-                    "expose (measure it with DDP or one process)"
-                )
+            sharding.prepare(model, self._parameters, measure_noise_scale=measure_noise_scale)
         self.gradient_sync = sharding.choose_gradient_sync(
             gradient_sync,
             sharded=self._is_fsdp,
