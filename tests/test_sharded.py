@@ -270,3 +270,14 @@ def test_auto_gradient_sync_chooses_from_the_memory_budget(caplog):
         choose_gradient_sync(
             "never", sharded=True, parameters=parameters, device=cpu, memory_budget_bytes=None
         )
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_ddp_bf16_parameters_accumulate_in_fp32_buffers():
+    # accumulation_dtype auto: fp32 buffers, summed over ranks by the engine (DDP under no_sync).
+    results = run(2, "step_end", ddp=True, dtype=torch.bfloat16)
+    expected = reference_weights()
+    for result in results:
+        assert relative_error(result["weights"], expected) < 2e-2
+    assert relative_error(results[0]["weights"], results[1]["weights"]) == 0.0
