@@ -60,6 +60,17 @@ def test_ddp_smoke_prints_a_table() -> None:
     assert table_rows(run_smoke("ddp.py"))
 
 
+@pytest.mark.slow
+def test_sharded_smoke_counts_collectives_per_sync_mode() -> None:
+    rows = {(row[0], row[1]): row for row in table_rows(run_smoke("sharded.py", timeout=300))}
+    # 2 ranks: 5 reduce-scatters per micro-step (one per Linear) x 4 micro-steps, or 5 per step.
+    assert rows[("2", "FSDP2 every_micro_batch")][4] == "20"
+    assert rows[("2", "FSDP2 step_end")][4] == "5"
+    assert float(rows[("2", "FSDP2 every_micro_batch")][2]) < float(
+        rows[("2", "FSDP2 step_end")][2]
+    )
+
+
 def test_run_all_passes_smoke_through() -> None:
     output = run_smoke("run_all.py", "gpu")
     assert "== gpu" in output and "failed" not in output
