@@ -72,6 +72,18 @@ def test_token_batches_smoke_prints_the_three_arms() -> None:
     assert padding[2] < padding[0]  # packing pads less than fixed-size sample micro-batches
 
 
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_sharded_smoke_counts_collectives_per_sync_mode() -> None:
+    rows = {(row[0], row[1]): row for row in table_rows(run_smoke("sharded.py", timeout=300))}
+    # 2 ranks: 5 reduce-scatters per micro-step (one per Linear) x 4 micro-steps, or 5 per step.
+    assert rows[("2", "FSDP2 every_micro_batch")][4] == "20"
+    assert rows[("2", "FSDP2 step_end")][4] == "5"
+    assert float(rows[("2", "FSDP2 every_micro_batch")][2]) < float(
+        rows[("2", "FSDP2 step_end")][2]
+    )
+
+
 def test_run_all_passes_smoke_through() -> None:
     output = run_smoke("run_all.py", "gpu")
     assert "== gpu" in output and "failed" not in output

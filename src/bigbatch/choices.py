@@ -49,8 +49,27 @@ TRACKERS: dict[str, str] = {
     "wandb": "a Weights & Biases offline run under wandb/ (pip install 'bigbatch[wandb]')",
 }
 
+GradientSync = Literal["auto", "every_micro_batch", "step_end"]
+GRADIENT_SYNCS: dict[str, str] = {
+    "auto": "step_end when the unsharded gradient fits the memory budget, else every_micro_batch",
+    "every_micro_batch": "reduce (FSDP: reduce-scatter) the gradient after every micro-batch's "
+    "backward: the least gradient memory, one gradient collective per micro-batch",
+    "step_end": "reduce the gradient once, in the window's last backward: one gradient collective "
+    "per step, but FSDP holds a full unsharded gradient per rank until then",
+}
+
+AccumulationDtype = Literal["auto", "fp32", "param"]
+ACCUMULATION_DTYPES: dict[str, str] = {
+    "auto": "fp32 when trained parameters are bf16 or fp16 (not under FSDP), else param",
+    "fp32": "add every micro-batch's gradient into a float32 buffer (4 bytes per parameter) and "
+    "round it to the parameter dtype once per step",
+    "param": "accumulate in .grad, in the parameters' own dtype",
+}
+
 for _literal, _table in (
     (Precision, PRECISIONS),
+    (GradientSync, GRADIENT_SYNCS),
+    (AccumulationDtype, ACCUMULATION_DTYPES),
     (BatchNormPolicy, BATCHNORM_POLICIES),
     (Optimize, OPTIMIZE_GOALS),
     (LrScalingRule, LR_SCALING_RULES),

@@ -116,8 +116,19 @@ class LossScaling:
         else:
             self.grad_scaler.step(optimizer)
 
-    def update(self) -> None:
-        if self.grad_scaler is not None:
+    def update(self, *, back_off: bool = False) -> None:
+        """Update the loss scale after a step.
+
+        Args:
+            back_off: the gradient was non-finite on some rank: back off here too, whatever this
+                rank's own overflow check found (sharded gradients: each rank checks its shard).
+        """
+        if self.grad_scaler is None:
+            return
+        if back_off and self.grad_scaler.is_enabled():
+            backed_off = self.grad_scaler.get_scale() * self.grad_scaler.get_backoff_factor()
+            self.grad_scaler.update(new_scale=backed_off)
+        else:
             self.grad_scaler.update()  # reads the overflow found by unscale_: backs off on inf
 
     def state_dict(self) -> dict[str, Any]:

@@ -144,6 +144,7 @@ def reduce_and_read(
     *,
     backward_scale: float | torch.Tensor,
     is_ddp: bool,
+    sharded_norm: bool = False,
 ) -> WindowRead:
     """Sum the totals and every statistic's sums over ranks in one small all-reduce, then read the
     totals, the host statistics' sums and the gradient norm to the host in one transfer.
@@ -151,18 +152,24 @@ def reduce_and_read(
     Args:
         totals: this rank's `local_totals`.
         statistics: the window's statistics, those with `host_sums` first.
-        grad_norm: a scalar on the device (already the same on every rank).
+        grad_norm: a scalar on the device (already the same on every rank, unless sharded_norm).
         backward_scale: what the loss sums were multiplied by before backward.
         is_ddp: sum over ranks (False: one process, no collective).
+        sharded_norm: grad_norm is the norm of this rank's shard of the gradient (FSDP): its
+            square joins the all-reduce, and the read norm is the root of the sum.
     """
     parts = [totals, *(s.local_statistics(backward_scale) for s in statistics)]
+    norm = grad_norm.reshape(1).to(totals.device, torch.float64)
+    if sharded_norm:
+        parts.append(norm.square())
     merged = torch.cat(parts) if len(parts) > 1 else totals
     if is_ddp:
         distributed.all_reduce_sum(merged)  # the one small collective of the step
     num_host = NUM_TOTALS + sum(
         part.numel() for part, s in zip(parts[1:], statistics) if s.host_sums
     )
-    norm = grad_norm.reshape(1).to(merged.device, torch.float64)
+    if sharded_norm:
+        norm = merged[-1:].sqrt()
     host = torch.cat([merged[:num_host], norm]).cpu()  # the step's one host read
     sums, offset = [], NUM_TOTALS
     for part, statistic in zip(parts[1:], statistics):

@@ -1,0 +1,157 @@
+"""FSDP2 (`torch.distributed.fsdp.fully_shard`) and the gradient sync mode, for the engine.
+
+Under FSDP2 the engine sums gradients over ranks (sum reduction set on every FSDP module: neither
+setter is recursive), so the step's one normalisation is 1 / global items with no world-size
+factor. The gradient sync mode chooses between a reduce-scatter in every backward
+(``every_micro_batch``: sharded gradients only) and one in the window's last backward
+(``step_end``: an unsharded gradient held per rank until then). ``auto`` chooses from the memory
+there is.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import torch
+
+from bigbatch.choices import GRADIENT_SYNCS, GradientSync, one_of
+
+logger = logging.getLogger(__name__)
+
+try:  # FSDP2 is in torch.distributed.fsdp from torch 2.6
+    from torch.distributed.fsdp import FSDPModule
+except ImportError:  # pragma: no cover - a torch without FSDP2
+    FSDPModule = None  # type: ignore[assignment,misc]
+
+try:
+    from torch.distributed.tensor import DTensor
+except ImportError:  # pragma: no cover
+    DTensor = None  # type: ignore[assignment,misc]
+
+
+def is_fsdp(model: torch.nn.Module) -> bool:
+    """True for a model whose root was sharded with FSDP2's `fully_shard`."""
+    return FSDPModule is not None and isinstance(model, FSDPModule)
+
+
+def fsdp_modules(model: torch.nn.Module) -> list[Any]:
+    """Every FSDP2 module in the model, root included."""
+    if FSDPModule is None:
+        return []
+    return [module for module in model.modules() if isinstance(module, FSDPModule)]
+
+
+def use_sum_reduction(model: torch.nn.Module) -> None:
+    """Make every FSDP module's gradient reduce-scatter a plain sum over ranks.
+
+    Both setters act on one module only. The divide factor alone would use PREMUL_SUM, which gloo
+    does not have; forcing sum reduction makes the collective a SUM on every backend.
+    """
+    for module in fsdp_modules(model):
+        module.set_gradient_divide_factor(1.0)
+        module.set_force_sum_reduction_for_comms(True)
+
+
+def check_sharded_parameters(parameters: list[torch.nn.Parameter]) -> None:
+    """Under FSDP every trained parameter must be sharded (fully_shard the root module too)."""
+    plain = sum(1 for p in parameters if DTensor is None or not isinstance(p, DTensor))
+    if plain:
+        raise ValueError(
+            f"{plain} trained parameter(s) are not sharded by FSDP: call fully_shard on the root "
+            "module as well as on its blocks, so that every parameter's gradient is reduced"
+        )
+
+
+def prepare(
+    model: torch.nn.Module, parameters: list[torch.nn.Parameter], *, measure_noise_scale: bool
+) -> None:
+    """Check a sharded model for the engine and set sum reduction on every FSDP module.
+
+    Raises:
+        ValueError: a trained parameter is not sharded, or the noise scale is asked for.
+    """
+    check_sharded_parameters(parameters)
+    if measure_noise_scale:
+        raise ValueError(
+            "measure_noise_scale is not supported under FSDP: its per-micro-batch gradient norms "
+            "need each rank's unreduced gradient, which FSDP does not expose (measure it with DDP "
+            "or one process)"
+        )
+    use_sum_reduction(model)
+
+
+def local(tensor: torch.Tensor) -> torch.Tensor:
+    """This rank's shard of a DTensor (sharing its storage), or the tensor itself."""
+    if DTensor is not None and isinstance(tensor, DTensor):
+        return tensor.to_local()
+    return tensor
+
+
+def unsharded_gradient_bytes(parameters: list[torch.nn.Parameter]) -> int:
+    """Bytes of a full (unsharded) gradient of these parameters: what step_end holds per rank."""
+    return sum(p.numel() * p.element_size() for p in parameters)
+
+
+def free_memory_bytes(device: torch.device) -> int | None:
+    """Free device memory on CUDA; None elsewhere (assumed to fit)."""
+    if device.type != "cuda":
+        return None
+    free, _total = torch.cuda.mem_get_info(device)
+    return int(free)
+
+
+def choose_gradient_sync(
+    gradient_sync: str,
+    *,
+    sharded: bool,
+    parameters: list[torch.nn.Parameter],
+    device: torch.device,
+    memory_budget_bytes: int | None,
+) -> str:
+    """``"every_micro_batch"`` or ``"step_end"``: the mode asked for, or what ``auto`` picks.
+
+    ``auto`` picks step_end unless the model is sharded and its unsharded gradient does not fit
+    the budget (default: the device's free memory on CUDA; on CPU it is assumed to fit), and logs
+    which and why, once.
+    """
+    if gradient_sync not in GRADIENT_SYNCS:
+        raise ValueError(f"gradient_sync must be {one_of(GRADIENT_SYNCS)}, got {gradient_sync!r}")
+    if gradient_sync != "auto":
+        return gradient_sync
+    if not sharded:
+        # A replicated model holds a full gradient anyway: one sync per step costs no memory.
+        return "step_end"
+    needed = unsharded_gradient_bytes(parameters)
+    budget = memory_budget_bytes if memory_budget_bytes is not None else free_memory_bytes(device)
+    chosen: GradientSync = "step_end" if budget is None or needed <= budget else "every_micro_batch"
+    logger.info(
+        "gradient_sync auto: %s (the unsharded gradient needs %.3g GB per rank; %s)",
+        chosen,
+        needed / 1e9,
+        "no memory budget on this device: assumed to fit"
+        if budget is None
+        else f"budget {budget / 1e9:.3g} GB: {'fits' if chosen == 'step_end' else 'does not fit'}",
+    )
+    return chosen
+
+
+def clear_unsharded_gradients(model: torch.nn.Module) -> None:
+    """Drop unsharded gradients FSDP may hold from an unfinished step_end window.
+
+    Best effort through FSDP2's internals (they are not public); a window that ran to its end
+    holds none.
+    """
+    for module in fsdp_modules(model):
+        try:
+            group = module._get_fsdp_state()._fsdp_param_group
+        except AttributeError:  # pragma: no cover - internals changed
+            continue
+        if group is None:
+            continue
+        for fsdp_param in group.fsdp_params:
+            if getattr(fsdp_param, "unsharded_accumulated_grad", None) is not None:
+                fsdp_param.unsharded_accumulated_grad = None
+            unsharded = getattr(fsdp_param, "_unsharded_param", None)
+            if unsharded is not None and unsharded.grad is not None:
+                unsharded.grad = None
