@@ -81,3 +81,40 @@ def test_two_processes_agree_and_one_ulp_on_one_rank_is_caught():
     errors = run_processes(compare_ranks, 2, True)
     assert all(error is not None and "after step 1" in error for error in errors)
     assert errors[0] == errors[1]  # every rank sees every checksum
+
+
+def accumulator_ranks(rank: int, world_size: int, nudge: bool) -> list[str]:
+    """Three DDP steps; rank 1 changes a weight alone after the first; what each step raised."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    import bigbatch
+
+    torch.manual_seed(0)
+    model = DistributedDataParallel(torch.nn.Linear(4, 3).double())
+    accumulator = bigbatch.Accumulator(
+        model, torch.optim.SGD(model.parameters(), lr=0.1), check_ranks_every=2
+    )
+    window = [torch.randn(3, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(1))]
+    outcomes = []
+    for step in range(3):
+        try:
+            accumulator.step(window, lambda m, x: m(x).pow(2).sum(dim=1).mean())
+            outcomes.append("ok")
+        except RankDivergenceError as error:
+            outcomes.append(str(error))
+        if step == 0 and nudge and rank == 1:
+            with torch.no_grad():
+                model.module.bias[0] += 1e-3  # a change the other rank never sees
+    return outcomes
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_the_accumulator_catches_a_desynchronised_rank_in_its_own_all_reduce():
+    assert run_processes(accumulator_ranks, 2, False) == [["ok"] * 3] * 2
+    first, second = run_processes(accumulator_ranks, 2, True)
+    # the nudge came after step 1; the check after step 1 runs in step 2's all-reduce, so both
+    # ranks stop there together, naming both checksums
+    assert first[0] == second[0] == "ok"
+    assert first[1] == second[1] and "after step 1" in first[1]
+    assert "rank 0: sum" in first[1] and "rank 1: sum" in first[1]

@@ -207,7 +207,6 @@ def test_the_mean_loss_check_is_quiet_for_a_loss_sum_and_count():
         MeanLossCheck()((torch.tensor(2.0), 3), hf_models.causal_batch(4))
 
 
-@pytest.mark.xfail(reason="the engine calls MeanLossCheck once it is wired in", strict=False)
 def test_the_engine_warns_once_for_a_hugging_face_mean_loss():
     model = hf_models.gpt2()
     accumulator = bigbatch.Accumulator(model, torch.optim.SGD(model.parameters(), lr=0.1))

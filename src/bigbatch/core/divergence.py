@@ -158,3 +158,43 @@ class DivergenceCheck:
         vector = self.local(steps_done)
         distributed.all_reduce_sum(vector)
         self.check(vector, steps_done)
+
+
+class DivergenceStatistic:
+    """The check as one of the engine's window statistics: the checksums ride the step's one
+    small all-reduce (`bigbatch.core.window.WindowStatistics`), so checking costs no collective.
+
+    The checksums are taken after the window's backward, before its optimizer step: the
+    parameters every rank started the step from.
+    """
+
+    host_sums = True
+
+    def __init__(self, check: DivergenceCheck) -> None:
+        self.check = check
+        self.steps_done = 0
+
+    def begin_window(self) -> None:
+        pass
+
+    def begin_micro_step(self) -> None:
+        pass
+
+    def end_micro_step(self, num_items: float | torch.Tensor) -> None:
+        pass
+
+    def local_statistics(self, backward_scale: float | torch.Tensor = 1.0) -> torch.Tensor:
+        return self.check.local(self.steps_done)
+
+    def end_window(
+        self, reduced: torch.Tensor | None = None, *, num_items: int = 0, grad_norm: float = 0.0
+    ) -> None:
+        if reduced is not None:
+            self.check.check(reduced, self.steps_done)
+        self.steps_done += 1
+
+    def abort_window(self) -> None:
+        pass
+
+    def remove(self) -> None:
+        pass

@@ -29,7 +29,8 @@ import torch
 from bigbatch.choices import ACCUMULATION_DTYPES, AccumulationDtype, GradientSync, Precision, one_of
 from bigbatch.core import batches, distributed, recovery, sharding, syncnorm
 from bigbatch.core import batchnorm as batchnorm_policies
-from bigbatch.core.loss import LossFn, read_loss_output
+from bigbatch.core.divergence import DivergenceCheck, DivergenceStatistic
+from bigbatch.core.loss import LossFn, MeanLossCheck, read_loss_output
 from bigbatch.core.noise import NoiseScale, NoiseScaleMeter
 from bigbatch.core.precision import LossScaling, autocast
 from bigbatch.core.window import WindowRead, WindowStatistics, local_totals, reduce_and_read
@@ -95,6 +96,10 @@ class Accumulator:
             (4 bytes per trained parameter while a step runs) and rounds it to the parameter dtype
             once per step; ``"param"`` accumulates in ``.grad``; ``"auto"``: fp32 for bf16 or fp16
             parameters (not under FSDP: use ``MixedPrecisionPolicy(reduce_dtype=torch.float32)``).
+        check_ranks_every: under DDP, compare a checksum of the parameters over the ranks after
+            the first step and every this many steps, inside the step's one small all-reduce,
+            and raise `bigbatch.core.divergence.RankDivergenceError` when ranks differ (a sync
+            was skipped somewhere); None: never.
 
     The noise scale, ``batchnorm="window"`` and ``batchnorm="freeze"`` put hooks on the model;
     `close` removes them.
@@ -123,6 +128,7 @@ class Accumulator:
         gradient_sync: GradientSync = "auto",
         memory_budget_bytes: int | None = None,
         accumulation_dtype: AccumulationDtype = "auto",
+        check_ranks_every: int | None = 100,
     ) -> None:
         _check_arguments(model, optimizer, max_grad_norm, batchnorm)
         self.model = model
@@ -180,6 +186,11 @@ class Accumulator:
         statistics: list[WindowStatistics] = [] if self._noise is None else [self._noise]
         if batchnorm == "window":
             statistics.append(batchnorm_policies.WindowBatchNormStatistics(model))
+        if check_ranks_every is not None and self._is_ddp and self._world_size > 1:
+            # Replicas only: FSDP's shards differ by design.
+            check = DivergenceCheck(self._parameters, every_n_steps=check_ranks_every)
+            statistics.append(DivergenceStatistic(check))
+        self._mean_loss_check = MeanLossCheck()
         # Those read on the host first, so that the step's one read is a prefix of the sums.
         self._statistics = sorted(statistics, key=lambda statistic: not statistic.host_sums)
         self._closed = False
@@ -350,6 +361,8 @@ class Accumulator:
         with self._sync(index == last), _batchnorm_eval(self.model, stand_in):
             with autocast(self.precision, self.device.type):
                 output = loss_fn(self.model, micro_batch)
+            if not stand_in:
+                self._mean_loss_check(output, micro_batch)
             loss_sum, count = read_loss_output(output, rows, self.device)
             if stand_in:
                 count = 0.0

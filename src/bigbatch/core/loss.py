@@ -152,5 +152,5 @@ class MeanLossCheck:
             "loss_fn=bigbatch.integrations.huggingface.causal_lm_loss (or masked_lm_loss) for a "
             "Hugging Face model",
             UserWarning,
-            stacklevel=4,  # the caller of Accumulator.step (step -> _accumulate -> here)
+            stacklevel=6,  # the caller of step (step, _run_window, _accumulate, _micro_step)
         )
