@@ -295,12 +295,14 @@ class Accumulator:
         failed_at = len(steps)
         for index, (micro_batch, stand_in) in enumerate(steps):
             rows = 0 if stand_in else batches.num_rows(micro_batch)
-            if (
-                rows == 0
-                and not stand_in
-                and not (self._forward_empty or (self._is_ddp and index == last))
-            ):
-                continue
+            if rows == 0 and not stand_in:
+                must_join = self._is_ddp and index == last  # the step's one gradient sync
+                if not (self._forward_empty or must_join):
+                    continue
+                if must_join and not self._forward_empty:
+                    # Models that cannot forward 0 rows (GPT-2) join with a real row weighed 0.
+                    micro_batch = self._stand_in(micro_batches)
+                    stand_in = batches.num_rows(micro_batch) > 0
             try:
                 loss_sum, count = self._micro_step(
                     loss_fn, micro_batch, rows, stand_in, index, last
