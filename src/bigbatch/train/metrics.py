@@ -9,10 +9,12 @@ every object here is built with ``enabled=False`` and does nothing. The end-of-r
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
 import os
+import threading
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
@@ -21,11 +23,14 @@ from tqdm.auto import tqdm
 
 from bigbatch.core.engine import StepResult
 from bigbatch.data.loader import Window
+from bigbatch.train.rundir import storage_errors
 from bigbatch.units import format_bytes, format_number
 
 logger = logging.getLogger(__name__)
 
 METRICS_FILE = "metrics.jsonl"
+CLOSE_TIMEOUT_S = 10.0
+"""How long closing the TensorBoard writer may take before the run ends without waiting."""
 # Progress-bar labels of the figures the trainer logs, in display order; other keys follow as is.
 _BAR_LABELS = {
     "loss": "loss",
@@ -72,13 +77,14 @@ class MetricsLogger:
         self._writer: Any = None
         if not enabled:
             return
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        if resume_step is not None:
-            _truncate_after(self.path, resume_step)
-        elif self.path.exists() and self.path.stat().st_size > 0:
-            logger.warning("starting a new %s: the previous one is replaced", self.path)
-            self.path.unlink()
-        self._file = open(self.path, "a", encoding="utf-8")  # noqa: SIM115 -- closed in close()
+        with storage_errors(f"write {self.path}"):
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            if resume_step is not None:
+                _truncate_after(self.path, resume_step)
+            elif self.path.exists() and self.path.stat().st_size > 0:
+                logger.warning("starting a new %s: the previous one is replaced", self.path)
+                self.path.unlink()
+            self._file = open(self.path, "a", encoding="utf-8")  # noqa: SIM115 -- closed in close()
         if tensorboard:
             self._writer = _summary_writer(
                 self.path.parent / "tensorboard",
@@ -95,12 +101,25 @@ class MetricsLogger:
         self._write(step, "eval", named, "")
 
     def close(self) -> None:
-        """Flush and close the files (safe to call twice)."""
+        """Flush and close the files (safe to call twice).
+
+        The TensorBoard writer flushes from a thread of its own; closing it gets at most
+        `CLOSE_TIMEOUT_S` seconds, so a stopping run ends promptly (its last events may be lost).
+        """
         if self._file is not None:
-            self._file.close()
+            with contextlib.suppress(OSError):  # a full disk: the failed write was reported
+                self._file.close()
             self._file = None
         if self._writer is not None:
-            self._writer.close()
+            closing = threading.Thread(target=self._writer.close, daemon=True)
+            closing.start()
+            closing.join(CLOSE_TIMEOUT_S)
+            if closing.is_alive():
+                logger.warning(
+                    "the TensorBoard writer did not close within %.0f s: its last events may be "
+                    "missing (metrics.jsonl has every step)",
+                    CLOSE_TIMEOUT_S,
+                )
             self._writer = None
 
     def __enter__(self) -> MetricsLogger:
@@ -116,8 +135,9 @@ class MetricsLogger:
         if "step" in values or "kind" in values:
             raise ValueError(f"values may not hold 'step' or 'kind' keys, got {sorted(values)}")
         record = {"step": int(step), "kind": kind, **{k: _jsonable(v) for k, v in values.items()}}
-        self._file.write(json.dumps(record, allow_nan=False) + "\n")
-        self._file.flush()
+        with storage_errors(f"write {self.path}"):
+            self._file.write(json.dumps(record, allow_nan=False) + "\n")
+            self._file.flush()
         if self._writer is not None:
             for key, value in values.items():
                 number = isinstance(value, int | float) and not isinstance(value, bool)

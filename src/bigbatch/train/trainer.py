@@ -8,6 +8,7 @@ weights, optimizer, engine state, data position, the adaptive batch and every RN
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import time
@@ -25,20 +26,23 @@ from bigbatch.core import batches, distributed
 from bigbatch.core import batchnorm as batchnorm_policies
 from bigbatch.core.engine import Accumulator, LossFn, StepResult
 from bigbatch.data.loader import Window, WindowLoader, first_samples
+from bigbatch.plan import Plan
 from bigbatch.recipes import EvalFn
 from bigbatch.tools.autobatch import choose_micro_batch_size
-from bigbatch.train import checkpoint, environment, evaluation, rundir
+from bigbatch.train import checkpoint, environment, evaluation, resume, rundir
 from bigbatch.train import metrics as run_metrics
 from bigbatch.train import report as run_report
 from bigbatch.train.config import Config
 from bigbatch.train.configfile import config_to_yaml, with_recipe_defaults
 from bigbatch.train.early_warning import EarlyWarning
+from bigbatch.train.preemption import RunStopped, StopSignals
 from bigbatch.train.schedules import BatchPlanner
 from bigbatch.train.state import RunSummary, SessionFigures, TrainState
+from bigbatch.units import UsageError
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["NonFiniteError", "RunSummary", "Trainer", "fit"]
+__all__ = ["NonFiniteError", "RunStopped", "RunSummary", "Trainer", "fit"]
 
 
 class NonFiniteError(RuntimeError):
@@ -84,13 +88,16 @@ class Trainer:
         name: str | None = None,
     ) -> None:
         if config.global_batch_size is None:
-            raise ValueError("global_batch_size: not set by the config nor the recipe; set it")
+            raise UsageError("global_batch_size: not set by the config nor the recipe; set it")
         if config.max_steps is None and config.epochs is None:
-            raise ValueError("max_steps: set max_steps or epochs (neither is set)")
+            raise UsageError("max_steps: set max_steps or epochs (neither is set)")
+        num_samples = len(train_dataset)  # type: ignore[arg-type]
+        _check_fits_dataset(config, num_samples)
+        environment.check_num_workers(config.num_workers)
         self.config = config
         self.loss_fn, self.eval_fn, self.collate_fn = loss_fn, eval_fn, collate_fn
         self.train_dataset, self.eval_dataset = train_dataset, eval_dataset
-        self.run_dir = Path(run_dir) if run_dir is not None else None
+        self.run_dir = rundir.check_run_dir(run_dir) if run_dir is not None else None
         self.progress, self.name = progress, name
         self.rank, self.world_size = distributed.get_rank(), distributed.get_world_size()
         self.device = environment.resolve_device(config.device)
@@ -115,11 +122,16 @@ class Trainer:
             measure_noise_scale=config.noise_scale,
             noise_smoothing_steps=config.noise_smoothing_steps,
         )
-        num_samples = len(train_dataset)  # type: ignore[arg-type]
         self.batches = BatchPlanner(config, self.world_size, num_samples, self._probe)
         self.plan_for, self.batch_size_at = self.batches.plan_for, self.batches.at
         self.first_global_batch_size = self.batches.first_global_batch_size
         self.early_warning = EarlyWarning()
+        if config.batch_size_schedule != "adaptive":  # its length is known once it starts
+            _check_warmup(config, self.batches.total_steps())
+        self._total_steps = 0
+        self._saved_step: int | None = None  # the step of the latest checkpoint written
+        self._restored: checkpoint.Checkpoint | None = None
+        self._session_start, self._wall_time_before = time.perf_counter(), 0.0
 
     # -- plans, batch sizes and learning rate --------------------------------------------------
 
@@ -159,8 +171,29 @@ class Trainer:
     # -- the loop ------------------------------------------------------------------------------
 
     def fit(self, *, resume: bool = False, overwrite: bool = False) -> RunSummary:
-        """Train to the last step; with resume, continue from the newest valid checkpoint."""
-        start_time = time.perf_counter()
+        """Train to the last step; with resume, continue from the newest valid checkpoint.
+
+        The run directory is locked for the run's life (one run per directory), and the config's
+        `stop_signals` stop the run at the end of a step, with a checkpoint of it.
+
+        Raises:
+            RunStopped: a stop signal arrived; the checkpoint of the last completed step is saved.
+            UsageError: bad input: the directory is in use or holds another run, a checkpoint of
+                a run with other settings, a disk that is full, ...
+        """
+        if resume and overwrite:
+            raise UsageError(
+                "--resume continues the run in --out and --overwrite deletes it: give one of them"
+            )
+        with contextlib.ExitStack() as stack:
+            if self.run_dir is not None:
+                stack.enter_context(rundir.RunLock(self.run_dir))
+            stop = stack.enter_context(StopSignals(self.config.stop_signals))
+            return self._fit(stop, resume=resume, overwrite=overwrite)
+
+    def _fit(self, stop: StopSignals, *, resume: bool, overwrite: bool) -> RunSummary:
+        """`fit` inside the lock and the signal handlers."""
+        self._session_start = time.perf_counter()
         first_plan = self.batches.start()  # probes memory once if auto
         if self.config.batchnorm != "freeze":  # the engine warns again per window otherwise
             batchnorm_policies.warn_small_micro_batches(self.module, first_plan.micro_batch_size)
@@ -179,16 +212,19 @@ class Trainer:
             drop_last=self.config.drop_last,
             num_workers=self.config.num_workers,
             pin_memory=self.device.type == "cuda",
+            worker_ignored_signals=stop.signals,
         )
         # Training draws (dropout, ...) from a stream of its own per rank, reproducible on resume.
         environment.seed_everything(self.config.seed + 1_000_003 * self.rank)
         state = TrainState()
         restored = self._restore(loader, state) if resume else None
-        total = self.batches.total_steps()
+        total = self._total_steps = self._checked_total(restored, loader.step)
+        if restored is not None and self.batches.finished(loader.step, loader.sampler, total):
+            return self._already_finished(loader, state, first_plan, writes)
         if writes:
             assert self.run_dir is not None
-            self.run_dir.mkdir(parents=True, exist_ok=True)
-            (self.run_dir / "config.yaml").write_text(config_to_yaml(self.config))
+            with rundir.storage_errors(f"write {self.run_dir / 'config.yaml'}"):
+                (self.run_dir / "config.yaml").write_text(config_to_yaml(self.config))
         logger.info("plan of the first step:\n%s", first_plan)
         logger_ = run_metrics.MetricsLogger(
             self.run_dir or Path("."), enabled=writes, resume_step=restored
@@ -196,7 +232,11 @@ class Trainer:
         bar = run_metrics.ProgressBar(total, initial=loader.step, enabled=self.progress and writes)
         figures = SessionFigures()
         try:
-            self._loop(loader, total, state, logger_, bar, figures)
+            stopped_by = self._loop(loader, total, state, logger_, bar, figures, stop)
+            if stopped_by:
+                raise RunStopped(
+                    stopped_by, loader.step, total, self._stop_checkpoint(loader, state)
+                )
             eval_metrics = self.evaluate()
             if eval_metrics:
                 logger_.log_eval(loader.step, eval_metrics)
@@ -205,6 +245,38 @@ class Trainer:
         finally:
             bar.close()
             logger_.close()
+        summary = self._summary(loader, state, first_plan, figures, eval_metrics, resumed=restored)
+        if writes:
+            self._finish_run_dir(summary)
+        return summary
+
+    def _checked_total(self, restored: int | None, step: int) -> int:
+        """The run's steps, checked against the warm-up and, on resume, the checkpoint."""
+        total = self.batches.total_steps()
+        _check_warmup(self.config, total)
+        if restored is not None and self._restored is not None:
+            resume.warn_if_schedule_moves(self._restored, self.config, total, step)
+        return total
+
+    def _stop_checkpoint(self, loader: WindowLoader, state: TrainState) -> Path | None:
+        """The checkpoint of the step the run stops at (written unless it already is)."""
+        if self.run_dir is None:
+            return None
+        if self._saved_step != loader.step:
+            self._save_checkpoint(loader, state)
+        return self.run_dir / "checkpoints" / checkpoint.checkpoint_name(loader.step)
+
+    def _summary(
+        self,
+        loader: WindowLoader,
+        state: TrainState,
+        first_plan: Plan,
+        figures: SessionFigures,
+        eval_metrics: dict[str, float],
+        *,
+        resumed: int | None,
+    ) -> RunSummary:
+        """What the run achieved; a resumed run's figures cover the whole run, every session."""
         time_s = max(figures.time_s, 1e-12)
         summary = RunSummary(
             steps=loader.step,
@@ -217,12 +289,26 @@ class Trainer:
             plan=first_plan.to_dict(),
             run_dir=self.run_dir,
             global_batch_size=self.first_global_batch_size,
-            wall_time_s=time.perf_counter() - start_time,
+            wall_time_s=state.wall_time_s + time.perf_counter() - self._session_start,
             recipe=self.name,
             extra=self._noise_scale_summary(loader.step, state.items_per_sample),
         )
-        if writes:
-            self._finish_run_dir(summary)
+        metrics_file = (self.run_dir or Path(".")) / run_metrics.METRICS_FILE
+        if resumed is None or self.run_dir is None or not metrics_file.exists():
+            return summary
+        return run_report.whole_run(summary, run_metrics.read_metrics(metrics_file))
+
+    def _already_finished(
+        self, loader: WindowLoader, state: TrainState, first_plan: Plan, writes: bool
+    ) -> RunSummary:
+        """Resuming a finished run: nothing to train or evaluate again; the report stays."""
+        assert self.run_dir is not None
+        logger.info("the run in %s is finished (step %d): nothing to do", self.run_dir, loader.step)
+        summary = self._summary(
+            loader, state, first_plan, SessionFigures(), {}, resumed=loader.step
+        )
+        if writes and not (self.run_dir / rundir.FINAL_WEIGHTS).exists():
+            self._finish_run_dir(summary)  # it stopped between its last checkpoint and the end
         return summary
 
     def _loop(
@@ -233,8 +319,13 @@ class Trainer:
         logger_: run_metrics.MetricsLogger,
         bar: run_metrics.ProgressBar,
         figures: SessionFigures,
-    ) -> None:
-        """Steps from the loader's position to the end, with logs, evaluations and checkpoints."""
+        stop: StopSignals,
+    ) -> int:
+        """Steps from the loader's position to the end, with logs, evaluations and checkpoints.
+
+        Returns 0 at the end of the run, or the number of the signal that stopped it (every rank
+        agrees on it at the end of a step).
+        """
         self.model.train()
         windows: Iterator[Window] = iter(loader)
         tick = time.perf_counter()
@@ -280,12 +371,15 @@ class Trainer:
                 due = every_save and loader.step % every_save == 0 and not finished
                 if due and self.run_dir is not None:
                     self._save_checkpoint(loader, state)
+                if not finished and stop.active and (stopped_by := stop.agreed()):
+                    return stopped_by
                 if changed:  # prefetched micro-batches were cut for the old size: start afresh
                     windows.close()  # type: ignore[attr-defined]
                     windows = iter(loader)
                 tick = time.perf_counter()
         finally:
             windows.close()  # type: ignore[attr-defined]
+        return 0
 
     def _adapt(self, steps_done: int, result: StepResult, items_per_sample: float) -> bool:
         """Adaptive schedule: let the controller decide; True when the global batch changed.
@@ -336,9 +430,11 @@ class Trainer:
 
     def _save_checkpoint(self, loader: WindowLoader, state: TrainState) -> None:
         rng = checkpoint.gather_rng_states(self.world_size)
+        self._saved_step = loader.step
         if not distributed.is_main_process():
             return
         assert self.run_dir is not None
+        state.wall_time_s = self._wall_time_before + time.perf_counter() - self._session_start
         training_state = {
             "optimizer": self.optimizer.state_dict(),
             "accumulator": self.accumulator.state_dict(),
@@ -349,6 +445,7 @@ class Trainer:
             "config": self.config.model_dump(mode="json"),
             "counters": state.state_dict(),
             "world_size": self.world_size,
+            "total_steps": self._total_steps,
             "early_warning": self.early_warning.state_dict(),
             "adaptive": self.batches.adaptive.state_dict()
             if self.batches.adaptive is not None
@@ -359,16 +456,32 @@ class Trainer:
         )
 
     def _restore(self, loader: WindowLoader, state: TrainState) -> int | None:
-        """Load the newest valid checkpoint into everything; returns its step (None: none)."""
-        found = checkpoint.load_run_checkpoint(self.run_dir)
+        """Load the newest valid checkpoint into everything; returns its step (None: none).
+
+        A checkpoint of a run with other settings, or whose weights do not fit the model, is
+        refused (UsageError); one whose contents are unusable counts as damaged, like a
+        truncated one: the previous one is used, and the damaged ones are set aside.
+        """
+
+        def check(found: checkpoint.Checkpoint) -> None:
+            resume.check_contents(found, len(self.train_dataset))  # type: ignore[arg-type]
+            resume.check_same_run(found, self.config)
+            resume.check_fits(found, self.module)
+
+        found = self._restored = checkpoint.load_run_checkpoint(self.run_dir, check)
+        if distributed.is_initialized():
+            dist.barrier()  # every rank has read the checkpoints before any is set aside
         if found is None:
             return None
+        if found.skipped and distributed.is_main_process():
+            checkpoint.set_aside(found.skipped)
         saved = found.training_state
         self.module.load_state_dict(found.model_state)
         self.optimizer.load_state_dict(saved["optimizer"])
         self.accumulator.load_state_dict(saved["accumulator"])
         loader.load_state_dict(saved["data"])
         state.load_state_dict(saved["counters"])
+        self._wall_time_before, self._saved_step = state.wall_time_s, found.step
         if self.config.micro_batch_size == "auto":
             self.batches.micro_batch_size = int(saved["micro_batch_size"])  # no second memory probe
         if saved.get("early_warning"):
@@ -395,9 +508,10 @@ class Trainer:
     def _finish_run_dir(self, summary: RunSummary) -> None:
         assert self.run_dir is not None
         rundir.save_final_weights(self.run_dir, self.module)
-        records = run_metrics.read_metrics(self.run_dir / "metrics.jsonl")
-        plot = run_report.plot_run(records, self.run_dir / rundir.PLOT_FILE)
-        run_report.write_report(self.run_dir, summary.to_dict(), records, plot)
+        records = run_metrics.read_metrics(self.run_dir / run_metrics.METRICS_FILE)
+        with rundir.storage_errors(f"write the report in {self.run_dir}"):
+            plot = run_report.plot_run(records, self.run_dir / rundir.PLOT_FILE)
+            run_report.write_report(self.run_dir, summary.to_dict(), records, plot)
 
 
 def fit(
@@ -441,6 +555,33 @@ def fit(
         name=recipe.name,
     )
     return trainer.fit(resume=resume, overwrite=overwrite)
+
+
+def _check_fits_dataset(config: Config, num_samples: int) -> None:
+    """Every global batch the config asks for fits the training set, or the run is refused.
+
+    A larger one would make every step a short global batch of the whole set (and a huge one a
+    window of countless empty micro-batches).
+    """
+    assert config.global_batch_size is not None
+    sizes = {"global_batch_size": config.global_batch_size}
+    if isinstance(config.batch_size_schedule, list):
+        sizes.update({"batch_size_schedule": max(size for _, size in config.batch_size_schedule)})
+    for field, size in sizes.items():
+        if size > num_samples:
+            raise UsageError(
+                f"{field}: a global batch of {size} is larger than the training set "
+                f"({num_samples} samples): use at most {num_samples}"
+            )
+
+
+def _check_warmup(config: Config, total_steps: int) -> None:
+    """A warm-up longer than the run never reaches the learning rate asked for."""
+    if config.warmup_steps > total_steps:
+        raise UsageError(
+            f"warmup_steps {config.warmup_steps} is longer than the run ({total_steps} steps): "
+            f"the learning rate would never reach lr; use warmup_steps <= {total_steps}"
+        )
 
 
 _POLICY_MARK = "_bigbatch_batchnorm_policy"
