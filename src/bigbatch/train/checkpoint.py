@@ -484,23 +484,6 @@ def load_run_checkpoint(
     return found
 
 
-def set_aside(paths: tuple[Path, ...]) -> None:
-    """Rename damaged checkpoints to ``step-N.damaged`` (call on rank 0 only).
-
-    They stay for inspection, and no longer count as checkpoints: retention keeps the newest
-    ``keep`` valid ones, and a resumed run writes that step afresh.
-    """
-    for path in paths:
-        target = path.with_name(f"{path.name}.damaged")
-        try:
-            if target.exists():
-                shutil.rmtree(target)
-            os.replace(path, target)
-            logger.warning("damaged checkpoint %s set aside as %s", path, target.name)
-        except OSError as error:
-            logger.warning("could not set aside damaged checkpoint %s: %s", path, error)
-
-
 def restore_rng_states(rng: list[Any], rank: int, world_size: int, saved_world_size: Any) -> None:
     """This rank's RNG states from a checkpoint (rank 0's when the world size changed)."""
     restore_rng_state(rng[rank] if len(rng) == world_size else rng[0])

@@ -12,12 +12,18 @@ the dataset) counts as damaged, so the previous one is used (docs/design.md, inv
 from __future__ import annotations
 
 import logging
+import os
+import shutil
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed as dist
 
+from bigbatch.core import distributed
 from bigbatch.data.sampler import GlobalBatchSampler
+from bigbatch.train import checkpoint
 from bigbatch.train.checkpoint import Checkpoint
 from bigbatch.train.config import Config
 from bigbatch.train.schedules import lr_factor
@@ -51,6 +57,46 @@ REQUIRED_STATE = ("optimizer", "accumulator", "data", "rng", "counters", "config
 
 
 _UNSET = "(unset)"
+
+
+def load(
+    run_dir: Path | None, config: Config, module: torch.nn.Module, num_samples: int
+) -> Checkpoint | None:
+    """The newest checkpoint of the run directory that this run may continue from, or None.
+
+    Call on every rank. A checkpoint of a run with other settings, or whose weights do not fit
+    the model, is refused (UsageError); one whose contents are unusable counts as damaged, like
+    a truncated one: the previous one is used, and the damaged ones are set aside.
+    """
+
+    def check(found: Checkpoint) -> None:
+        check_contents(found, num_samples)  # KeyError / ValueError: damaged, the previous one
+        check_same_run(found, config)
+        check_fits(found, module)
+
+    found = checkpoint.load_run_checkpoint(run_dir, check)
+    if distributed.is_initialized():
+        dist.barrier()  # every rank has read the checkpoints before any is set aside
+    if found is not None and found.skipped and distributed.is_main_process():
+        set_aside(found.skipped)
+    return found
+
+
+def set_aside(paths: tuple[Path, ...]) -> None:
+    """Rename damaged checkpoints to ``step-N.damaged`` (call on rank 0 only).
+
+    They stay for inspection, and no longer count as checkpoints: retention keeps the newest
+    ``keep`` valid ones, and the resumed run writes those steps afresh.
+    """
+    for path in paths:
+        target = path.with_name(f"{path.name}.damaged")
+        try:
+            if target.exists():
+                shutil.rmtree(target)
+            os.replace(path, target)
+            logger.warning("damaged checkpoint %s set aside as %s", path, target.name)
+        except OSError as error:
+            logger.warning("could not set aside damaged checkpoint %s: %s", path, error)
 
 
 def _flatten(config: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:

@@ -329,6 +329,15 @@ class BatchPlanner:
         self._micro_batch_size: int | None = None
         if given != "adaptive" and (config.min_global_batch_size or config.max_global_batch_size):
             logger.warning("min/max_global_batch_size only apply to batch_size_schedule adaptive")
+        largest = max(size for _, size in self.schedule.stages)
+        if largest > num_samples:
+            # Every step would be a short global batch of the whole set (and a huge one a window
+            # of countless empty micro-batches).
+            field = "global_batch_size" if len(self.schedule.stages) == 1 else "batch_size_schedule"
+            raise UsageError(
+                f"{field}: a global batch of {largest} is larger than the training set "
+                f"({num_samples} samples): use at most {num_samples}"
+            )
 
     def at(self, step: int) -> int:
         """The global batch of a 0-based step (the adaptive one's recorded or current)."""
@@ -388,14 +397,24 @@ class BatchPlanner:
         return first
 
     def total_steps(self) -> int:
-        """Optimizer steps of the run (max_steps, or what `epochs` take; adaptive: an estimate)."""
-        if self.config.max_steps is not None:
-            return self.config.max_steps
-        assert self.config.epochs is not None
-        stages = self.adaptive.stages if self.adaptive is not None else self.schedule.stages
-        return count_steps_in_stages(
-            self.num_samples, self.config.epochs, stages, drop_last=self.config.drop_last
-        )
+        """Optimizer steps of the run (max_steps, or what `epochs` take; adaptive: an estimate).
+
+        Raises:
+            UsageError: the warm-up is longer than the run (the lr would never reach lr).
+        """
+        config, total = self.config, self.config.max_steps
+        if total is None:
+            assert config.epochs is not None
+            stages = self.adaptive.stages if self.adaptive is not None else self.schedule.stages
+            total = count_steps_in_stages(
+                self.num_samples, config.epochs, stages, drop_last=config.drop_last
+            )
+        if config.warmup_steps > total:
+            raise UsageError(
+                f"warmup_steps {config.warmup_steps} is longer than the run ({total} steps): "
+                f"the learning rate would never reach lr; use warmup_steps <= {total}"
+            )
+        return total
 
     def finished(self, step: int, sampler: GlobalBatchSampler, total_steps: int) -> bool:
         """All steps done; adaptive: all epochs done (the number of steps is not known ahead)."""

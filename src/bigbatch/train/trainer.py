@@ -92,7 +92,6 @@ class Trainer:
         if config.max_steps is None and config.epochs is None:
             raise UsageError("max_steps: set max_steps or epochs (neither is set)")
         num_samples = len(train_dataset)  # type: ignore[arg-type]
-        _check_fits_dataset(config, num_samples)
         environment.check_num_workers(config.num_workers)
         self.config = config
         self.loss_fn, self.eval_fn, self.collate_fn = loss_fn, eval_fn, collate_fn
@@ -126,8 +125,8 @@ class Trainer:
         self.plan_for, self.batch_size_at = self.batches.plan_for, self.batches.at
         self.first_global_batch_size = self.batches.first_global_batch_size
         self.early_warning = EarlyWarning()
-        if config.batch_size_schedule != "adaptive":  # its length is known once it starts
-            _check_warmup(config, self.batches.total_steps())
+        if config.warmup_steps and config.batch_size_schedule != "adaptive":
+            self.batches.total_steps()  # refuses a warm-up beyond the run now, not after a probe
         self._total_steps = 0
         self._saved_step: int | None = None  # the step of the latest checkpoint written
         self._restored: checkpoint.Checkpoint | None = None
@@ -253,7 +252,6 @@ class Trainer:
     def _checked_total(self, restored: int | None, step: int) -> int:
         """The run's steps, checked against the warm-up and, on resume, the checkpoint."""
         total = self.batches.total_steps()
-        _check_warmup(self.config, total)
         if restored is not None and self._restored is not None:
             resume.warn_if_schedule_moves(self._restored, self.config, total, step)
         return total
@@ -456,25 +454,11 @@ class Trainer:
         )
 
     def _restore(self, loader: WindowLoader, state: TrainState) -> int | None:
-        """Load the newest valid checkpoint into everything; returns its step (None: none).
-
-        A checkpoint of a run with other settings, or whose weights do not fit the model, is
-        refused (UsageError); one whose contents are unusable counts as damaged, like a
-        truncated one: the previous one is used, and the damaged ones are set aside.
-        """
-
-        def check(found: checkpoint.Checkpoint) -> None:
-            resume.check_contents(found, len(self.train_dataset))  # type: ignore[arg-type]
-            resume.check_same_run(found, self.config)
-            resume.check_fits(found, self.module)
-
-        found = self._restored = checkpoint.load_run_checkpoint(self.run_dir, check)
-        if distributed.is_initialized():
-            dist.barrier()  # every rank has read the checkpoints before any is set aside
+        """Load the newest valid checkpoint into everything; returns its step (None: none)."""
+        num_samples = len(self.train_dataset)  # type: ignore[arg-type]
+        found = self._restored = resume.load(self.run_dir, self.config, self.module, num_samples)
         if found is None:
             return None
-        if found.skipped and distributed.is_main_process():
-            checkpoint.set_aside(found.skipped)
         saved = found.training_state
         self.module.load_state_dict(found.model_state)
         self.optimizer.load_state_dict(saved["optimizer"])
@@ -555,33 +539,6 @@ def fit(
         name=recipe.name,
     )
     return trainer.fit(resume=resume, overwrite=overwrite)
-
-
-def _check_fits_dataset(config: Config, num_samples: int) -> None:
-    """Every global batch the config asks for fits the training set, or the run is refused.
-
-    A larger one would make every step a short global batch of the whole set (and a huge one a
-    window of countless empty micro-batches).
-    """
-    assert config.global_batch_size is not None
-    sizes = {"global_batch_size": config.global_batch_size}
-    if isinstance(config.batch_size_schedule, list):
-        sizes.update({"batch_size_schedule": max(size for _, size in config.batch_size_schedule)})
-    for field, size in sizes.items():
-        if size > num_samples:
-            raise UsageError(
-                f"{field}: a global batch of {size} is larger than the training set "
-                f"({num_samples} samples): use at most {num_samples}"
-            )
-
-
-def _check_warmup(config: Config, total_steps: int) -> None:
-    """A warm-up longer than the run never reaches the learning rate asked for."""
-    if config.warmup_steps > total_steps:
-        raise UsageError(
-            f"warmup_steps {config.warmup_steps} is longer than the run ({total_steps} steps): "
-            f"the learning rate would never reach lr; use warmup_steps <= {total_steps}"
-        )
 
 
 _POLICY_MARK = "_bigbatch_batchnorm_policy"
