@@ -111,7 +111,7 @@ class MetricsLogger:
                 self._file.close()
             self._file = None
         if self._writer is not None:
-            closing = threading.Thread(target=self._writer.close, daemon=True)
+            closing = threading.Thread(target=_close_quietly, args=(self._writer,), daemon=True)
             closing.start()
             closing.join(CLOSE_TIMEOUT_S)
             if closing.is_alive():
@@ -139,10 +139,16 @@ class MetricsLogger:
             self._file.write(json.dumps(record, allow_nan=False) + "\n")
             self._file.flush()
         if self._writer is not None:
-            for key, value in values.items():
-                number = isinstance(value, int | float) and not isinstance(value, bool)
-                if number and math.isfinite(value):
-                    self._writer.add_scalar(f"{tb_prefix}{key}", value, int(step))
+            try:
+                for key, value in values.items():
+                    number = isinstance(value, int | float) and not isinstance(value, bool)
+                    if number and math.isfinite(value):
+                        self._writer.add_scalar(f"{tb_prefix}{key}", value, int(step))
+            except (
+                OSError
+            ) as error:  # its thread failed to write (a full disk): metrics.jsonl goes on
+                logger.warning("TensorBoard logging stops: %s", error)
+                self._writer = None
 
 
 class ProgressBar:
@@ -254,6 +260,14 @@ def _truncate_after(path: Path, step: int) -> None:
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(tmp, path)
+
+
+def _close_quietly(writer: Any) -> None:
+    """Close a TensorBoard writer; its failure (a full disk) is a warning: metrics.jsonl has all."""
+    try:
+        writer.close()
+    except Exception as error:  # the writer re-raises whatever its own thread met
+        logger.warning("TensorBoard's last events are lost: %s: %s", type(error).__name__, error)
 
 
 def _summary_writer(log_dir: Path, purge_step: int | None) -> Any:

@@ -287,7 +287,7 @@ class Trainer:
             plan=first_plan.to_dict(),
             run_dir=self.run_dir,
             global_batch_size=self.first_global_batch_size,
-            wall_time_s=state.wall_time_s + time.perf_counter() - self._session_start,
+            wall_time_s=self._wall_time_before + time.perf_counter() - self._session_start,
             recipe=self.name,
             extra=self._noise_scale_summary(loader.step, state.items_per_sample),
         )
@@ -551,11 +551,14 @@ def _apply_batchnorm_policy_once(
     the Trainer (for a model given directly) before DDP wrapping; a second call does nothing."""
     if getattr(distributed.unwrap(model), _POLICY_MARK, None) == policy:
         return model
-    model = batchnorm_policies.apply_policy(
-        model,
-        policy,  # type: ignore[arg-type]
-        world_size=world_size,
-        device_type=device_type,
-    )
+    try:
+        model = batchnorm_policies.apply_policy(
+            model,
+            policy,  # type: ignore[arg-type]
+            world_size=world_size,
+            device_type=device_type,
+        )
+    except ValueError as error:  # the policy does not fit this model: the config's to change
+        raise UsageError(f"batchnorm: {error}") from error
     object.__setattr__(distributed.unwrap(model), _POLICY_MARK, policy)
     return model
