@@ -63,6 +63,8 @@ def files(tmp_path: Path) -> dict[str, str]:
     a_file.write_text("not a directory\n")
     aliased = tmp_path / "aliased.yaml"
     aliased.write_text("train_micro_batch_size_per_gpu: 8\nmicro_batch_size: 8\n")
+    digits = tmp_path / "digits.yaml"
+    digits.write_text(f"global_batch_size: {HUGE}\n")
     sparse = tmp_path / "huge.yaml"
     with open(sparse, "wb") as handle:
         handle.truncate(20 * 2**20)  # 20 MiB of nothing, without using the disk
@@ -72,6 +74,7 @@ def files(tmp_path: Path) -> dict[str, str]:
         "file": str(a_file),
         "aliased": str(aliased),
         "sparse": str(sparse),
+        "digits": str(digits),
     }
 
 
@@ -128,6 +131,7 @@ CASES = [
     ("config a directory", ["train", "{dir}"], ["is a directory"]),
     ("config binary", ["train", "{binary}"], ["not a text file"]),
     ("config 20 MiB", ["train", "{sparse}"], ["20,971,520 bytes"]),
+    ("config number of 5000 digits", ["train", "{digits}"], ["number too long"]),
     ("config a device", ["train", os.devnull], ["not a regular file"]),
     ("config name 100 kB", ["train", "x" * 100_000], ["config"]),
     (
