@@ -16,7 +16,8 @@ from hypothesis import strategies as st
 
 import bigbatch
 from bigbatch.data.loader import WindowLoader
-from bigbatch.data.sampler import GlobalBatchSampler, count_steps
+from bigbatch.data.sampler import GlobalBatchSampler, count_steps, count_steps_in_stages
+from bigbatch.train.schedules import stage_at
 
 
 def reference_steps(num_samples, seed, sizes, drop_last=False):
@@ -149,3 +150,23 @@ def test_dataloader_workers_and_exact_resume():
             assert torch.equal(a, b)
     padded = [m for w in full for m in w.micro_batches if m.shape[0] > 1]
     assert any((m == -1).any() for m in padded)  # padding happened per micro-batch
+
+
+@given(
+    st.integers(1, 60),
+    st.integers(1, 6),
+    st.lists(st.tuples(st.integers(1, 40), st.integers(1, 70)), min_size=1, max_size=4),
+    st.booleans(),
+)
+def test_counting_steps_in_stages_matches_the_step_by_step_count(num_samples, epochs, raw, drop):
+    # Stages at increasing steps; sizes within the dataset when drop_last needs it.
+    stages, start = [], 0
+    for gap, size in raw:
+        stages.append((start, min(size, num_samples) if drop else size))
+        start += gap
+    expected = count_steps(num_samples, epochs, lambda step: stage_at(stages, step), drop_last=drop)
+    assert count_steps_in_stages(num_samples, epochs, stages, drop_last=drop) == expected
+
+
+def test_counting_many_epochs_is_arithmetic():
+    assert count_steps_in_stages(1437, 10**15, [(0, 64)]) == 10**15 * 23

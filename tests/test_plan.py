@@ -11,6 +11,7 @@ from hypothesis import strategies as st
 
 import bigbatch
 from bigbatch.train.schedules import BatchSizeSchedule, scale_learning_rate
+from bigbatch.units import UsageError
 
 
 @st.composite
@@ -136,3 +137,65 @@ def test_batch_size_schedule_steps_and_errors():
     ]:
         with pytest.raises(ValueError, match=match):
             BatchSizeSchedule.from_value(bad)
+
+
+def reference_sizes(global_batch_size, world_size, steps):
+    """The spread written out slot by slot: extra items go to the first slots, step-major."""
+    slots = world_size * steps
+    base, extra = global_batch_size // slots, global_batch_size % slots
+    return tuple(
+        tuple(base + (1 if step * world_size + rank < extra else 0) for step in range(steps))
+        for rank in range(world_size)
+    )
+
+
+@given(st.integers(1, 3000), st.integers(1, 40), st.integers(1, 40))
+def test_derived_sizes_match_the_slot_by_slot_spread(global_batch_size, world_size, steps):
+    p = bigbatch.Plan(global_batch_size, world_size, steps)
+    expected = reference_sizes(global_batch_size, world_size, steps)
+    assert p.sizes == expected
+    assert p.rank_offsets() == [sum(map(sum, expected[:rank])) for rank in range(world_size)]
+    assert p.micro_batch_size == max(map(max, expected))
+    assert p.is_even == (len({size for sizes in expected for size in sizes}) == 1)
+    assert p.for_items(global_batch_size // 2 + 1).sizes == reference_sizes(
+        global_batch_size // 2 + 1, world_size, steps
+    )
+
+
+def test_a_huge_plan_is_answered_at_once_in_constant_memory():
+    import time
+    import tracemalloc
+
+    tracemalloc.start()
+    start = time.perf_counter()
+    p = bigbatch.plan(10**18, world_size=1024, micro_batch_size=1)
+    text, described = str(p), p.to_dict()
+    _, peak = tracemalloc.get_traced_memory()
+    tracemalloc.stop()
+    assert time.perf_counter() - start < 1.0 and peak < 5 * 2**20
+    assert p.gradient_accumulation_steps == -(-(10**18) // 1024)
+    assert "1 x 976562500000000" in text  # runs of sizes, not one entry per micro-batch
+    assert "micro_batch_sizes" not in described
+    assert described["micro_batch_size_runs"][0] == [[1, 976562500000000]]
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"global_batch_size": 10**20}, "global_batch_size 100000000000000000000 is impossible"),
+        ({"global_batch_size": 10**5000}, "an integer of 5001 digits"),
+        ({"global_batch_size": 2**40, "world_size": 2**21}, "world_size 2097152 is impossible"),
+        (
+            {
+                "global_batch_size": None,
+                "micro_batch_size": 2**40,
+                "gradient_accumulation_steps": 2**40,
+            },
+            "2\\*\\*63 - 1",
+        ),
+    ],
+)
+def test_impossible_sizes_are_refused_in_one_short_line(kwargs, match):
+    with pytest.raises(UsageError, match=match) as error:
+        bigbatch.plan(**kwargs)
+    assert len(str(error.value)) < 200 and "\n" not in str(error.value)

@@ -1,7 +1,9 @@
 """The `bigbatch` command line: train, plan, verify, bench -- a thin shell over the library.
 
 Settings come from the config schema (YAML + `--set key=value`); the flags here only pick files and
-modes. Errors from bad input become one line on stderr and exit code 2, never a traceback.
+modes. Exit codes: 0 done; 1 a failed `verify`, a run stopped by non-finite losses, or an error in
+the user's own code (its traceback shown); 2 bad input (a `UsageError`: one line on stderr, its
+traceback only with `--debug`); 128 + N a run stopped by signal N after saving a checkpoint.
 """
 
 from __future__ import annotations
@@ -9,21 +11,55 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import os
+import shlex
 import sys
+import traceback
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 from bigbatch.choices import DEFAULT_OPTIMIZE, OPTIMIZE_GOALS, describe
-from bigbatch.plan import plan
+from bigbatch.plan import MAX_WORLD_SIZE, check_count, plan
+from bigbatch.units import MAX_COUNT, UsageError, _short, one_line, parse_memory_size
 
 logger = logging.getLogger(__name__)
+
+EXIT_USAGE = 2
+EXIT_INTERRUPTED = 130  # 128 + SIGINT: a Ctrl-C before the first step, with nothing to save
 
 
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> None:  # type: ignore[override]
-        self.exit(2, f"{self.prog}: error: {message}\n")
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {one_line(message)}\n")
+
+
+def _count(text: str, maximum: int = MAX_COUNT) -> int:
+    """An argparse type: a positive integer, refused in a short line (never echoed back whole)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a positive integer: {_short(text)}") from None
+    try:
+        check_count("the value", value, maximum=maximum)
+    except UsageError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+    return value
+
+
+def _world_size(text: str) -> int:
+    return _count(text, MAX_WORLD_SIZE)
+
+
+def _tolerance(text: str) -> float:
+    """An argparse type: a finite number >= 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {_short(text)}") from None
+    if not 0 <= value < math.inf:
+        raise argparse.ArgumentTypeError(f"must be a finite number >= 0, got {_short(text)}")
+    return value
 
 
 def _rank() -> int:
@@ -61,17 +97,23 @@ def _format_summary(summary: Any) -> str:
 def _train_command(args: argparse.Namespace) -> int:
     from bigbatch.core import distributed
     from bigbatch.train.configfile import load_config
-    from bigbatch.train.trainer import NonFiniteError, fit
+    from bigbatch.train.rundir import check_run_dir
+    from bigbatch.train.trainer import NonFiniteError, RunStopped, fit
 
     if args.print_config:
         return _print_config(_resolved_config(args)[0])
     if args.resume and args.out is None:
-        raise ValueError("--resume needs --out DIR: the run directory to continue")
+        raise UsageError("--resume needs --out DIR: the run directory to continue")
+    if args.resume and args.overwrite:
+        raise UsageError(
+            "--resume continues the run in --out and --overwrite deletes it: give one of them"
+        )
+    out_dir = None if args.out is None else check_run_dir(args.out)
     config = load_config(args.config, args.set)
     try:
         summary = fit(
             config,
-            out_dir=None if args.out is None else Path(args.out),
+            out_dir=out_dir,
             resume=args.resume,
             overwrite=args.overwrite,
             progress=not args.no_progress,
@@ -81,6 +123,10 @@ def _train_command(args: argparse.Namespace) -> int:
     except NonFiniteError as error:
         print(f"bigbatch train: stopped: {error}", file=sys.stderr)
         return 1
+    except RunStopped as stopped:
+        if distributed.is_main_process():
+            print(f"bigbatch train: {stopped}; {_resume_hint(args, stopped)}", file=sys.stderr)
+        return stopped.exit_code
     finally:
         distributed.teardown_process_group()
     return 0
@@ -89,13 +135,13 @@ def _train_command(args: argparse.Namespace) -> int:
 def _token_plan_command(args: argparse.Namespace) -> int:
     """`bigbatch plan --global-batch-tokens`: the budgets alone, or a recipe's first steps."""
     if args.micro_batch_size is not None or args.gradient_accumulation_steps is not None:
-        raise ValueError(
+        raise UsageError(
             "--global-batch-tokens cuts micro-batches by tokens: use --micro-batch-tokens (or "
             "--memory-budget with --recipe) instead of --micro-batch-size or "
             "--gradient-accumulation-steps"
         )
     if args.memory_budget is not None and (args.recipe is None or args.micro_batch_tokens):
-        raise ValueError(
+        raise UsageError(
             "--memory-budget chooses micro_batch_tokens by probing a recipe: give --recipe and "
             "leave out --micro-batch-tokens"
         )
@@ -122,6 +168,22 @@ def _token_plan_command(args: argparse.Namespace) -> int:
     return 0
 
 
+def _resume_hint(args: argparse.Namespace, stopped: Any) -> str:
+    """How to continue a stopped run: the same command with --resume (and its --out)."""
+    if stopped.checkpoint is None:
+        return "no run directory, nothing to resume"
+    run_dir = str(stopped.checkpoint.parent.parent)
+    from bigbatch.core import distributed
+
+    if distributed.launched_by_torchrun():
+        return f"continue with the same launch command plus --out {shlex.quote(run_dir)} --resume"
+    command = ["bigbatch", "train", *([args.config] if args.config else [])]
+    for setting in args.set:
+        command += ["--set", setting]
+    command += ["--out", run_dir, "--resume", *(["--no-progress"] if args.no_progress else [])]
+    return f"continue with: {shlex.join(command)}"
+
+
 def _plan_command(args: argparse.Namespace) -> int:
     if args.global_batch_tokens is not None:
         return _token_plan_command(args)
@@ -129,7 +191,7 @@ def _plan_command(args: argparse.Namespace) -> int:
         raise ValueError("--micro-batch-tokens and --packing need --global-batch-tokens")
     if args.memory_budget is None:
         if args.recipe is not None:
-            raise ValueError("--recipe only matters with --memory-budget (the probe runs it)")
+            raise UsageError("--recipe only matters with --memory-budget (the probe runs it)")
         result = plan(
             args.global_batch_size,
             world_size=args.world_size,
@@ -138,8 +200,9 @@ def _plan_command(args: argparse.Namespace) -> int:
         )
         print(json.dumps(result.to_dict()) if args.json else result)
         return 0
+    parse_memory_size(args.memory_budget, "--memory-budget")  # before the recipe is built
     if args.micro_batch_size is not None or args.gradient_accumulation_steps is not None:
-        raise ValueError(
+        raise UsageError(
             "--memory-budget chooses micro_batch_size: leave out --micro-batch-size and "
             "--gradient-accumulation-steps"
         )
@@ -171,7 +234,7 @@ def _verify_command(args: argparse.Namespace) -> int:
             "with --set global_batch_size=N (a run in tokens runs the same Accumulator.step)"
         )
     if config.global_batch_size is None:
-        raise ValueError("global_batch_size: not set by the config nor the recipe; set it")
+        raise UsageError("global_batch_size: not set by the config nor the recipe; set it")
     micro = config.micro_batch_size if isinstance(config.micro_batch_size, int) else None
     if micro is None and isinstance(config.gradient_accumulation_steps, int):
         steps = config.gradient_accumulation_steps
@@ -243,21 +306,23 @@ class _ConfigHelp(argparse.Action):
         parser.exit()
 
 
-def _add_plan_parser(commands: Any) -> None:
+def _add_plan_parser(commands: Any, common: argparse.ArgumentParser) -> None:
     parser = commands.add_parser(
-        "plan", help="split a global batch into ranks x accumulation steps x micro-batches"
+        "plan",
+        help="split a global batch into ranks x accumulation steps x micro-batches",
+        parents=[common],
     )
     unit = parser.add_mutually_exclusive_group(required=True)
-    unit.add_argument("--global-batch-size", type=int)
+    unit.add_argument("--global-batch-size", type=_count)
     unit.add_argument(
         "--global-batch-tokens",
-        type=int,
+        type=_count,
         help="a global batch in input tokens (docs/tokens.md); with --recipe its first steps",
     )
-    parser.add_argument("--world-size", type=int, default=1)
+    parser.add_argument("--world-size", type=_world_size, default=1)
     split = parser.add_mutually_exclusive_group()
-    split.add_argument("--micro-batch-size", type=int)
-    split.add_argument("--gradient-accumulation-steps", type=int)
+    split.add_argument("--micro-batch-size", type=_count)
+    split.add_argument("--gradient-accumulation-steps", type=_count)
     parser.add_argument(
         "--memory-budget",
         help='choose micro_batch_size by probing the recipe within this memory, e.g. "2GiB"',
@@ -287,9 +352,15 @@ def _add_plan_parser(commands: Any) -> None:
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of every subcommand."""
     parser = _Parser(prog="bigbatch", description="Train with the global batch you want.")
+    debug = "on bad input, also show bigbatch's own traceback"
+    parser.add_argument("--debug", action="store_true", help=debug)
+    common = _Parser(add_help=False)
+    common.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=debug)
     commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
-    train = commands.add_parser("train", help="train a recipe: plan, progress, summary")
+    train = commands.add_parser(
+        "train", help="train a recipe: plan, progress, summary", parents=[common]
+    )
     _add_config_arguments(train)
     train.add_argument("--out", help="run directory (default runs/<recipe>-<time>)")
     train.add_argument("--resume", action="store_true", help="continue the run in --out")
@@ -299,22 +370,28 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--no-progress", action="store_true", help="no progress bar")
     train.set_defaults(handler=_train_command)
 
-    _add_plan_parser(commands)
+    _add_plan_parser(commands, common)
 
     verify = commands.add_parser(
-        "verify", help="check the accumulated update against the full batch, in float64"
+        "verify",
+        help="check the accumulated update against the full batch, in float64",
+        parents=[common],
     )
     _add_config_arguments(verify)
-    verify.add_argument("--num-global-batches", type=int, default=2)
-    verify.add_argument("--tolerance", type=float, default=1e-6, help="largest relative error")
+    verify.add_argument("--num-global-batches", type=_count, default=2)
+    verify.add_argument(
+        "--tolerance", type=_tolerance, default=1e-6, help="largest relative error (>= 0)"
+    )
     verify.set_defaults(handler=_verify_command)
 
     bench = commands.add_parser(
-        "bench", help="quick benchmarks: engine overhead, DDP all-reduces, activation memory"
+        "bench",
+        help="quick benchmarks: engine overhead, DDP all-reduces, activation memory",
+        parents=[common],
     )
-    bench.add_argument("--steps", type=int, default=40, help="timed steps after warm-up")
-    bench.add_argument("--micro-batch-size", type=int, default=32)
-    bench.add_argument("--gradient-accumulation-steps", type=int, default=8)
+    bench.add_argument("--steps", type=_count, default=40, help="timed steps after warm-up")
+    bench.add_argument("--micro-batch-size", type=_count, default=32)
+    bench.add_argument("--gradient-accumulation-steps", type=_count, default=8)
     bench.add_argument("--smoke", action="store_true", help="a few steps only")
     bench.set_defaults(handler=_bench_command)
     return parser
@@ -336,15 +413,26 @@ def _setup_logging(command: str) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of the `bigbatch` console script and `python -m bigbatch`."""
+    """Entry point of the `bigbatch` console script and `python -m bigbatch`.
+
+    Returns the exit code (see the module's docstring). A `UsageError` becomes one line on stderr
+    and exit 2; any other exception propagates with its traceback (exit 1 from the interpreter).
+    """
     args = build_parser().parse_args(argv)
     _setup_logging(args.command)
     try:
         return int(args.handler(args))
-    except (ValueError, TypeError, OSError) as error:
-        message = " ".join(str(error).split("\n")) or type(error).__name__
+    except UsageError as error:
+        if args.debug:
+            traceback.print_exc()
+        message = one_line(str(error)) or type(error).__name__
         print(f"bigbatch {args.command}: error: {message}", file=sys.stderr)
-        return 2
+        return EXIT_USAGE
+    except KeyboardInterrupt:  # a Ctrl-C before a run's own handlers are in place
+        if args.debug:
+            traceback.print_exc()
+        print(f"bigbatch {args.command}: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
 
 
 if __name__ == "__main__":

@@ -12,17 +12,36 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
+from bigbatch.units import MAX_COUNT, UsageError, UsageTypeError, _short
 
-def check_count(name: str, value: object, *, allow_none: bool = False) -> int | None:
-    """Validate a positive integer argument; booleans and floats are refused by name."""
+MAX_WORLD_SIZE = 2**20
+"""The most ranks a plan takes (a million processes: more than any cluster runs)."""
+_MAX_LISTED = 2**16
+"""`Plan.to_dict` lists every micro-batch up to this many in all, and runs of sizes beyond."""
+
+
+def check_count(
+    name: str, value: object, *, allow_none: bool = False, maximum: int = MAX_COUNT
+) -> int | None:
+    """Validate a positive integer argument; booleans, floats and impossible sizes are refused.
+
+    Raises:
+        UsageTypeError: not an integer (a TypeError).
+        UsageError: not in [1, maximum] (a ValueError).
+    """
     if value is None and allow_none:
         return None
     if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(
-            f"{name} must be a positive integer, got {value!r} ({type(value).__name__})"
+        raise UsageTypeError(
+            f"{name} must be a positive integer, got {_short(value)} ({type(value).__name__})"
         )
     if value <= 0:
-        raise ValueError(f"{name} must be a positive integer (>= 1), got {value}")
+        raise UsageError(f"{name} must be a positive integer (>= 1), got {_short(value)}")
+    if value > maximum:
+        limit = "2**63 - 1" if maximum == MAX_COUNT else f"{maximum:,}"
+        raise UsageError(
+            f"{name} {_short(value)} is impossible: the most bigbatch takes is {limit}"
+        )
     return value
 
 
@@ -30,11 +49,15 @@ def check_count(name: str, value: object, *, allow_none: bool = False) -> int | 
 class Plan:
     """The split of one global batch over ranks and micro-steps.
 
+    Items spread over the world_size x gradient_accumulation_steps slots so that sizes differ by
+    at most one: the first ``global % slots`` slots, in micro-step-major order (step 0 on every
+    rank, then step 1, ...), hold one item more. The sizes are derived, never stored, so a plan
+    takes the same memory for any global batch.
+
     Attributes:
         global_batch_size: items of one optimizer step, over all ranks.
         world_size: number of ranks (processes).
         gradient_accumulation_steps: micro-batches per rank per optimizer step (the window length).
-        sizes: ``sizes[rank][micro_step]`` is the number of items of that micro-batch.
 
     Example:
         >>> p = plan(224, world_size=16, micro_batch_size=7)
@@ -45,30 +68,56 @@ class Plan:
     global_batch_size: int
     world_size: int
     gradient_accumulation_steps: int
-    sizes: tuple[tuple[int, ...], ...]
+
+    @property
+    def _base_extra(self) -> tuple[int, int]:
+        """Every slot holds ``base`` items, the first ``extra`` slots one more."""
+        return divmod(self.global_batch_size, self.world_size * self.gradient_accumulation_steps)
+
+    def _num_larger(self, rank: int) -> int:
+        """How many of a rank's micro-batches hold base + 1 items (the first ones of its window).
+
+        Slot (step, rank) is larger when step x world_size + rank < extra.
+        """
+        extra = self._base_extra[1]
+        return min(self.gradient_accumulation_steps, max(0, -(-(extra - rank) // self.world_size)))
 
     @property
     def micro_batch_size(self) -> int:
         """The largest micro-batch of the plan (what one forward must fit in memory)."""
-        return max(max(rank_sizes) for rank_sizes in self.sizes)
+        base, extra = self._base_extra
+        return base + (extra > 0)
 
     @property
     def is_even(self) -> bool:
         """True when every micro-batch holds the same number of items."""
-        return len({size for rank_sizes in self.sizes for size in rank_sizes}) == 1
+        return self._base_extra[1] == 0
+
+    @property
+    def sizes(self) -> tuple[tuple[int, ...], ...]:
+        """``sizes[rank][micro_step]``: every micro-batch's items (built on demand, O(ranks x
+        steps); `micro_batch_sizes` gives one rank's)."""
+        return tuple(tuple(self.micro_batch_sizes(rank)) for rank in range(self.world_size))
 
     def micro_batch_sizes(self, rank: int = 0) -> list[int]:
         """The micro-batch sizes of one rank's window, in the order they run."""
         if isinstance(rank, bool) or not isinstance(rank, int) or not 0 <= rank < self.world_size:
             raise ValueError(f"rank must be an integer in [0, {self.world_size - 1}], got {rank!r}")
-        return list(self.sizes[rank])
+        return [size for size, count in self._runs(rank) for _ in range(count)]
+
+    def _runs(self, rank: int) -> list[tuple[int, int]]:
+        """One rank's window as (size, count) runs: the larger micro-batches, then the others."""
+        base, larger = self._base_extra[0], self._num_larger(rank)
+        runs = ((base + 1, larger), (base, self.gradient_accumulation_steps - larger))
+        return [(size, count) for size, count in runs if count]
 
     def rank_offsets(self) -> list[int]:
         """Where each rank's slice starts inside the global batch (ranks take contiguous slices)."""
+        base_total = self._base_extra[0] * self.gradient_accumulation_steps
         offsets, start = [], 0
-        for rank_sizes in self.sizes:
+        for rank in range(self.world_size):
             offsets.append(start)
-            start += sum(rank_sizes)
+            start += base_total + self._num_larger(rank)
         return offsets
 
     def for_items(self, num_items: int) -> Plan:
@@ -82,18 +131,27 @@ class Plan:
         """
         if num_items == self.global_batch_size:
             return self
-        steps = self.gradient_accumulation_steps
-        return Plan(num_items, self.world_size, steps, spread(num_items, self.world_size, steps))
+        return Plan(num_items, self.world_size, self.gradient_accumulation_steps)
 
     def to_dict(self) -> dict[str, Any]:
-        """A JSON-able description of the plan."""
-        return {
+        """A JSON-able description of the plan.
+
+        ``micro_batch_sizes`` lists every micro-batch per rank; a plan of more than 65,536
+        micro-batches gives ``micro_batch_size_runs`` instead: per rank, ``[size, count]`` pairs.
+        """
+        described: dict[str, Any] = {
             "global_batch_size": self.global_batch_size,
             "world_size": self.world_size,
             "gradient_accumulation_steps": self.gradient_accumulation_steps,
             "micro_batch_size": self.micro_batch_size,
-            "micro_batch_sizes": [list(rank_sizes) for rank_sizes in self.sizes],
         }
+        if self.world_size * self.gradient_accumulation_steps <= _MAX_LISTED:
+            described["micro_batch_sizes"] = [list(rank_sizes) for rank_sizes in self.sizes]
+        else:
+            described["micro_batch_size_runs"] = [
+                [list(run) for run in self._runs(rank)] for rank in range(self.world_size)
+            ]
+        return described
 
     def __str__(self) -> str:
         lines = [
@@ -107,26 +165,21 @@ class Plan:
             ),
             f"{'rank':>6}  {'items':>6}  micro-batch sizes",
         ]
-        shown = self.sizes if self.world_size <= 8 else self.sizes[:4] + self.sizes[-2:]
-        for index, rank_sizes in enumerate(shown):
-            rank = index if self.world_size <= 8 or index < 4 else self.world_size - 6 + index
-            if self.world_size > 8 and index == 4:
+        many = self.world_size > 8
+        shown = [*range(4), *range(self.world_size - 2, self.world_size)] if many else None
+        base_total = self._base_extra[0] * self.gradient_accumulation_steps
+        for index, rank in enumerate(shown if shown is not None else range(self.world_size)):
+            if many and index == 4:
                 lines.append(f"{'...':>6}")
-            lines.append(f"{rank:>6}  {sum(rank_sizes):>6}  {_compact(rank_sizes)}")
+            items = base_total + self._num_larger(rank)
+            lines.append(f"{rank:>6}  {items:>6}  {self._describe_window(rank)}")
         return "\n".join(lines)
 
-
-def _compact(sizes: tuple[int, ...]) -> str:
-    """`7 7 7 6` for short windows, `7 x 30, 6 x 2` for long ones."""
-    if len(sizes) <= 12:
-        return " ".join(str(size) for size in sizes)
-    runs: list[list[int]] = []
-    for size in sizes:
-        if runs and runs[-1][0] == size:
-            runs[-1][1] += 1
-        else:
-            runs.append([size, 1])
-    return ", ".join(f"{size} x {count}" for size, count in runs)
+    def _describe_window(self, rank: int) -> str:
+        """`7 7 7 6` for short windows, `7 x 30, 6 x 2` for long ones."""
+        if self.gradient_accumulation_steps <= 12:
+            return " ".join(str(size) for size in self.micro_batch_sizes(rank))
+        return ", ".join(f"{size} x {count}" for size, count in self._runs(rank))
 
 
 def spread(global_batch_size: int, world_size: int, steps: int) -> tuple[tuple[int, ...], ...]:
@@ -134,14 +187,9 @@ def spread(global_batch_size: int, world_size: int, steps: int) -> tuple[tuple[i
 
     The extra items go to the first slots in micro-step-major order (step 0 on every rank, then
     step 1, ...), so rank totals also differ by at most one and any empty micro-batches sit at
-    the end of a window.
+    the end of a window. (`Plan.sizes`; kept for callers of the function.)
     """
-    slots = world_size * steps
-    base, extra = divmod(global_batch_size, slots)
-    return tuple(
-        tuple(base + (step * world_size + rank < extra) for step in range(steps))
-        for rank in range(world_size)
-    )
+    return Plan(global_batch_size, world_size, steps).sizes
 
 
 def _mismatch_message(global_batch_size: int, world_size: int, micro: int, steps: int) -> str:
@@ -182,19 +230,20 @@ def plan(
     - global alone: one micro-batch per rank.
 
     Raises:
-        TypeError: an argument is not an integer (booleans included).
-        ValueError: an argument is not positive, or the three do not fit together.
+        UsageTypeError: an argument is not an integer (booleans included); a TypeError.
+        UsageError: an argument is not positive or impossibly large (above 2**63 - 1, or more
+            than 2**20 ranks), or the three do not fit together; a ValueError.
 
     Example:
         >>> plan(10, world_size=2, micro_batch_size=3).sizes
         ((3, 2), (3, 2))
     """
-    world_size = check_count("world_size", world_size)  # type: ignore[assignment]
+    world_size = check_count("world_size", world_size, maximum=MAX_WORLD_SIZE)  # type: ignore[assignment]
     micro = check_count("micro_batch_size", micro_batch_size, allow_none=True)
     steps = check_count("gradient_accumulation_steps", gradient_accumulation_steps, allow_none=True)
     if global_batch_size is None:
         if micro is None or steps is None:
-            raise ValueError(
+            raise UsageError(
                 "global_batch_size is required unless both micro_batch_size and "
                 "gradient_accumulation_steps are given"
             )
@@ -202,28 +251,28 @@ def plan(
     total = check_count("global_batch_size", global_batch_size)
     assert total is not None
     if world_size > total:
-        raise ValueError(
+        raise UsageError(
             f"world_size {world_size} is larger than global_batch_size {total}: every rank needs "
             f"at least one item; use at most {total} ranks or a global_batch_size of at least "
             f"{world_size}"
         )
     share = math.ceil(total / world_size)
     if micro is not None and micro > share:
-        raise ValueError(
+        raise UsageError(
             f"micro_batch_size {micro} is larger than a rank's share of the global batch: "
             f"ceil({total} / {world_size}) = {share}; use micro_batch_size <= {share}"
         )
     if steps is not None and steps > share:
-        raise ValueError(
+        raise UsageError(
             f"gradient_accumulation_steps {steps} leaves empty micro-batches: a rank's share is "
             f"ceil({total} / {world_size}) = {share} items; "
             f"use gradient_accumulation_steps <= {share}"
         )
     if micro is not None and steps is not None:
         if micro * steps * world_size != total:
-            raise ValueError(_mismatch_message(total, world_size, micro, steps))
+            raise UsageError(_mismatch_message(total, world_size, micro, steps))
     elif micro is not None:
         steps = math.ceil(total / (world_size * micro))
     elif steps is None:
         steps = 1
-    return Plan(total, world_size, steps, spread(total, world_size, steps))
+    return Plan(total, world_size, steps)

@@ -8,7 +8,9 @@ with the step's plan into this rank's window of collated micro-batches, through 
 
 from __future__ import annotations
 
+import functools
 import logging
+import signal
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -110,6 +112,9 @@ class WindowLoader:
         drop_last: drop each epoch's short last global batch.
         num_workers: DataLoader worker processes.
         pin_memory: DataLoader page-locked memory (for CUDA).
+        worker_ignored_signals: signals the workers ignore, left to the main process (which
+            stops the run and then the workers): a Ctrl-C reaches every process of a terminal's
+            group, a launcher's SIGTERM every process of the worker's.
     """
 
     def __init__(
@@ -124,6 +129,7 @@ class WindowLoader:
         drop_last: bool = False,
         num_workers: int = 0,
         pin_memory: bool = False,
+        worker_ignored_signals: Sequence[int] = (),
     ) -> None:
         self.dataset = dataset
         self.plan_for = plan_for
@@ -132,6 +138,7 @@ class WindowLoader:
         self.collate_fn = collate_fn
         self.num_workers = num_workers
         self.pin_memory = pin_memory
+        self.worker_ignored_signals = tuple(int(number) for number in worker_ignored_signals)
         # Advanced only as windows are handed out (no permutation drawn): the resume position.
         self.sampler = GlobalBatchSampler(len(dataset), seed=seed, drop_last=drop_last)  # type: ignore[arg-type]
         self.step = 0
@@ -161,6 +168,7 @@ class WindowLoader:
             num_workers=self.num_workers,
             pin_memory=self.pin_memory,
             persistent_workers=False,
+            worker_init_fn=functools.partial(_ignore_signals, self.worker_ignored_signals),
             # Its own generator: creating the iterator must not draw from torch's global RNG,
             # which would shift the run's random stream after a resume.
             generator=torch.Generator().manual_seed(self.sampler.seed + self.step),
@@ -173,6 +181,12 @@ class WindowLoader:
             window = [next(micro_batches) for _ in range(plan.gradient_accumulation_steps)]
             self.step += 1
             yield Window(self.step - 1, epoch, plan, window, stop - start)
+
+
+def _ignore_signals(numbers: tuple[int, ...], worker_id: int) -> None:
+    """A worker's start: the given signals are the main process's to act on."""
+    for number in numbers:
+        signal.signal(number, signal.SIG_IGN)
 
 
 def eval_batches(

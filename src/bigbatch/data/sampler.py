@@ -7,10 +7,12 @@ split, and resumes from a position of two integers. No torch is needed here.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
+
+from bigbatch.units import UsageError
 
 
 class GlobalBatchSampler:
@@ -53,7 +55,7 @@ class GlobalBatchSampler:
         if global_batch_size < 1:
             raise ValueError(f"global_batch_size must be >= 1, got {global_batch_size}")
         if self.drop_last and global_batch_size > self.num_samples:
-            raise ValueError(
+            raise UsageError(
                 f"global_batch_size {global_batch_size} is larger than the dataset "
                 f"({self.num_samples} items) with drop_last: every batch would be dropped; "
                 "use drop_last false or a smaller global_batch_size"
@@ -106,4 +108,48 @@ def count_steps(
     while sampler.next_epoch(global_batch_size_at(step)) < epochs:
         sampler.advance(global_batch_size_at(step))
         step += 1
+    return step
+
+
+def count_steps_in_stages(
+    num_samples: int,
+    epochs: int,
+    stages: Sequence[tuple[int, int]],
+    *,
+    drop_last: bool = False,
+) -> int:
+    """`count_steps` for a piecewise-constant global batch, in arithmetic: O(stages), not O(steps).
+
+    ``stages`` holds ``(start_step, global_batch_size)`` pairs, the first at step 0, starts
+    increasing; the last stage lasts to the end. Within a stage whole epochs are counted at once,
+    so any number of epochs is answered at once.
+
+    Example:
+        >>> count_steps_in_stages(10, 2, [(0, 4)]), count_steps(10, 2, lambda step: 4)
+        (6, 6)
+    """
+    epoch, position, step = 0, 0, 0
+    for index, (_, size) in enumerate(stages):
+        end = stages[index + 1][0] if index + 1 < len(stages) else None
+        per_epoch = num_samples // size if drop_last else -(-num_samples // size)
+        while end is None or step < end:
+            remaining = num_samples - position
+            if remaining == 0 or (drop_last and remaining < size):
+                epoch, position, remaining = epoch + 1, 0, num_samples
+            if epoch >= epochs:
+                return step
+            in_epoch = remaining // size if drop_last else -(-remaining // size)
+            if end is not None and end - step < in_epoch:  # the stage ends inside this epoch
+                position += (end - step) * size
+                step = end
+                break
+            step += in_epoch
+            position = min(num_samples, position + in_epoch * size)
+            whole = epochs - epoch - 1  # epochs after this one, each per_epoch steps
+            if end is not None:
+                whole = min(whole, (end - step) // per_epoch)
+            if whole > 0:
+                step += whole * per_epoch
+                epoch += whole
+                position = min(num_samples, per_epoch * size)
     return step

@@ -8,6 +8,8 @@ and its own `recipe_options`) and must not download anything.
 from __future__ import annotations
 
 import importlib
+import os
+import sys
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -16,6 +18,7 @@ import torch
 from torch.utils.data import Dataset
 
 from bigbatch.core.engine import LossFn
+from bigbatch.units import UsageError, UsageTypeError, _short
 
 RECIPES: dict[str, str] = {
     "digits": "bigbatch.recipes.digits:build",
@@ -73,41 +76,68 @@ class Recipe:
             return torch.optim.AdamW(parameters, lr=lr, weight_decay=weight_decay)
         if self.optimizer == "sgd":
             return torch.optim.SGD(parameters, lr=lr, momentum=0.9, weight_decay=weight_decay)
-        raise ValueError(f"recipe optimizer must be 'adamw' or 'sgd', got {self.optimizer!r}")
+        raise UsageError(f"recipe optimizer must be 'adamw' or 'sgd', got {_short(self.optimizer)}")
 
 
 def resolve(spec: str) -> Callable[[Mapping[str, Any]], Recipe]:
     """The build function of a recipe name or `module:function` spec.
 
+    A module is imported like any Python import, so its code runs; the current directory is on
+    the search path, as under ``python -m`` (the ``bigbatch`` console script would not have it).
+
     Raises:
-        ValueError: an unknown name, a module that cannot be imported or a missing function.
+        UsageError: an unknown name, a module that does not exist or a missing function. An
+            error raised while the module runs (its own bad import, a syntax error) propagates
+            with its traceback: it is the module's, not the config's.
     """
     target = RECIPES.get(spec, spec)
     if ":" not in target:
-        raise ValueError(
-            f"recipe {spec!r} is unknown: use one of {', '.join(sorted(RECIPES))} or "
+        raise UsageError(
+            f"recipe {_short(spec)} is unknown: use one of {', '.join(sorted(RECIPES))} or "
             "'module:function' for your own"
         )
     module_name, _, function_name = target.partition(":")
+    _current_directory_on_path()
     try:
         module = importlib.import_module(module_name)
-    except ImportError as error:
-        raise ValueError(
-            f"recipe {spec!r}: cannot import module {module_name!r} ({error})"
+    except ModuleNotFoundError as error:
+        if error.name is None or not _is_prefix(error.name, module_name):
+            raise  # the module exists and imports something missing: its own error
+        raise UsageError(
+            f"recipe {_short(spec)}: no module named {error.name!r} (looked in the current "
+            f"directory {os.getcwd()!r} and the installed packages)"
+        ) from None
+    except (ImportError, TypeError, ValueError) as error:  # an empty or relative module name
+        if module_name and not module_name.startswith("."):
+            raise
+        raise UsageError(
+            f"recipe {_short(spec)}: cannot import {module_name!r} ({error})"
         ) from None
     function = getattr(module, function_name, None)
     if not callable(function):
-        raise ValueError(
-            f"recipe {spec!r}: module {module_name!r} has no function {function_name!r}"
+        raise UsageError(
+            f"recipe {_short(spec)}: module {module_name!r} has no function {function_name!r}"
         )
     return function  # type: ignore[no-any-return]
+
+
+def _is_prefix(missing: str, module_name: str) -> bool:
+    """True when the missing module is the one asked for or a package on its way."""
+    return module_name == missing or module_name.startswith(missing + ".")
+
+
+def _current_directory_on_path() -> None:
+    """Put the current directory first on sys.path, as ``python -m`` does, once."""
+    here = os.getcwd()
+    if not any(os.path.abspath(entry or ".") == here for entry in sys.path):
+        sys.path.insert(0, here)
 
 
 def build(spec: str, config: Mapping[str, Any]) -> Recipe:
     """Build a recipe by name or `module:function` with the resolved config."""
     recipe = resolve(spec)(config)
     if not isinstance(recipe, Recipe):
-        raise TypeError(
+        raise UsageTypeError(
             f"recipe {spec!r} must return a bigbatch.recipes.Recipe, got {type(recipe).__name__}"
         )
     return recipe

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch.utils.data import TensorDataset
 
 from bigbatch.recipes import Recipe
+from bigbatch.units import UsageError
 
 SPLIT_SEED = 0
 """The train/test split is fixed (independent of the run's seed) so test accuracies compare."""
@@ -70,7 +71,15 @@ def load_datasets() -> tuple[TensorDataset, TensorDataset]:
 
     Pixels are scaled from 0..16 to 0..1; images have shape (1, 8, 8).
     """
-    from sklearn.datasets import load_digits  # optional dependency, bundled data (offline)
+    try:
+        from sklearn.datasets import load_digits  # optional dependency, bundled data (offline)
+    except ModuleNotFoundError as error:
+        if error.name is None or error.name.split(".")[0] != "sklearn":
+            raise  # scikit-learn is there but broken: its own error
+        raise UsageError(
+            "the digits recipes read the 8x8 digits bundled with scikit-learn, which is not "
+            "installed: pip install 'bigbatch[full]' (or scikit-learn)"
+        ) from None
 
     digits = load_digits()
     images = torch.tensor(digits.images, dtype=torch.float32).unsqueeze(1) / 16.0

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch.utils.data import Dataset
 
 from bigbatch.recipes import Recipe
+from bigbatch.units import UsageError, _short
 
 PLUS, EQUALS, END, PAD = 10, 11, 12, 13
 VOCAB_SIZE = 14
@@ -42,6 +43,15 @@ OPTIONS: dict[str, int] = {
     "num_layers": 2,
     "num_heads": 4,
     "max_sums": 1,
+}
+# The largest value of each option: a small task on a CPU (and a bound for hostile input).
+OPTION_LIMITS: dict[str, int] = {
+    "max_digits": 30,
+    "num_train_samples": 10_000_000,
+    "num_eval_samples": 1_000_000,
+    "d_model": 4096,
+    "num_layers": 64,
+    "num_heads": 64,
 }
 
 
@@ -253,16 +263,23 @@ def _options(config: Mapping[str, Any]) -> dict[str, int]:
     given = dict(config.get("recipe_options") or {})
     unknown = sorted(set(given) - set(OPTIONS))
     if unknown:
-        raise ValueError(
+        raise UsageError(
             f"recipe_options for tinylm: unknown key {unknown[0]!r}; allowed: "
             f"{', '.join(sorted(OPTIONS))}"
         )
     options = {**OPTIONS, **given}
     for key, value in options.items():
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"recipe_options.{key} must be a positive integer, got {value!r}")
+        if (
+            isinstance(value, bool)
+            or not isinstance(value, int)
+            or not 1 <= value <= OPTION_LIMITS[key]
+        ):
+            raise UsageError(
+                f"recipe_options.{key} must be an integer in [1, {OPTION_LIMITS[key]:,}], "
+                f"got {_short(value)}"
+            )
     if options["d_model"] % options["num_heads"]:
-        raise ValueError(
+        raise UsageError(
             f"recipe_options.d_model {options['d_model']} must be divisible by "
             f"recipe_options.num_heads {options['num_heads']}"
         )

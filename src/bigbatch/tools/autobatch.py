@@ -25,7 +25,7 @@ from bigbatch.data.loader import first_samples
 from bigbatch.plan import Plan, plan
 from bigbatch.tools import memory
 from bigbatch.tools.memory import Batch, MemoryProbe, device_of, merge_probes, probe, tensor_bytes
-from bigbatch.units import format_bytes, parse_memory_size
+from bigbatch.units import UsageError, UsageTypeError, format_bytes, parse_memory_size
 
 if TYPE_CHECKING:
     pass
@@ -209,7 +209,7 @@ def _resolve_budget(
     if memory_budget is not None:
         return parse_memory_size(memory_budget)
     if device.type != "cuda":
-        raise ValueError(
+        raise UsageError(
             f"memory_budget is required on {device.type}: there is no allocator to ask for free "
             "memory; set memory_budget to what one rank may use, e.g. memory_budget: 8GiB"
         )
@@ -289,7 +289,7 @@ def choose_micro_batch_size(
 
     result = measure(_geometric(1, min(max_size, 2 ** (_FIRST_SIZES - 1))))
     if result.rows[0].micro_batch_size != 1 or result.rows[0].memory_bytes > limit:
-        raise ValueError(_too_small(result, budget, headroom))
+        raise UsageError(_too_small(result, budget, headroom))
     result, chosen = _largest_measured(result, limit, max_size, measure)
     if optimize == "throughput":
         result, chosen, reason = _fastest(result, chosen, max_size, limit, measure, time_sizes)
@@ -327,9 +327,11 @@ def plan_for_budget(
     from bigbatch import recipes  # recipes import the engine; keep this module light to import
 
     if isinstance(global_batch_size, bool) or not isinstance(global_batch_size, int):
-        raise TypeError(f"global_batch_size must be a positive integer, got {global_batch_size!r}")
+        raise UsageTypeError(
+            f"global_batch_size must be a positive integer, got {global_batch_size!r}"
+        )
     if global_batch_size < 1 or world_size < 1 or world_size > global_batch_size:
-        raise ValueError(
+        raise UsageError(
             f"global_batch_size {global_batch_size} and world_size {world_size} must be positive "
             "with world_size <= global_batch_size"
         )

@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import copy
 import logging
-from collections.abc import Callable, Sequence
+import math
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -23,8 +24,9 @@ from torch.utils.data import default_collate
 from bigbatch.core import batches
 from bigbatch.core import batchnorm as batchnorm_policies
 from bigbatch.core.engine import Accumulator, LossFn
-from bigbatch.plan import plan
+from bigbatch.plan import check_count, plan
 from bigbatch.recipes import Recipe
+from bigbatch.units import UsageError
 
 logger = logging.getLogger(__name__)
 
@@ -174,25 +176,39 @@ def _splits(global_batch_size: int, micro_batch_size: int | None) -> dict[str, t
 
 def _global_batches(
     recipe: Recipe, global_batch_size: int, num_global_batches: int, seed: int
-) -> list[list[Any]]:
-    """Samples of the first global batches of a seeded shuffle of the training set."""
+) -> Iterator[list[Any]]:
+    """Samples of the first global batches of a seeded shuffle of the training set, one by one
+    (permutations are drawn as they are needed, so many batches take no more memory)."""
+    num_samples = len(recipe.train_dataset)  # type: ignore[arg-type]
+    generator = torch.Generator().manual_seed(seed)
+    order: list[int] = []
+    for _ in range(num_global_batches):
+        while len(order) < global_batch_size:
+            order += torch.randperm(num_samples, generator=generator).tolist()
+        batch, order = order[:global_batch_size], order[global_batch_size:]
+        yield [recipe.train_dataset[i] for i in batch]
+
+
+def _check_arguments(
+    recipe: Recipe,
+    global_batch_size: int,
+    micro_batch_size: int | None,
+    num_global_batches: int,
+    tolerance: float,
+) -> None:
+    """Sizes that fit the training set, a count of batches, a tolerance that means something."""
+    plan(global_batch_size, micro_batch_size=micro_batch_size)  # validates both sizes
+    check_count("num_global_batches", num_global_batches)
+    if isinstance(tolerance, bool) or not isinstance(tolerance, int | float):
+        raise UsageError(f"tolerance must be a number >= 0, got {tolerance!r}")
+    if not 0 <= tolerance < math.inf:
+        raise UsageError(f"tolerance must be a finite number >= 0, got {tolerance!r}")
     num_samples = len(recipe.train_dataset)  # type: ignore[arg-type]
     if num_samples < global_batch_size:
-        raise ValueError(
+        raise UsageError(
             f"global_batch_size {global_batch_size} is larger than the recipe's training set "
             f"({num_samples} samples): use global_batch_size <= {num_samples}"
         )
-    generator = torch.Generator().manual_seed(seed)
-    order = torch.randperm(num_samples, generator=generator).tolist()
-    while len(order) < num_global_batches * global_batch_size:
-        order += torch.randperm(num_samples, generator=generator).tolist()
-    return [
-        [
-            recipe.train_dataset[i]
-            for i in order[b * global_batch_size : (b + 1) * global_batch_size]
-        ]
-        for b in range(num_global_batches)
-    ]
 
 
 def verify(
@@ -218,11 +234,10 @@ def verify(
             independent of the split; ``keep``, ``window`` and ``sync`` (one process) do not.
 
     Raises:
-        ValueError: a size that is not a positive integer or larger than the training set.
+        UsageError: a size that is not a positive integer or larger than the training set, a
+            count of batches below 1, a tolerance that is negative or not finite.
     """
-    plan(global_batch_size, micro_batch_size=micro_batch_size)  # validates both sizes
-    if num_global_batches < 1:
-        raise ValueError(f"num_global_batches must be >= 1, got {num_global_batches}")
+    _check_arguments(recipe, global_batch_size, micro_batch_size, num_global_batches, tolerance)
     model = copy.deepcopy(recipe.model).double().train()
     if batchnorm in ("freeze", "groupnorm"):
         model = batchnorm_policies.apply_policy(model, batchnorm)  # type: ignore[arg-type]

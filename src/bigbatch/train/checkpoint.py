@@ -21,6 +21,7 @@ import re
 import secrets
 import shutil
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -32,6 +33,8 @@ import torch
 import torch.distributed as dist
 
 from bigbatch.core import distributed
+from bigbatch.train.rundir import storage_errors
+from bigbatch.units import UsageError
 
 logger = logging.getLogger(__name__)
 
@@ -65,12 +68,14 @@ class Checkpoint:
         path: the checkpoint directory.
         model_state: the model weights, on the CPU.
         training_state: optimizer, scheduler, grad scaler, RNG, data position, plan, config, ...
+        skipped: the newer checkpoints that failed a check (damaged), newest first.
     """
 
     step: int
     path: Path
     model_state: dict[str, torch.Tensor]
     training_state: dict[str, Any]
+    skipped: tuple[Path, ...] = ()
 
 
 def checkpoint_name(step: int) -> str:
@@ -128,51 +133,98 @@ def save_checkpoint(
     tensors = _storable_model_state(model_state)
     _check_weights_only(training_state, "training_state")
     directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    _remove_temporaries(directory)
-
     final = directory / checkpoint_name(step)
     tmp = directory / f"{final.name}{_TMP_MARK}{secrets.token_hex(4)}"
-    tmp.mkdir()
-    try:
-        safetensors.torch.save_file(tensors, str(tmp / MODEL_FILE), metadata={"step": str(step)})
-        _fsync_file(tmp / MODEL_FILE)
-        with open(tmp / STATE_FILE, "wb") as handle:
-            torch.save(training_state, handle)
-            _flush_and_sync(handle)
-        meta = {
-            "format_version": FORMAT_VERSION,
-            "step": step,
-            "sha256": {name: _sha256(tmp / name) for name in (MODEL_FILE, STATE_FILE)},
-        }
-        with open(tmp / META_FILE, "w", encoding="utf-8") as handle:
-            json.dump(meta, handle, indent=2)
-            _flush_and_sync(handle)
-        _fsync_dir(tmp)
-        _move_into_place(tmp, final)
-        _fsync_dir(directory)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    newest = list_checkpoints(directory)
+    intact = f"; the earlier checkpoints are intact (newest: {newest[-1].name})" if newest else ""
+    with storage_errors(f"write checkpoint {final}", intact):
+        directory.mkdir(parents=True, exist_ok=True)
+        _remove_temporaries(directory)
+        tmp.mkdir()
+        try:
+            _write_files(tmp, step, tensors, training_state)
+            _move_into_place(tmp, final)
+            _fsync_dir(directory)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
     logger.info("saved checkpoint %s", final)
     if keep is not None:
         _prune(directory, keep, final)
     return final
 
 
-def load_latest_checkpoint(directory: Path) -> Checkpoint | None:
+def _write_files(
+    tmp: Path, step: int, tensors: dict[str, torch.Tensor], training_state: dict[str, Any]
+) -> None:
+    """The three files of a checkpoint, each flushed and fsynced, then the directory."""
+    safetensors.torch.save_file(tensors, str(tmp / MODEL_FILE), metadata={"step": str(step)})
+    _fsync_file(tmp / MODEL_FILE)
+    with open(tmp / STATE_FILE, "wb") as handle:
+        recording = _RecordingFile(handle)
+        try:
+            torch.save(training_state, recording)  # type: ignore[arg-type]
+        except RuntimeError as error:
+            # torch reports a failed write (a full disk) as its own RuntimeError: the I/O error
+            # underneath is the one to report.
+            if recording.error is None:
+                raise
+            raise recording.error from error
+        _flush_and_sync(handle)
+    meta = {
+        "format_version": FORMAT_VERSION,
+        "step": step,
+        "sha256": {name: _sha256(tmp / name) for name in (MODEL_FILE, STATE_FILE)},
+    }
+    with open(tmp / META_FILE, "w", encoding="utf-8") as handle:
+        json.dump(meta, handle, indent=2)
+        _flush_and_sync(handle)
+    _fsync_dir(tmp)
+
+
+class _RecordingFile:
+    """A binary file for torch.save that keeps the OSError of a failed write."""
+
+    def __init__(self, handle: Any) -> None:
+        self.handle = handle
+        self.error: OSError | None = None
+
+    def write(self, data: Any) -> int:
+        try:
+            return int(self.handle.write(data))
+        except OSError as error:
+            self.error = error
+            raise
+
+    def flush(self) -> None:
+        self.handle.flush()
+
+
+def load_latest_checkpoint(
+    directory: Path, check: Callable[[Checkpoint], None] | None = None
+) -> Checkpoint | None:
     """The newest checkpoint under ``directory`` that passes every check, or None.
 
-    A checkpoint whose ``meta.json`` is missing or unparsable, whose checksums differ, or whose
-    files fail to load is reported with a warning naming its path and the reason, and the previous
-    one is tried. Temporary directories of interrupted saves are ignored. The training state is
-    read with ``weights_only=True`` and the weights with safetensors, so no code from the files
-    runs.
+    A checkpoint whose ``meta.json`` is missing or unparsable, whose checksums differ, whose
+    files fail to load, or that ``check`` refuses (it raises, e.g. KeyError for a missing key) is
+    reported with a warning naming its path and the reason, and the previous one is tried; a
+    `UsageError` from ``check`` is not damage and propagates. Temporary directories of
+    interrupted saves are ignored. The training state is read with ``weights_only=True`` and the
+    weights with safetensors, so no code from the files runs.
     """
+    skipped: list[Path] = []
     for path in reversed(list_checkpoints(directory)):
         try:
-            return _load(path)
+            found = _load(path)
+            if check is not None:
+                check(found)
+            return Checkpoint(
+                found.step, path, found.model_state, found.training_state, tuple(skipped)
+            )
+        except UsageError:
+            raise
         except _LOAD_ERRORS as error:
+            skipped.append(path)
             reason = (str(error).strip().splitlines() or [""])[0][:300]
             logger.warning(
                 "skipping checkpoint %s: %s: %s (trying the previous one)",
@@ -420,11 +472,13 @@ def save_run_checkpoint(
     save_checkpoint(run_dir / "checkpoints", step, module.state_dict(), state, keep=keep)
 
 
-def load_run_checkpoint(run_dir: Path | None) -> Checkpoint | None:
+def load_run_checkpoint(
+    run_dir: Path | None, check: Callable[[Checkpoint], None] | None = None
+) -> Checkpoint | None:
     """The newest valid checkpoint of a run directory, or None (with a warning)."""
     found = None
     if run_dir is not None:
-        found = load_latest_checkpoint(run_dir / "checkpoints")
+        found = load_latest_checkpoint(run_dir / "checkpoints", check)
     if found is None:
         logger.warning("resume: no valid checkpoint under %s: starting at step 0", run_dir)
     return found

@@ -7,9 +7,11 @@ Reading YAML, `--set` overrides and HF / DeepSpeed aliases live in `bigbatch.tra
 
 from __future__ import annotations
 
+import signal
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic_core import PydanticCustomError
 
 from bigbatch.choices import (
     BATCHNORM_POLICIES,
@@ -26,7 +28,7 @@ from bigbatch.choices import (
     describe,
     one_of,
 )
-from bigbatch.units import parse_memory_size
+from bigbatch.units import MAX_COUNT, parse_memory_size
 
 Auto = Literal["auto"]
 
@@ -53,8 +55,29 @@ def parse_bytes(value: int | str) -> int | Auto:
     return parse_memory_size(value)
 
 
+# Signals that cannot be caught, or that mean a crash rather than a request to stop.
+_UNSTOPPABLE = {"SIGKILL", "SIGSTOP", "SIGSEGV", "SIGBUS", "SIGFPE", "SIGILL", "SIGABRT", "SIGCHLD"}
+
+
+def _too_large(value: Any) -> bool:
+    """An integer anywhere in the value beyond what bigbatch takes (2**63 - 1)."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        return abs(value) > MAX_COUNT
+    if isinstance(value, list | tuple):
+        return any(_too_large(item) for item in value)
+    return False
+
+
 class _Model(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True, frozen=False)
+
+    @field_validator("*")
+    @classmethod
+    def _at_most_max_count(cls, value: Any) -> Any:
+        """No count, step or seed beyond 2**63 - 1: torch, numpy and the file formats take int64."""
+        if _too_large(value):
+            raise PydanticCustomError("too_large", "is above 2**63 - 1, the largest bigbatch takes")
+        return value
 
 
 class LRScaling(_Model):
@@ -207,6 +230,13 @@ class Config(_Model):
     noise_smoothing_steps: int = _field(
         200, "noise_scale: the moving-average window of the estimate, in steps.", _POSITIVE
     )
+    stop_signals: list[str] = _field(
+        ["SIGTERM", "SIGINT"],
+        "signals that stop the run at the end of the current step, after a checkpoint of it, "
+        "with exit code 128 + the signal's number (a second SIGINT aborts at once); add SIGUSR1 "
+        "for SLURM's --signal; [] leaves every signal's default action.",
+        'a list of signal names such as "SIGTERM", "SIGINT", "SIGUSR1"',
+    )
     # Global batches in tokens (docs/tokens.md): checked together in _token_fields.
     global_batch_tokens: int | None = _field(
         None,
@@ -326,6 +356,14 @@ class Config(_Model):
         if steps != sorted(set(steps)):
             raise ValueError("steps not increasing")
         return value
+
+    @field_validator("stop_signals")
+    @classmethod
+    def _catchable_signals(cls, value: list[str]) -> list[str]:
+        known = {item.name for item in signal.Signals}
+        if any(name not in known or name in _UNSTOPPABLE for name in value):
+            raise ValueError("not a signal that asks a run to stop")
+        return list(dict.fromkeys(value))
 
     @model_validator(mode="before")
     @classmethod

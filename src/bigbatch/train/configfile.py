@@ -17,6 +17,10 @@ import yaml
 from pydantic import ValidationError
 
 from bigbatch.train.config import Config
+from bigbatch.units import UsageError, _short
+
+MAX_CONFIG_BYTES = 10 * 2**20
+"""A config larger than this (10 MiB) is refused: it is a small YAML file, not data."""
 
 # Names users know from other frameworks -> the field they mean (same value).
 ALIASES: dict[str, str] = {
@@ -59,10 +63,14 @@ HINTS: dict[str, str] = {
 
 
 def _describe(value: Any) -> str:
+    """The value as JSON, cut short: a message never echoes a huge value back."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        return _short(value)
     try:
-        return json.dumps(value)
+        text = json.dumps(value)
     except (TypeError, ValueError):
-        return repr(value)
+        return _short(value)
+    return text if len(text) <= 60 else f"{text[:55]}...{text[-2:]}"
 
 
 def _field_path(loc: Sequence[Any]) -> tuple[str, str | None]:
@@ -95,11 +103,13 @@ def format_validation_error(error: ValidationError, source: str = "config") -> s
         for part in loc[:-1]:
             parent = getattr(parent.model_fields.get(part), "annotation", None)
         names = list(getattr(parent, "model_fields", {}))
-        hint = _suggestion(str(loc[-1]), names)
-        return f"{source}: unknown key {key!r}{hint}; see docs/configuration.md for the keys"
+        hint = _suggestion(str(loc[-1])[:100], names)
+        return f"{source}: unknown key {_short(key)}{hint}; see docs/configuration.md for the keys"
     if not loc:  # a model-level check: its message carries the field name
         return f"{source}: {str(first['msg']).removeprefix('Value error, ')}"
     path, allowed = _field_path(loc)
+    if first["type"] == "too_large":
+        return f"{source}: {path}: {_describe(first.get('input'))} {first['msg']}"
     if allowed is None:
         return f"{source}: {path}: {first['msg']}, got {_describe(first.get('input'))}"
     return f"{source}: {path}: must be {allowed}, got {_describe(first.get('input'))}"
@@ -121,7 +131,9 @@ def _suggestion(key: str, names: list[str]) -> str:
 
 
 def _apply_aliases(data: dict[str, Any], source: str) -> dict[str, Any]:
+    """The mapping with HF / DeepSpeed names replaced by ours; a name given twice is an error."""
     result: dict[str, Any] = {}
+    given_as: dict[str, str] = {}
     for key, value in data.items():
         name = ALIASES.get(key, key)
         if key in SWITCH_ALIASES:
@@ -129,11 +141,8 @@ def _apply_aliases(data: dict[str, Any], source: str) -> dict[str, Any]:
             if value is None:
                 continue  # `bf16: false` asks for nothing
         if name in result:
-            raise ValueError(
-                f"{source}: {key!r} and {name!r} both set: {key!r} is an alias of {name!r}, "
-                "keep one"
-            )
-        result[name] = value
+            _refuse_both(given_as[name], key, name, source)
+        result[name], given_as[name] = value, key
     return result
 
 
@@ -141,38 +150,69 @@ def _switch(key: str, value: Any, source: str) -> tuple[str, Any]:
     """``bf16: true`` -> ``("precision", "bf16")``; false -> (name, None): nothing is set."""
     name, setting = SWITCH_ALIASES[key]
     if not isinstance(value, bool):
-        raise ValueError(f"{source}: {key} must be true or false (an alias of {name}: {setting})")
+        raise UsageError(f"{source}: {key} must be true or false (an alias of {name}: {setting})")
     return name, setting if value else None
+
+
+def _refuse_both(first: str, second: str, name: str, source: str) -> None:
+    """One field given under two spellings: name both, and which one is the alias."""
+    aliases = [key for key in (first, second) if key != name]
+    which = " and ".join(repr(key) for key in aliases)
+    raise UsageError(
+        f"{source}: {first!r} and {second!r} both set {name!r} ({which} "
+        f"{'is an alias' if len(aliases) == 1 else 'are aliases'} of {name!r}): keep one"
+    )
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:
     """`"lr_scaling.rule=sqrt"` -> (["lr_scaling", "rule"], "sqrt"), the value read as YAML."""
     key, sep, raw = text.partition("=")
     if not sep or not key.strip() or any(not part for part in key.strip().split(".")):
-        raise ValueError(f"config: --set expects key=value such as lr=1e-3, got {text!r}")
+        raise UsageError(f"config: --set expects key=value such as lr=1e-3, got {_short(text)}")
     try:
         value = yaml.safe_load(raw) if raw.strip() else None
-    except yaml.YAMLError:
-        value = raw  # not YAML (e.g. an unbalanced bracket): keep the text, validation decides
+    except (yaml.YAMLError, ValueError):
+        # Not YAML (an unbalanced bracket), or an integer too long for Python to read (over 4300
+        # digits): keep the text, and validation names the field.
+        value = raw
     return key.strip().split("."), value
 
 
 def _read_yaml(path: Path) -> dict[str, Any]:
-    if not path.is_file():
-        raise ValueError(f"config: file {str(path)!r} not found")
+    name = _short(str(path), limit=200)
     try:
-        data = yaml.safe_load(path.read_text())
+        if not path.exists():
+            raise UsageError(f"config: file {name} not found")
+        if path.is_dir():
+            raise UsageError(f"config: {name} is a directory; give a YAML file")
+        if not path.is_file():
+            raise UsageError(f"config: {name} is not a regular file; give a YAML file")
+        size = path.stat().st_size
+        if size > MAX_CONFIG_BYTES:
+            raise UsageError(f"config: {name} holds {size:,} bytes; a config is a small YAML file")
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as error:
+        raise UsageError(
+            f"config: {name} is not a text file (byte {error.start} is not UTF-8); give a YAML file"
+        ) from None
+    except OSError as error:  # unreadable, or a name too long for the file system
+        raise UsageError(f"config: cannot read {name}: {error.strerror}") from None
+    try:
+        data = yaml.safe_load(text)
     except yaml.YAMLError as error:
         mark = getattr(error, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
         problem = getattr(error, "problem", None) or "malformed YAML"
-        raise ValueError(f"config: {str(path)!r} is not valid YAML{where}: {problem}") from None
+        raise UsageError(f"config: {name} is not valid YAML{where}: {problem}") from None
+    except ValueError:  # an integer of more than 4300 digits, which Python refuses to read
+        raise UsageError(
+            f"config: {name} holds a number too long to read (over 4300 digits)"
+        ) from None
     if data is None:
         return {}
     if not isinstance(data, dict):
-        raise ValueError(
-            f"config: {str(path)!r} must hold a mapping of keys to values, got a "
-            f"{type(data).__name__}"
+        raise UsageError(
+            f"config: {name} must hold a mapping of keys to values, got a {type(data).__name__}"
         )
     return data
 
@@ -182,15 +222,15 @@ def validate(data: Mapping[str, Any], source: str = "config") -> Config:
     try:
         return Config.model_validate(_apply_aliases(dict(data), source))
     except ValidationError as error:
-        raise ValueError(format_validation_error(error, source)) from None
+        raise UsageError(format_validation_error(error, source)) from None
 
 
 def load_config(path: str | Path | None, overrides: Sequence[str] = ()) -> Config:
     """Read a YAML config, apply `--set key=value` overrides and validate.
 
     Raises:
-        ValueError: one line naming the problem (missing file, malformed YAML, unknown key,
-            wrong type or out-of-range value, with what is allowed).
+        UsageError: one line naming the problem (missing file, malformed YAML, unknown key,
+            wrong type or out-of-range value, with what is allowed, a field set twice).
 
     Example:
         >>> config = load_config(None, ["train_batch_size=512", "lr_scaling.rule=sqrt"])
@@ -198,9 +238,13 @@ def load_config(path: str | Path | None, overrides: Sequence[str] = ()) -> Confi
         (512, 'sqrt')
     """
     data = _apply_aliases(_read_yaml(Path(path)) if path is not None else {}, "config")
+    given_as: dict[str, str] = {}
     for text in overrides:
         keys, value = parse_override(text)
-        keys[0] = ALIASES.get(keys[0], keys[0])
+        name = ALIASES.get(keys[0], keys[0])
+        if given_as.get(name, keys[0]) != keys[0]:  # --set gave one field under two names
+            _refuse_both(given_as[name], keys[0], name, "config: --set")
+        given_as[name], keys[0] = keys[0], name
         target = data
         for key in keys[:-1]:
             if not isinstance(target.get(key), dict):

@@ -19,9 +19,11 @@ logger = logging.getLogger(__name__)
 class EarlyWarning:
     """Watches the first steps of a run and warns once when it starts to diverge.
 
-    Two triggers, checked for ``window_steps`` steps: the mean loss of the last 3 steps rises
-    above ``loss_factor`` x the mean of the first 3 (for a loss that starts positive), or the
-    gradient norm exceeds ``grad_factor`` x the running median of the earlier steps' norms.
+    Two triggers, checked for ``window_steps`` steps: the mean loss of the last 3 steps (fewer at
+    the start) rises above ``loss_factor`` x the loss of the first step (for a loss that starts
+    positive), or the gradient norm exceeds ``grad_factor`` x the running median of the earlier
+    steps' norms. The first step alone is the baseline, so a blow-up at step 2 is not averaged
+    into it.
     Both usually mean a learning rate too high for this global batch or a warm-up too short;
     the warning says so with the figures. Non-finite values are left to the non-finite handling.
 
@@ -39,7 +41,7 @@ class EarlyWarning:
             loss_factor,
             grad_factor,
         )
-        self.first_losses: list[float] = []
+        self.first_loss: tuple[int, float] | None = None  # (step, loss) of the first finite loss
         self.recent_losses: list[float] = []
         self.grad_norms: list[float] = []
         self.fired = False
@@ -53,15 +55,16 @@ class EarlyWarning:
         reason = None
         if math.isfinite(loss):
             self.recent_losses = [*self.recent_losses[-2:], loss]
-            start = sum(self.first_losses) / 3 if len(self.first_losses) == 3 else 0.0
+            if self.first_loss is None:
+                self.first_loss = (step, loss)
+            first_step, first = self.first_loss
             recent = sum(self.recent_losses) / len(self.recent_losses)
-            if start > 0 and recent > self.loss_factor * start:
+            if first > 0 and step > first_step and recent > self.loss_factor * first:
                 reason = (
-                    f"the loss rose to {recent:.4g} (mean of the last 3 steps), above "
-                    f"{self.loss_factor:g} x its starting value {start:.4g} (mean of the first 3)"
+                    f"the loss rose from {first:.4g} at step {first_step} to {loss:.4g} (mean of "
+                    f"the last {len(self.recent_losses)} steps {recent:.4g}, above "
+                    f"{self.loss_factor:g} x the first)"
                 )
-            if len(self.first_losses) < 3:
-                self.first_losses.append(loss)
         if math.isfinite(grad_norm):
             median = statistics.median(self.grad_norms) if len(self.grad_norms) >= 3 else None
             if reason is None and median and grad_norm > self.grad_factor * median:
@@ -86,7 +89,7 @@ class EarlyWarning:
     def state_dict(self) -> dict[str, Any]:
         """Plain values for checkpoints, so a resumed run warns as the uninterrupted one."""
         return {
-            "first_losses": list(self.first_losses),
+            "first_losses": [] if self.first_loss is None else [list(self.first_loss)],
             "recent_losses": list(self.recent_losses),
             "grad_norms": list(self.grad_norms),
             "fired": self.fired,
@@ -94,7 +97,14 @@ class EarlyWarning:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore what `state_dict` returned."""
-        self.first_losses = [float(v) for v in state["first_losses"]]
+        first = state["first_losses"]
+        # A checkpoint of an earlier version kept up to 3 losses, without their step.
+        if not first:
+            self.first_loss = None
+        elif isinstance(first[0], list | tuple):
+            self.first_loss = (int(first[0][0]), float(first[0][1]))
+        else:
+            self.first_loss = (1, float(first[0]))
         self.recent_losses = [float(v) for v in state["recent_losses"]]
         self.grad_norms = [float(v) for v in state["grad_norms"]]
         self.fired = bool(state["fired"])

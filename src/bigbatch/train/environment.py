@@ -7,6 +7,7 @@ python's, numpy's and torch's generators, and `peak_memory_bytes` reads the run'
 
 from __future__ import annotations
 
+import os
 import random
 import resource
 
@@ -14,6 +15,10 @@ import numpy as np
 import torch
 
 from bigbatch.core import distributed
+from bigbatch.units import UsageError
+
+WORKERS_PER_CPU = 4
+"""num_workers above this many per CPU of the machine is refused (each worker is a process)."""
 
 
 def peak_memory_bytes(device: torch.device) -> int:
@@ -23,10 +28,21 @@ def peak_memory_bytes(device: torch.device) -> int:
     return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
 
 
+def check_num_workers(num_workers: int) -> None:
+    """Refuse more DataLoader workers than this machine can run (each one is a process)."""
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    limit = WORKERS_PER_CPU * max(1, cpus or 1)
+    if num_workers > limit:
+        raise UsageError(
+            f"num_workers {num_workers} is more worker processes than this machine runs: it "
+            f"has {cpus} CPUs; use at most {limit} ({WORKERS_PER_CPU} per CPU), usually fewer"
+        )
+
+
 def resolve_device(name: str) -> torch.device:
     """The config's device: auto picks this rank's GPU when there is one."""
     if name == "cuda" and not torch.cuda.is_available():
-        raise ValueError("device: 'cuda' was asked for but no CUDA device is available; use auto")
+        raise UsageError("device: 'cuda' was asked for but no CUDA device is available; use auto")
     return torch.device("cpu") if name == "cpu" else distributed.local_device()
 
 

@@ -9,6 +9,7 @@ every object here is built with ``enabled=False`` and does nothing. The end-of-r
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -22,6 +23,7 @@ from tqdm.auto import tqdm
 
 from bigbatch.core.engine import StepResult
 from bigbatch.data.loader import Window
+from bigbatch.train.rundir import storage_errors
 from bigbatch.train.trackers import Tracker, close_within, open_trackers
 from bigbatch.units import format_bytes, format_number
 
@@ -80,13 +82,14 @@ class MetricsLogger:
         self._trackers: list[Tracker] = []
         if not enabled:
             return
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        if resume_step is not None:
-            _truncate_after(self.path, resume_step)
-        elif self.path.exists() and self.path.stat().st_size > 0:
-            logger.warning("starting a new %s: the previous one is replaced", self.path)
-            self.path.unlink()
-        self._file = open(self.path, "a", encoding="utf-8")  # noqa: SIM115 -- closed in close()
+        with storage_errors(f"write {self.path}"):
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            if resume_step is not None:
+                _truncate_after(self.path, resume_step)
+            elif self.path.exists() and self.path.stat().st_size > 0:
+                logger.warning("starting a new %s: the previous one is replaced", self.path)
+                self.path.unlink()
+            self._file = open(self.path, "a", encoding="utf-8")  # noqa: SIM115 -- closed in close()
         self._trackers = open_trackers(trackers, self.path.parent, resume_step=resume_step)
         if config is not None and resume_step is None:
             for tracker in self._trackers:
@@ -102,9 +105,15 @@ class MetricsLogger:
         self._write(step, "eval", named, "")
 
     def close(self) -> None:
-        """Flush and close the file and the trackers, each within a time bound (safe twice)."""
+        """Flush and close the file and the trackers (safe to call twice).
+
+        Each tracker gets at most `bigbatch.train.trackers.CLOSE_TIMEOUT_S` seconds to close, so a
+        stopping run ends promptly (a tracker's last events may then be lost; metrics.jsonl has
+        every step).
+        """
         if self._file is not None:
-            self._file.close()
+            with contextlib.suppress(OSError):  # a full disk: the failed write was reported
+                self._file.close()
             self._file = None
         trackers, self._trackers = self._trackers, []
         close_within(trackers)
@@ -123,11 +132,16 @@ class MetricsLogger:
             raise ValueError(f"values may not hold 'step', 'kind' or 'time', got {sorted(values)}")
         record = {"step": int(step), "kind": kind, "time": round(time.time(), 3)}
         record.update({k: _jsonable(v) for k, v in values.items()})
-        self._file.write(json.dumps(record, allow_nan=False) + "\n")
-        self._file.flush()
+        with storage_errors(f"write {self.path}"):
+            self._file.write(json.dumps(record, allow_nan=False) + "\n")
+            self._file.flush()
         prefixed = {f"{tracker_prefix}{key}": value for key, value in values.items()}
-        for tracker in self._trackers:
-            tracker.log(int(step), prefixed)
+        for tracker in list(self._trackers):
+            try:
+                tracker.log(int(step), prefixed)
+            except OSError as error:  # it failed to write (a full disk): metrics.jsonl goes on
+                logger.warning("%s stops logging: %s", type(tracker).__name__, error)
+                self._trackers.remove(tracker)
 
 
 class ProgressBar:

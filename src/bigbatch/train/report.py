@@ -7,6 +7,7 @@ report can be rebuilt from any run directory; steps are optimizer steps (docs/de
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 from collections.abc import Mapping
@@ -14,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from bigbatch.core import distributed
+from bigbatch.train.state import RunSummary
 from bigbatch.units import format_bytes, format_number
 
 logger = logging.getLogger(__name__)
@@ -57,6 +59,35 @@ def summarize_metrics(metrics: list[dict[str, Any]]) -> dict[str, Any]:
     elif any("skipped" in r for r in train):
         summary["skipped_steps"] = sum(bool(r.get("skipped")) for r in train)
     return summary
+
+
+def whole_run(summary: RunSummary, metrics: list[dict[str, Any]]) -> RunSummary:
+    """A resumed run's summary with figures over every session, from its ``metrics.jsonl``.
+
+    Speed is the samples (items) of every step over the time of every step, as for a run that
+    never stopped; the final loss, the last evaluation and the peak memory come from the records
+    when this session has none of its own.
+    """
+    train = [r for r in metrics if r.get("kind", "train") == "train"]
+    time_s = sum(float(r.get("step_time_s") or 0.0) for r in train)
+    changes: dict[str, Any] = {}
+    if train and time_s > 0:
+        changes["samples_per_s"] = sum(int(r.get("num_samples") or 0) for r in train) / time_s
+        changes["items_per_s"] = sum(int(r.get("num_items") or 0) for r in train) / time_s
+    losses = [r["loss"] for r in train if r.get("loss") is not None]
+    if summary.final_loss is None and losses:
+        changes["final_loss"] = losses[-1]
+    evals = [r for r in metrics if r.get("kind") == "eval"]
+    if not summary.eval_metrics and evals:
+        last = evals[-1]
+        changes["eval_metrics"] = {
+            key.removeprefix("eval/"): value
+            for key, value in last.items()
+            if key.startswith("eval/")
+        }
+    memory = [int(r["peak_memory_bytes"]) for r in train if r.get("peak_memory_bytes") is not None]
+    changes["peak_memory_bytes"] = max([summary.peak_memory_bytes, *memory])
+    return dataclasses.replace(summary, **changes)
 
 
 def plot_run(metrics: list[dict[str, Any]], path: Path) -> Path | None:

@@ -1,22 +1,38 @@
 """The run directory: what a run writes there; a run is never overwritten silently.
 
-`prepare_run_dir` refuses to reuse a directory that holds a run unless the caller resumes it or
-asks to overwrite it (then only that run's own files are deleted); `save_final_weights` writes
-``final.safetensors`` atomically (docs/design.md, invariant 6).
+`RunLock` keeps one run per directory (an ``flock`` held for the run's life, released when the
+process ends, however it ends); `prepare_run_dir` refuses to reuse a directory that holds a run
+unless the caller resumes it or asks to overwrite it (then only that run's own files are deleted);
+`save_final_weights` writes ``final.safetensors`` atomically (docs/design.md, invariant 6);
+`storage_errors` turns a full disk or a read-only directory into one line.
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import logging
+import os
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
+from types import TracebackType
 
+import safetensors
 import torch
 from safetensors.torch import save_model
 
 from bigbatch.core import distributed
+from bigbatch.units import UsageError, _short
+
+try:
+    import fcntl
+except ImportError:  # Windows: no flock; runs are not locked there
+    fcntl = None  # type: ignore[assignment]
 
 logger = logging.getLogger(__name__)
+
+LOCK_FILE = ".bigbatch.lock"
 
 FINAL_WEIGHTS = "final.safetensors"
 PLOT_FILE = "curves.png"
@@ -25,26 +41,132 @@ RUN_FILES = (FINAL_WEIGHTS, "metrics.jsonl", "config.yaml", "report.md", PLOT_FI
 RUN_DIRS = ("checkpoints", "tensorboard")
 
 
+def check_run_dir(run_dir: Path | str) -> Path:
+    """The run directory as a Path; an empty name or an existing file is refused in one line."""
+    if not str(run_dir).strip():
+        raise UsageError("--out: the run directory is an empty name; give a directory")
+    path = Path(run_dir)
+    if path.exists() and not path.is_dir():
+        raise UsageError(
+            f"--out {_short(str(path), limit=200)} is a file, not a directory; give a directory"
+        )
+    return path
+
+
 def prepare_run_dir(run_dir: Path, *, resume: bool, overwrite: bool) -> None:
     """Refuse to reuse a run's directory silently; with overwrite delete only that run's files."""
+    if resume and overwrite:
+        raise UsageError(
+            "--resume continues the run in --out and --overwrite deletes it: give one of them"
+        )
     existing = [name for name in (*RUN_FILES, *RUN_DIRS) if (run_dir / name).exists()]
     if resume or not existing:
         return
     if not overwrite:
         state = "finished" if (run_dir / FINAL_WEIGHTS).exists() else "earlier"
-        raise ValueError(
+        raise UsageError(
             f"run directory {str(run_dir)!r} holds an {state} run ({', '.join(existing)}): pass "
             "--resume to continue it, --overwrite to replace it, or choose another --out"
         )
     if distributed.is_main_process():
         for name in existing:
             path = run_dir / name
-            shutil.rmtree(path) if path.is_dir() else path.unlink()
+            with storage_errors(f"delete {path}"):
+                shutil.rmtree(path) if path.is_dir() else path.unlink()
         logger.info("overwrite: removed %s from %s", ", ".join(existing), run_dir)
 
 
 def save_final_weights(run_dir: Path, module: torch.nn.Module) -> None:
     """``final.safetensors``, written to a temporary name first and renamed into place."""
     temporary = run_dir / (FINAL_WEIGHTS + ".tmp")
-    save_model(module, str(temporary))
-    temporary.replace(run_dir / FINAL_WEIGHTS)
+    with storage_errors(f"write the final weights {run_dir / FINAL_WEIGHTS}"):
+        save_model(module, str(temporary))
+        temporary.replace(run_dir / FINAL_WEIGHTS)
+
+
+class StorageError(UsageError, OSError):
+    """bigbatch could not write its own files (a full disk, a quota, a read-only directory).
+
+    An OSError for library callers, and a `UsageError`: the command line prints one line.
+    """
+
+
+@contextlib.contextmanager
+def storage_errors(action: str, hint: str = "") -> Iterator[None]:
+    """A failed write of bigbatch's own files (full disk, quota, read-only) as one line.
+
+    safetensors reports its I/O failures as SafetensorError; only bigbatch's writes go through
+    here, so an error from a user's code keeps its traceback.
+    """
+    try:
+        yield
+    except StorageError:
+        raise
+    except (OSError, safetensors.SafetensorError) as error:
+        reason = error.strerror if isinstance(error, OSError) and error.strerror else str(error)
+        raise StorageError(f"cannot {action}: {reason}{hint}") from error
+
+
+class RunLock:
+    """One run per directory: an exclusive ``flock`` on ``run_dir/.bigbatch.lock``.
+
+    Held from `acquire` to `release` (or the end of the process, however it ends, so a killed run
+    never blocks its own resume). The file keeps the holder's pid for the message of the run
+    that is refused. Only rank 0 locks; the others learn the outcome from it.
+    """
+
+    def __init__(self, run_dir: Path) -> None:
+        self.path = Path(run_dir) / LOCK_FILE
+        self._fd: int | None = None
+
+    def acquire(self) -> None:
+        """Take the lock, or raise UsageError naming the directory and the holder's pid."""
+        message = [self._try_lock() if distributed.is_main_process() else None]
+        if distributed.is_initialized():
+            torch.distributed.broadcast_object_list(message, src=0)
+        if message[0] is not None:
+            raise UsageError(message[0])
+
+    def _try_lock(self) -> str | None:
+        """None when the lock is ours, else the refusal."""
+        with storage_errors(f"create the lock file {self.path}"):
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        if fcntl is None:
+            os.close(fd)
+            return None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as error:
+            holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "?"
+            os.close(fd)
+            if error.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                where = _short(str(self.path.parent), limit=200)
+                return (
+                    f"run directory {where} is in use by another bigbatch run (pid {holder}); "
+                    "wait for it to end or choose another --out"
+                )
+            logger.warning("%s cannot be locked (%s): the run goes on unlocked", self.path, error)
+            return None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        self._fd = fd
+        return None
+
+    def release(self) -> None:
+        """Let the next run in (safe to call twice; the file stays, holding no lock)."""
+        if self._fd is not None:
+            os.close(self._fd)  # closing the descriptor releases the flock
+            self._fd = None
+
+    def __enter__(self) -> RunLock:
+        self.acquire()
+        return self
+
+    def __exit__(
+        self,
+        kind: type[BaseException] | None,
+        error: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.release()

@@ -16,9 +16,10 @@ from dataclasses import dataclass
 from typing import Any
 
 from bigbatch.core.noise import NoiseScale
-from bigbatch.data.sampler import GlobalBatchSampler, count_steps
+from bigbatch.data.sampler import GlobalBatchSampler, count_steps_in_stages
 from bigbatch.plan import Plan, check_count, plan
 from bigbatch.train.config import Config
+from bigbatch.units import UsageError
 
 logger = logging.getLogger(__name__)
 
@@ -42,7 +43,7 @@ def scale_learning_rate(
         0.002
     """
     if rule not in STATIC_RULES:
-        raise ValueError(f"lr_scaling.rule must be one of {', '.join(STATIC_RULES)}, got {rule!r}")
+        raise UsageError(f"lr_scaling.rule must be one of {', '.join(STATIC_RULES)}, got {rule!r}")
     check_count("global_batch_size", global_batch_size)
     check_count("lr_scaling.base_batch_size", base_batch_size)
     ratio = global_batch_size / base_batch_size
@@ -81,19 +82,19 @@ class BatchSizeSchedule:
 
     def __post_init__(self) -> None:
         if not self.stages:
-            raise ValueError(
+            raise UsageError(
                 "batch_size_schedule needs at least one [step, global_batch_size] stage"
             )
         starts = [start for start, _ in self.stages]
         if starts[0] != 0:
-            raise ValueError(
+            raise UsageError(
                 f"batch_size_schedule must start at step 0, got first step {starts[0]}"
             )
         if any(later <= earlier for earlier, later in zip(starts, starts[1:])):
-            raise ValueError(f"batch_size_schedule steps must increase, got {starts}")
+            raise UsageError(f"batch_size_schedule steps must increase, got {starts}")
         for start, size in self.stages:
             if isinstance(start, bool) or not isinstance(start, int) or start < 0:
-                raise ValueError(f"batch_size_schedule step must be an integer >= 0, got {start!r}")
+                raise UsageError(f"batch_size_schedule step must be an integer >= 0, got {start!r}")
             check_count("batch_size_schedule global_batch_size", size)
 
     @classmethod
@@ -109,7 +110,7 @@ class BatchSizeSchedule:
         try:
             stages = tuple((int(start), int(size)) for start, size in value)  # type: ignore[union-attr]
         except (TypeError, ValueError):
-            raise ValueError(
+            raise UsageError(
                 "batch_size_schedule must be a global batch size or a list of "
                 f"[step, global_batch_size] pairs, got {value!r}"
             ) from None
@@ -228,12 +229,12 @@ class AdaptiveBatchSize:
         hysteresis: float = 1.5,
     ) -> None:
         if not 1 <= minimum <= initial <= maximum:
-            raise ValueError(
+            raise UsageError(
                 f"the adaptive global batch needs 1 <= min_global_batch_size <= "
                 f"global_batch_size <= max_global_batch_size, got {minimum}, {initial}, {maximum}"
             )
         if granularity < 1 or adapt_every < 1 or hysteresis < 1.0:
-            raise ValueError(
+            raise UsageError(
                 f"granularity and adapt_every must be >= 1 and hysteresis >= 1, got "
                 f"{granularity}, {adapt_every}, {hysteresis}"
             )
@@ -328,6 +329,15 @@ class BatchPlanner:
         self._micro_batch_size: int | None = None
         if given != "adaptive" and (config.min_global_batch_size or config.max_global_batch_size):
             logger.warning("min/max_global_batch_size only apply to batch_size_schedule adaptive")
+        largest = max(size for _, size in self.schedule.stages)
+        if largest > num_samples:
+            # Every step would be a short global batch of the whole set (and a huge one a window
+            # of countless empty micro-batches).
+            field = "global_batch_size" if len(self.schedule.stages) == 1 else "batch_size_schedule"
+            raise UsageError(
+                f"{field}: a global batch of {largest} is larger than the training set "
+                f"({num_samples} samples): use at most {num_samples}"
+            )
 
     def at(self, step: int) -> int:
         """The global batch of a 0-based step (the adaptive one's recorded or current)."""
@@ -387,13 +397,24 @@ class BatchPlanner:
         return first
 
     def total_steps(self) -> int:
-        """Optimizer steps of the run (max_steps, or what `epochs` take; adaptive: an estimate)."""
-        if self.config.max_steps is not None:
-            return self.config.max_steps
-        assert self.config.epochs is not None
-        return count_steps(
-            self.num_samples, self.config.epochs, self.at, drop_last=self.config.drop_last
-        )
+        """Optimizer steps of the run (max_steps, or what `epochs` take; adaptive: an estimate).
+
+        Raises:
+            UsageError: the warm-up is longer than the run (the lr would never reach lr).
+        """
+        config, total = self.config, self.config.max_steps
+        if total is None:
+            assert config.epochs is not None
+            stages = self.adaptive.stages if self.adaptive is not None else self.schedule.stages
+            total = count_steps_in_stages(
+                self.num_samples, config.epochs, stages, drop_last=config.drop_last
+            )
+        if config.warmup_steps > total:
+            raise UsageError(
+                f"warmup_steps {config.warmup_steps} is longer than the run ({total} steps): "
+                f"the learning rate would never reach lr; use warmup_steps <= {total}"
+            )
+        return total
 
     def finished(self, step: int, sampler: GlobalBatchSampler, total_steps: int) -> bool:
         """All steps done; adaptive: all epochs done (the number of steps is not known ahead)."""

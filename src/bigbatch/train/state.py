@@ -22,6 +22,7 @@ class TrainState:
         samples_done: samples of every global batch so far.
         items_done: loss items of every global batch so far.
         tokens_done: input tokens of every global batch so far (runs in tokens; else 0).
+        wall_time_s: seconds the run has run so far, over every session (resumes add theirs).
     """
 
     skipped_steps: int = 0
@@ -29,6 +30,7 @@ class TrainState:
     samples_done: int = 0
     items_done: int = 0
     tokens_done: int = 0
+    wall_time_s: float = 0.0
 
     @property
     def items_per_sample(self) -> float:
@@ -44,14 +46,21 @@ class TrainState:
             return self.items_done / self.tokens_done
         return 1.0
 
-    def state_dict(self) -> dict[str, int]:
-        """Plain ints, for checkpoints."""
+    def state_dict(self) -> dict[str, int | float]:
+        """Plain numbers, for checkpoints."""
         return asdict(self)
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Continue from what `state_dict` returned."""
+        """Continue from what `state_dict` returned (a checkpoint without the wall time: 0).
+
+        Raises:
+            KeyError: a counter is missing.
+        """
         for key in asdict(self):
-            setattr(self, key, int(state.get(key, 0)))  # 0: a counter older checkpoints lack
+            if key == "wall_time_s":
+                self.wall_time_s = float(state.get(key, 0.0))
+            else:
+                setattr(self, key, int(state.get(key, 0)))  # 0: a counter older checkpoints lack
 
 
 @dataclass

@@ -22,6 +22,7 @@ from typing import Any, Protocol
 logger = logging.getLogger(__name__)
 
 CLOSE_TIMEOUT_S = 10.0
+"""How long closing one tracker may take before the run ends without waiting."""
 # The extra that installs each tracker's library.
 _EXTRAS = {"tensorboard": "full", "mlflow": "mlflow", "wandb": "wandb"}
 
@@ -70,7 +71,7 @@ def open_trackers(names: Sequence[str], run_dir: Path, *, resume_step: int | Non
 def close_within(trackers: Sequence[Tracker], timeout_s: float = CLOSE_TIMEOUT_S) -> None:
     """Close every tracker, giving up (with a warning) on any that takes over ``timeout_s``."""
     for tracker in trackers:
-        closer = threading.Thread(target=tracker.close, daemon=True)
+        closer = threading.Thread(target=_close_quietly, args=(tracker,), daemon=True)
         closer.start()
         closer.join(timeout_s)
         if closer.is_alive():
@@ -79,6 +80,16 @@ def close_within(trackers: Sequence[Tracker], timeout_s: float = CLOSE_TIMEOUT_S
                 type(tracker).__name__,
                 timeout_s,
             )
+
+
+def _close_quietly(tracker: Tracker) -> None:
+    """Close one tracker; a failure (a full disk) is a warning: metrics.jsonl has every step."""
+    try:
+        tracker.close()
+    except Exception as error:  # a writer re-raises whatever its own thread met
+        logger.warning(
+            "%s's last events are lost: %s: %s", type(tracker).__name__, type(error).__name__, error
+        )
 
 
 def flatten(config: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:

@@ -8,10 +8,11 @@ weights, optimizer, engine state, data position, the adaptive batch and every RN
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -26,22 +27,26 @@ from bigbatch.core import batchnorm as batchnorm_policies
 from bigbatch.core.engine import Accumulator, LossFn, StepResult
 from bigbatch.data.loader import Window, WindowLoader, first_samples
 from bigbatch.data.token_loader import TokenWindow, TokenWindowLoader
+from bigbatch.data.token_plan import TokenBudget
 from bigbatch.data.tokens import sample_lengths
+from bigbatch.plan import Plan
 from bigbatch.recipes import EvalFn
 from bigbatch.tools.autobatch import choose_micro_batch_size
-from bigbatch.train import checkpoint, environment, evaluation, rundir
+from bigbatch.train import checkpoint, environment, evaluation, resume, rundir
 from bigbatch.train import metrics as run_metrics
 from bigbatch.train import report as run_report
 from bigbatch.train.config import Config
 from bigbatch.train.configfile import config_to_yaml, with_recipe_defaults
 from bigbatch.train.early_warning import EarlyWarning
+from bigbatch.train.preemption import RunStopped, StopSignals
 from bigbatch.train.schedules import BatchPlanner
 from bigbatch.train.state import RunSummary, SessionFigures, TrainState
 from bigbatch.train.token_batches import TokenBatchPlanner, probe_micro_batch_tokens
+from bigbatch.units import UsageError
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["NonFiniteError", "RunSummary", "Trainer", "fit"]
+__all__ = ["NonFiniteError", "RunStopped", "RunSummary", "Trainer", "fit"]
 
 
 class NonFiniteError(RuntimeError):
@@ -92,16 +97,18 @@ class Trainer:
         collate_packed: Callable[[list[list[Any]]], Any] | None = None,
     ) -> None:
         if config.global_batch_size is None and config.global_batch_tokens is None:
-            raise ValueError(
+            raise UsageError(
                 "global_batch_size: not set by the config nor the recipe; set it (or "
                 "global_batch_tokens)"
             )
         if config.max_steps is None and config.epochs is None:
-            raise ValueError("max_steps: set max_steps or epochs (neither is set)")
+            raise UsageError("max_steps: set max_steps or epochs (neither is set)")
+        num_samples = len(train_dataset)  # type: ignore[arg-type]
+        environment.check_num_workers(config.num_workers)
         self.config = config
         self.loss_fn, self.eval_fn, self.collate_fn = loss_fn, eval_fn, collate_fn
         self.train_dataset, self.eval_dataset = train_dataset, eval_dataset
-        self.run_dir = Path(run_dir) if run_dir is not None else None
+        self.run_dir = rundir.check_run_dir(run_dir) if run_dir is not None else None
         self.progress, self.name = progress, name
         self.rank, self.world_size = distributed.get_rank(), distributed.get_world_size()
         self.device = environment.resolve_device(config.device)
@@ -137,6 +144,12 @@ class Trainer:
         self.plan_for, self.batch_size_at = self.batches.plan_for, self.batches.at
         self.first_global_batch_size = self.batches.first_global_batch_size
         self.early_warning = EarlyWarning()
+        if config.warmup_steps and config.batch_size_schedule != "adaptive":
+            self.batches.total_steps()  # refuses a warm-up beyond the run now, not after a probe
+        self._total_steps = 0
+        self._saved_step: int | None = None  # the step of the latest checkpoint written
+        self._restored: checkpoint.Checkpoint | None = None
+        self._session_start, self._wall_time_before = time.perf_counter(), 0.0
 
     # -- plans, batch sizes and learning rate --------------------------------------------------
 
@@ -193,8 +206,29 @@ class Trainer:
     # -- the loop ------------------------------------------------------------------------------
 
     def fit(self, *, resume: bool = False, overwrite: bool = False) -> RunSummary:
-        """Train to the last step; with resume, continue from the newest valid checkpoint."""
-        start_time = time.perf_counter()
+        """Train to the last step; with resume, continue from the newest valid checkpoint.
+
+        The run directory is locked for the run's life (one run per directory), and the config's
+        `stop_signals` stop the run at the end of a step, with a checkpoint of it.
+
+        Raises:
+            RunStopped: a stop signal arrived; the checkpoint of the last completed step is saved.
+            UsageError: bad input: the directory is in use or holds another run, a checkpoint of
+                a run with other settings, a disk that is full, ...
+        """
+        if resume and overwrite:
+            raise UsageError(
+                "--resume continues the run in --out and --overwrite deletes it: give one of them"
+            )
+        with contextlib.ExitStack() as stack:
+            if self.run_dir is not None:
+                stack.enter_context(rundir.RunLock(self.run_dir))
+            stop = stack.enter_context(StopSignals(self.config.stop_signals))
+            return self._fit(stop, resume=resume, overwrite=overwrite)
+
+    def _fit(self, stop: StopSignals, *, resume: bool, overwrite: bool) -> RunSummary:
+        """`fit` inside the lock and the signal handlers."""
+        self._session_start = time.perf_counter()
         first_plan = self.batches.start()  # probes memory once if auto
         if self.config.batchnorm != "freeze":  # the engine warns again per window otherwise
             batchnorm_policies.warn_small_micro_batches(self.module, first_plan.micro_batch_size)
@@ -203,16 +237,18 @@ class Trainer:
             rundir.prepare_run_dir(self.run_dir, resume=resume, overwrite=overwrite)
             if distributed.is_initialized():
                 dist.barrier()  # every rank has checked the directory before rank 0 writes
-        loader = self._window_loader()
+        loader = self._window_loader(stop.signals)
         # Training draws (dropout, ...) from a stream of its own per rank, reproducible on resume.
         environment.seed_everything(self.config.seed + 1_000_003 * self.rank)
         state = TrainState()
         restored = self._restore(loader, state) if resume else None
-        total = self.batches.total_steps()
+        total = self._total_steps = self._checked_total(restored, loader.step)
+        if restored is not None and self.batches.finished(loader.step, loader.sampler, total):
+            return self._already_finished(loader, state, first_plan, writes)
         if writes:
             assert self.run_dir is not None
-            self.run_dir.mkdir(parents=True, exist_ok=True)
-            (self.run_dir / "config.yaml").write_text(config_to_yaml(self.config))
+            with rundir.storage_errors(f"write {self.run_dir / 'config.yaml'}"):
+                (self.run_dir / "config.yaml").write_text(config_to_yaml(self.config))
         logger.info("plan of the first step:\n%s", first_plan)
         logger_ = run_metrics.MetricsLogger(
             self.run_dir or Path("."),
@@ -224,7 +260,11 @@ class Trainer:
         bar = run_metrics.ProgressBar(total, initial=loader.step, enabled=self.progress and writes)
         figures = SessionFigures()
         try:
-            self._loop(loader, total, state, logger_, bar, figures)
+            stopped_by = self._loop(loader, total, state, logger_, bar, figures, stop)
+            if stopped_by:
+                raise RunStopped(
+                    stopped_by, loader.step, total, self._stop_checkpoint(loader, state)
+                )
             eval_metrics = self.evaluate()
             if eval_metrics:
                 logger_.log_eval(loader.step, eval_metrics)
@@ -233,6 +273,39 @@ class Trainer:
         finally:
             bar.close()
             logger_.close()
+        summary = self._summary(loader, state, first_plan, figures, eval_metrics, resumed=restored)
+        if writes:
+            self._finish_run_dir(summary)
+        return summary
+
+    def _checked_total(self, restored: int | None, step: int) -> int:
+        """The run's steps, checked against the warm-up and, on resume, the checkpoint."""
+        total = self.batches.total_steps()
+        if restored is not None and self._restored is not None:
+            resume.warn_if_schedule_moves(self._restored, self.config, total, step)
+        return total
+
+    def _stop_checkpoint(
+        self, loader: WindowLoader | TokenWindowLoader, state: TrainState
+    ) -> Path | None:
+        """The checkpoint of the step the run stops at (written unless it already is)."""
+        if self.run_dir is None:
+            return None
+        if self._saved_step != loader.step:
+            self._save_checkpoint(loader, state)
+        return self.run_dir / "checkpoints" / checkpoint.checkpoint_name(loader.step)
+
+    def _summary(
+        self,
+        loader: WindowLoader | TokenWindowLoader,
+        state: TrainState,
+        first_plan: Plan | TokenBudget,
+        figures: SessionFigures,
+        eval_metrics: dict[str, float],
+        *,
+        resumed: int | None,
+    ) -> RunSummary:
+        """What the run achieved; a resumed run's figures cover the whole run, every session."""
         time_s = max(figures.time_s, 1e-12)
         summary = RunSummary(
             steps=loader.step,
@@ -245,21 +318,40 @@ class Trainer:
             plan=first_plan.to_dict(),
             run_dir=self.run_dir,
             global_batch_size=self.first_global_batch_size,
-            wall_time_s=time.perf_counter() - start_time,
+            wall_time_s=self._wall_time_before + time.perf_counter() - self._session_start,
             recipe=self.name,
             extra={
                 **self._noise_scale_summary(loader.step, self._in_tokens(state)[1]),
-                **figures.token_summary(
-                    loader.step - (restored or 0), self.first_global_batch_size
-                ),
+                **figures.token_summary(loader.step - (resumed or 0), self.first_global_batch_size),
             },
         )
-        if writes:
-            self._finish_run_dir(summary)
+        metrics_file = (self.run_dir or Path(".")) / run_metrics.METRICS_FILE
+        if resumed is None or self.run_dir is None or not metrics_file.exists():
+            return summary
+        return run_report.whole_run(summary, run_metrics.read_metrics(metrics_file))
+
+    def _already_finished(
+        self,
+        loader: WindowLoader | TokenWindowLoader,
+        state: TrainState,
+        first_plan: Plan | TokenBudget,
+        writes: bool,
+    ) -> RunSummary:
+        """Resuming a finished run: nothing to train or evaluate again; the report stays."""
+        assert self.run_dir is not None
+        logger.info("the run in %s is finished (step %d): nothing to do", self.run_dir, loader.step)
+        summary = self._summary(
+            loader, state, first_plan, SessionFigures(), {}, resumed=loader.step
+        )
+        if writes and not (self.run_dir / rundir.FINAL_WEIGHTS).exists():
+            self._finish_run_dir(summary)  # it stopped between its last checkpoint and the end
         return summary
 
-    def _window_loader(self) -> WindowLoader | TokenWindowLoader:
-        """This rank's windows from step 0, in samples or in tokens."""
+    def _window_loader(
+        self, worker_ignored_signals: Sequence[int] = ()
+    ) -> WindowLoader | TokenWindowLoader:
+        """This rank's windows from step 0, in samples or in tokens (data workers leave the stop
+        signals to the main process, which stops at a step boundary)."""
         if isinstance(self.batches, TokenBatchPlanner):
             return self.batches.window_loader(
                 self.train_dataset,
@@ -279,6 +371,7 @@ class Trainer:
             drop_last=self.config.drop_last,
             num_workers=self.config.num_workers,
             pin_memory=self.device.type == "cuda",
+            worker_ignored_signals=worker_ignored_signals,
         )
 
     def _loop(
@@ -289,8 +382,13 @@ class Trainer:
         logger_: run_metrics.MetricsLogger,
         bar: run_metrics.ProgressBar,
         figures: SessionFigures,
-    ) -> None:
-        """Steps from the loader's position to the end, with logs, evaluations and checkpoints."""
+        stop: StopSignals,
+    ) -> int:
+        """Steps from the loader's position to the end, with logs, evaluations and checkpoints.
+
+        Returns 0 at the end of the run, or the number of the signal that stopped it (every rank
+        agrees on it at the end of a step).
+        """
         self.model.train()
         windows: Iterator[Window | TokenWindow] = iter(loader)
         tick = time.perf_counter()
@@ -348,12 +446,15 @@ class Trainer:
                 due = every_save and loader.step % every_save == 0 and not finished
                 if due and self.run_dir is not None:
                     self._save_checkpoint(loader, state)
+                if not finished and stop.active and (stopped_by := stop.agreed()):
+                    return stopped_by
                 if changed:  # prefetched micro-batches were cut for the old size: start afresh
                     windows.close()  # type: ignore[attr-defined]
                     windows = iter(loader)
                 tick = time.perf_counter()
         finally:
             windows.close()  # type: ignore[attr-defined]
+        return 0
 
     def _adapt(self, steps_done: int, result: StepResult, items_per_unit: float) -> bool:
         """Adaptive schedule: let the controller decide; True when the global batch changed.
@@ -405,9 +506,11 @@ class Trainer:
 
     def _save_checkpoint(self, loader: WindowLoader | TokenWindowLoader, state: TrainState) -> None:
         rng = checkpoint.gather_rng_states(self.world_size)
+        self._saved_step = loader.step
         if not distributed.is_main_process():
             return
         assert self.run_dir is not None
+        state.wall_time_s = self._wall_time_before + time.perf_counter() - self._session_start
         training_state = {
             "optimizer": self.optimizer.state_dict(),
             "accumulator": self.accumulator.state_dict(),
@@ -419,6 +522,7 @@ class Trainer:
             "config": self.config.model_dump(mode="json"),
             "counters": state.state_dict(),
             "world_size": self.world_size,
+            "total_steps": self._total_steps,
             "early_warning": self.early_warning.state_dict(),
             "adaptive": self.batches.adaptive.state_dict()
             if self.batches.adaptive is not None
@@ -430,7 +534,8 @@ class Trainer:
 
     def _restore(self, loader: WindowLoader | TokenWindowLoader, state: TrainState) -> int | None:
         """Load the newest valid checkpoint into everything; returns its step (None: none)."""
-        found = checkpoint.load_run_checkpoint(self.run_dir)
+        num_samples = len(self.train_dataset)  # type: ignore[arg-type]
+        found = self._restored = resume.load(self.run_dir, self.config, self.module, num_samples)
         if found is None:
             return None
         saved = found.training_state
@@ -439,6 +544,7 @@ class Trainer:
         self.accumulator.load_state_dict(saved["accumulator"])
         loader.load_state_dict(saved["data"])
         state.load_state_dict(saved["counters"])
+        self._wall_time_before, self._saved_step = state.wall_time_s, found.step
         if isinstance(self.batches, TokenBatchPlanner):
             if self.config.micro_batch_tokens == "auto":  # no second memory probe
                 self.batches.micro_batch_tokens = int(saved["micro_batch_tokens"])
@@ -469,16 +575,17 @@ class Trainer:
     def _finish_run_dir(self, summary: RunSummary) -> None:
         assert self.run_dir is not None
         rundir.save_final_weights(self.run_dir, self.module)
-        records = run_metrics.read_metrics(self.run_dir / "metrics.jsonl")
-        plot = run_report.plot_run(records, self.run_dir / rundir.PLOT_FILE)
-        run_report.write_report(
-            self.run_dir,
-            summary.to_dict(),
-            records,
-            plot,
-            config=self.config.model_dump(mode="json"),
-            device=environment.describe_device(self.device),
-        )
+        records = run_metrics.read_metrics(self.run_dir / run_metrics.METRICS_FILE)
+        with rundir.storage_errors(f"write the report in {self.run_dir}"):
+            plot = run_report.plot_run(records, self.run_dir / rundir.PLOT_FILE)
+            run_report.write_report(
+                self.run_dir,
+                summary.to_dict(),
+                records,
+                plot,
+                config=self.config.model_dump(mode="json"),
+                device=environment.describe_device(self.device),
+            )
 
 
 def fit(
@@ -536,11 +643,14 @@ def _apply_batchnorm_policy_once(
     the Trainer (for a model given directly) before DDP wrapping; a second call does nothing."""
     if getattr(distributed.unwrap(model), _POLICY_MARK, None) == policy:
         return model
-    model = batchnorm_policies.apply_policy(
-        model,
-        policy,  # type: ignore[arg-type]
-        world_size=world_size,
-        device_type=device_type,
-    )
+    try:
+        model = batchnorm_policies.apply_policy(
+            model,
+            policy,  # type: ignore[arg-type]
+            world_size=world_size,
+            device_type=device_type,
+        )
+    except ValueError as error:  # the policy does not fit this model: the config's to change
+        raise UsageError(f"batchnorm: {error}") from error
     object.__setattr__(distributed.unwrap(model), _POLICY_MARK, policy)
     return model

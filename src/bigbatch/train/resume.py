@@ -1,0 +1,230 @@
+"""What `--resume` accepts: the same run, continued; never another run under the same name.
+
+A checkpoint keeps the run's resolved config. On resume, the fields that define the run (recipe
+and its options, global batch and its schedule, seed, optimizer and learning-rate settings,
+precision, BatchNorm policy, ...) must match, or the resume is refused naming each difference;
+the fields that only change how it runs (`HOW_IT_RUNS`: micro-batch, devices, workers, intervals,
+a longer run) may change, and a length that moves the learning-rate decay is said in a warning.
+A checkpoint whose files check out but whose contents do not (a missing key, a data position past
+the dataset) counts as damaged, so the previous one is used (docs/design.md, invariant 5).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from bigbatch.core import distributed
+from bigbatch.data.sampler import GlobalBatchSampler
+from bigbatch.train import checkpoint
+from bigbatch.train.checkpoint import Checkpoint
+from bigbatch.train.config import Config
+from bigbatch.train.schedules import lr_factor
+from bigbatch.train.state import TrainState
+from bigbatch.units import UsageError, _short
+
+logger = logging.getLogger(__name__)
+
+HOW_IT_RUNS = frozenset(
+    {
+        "micro_batch_size",
+        "gradient_accumulation_steps",
+        "memory_budget",
+        "optimize",
+        "device",
+        "num_workers",
+        "eval_every",
+        "checkpoint_every",
+        "keep_checkpoints",
+        "on_nonfinite",
+        "max_nonfinite_in_row",
+        "stop_signals",
+        "max_steps",
+        "epochs",
+    }
+)
+"""Config fields a resumed run may change: how it runs, not what it computes (plus its length)."""
+
+REQUIRED_STATE = ("optimizer", "accumulator", "data", "rng", "counters", "config")
+"""What a checkpoint's training state must hold to resume from it."""
+
+
+_UNSET = "(unset)"
+
+
+def load(
+    run_dir: Path | None, config: Config, module: torch.nn.Module, num_samples: int
+) -> Checkpoint | None:
+    """The newest checkpoint of the run directory that this run may continue from, or None.
+
+    Call on every rank. A checkpoint of a run with other settings, or whose weights do not fit
+    the model, is refused (UsageError); one whose contents are unusable counts as damaged, like
+    a truncated one: the previous one is used, and the damaged ones are set aside.
+    """
+
+    def check(found: Checkpoint) -> None:
+        check_contents(found, num_samples)  # KeyError / ValueError: damaged, the previous one
+        check_same_run(found, config)
+        check_fits(found, module)
+
+    found = checkpoint.load_run_checkpoint(run_dir, check)
+    if distributed.is_initialized():
+        dist.barrier()  # every rank has read the checkpoints before any is set aside
+    if found is not None and found.skipped and distributed.is_main_process():
+        set_aside(found.skipped)
+    return found
+
+
+def set_aside(paths: tuple[Path, ...]) -> None:
+    """Rename damaged checkpoints to ``step-N.damaged`` (call on rank 0 only).
+
+    They stay for inspection, and no longer count as checkpoints: retention keeps the newest
+    ``keep`` valid ones, and the resumed run writes those steps afresh.
+    """
+    for path in paths:
+        target = path.with_name(f"{path.name}.damaged")
+        try:
+            if target.exists():
+                shutil.rmtree(target)
+            os.replace(path, target)
+            logger.warning("damaged checkpoint %s set aside as %s", path, target.name)
+        except OSError as error:
+            logger.warning("could not set aside damaged checkpoint %s: %s", path, error)
+
+
+def _flatten(config: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """``{"lr_scaling": {"rule": "sqrt"}}`` -> ``{"lr_scaling.rule": "sqrt"}``; an empty mapping
+    leaves nothing."""
+    flat: dict[str, Any] = {}
+    for key, value in config.items():
+        if isinstance(value, Mapping):
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def run_differences(saved: Mapping[str, Any], current: Mapping[str, Any]) -> list[str]:
+    """``"lr 0.003 -> 0.1"`` for each run-defining field that differs.
+
+    A top-level field only one side knows (a checkpoint of an older version) is skipped; inside
+    a field (recipe_options, lr_scaling) a key only one side has differs from "(unset)".
+
+    Example:
+        >>> run_differences({"lr": 0.003, "num_workers": 0}, {"lr": 0.1, "num_workers": 4})
+        ['lr 0.003 -> 0.1']
+        >>> run_differences({"recipe_options": {}}, {"recipe_options": {"depth": 2}})
+        ['recipe_options.depth (unset) -> 2']
+    """
+    shared = [key for key in saved.keys() & current.keys() if key not in HOW_IT_RUNS]
+    old = _flatten({key: saved[key] for key in shared})
+    new = _flatten({key: current[key] for key in shared})
+    differences = []
+    for key in sorted(old.keys() | new.keys()):
+        before, after = old.get(key, _UNSET), new.get(key, _UNSET)
+        if before != after:
+            shown = [
+                value if value is _UNSET else _short(value, limit=40) for value in (before, after)
+            ]
+            differences.append(f"{key} {shown[0]} -> {shown[1]}")
+    return differences
+
+
+def check_same_run(found: Checkpoint, config: Config) -> None:
+    """Refuse a checkpoint of another run: UsageError naming every run-defining difference."""
+    saved = found.training_state["config"]
+    if not isinstance(saved, Mapping):
+        raise TypeError(f"its config is a {type(saved).__name__}, not a mapping")
+    differences = run_differences(saved, config.model_dump(mode="json"))
+    if differences:
+        shown = ", ".join(differences[:8]) + (", ..." if len(differences) > 8 else "")
+        raise UsageError(
+            f"resume: {found.path} belongs to a run with other settings: {shown}. These define "
+            "the run: set them back (its config.yaml has them) or start a new run with another "
+            "--out"
+        )
+
+
+def check_fits(found: Checkpoint, module: torch.nn.Module) -> None:
+    """Refuse weights that do not fit the model (it changed since the run began)."""
+    expected = {name: tuple(t.shape) for name, t in module.state_dict().items()}
+    saved = {name: tuple(t.shape) for name, t in found.model_state.items()}
+    problems = [f"{name} missing" for name in sorted(expected.keys() - saved.keys())]
+    problems += [f"{name} unexpected" for name in sorted(saved.keys() - expected.keys())]
+    problems += [
+        f"{name} {list(saved[name])} vs {list(shape)}"
+        for name, shape in sorted(expected.items())
+        if name in saved and saved[name] != shape
+    ]
+    if problems:
+        raise UsageError(
+            f"resume: the weights of {found.path} do not fit the model ({len(problems)} "
+            f"differences: {', '.join(problems[:4])}{', ...' if len(problems) > 4 else ''}): the "
+            "model changed since the run began; start a new run with another --out"
+        )
+
+
+def check_contents(found: Checkpoint, num_samples: int) -> None:
+    """A checkpoint whose files check out must also hold a usable state, else it is damaged.
+
+    Raises:
+        KeyError: a key the resume needs is missing.
+        ValueError: the data position does not fit the dataset or the checkpoint's step.
+    """
+    state = found.training_state
+    missing = [key for key in REQUIRED_STATE if key not in state]
+    if missing:
+        raise KeyError(f"its training state lacks {', '.join(missing)}")
+    data = state["data"]
+    if int(data["step"]) != found.step:
+        raise ValueError(
+            f"its data position is at step {data['step']}, the checkpoint {found.step}"
+        )
+    GlobalBatchSampler(num_samples, seed=0).load_state_dict(data)  # raises when out of range
+    TrainState().load_state_dict(dict(state["counters"]))
+    if not state["rng"]:
+        raise ValueError("it holds no RNG state")
+
+
+def warn_if_schedule_moves(found: Checkpoint, config: Config, total_steps: int, step: int) -> None:
+    """A resumed run of another length moves a decaying learning rate: say by how much.
+
+    Raises:
+        UsageError: the run is now shorter than the checkpoint's step.
+    """
+    saved_total = found.training_state.get("total_steps")
+    if saved_total is None or int(saved_total) == total_steps:
+        return
+    if total_steps < step:
+        raise UsageError(
+            f"resume: the run now has {total_steps} steps (max_steps / epochs), but "
+            f"{found.path} is at step {step}: give a length of at least {step} steps"
+        )
+    if config.lr_schedule == "constant":
+        return
+    if config.batch_size_schedule == "adaptive":
+        logger.warning(
+            "resume: the run now has %d epochs: the %s decay, counted in samples, moves",
+            config.epochs,
+            config.lr_schedule,
+        )
+        return
+    before = lr_factor(step, int(saved_total), config.warmup_steps, config.lr_schedule)
+    after = lr_factor(step, total_steps, config.warmup_steps, config.lr_schedule)
+    logger.warning(
+        "resume: the run now has %d steps instead of %d: the %s decay moves, so step %d gets "
+        "%.4g x the learning rate instead of %.4g x",
+        total_steps,
+        int(saved_total),
+        config.lr_schedule,
+        step + 1,
+        after,
+        before,
+    )

@@ -1,0 +1,52 @@
+"""The early warning sees a blow-up at step 2: the baseline is the first step, not an average."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+
+from bigbatch.cli import main
+from bigbatch.train.early_warning import EarlyWarning
+
+
+def test_a_blow_up_at_step_2_warns_at_step_2_with_its_figures():
+    watch = EarlyWarning()
+    with pytest.warns(UserWarning, match="learning rate is too high"):
+        fired = [watch.observe(1, 2.3, 1.0, 5.0, 256), watch.observe(2, 4.9e7, 3e6, 5.0, 256)]
+    assert fired[0] is None and fired[1] is not None
+    assert "early warning at step 2" in fired[1]
+    assert "the loss rose from 2.3 at step 1 to 4.9e+07" in fired[1]
+    assert "mean of the last 2 steps 2.45e+07, above 1.5 x the first" in fired[1]
+    assert "lr 5" in fired[1] and "global batch 256" in fired[1]
+
+
+def test_a_falling_or_noisy_loss_does_not_warn():
+    watch = EarlyWarning()
+    losses = [2.3, 2.4, 2.2, 3.0, 1.9, 1.5, 1.6, 1.2, 1.0, 0.9]  # noisy, never 1.5 x the first
+    assert [watch.observe(s, v, 1.0, 0.1, 64) for s, v in enumerate(losses, start=1)] == [None] * 10
+
+
+def test_the_first_step_survives_a_checkpoint():
+    watch = EarlyWarning()
+    watch.observe(1, 2.0, 1.0, 0.1, 64)
+    resumed = EarlyWarning()
+    resumed.load_state_dict(watch.state_dict())
+    with pytest.warns(UserWarning):
+        assert resumed.observe(2, 10.0, 1.0, 0.1, 64) is not None
+    older = EarlyWarning()  # a checkpoint of a version that kept the first three losses
+    older.load_state_dict({"first_losses": [2.0, 2.1, 1.9], "recent_losses": [], "grad_norms": [],
+                           "fired": False})  # fmt: skip
+    assert older.first_loss == (1, 2.0)
+
+
+def test_digits_at_lr_5_warns_at_step_2(capsys, tmp_path):
+    argv = ["train", "--set", "lr=5", "--set", "max_steps=2", "--set", "global_batch_size=64"]
+    with pytest.warns(UserWarning, match="early warning at step 2"):
+        code = main([*argv, "--set", "eval_every=0", "--no-progress", "--out", str(tmp_path)])
+    assert code == 0
+    err = capsys.readouterr().err
+    # 2.3 is ln(10), chance on ten classes; lr 5 sends it past 1e6 in one step.
+    assert re.search(
+        r"early warning at step 2: the loss rose from 2\.\d+ at step 1 to \d\.\d+e\+0[6-9]", err
+    )

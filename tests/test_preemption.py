@@ -1,0 +1,216 @@
+"""A signal stops a run at the end of a step with a checkpoint; `--resume` then ends bitwise equal.
+
+The reference is the same command left alone. Runs go through the command line in fresh
+interpreters, on 1 process and on 2 (gloo, launched as torchrun would, the signal sent to one rank
+only), with a recipe whose loss_fn sleeps a little so that the signal lands inside a step.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from tests.distributed_helpers import free_port
+
+ROOT = Path(__file__).resolve().parents[1]
+SLOW_RECIPE = """
+import os, time
+from bigbatch.recipes import digits
+
+def build(config):
+    recipe = digits.build(config)
+    plain, delay = recipe.loss_fn, float(os.environ.get("STEP_DELAY", "0"))
+
+    def loss_fn(model, batch):
+        time.sleep(delay)
+        return plain(model, batch)
+
+    recipe.loss_fn = loss_fn
+    return recipe
+"""
+MAX_STEPS = 12
+SETTINGS = [
+    "--set", "recipe=slow:build", "--set", "global_batch_size=64", "--set", "micro_batch_size=16",
+    "--set", f"max_steps={MAX_STEPS}", "--set", "eval_every=4", "--set", "checkpoint_every=5",
+    "--set", "lr_schedule=cosine", "--set", "warmup_steps=2", "--no-progress",
+]  # fmt: skip
+
+
+def launch(
+    work: Path, out: Path, *extra: str, delay: float = 0.0, rank: int = 0, world: int = 1, port=0
+) -> subprocess.Popen:
+    env = {
+        **os.environ,
+        "PYTHONPATH": str(ROOT / "src"),
+        "OMP_NUM_THREADS": "1",
+        "STEP_DELAY": str(delay),
+    }
+    if world > 1:  # what torchrun sets
+        env.update(
+            RANK=str(rank),
+            WORLD_SIZE=str(world),
+            LOCAL_RANK=str(rank),
+            MASTER_ADDR="127.0.0.1",
+            MASTER_PORT=str(port),
+        )
+    command = [sys.executable, "-m", "bigbatch", "train", *SETTINGS, *extra, "--out", str(out)]
+    return subprocess.Popen(
+        command, cwd=work, env=env, text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE
+    )
+
+
+def launch_all(work: Path, out: Path, *extra: str, world: int, delay: float = 0.0):
+    port = free_port()
+    return [
+        launch(work, out, *extra, delay=delay, rank=r, world=world, port=port) for r in range(world)
+    ]
+
+
+def finish(processes: list[subprocess.Popen]) -> list[tuple[int, str, str]]:
+    results = []
+    for process in processes:
+        out, err = process.communicate(timeout=240)
+        results.append((process.returncode, out, err))
+    return results
+
+
+def train_steps(out: Path) -> list[int]:
+    path = out / "metrics.jsonl"
+    if not path.exists():
+        return []
+    steps = []
+    for line in path.read_text().splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue  # being written
+        if record["kind"] == "train":
+            steps.append(record["step"])
+    return steps
+
+
+def assert_bitwise_equal(expected_dir: Path, actual_dir: Path) -> None:
+    expected = load_file(expected_dir / "final.safetensors")
+    actual = load_file(actual_dir / "final.safetensors")
+    assert expected.keys() == actual.keys()
+    for name in expected:
+        assert torch.equal(expected[name], actual[name]), name
+    assert train_steps(actual_dir) == list(range(1, MAX_STEPS + 1))  # one train line per step
+    evals = [json.loads(line) for line in (actual_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in evals if r["kind"] == "eval"] == [4, 8, 12]
+
+
+@pytest.fixture(scope="module")
+def work(tmp_path_factory) -> Path:
+    work = tmp_path_factory.mktemp("work")
+    (work / "slow.py").write_text(SLOW_RECIPE)
+    return work
+
+
+@pytest.fixture(scope="module")
+def reference(work) -> Path:
+    """The run left alone, on one process."""
+    out = work / "reference"
+    ((code, _, err),) = finish(launch_all(work, out, world=1))
+    assert code == 0, err[-2000:]
+    return out
+
+
+def stop_at_a_random_step(
+    processes: list[subprocess.Popen], out: Path, number: int, target: int = 0
+) -> tuple[int, float]:
+    """Send the signal to one process once a random step has run; (that step, seconds to exit)."""
+    step = random.randint(2, MAX_STEPS - 3)
+    deadline = time.monotonic() + 200
+    while len(train_steps(out)) < step:
+        assert all(p.poll() is None for p in processes), "a run ended before the signal"
+        assert time.monotonic() < deadline, "the run does not progress"
+        time.sleep(0.01)
+    sent = time.monotonic()
+    processes[target].send_signal(number)
+    for process in processes:
+        process.wait(timeout=120)
+    return step, time.monotonic() - sent
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize(
+    ("name", "extra"),
+    [("SIGTERM", []), ("SIGINT", []), ("SIGUSR1", ["--set", "stop_signals=[SIGUSR1]"])],
+)
+def test_a_signal_at_a_random_step_then_resume_is_bitwise_equal(
+    work, reference, tmp_path, name, extra
+):
+    number = signal.Signals[name]
+    out = tmp_path / "stopped"
+    processes = launch_all(work, out, *extra, world=1, delay=0.05)
+    step, exit_s = stop_at_a_random_step(processes, out, number)
+    code, _, err = finish(processes)[0]
+    assert code == 128 + number, err[-2000:]
+    assert not (out / "final.safetensors").exists()
+    last = err.strip().splitlines()[-1]
+    assert last.startswith(f"bigbatch train: stopped by {name} after step "), err[-2000:]
+    assert "--resume" in last and str(out) in last and "Traceback" not in err
+    stopped_at = len(train_steps(out))
+    assert stopped_at in (step, step + 1), (step, stopped_at)  # the step in progress, no more
+    assert (out / "checkpoints" / f"step-{stopped_at:08d}").is_dir()
+    print(f"{name} after step {step}: exit after {exit_s:.2f} s")
+    assert exit_s < 60
+    ((code, _, err),) = finish(launch_all(work, out, *extra, "--resume", world=1))
+    assert code == 0, err[-2000:]
+    assert f"resumed from {out / 'checkpoints'}/step-{stopped_at:08d}" in err
+    assert_bitwise_equal(reference, out)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_sigterm_to_one_of_two_ranks_stops_both_then_resume_is_bitwise_equal(work, tmp_path):
+    results = finish(launch_all(work, tmp_path / "reference", world=2))
+    assert [code for code, _, _ in results] == [0, 0], results[0][2][-2000:]
+    out = tmp_path / "stopped"
+    processes = launch_all(work, out, world=2, delay=0.05)
+    step, exit_s = stop_at_a_random_step(processes, out, signal.SIGTERM, target=1)
+    results = finish(processes)
+    assert [code for code, _, _ in results] == [143, 143], results[0][2][-3000:]
+    last = results[0][2].strip().splitlines()[-1]
+    assert last.startswith("bigbatch train: stopped by SIGTERM after step "), last
+    assert "--resume" in last and "torchrun" not in last
+    assert "stopped by" not in results[1][2]  # rank 0 alone says it
+    stopped_at = len(train_steps(out))
+    assert stopped_at in (step, step + 1)
+    print(f"SIGTERM to rank 1 after step {step}: both exited after {exit_s:.2f} s")
+    results = finish(launch_all(work, out, "--resume", world=2))
+    assert [code for code, _, _ in results] == [0, 0], results[0][2][-3000:]
+    assert_bitwise_equal(tmp_path / "reference", out)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_a_second_ctrl_c_aborts_at_once(work, tmp_path):
+    out = tmp_path / "run"
+    (process,) = launch_all(work, out, world=1, delay=2.0)  # a step takes 8 s
+    deadline = time.monotonic() + 200
+    while not (out / "metrics.jsonl").exists():  # the loop starts: the handlers are in place
+        assert process.poll() is None, process.stderr.read()  # type: ignore[union-attr]
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    process.send_signal(signal.SIGINT)
+    time.sleep(0.5)  # the first one is handled: it asks for a stop at the end of the step
+    sent = time.monotonic()
+    process.send_signal(signal.SIGINT)
+    process.wait(timeout=60)
+    assert process.returncode == -signal.SIGINT  # ended by the signal itself, mid-step
+    assert time.monotonic() - sent < 5
+    assert "Ctrl-C again aborts at once" in process.stderr.read()  # type: ignore[union-attr]
+    assert not (out / "checkpoints").exists() or not any((out / "checkpoints").iterdir())

@@ -1,0 +1,124 @@
+"""One run per directory: a second run is refused naming the holder's pid; a killed run's lock goes.
+
+The concurrent case runs two command lines on one directory, the second with --overwrite (the one
+that would delete the first run's files); the first must end exactly as a run in a directory of
+its own.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from bigbatch.train.rundir import LOCK_FILE, RunLock
+from bigbatch.units import UsageError
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_a_second_lock_is_refused_naming_the_holder(tmp_path):
+    with RunLock(tmp_path / "run"):
+        assert (tmp_path / "run" / LOCK_FILE).read_text().strip() == str(os.getpid())
+        with pytest.raises(UsageError) as refused:
+            RunLock(tmp_path / "run").acquire()
+        message = str(refused.value)
+        assert str(tmp_path / "run") in message and f"pid {os.getpid()}" in message
+        assert "\n" not in message
+    with RunLock(tmp_path / "run"):  # released: the next run gets it
+        pass
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_a_killed_holder_never_blocks_the_next_run(tmp_path):
+    hold = (
+        "import sys, time\n"
+        "from bigbatch.train.rundir import RunLock\n"
+        "RunLock(sys.argv[1]).acquire(); print('held', flush=True); time.sleep(300)\n"
+    )
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
+    holder = subprocess.Popen(
+        [sys.executable, "-c", hold, str(tmp_path)], env=env, stdout=subprocess.PIPE, text=True
+    )
+    assert holder.stdout.readline().strip() == "held"  # type: ignore[union-attr]
+    with pytest.raises(UsageError, match=f"pid {holder.pid}"):
+        RunLock(tmp_path).acquire()
+    holder.send_signal(signal.SIGKILL)
+    holder.wait()
+    lock = RunLock(tmp_path)
+    lock.acquire()
+    lock.release()
+
+
+SLOW_RECIPE = """
+import os, time
+from bigbatch.recipes import digits
+
+def build(config):
+    recipe = digits.build(config)
+    plain, delay = recipe.loss_fn, float(os.environ.get("STEP_DELAY", "0"))
+
+    def loss_fn(model, batch):
+        time.sleep(delay)
+        return plain(model, batch)
+
+    recipe.loss_fn = loss_fn
+    return recipe
+"""
+
+
+def command(out: Path, *extra: str) -> list[str]:
+    return [
+        sys.executable, "-m", "bigbatch", "train", "--no-progress", "--out", str(out),
+        "--set", "recipe=slow:build", "--set", "max_steps=30", "--set", "global_batch_size=64",
+        "--set", "eval_every=0", "--set", "checkpoint_every=4", *extra,
+    ]  # fmt: skip
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_two_runs_on_one_directory_one_refused_the_other_exact(tmp_path):
+    (tmp_path / "slow.py").write_text(SLOW_RECIPE)
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "src"), "OMP_NUM_THREADS": "1"}
+    run = {"cwd": tmp_path, "text": True, "stdout": subprocess.PIPE, "stderr": subprocess.PIPE}
+    reference = subprocess.run(command(tmp_path / "alone"), env=env, timeout=240, **run)
+    assert reference.returncode == 0, reference.stderr[-2000:]
+    shared = tmp_path / "shared"
+    # 4 micro-batches of 0.2 s a step: the first run trains for 24 s or more.
+    first = subprocess.Popen(command(shared), env={**env, "STEP_DELAY": "0.2"}, **run)
+    deadline = time.monotonic() + 200
+    while not (shared / "metrics.jsonl").exists():  # it holds the lock and trains
+        assert first.poll() is None, first.stderr.read()  # type: ignore[union-attr]
+        assert time.monotonic() < deadline
+        time.sleep(0.02)
+    seconds = [
+        subprocess.Popen(command(shared, *extra), env=env, **run)
+        for extra in ([], ["--overwrite"], ["--resume"])
+    ]
+    for second in seconds:
+        _, err = second.communicate(timeout=240)
+        lines = err.strip().splitlines()
+        assert second.returncode == 2 and len(lines) == 1, err[-2000:]
+        assert f"run directory {str(shared)!r} is in use" in lines[0]
+        assert f"pid {first.pid}" in lines[0]
+    assert first.poll() is None, "the first run ended before the others were refused"
+    _, err = first.communicate(timeout=240)
+    assert first.returncode == 0, err[-2000:]
+    expected = load_file(tmp_path / "alone" / "final.safetensors")
+    actual = load_file(shared / "final.safetensors")
+    assert all(torch.equal(expected[name], actual[name]) for name in expected)
+    records = [json.loads(line) for line in (shared / "metrics.jsonl").read_text().splitlines()]
+    # One train line per step and the final evaluation, nothing from the refused runs.
+    assert [(r["kind"], r["step"]) for r in records] == [
+        *(("train", step) for step in range(1, 31)),
+        ("eval", 30),
+    ]
