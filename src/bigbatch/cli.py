@@ -188,7 +188,7 @@ def _plan_command(args: argparse.Namespace) -> int:
     if args.global_batch_tokens is not None:
         return _token_plan_command(args)
     if args.micro_batch_tokens is not None or args.packing:
-        raise ValueError("--micro-batch-tokens and --packing need --global-batch-tokens")
+        raise UsageError("--micro-batch-tokens and --packing need --global-batch-tokens")
     if args.memory_budget is None:
         if args.recipe is not None:
             raise UsageError("--recipe only matters with --memory-budget (the probe runs it)")
@@ -229,7 +229,7 @@ def _verify_command(args: argparse.Namespace) -> int:
     if args.print_config:
         return _print_config(config)
     if config.global_batch_tokens is not None:
-        raise ValueError(
+        raise UsageError(
             "global_batch_tokens: verify splits a global batch in samples; check the recipe "
             "with --set global_batch_size=N (a run in tokens runs the same Accumulator.step)"
         )

@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 
 from bigbatch.data.tokens import check_lengths, check_tokens
+from bigbatch.units import UsageError
 
 Rows = tuple[tuple[int, ...], ...]
 """One micro-batch: its rows, each the positions (in the global batch) of the samples it holds."""
@@ -232,11 +233,11 @@ def plan_tokens(
     row = longest if row_tokens is None else check_tokens("row_tokens", row_tokens)
     assert row is not None
     if longest > row:
-        raise ValueError(f"a sample of {longest} tokens is longer than row_tokens {row}")
+        raise UsageError(f"a sample of {longest} tokens is longer than row_tokens {row}")
     needed = row if packing else longest
     if budget is not None and needed > budget:
         what = f"a packed row's {row}" if packing else f"the longest sample's {longest}"
-        raise ValueError(
+        raise UsageError(
             f"micro_batch_tokens {budget} is below {what} tokens: raise micro_batch_tokens to "
             f"at least {needed}, or shorten the longest samples"
         )

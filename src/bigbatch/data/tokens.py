@@ -16,13 +16,14 @@ from typing import Any
 import numpy as np
 
 from bigbatch.data.sampler import GlobalBatchSampler
+from bigbatch.units import UsageError
 
 
 def check_lengths(lengths: Sequence[int] | np.ndarray, name: str = "lengths") -> np.ndarray:
     """Sample lengths as an int64 array; every length must be a positive integer."""
     array = np.asarray(lengths)
     if array.ndim != 1 or array.size == 0:
-        raise ValueError(
+        raise UsageError(
             f"{name} must be a non-empty list of token counts, got shape {array.shape}"
         )
     integral = array.dtype.kind in "iu" or (
@@ -33,7 +34,7 @@ def check_lengths(lengths: Sequence[int] | np.ndarray, name: str = "lengths") ->
     array = array.astype(np.int64)
     if array.min() < 1:
         first = int(np.argmin(array))
-        raise ValueError(
+        raise UsageError(
             f"{name}[{first}] is {int(array[first])}: every sample needs at least one token"
         )
     return array
@@ -53,13 +54,13 @@ def sample_lengths(dataset: Any, sample_length: Callable[[Any], int] | None = No
     if given is not None:
         lengths = check_lengths(given, "dataset.lengths")
         if len(lengths) != num_samples:
-            raise ValueError(
+            raise UsageError(
                 f"dataset.lengths has {len(lengths)} entries for {num_samples} samples: it needs "
                 "one token count per sample, in index order"
             )
         return lengths
     if sample_length is None:
-        raise ValueError(
+        raise UsageError(
             "global_batch_tokens needs the input tokens of every sample: give the dataset a "
             "`lengths` attribute (one int per sample) or the recipe a `sample_length(sample)`"
         )
@@ -73,7 +74,7 @@ def check_tokens(name: str, value: object, *, allow_none: bool = False) -> int |
     if value is None and allow_none:
         return None
     if isinstance(value, bool) or not isinstance(value, int | np.integer) or value < 1:
-        raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        raise UsageError(f"{name} must be a positive integer, got {value!r}")
     return int(value)
 
 
@@ -113,7 +114,7 @@ class TokenBatchSampler(GlobalBatchSampler):
         budget = check_tokens("global_batch_tokens", global_batch_tokens)
         assert budget is not None
         if self.drop_last and budget > self.num_tokens:
-            raise ValueError(
+            raise UsageError(
                 f"global_batch_tokens {budget} is more than the dataset's {self.num_tokens} "
                 "tokens with drop_last: every batch would be dropped; use drop_last false or a "
                 "smaller global_batch_tokens"

@@ -25,7 +25,7 @@ from bigbatch.data.token_plan import TokenBudget, TokenPlan, plan_tokens
 from bigbatch.data.tokens import TokenBatchSampler, sample_lengths
 from bigbatch.tools.autobatch import MicroBatchChoice, choose_micro_batch_size
 from bigbatch.tools.memory import Batch
-from bigbatch.units import format_bytes
+from bigbatch.units import UsageError, format_bytes
 
 
 def longest_rows(
@@ -109,7 +109,7 @@ def choose_micro_batch_tokens(
         ValueError: one row of the longest sample does not fit the budget (with the numbers).
     """
     if isinstance(row_tokens, bool) or not isinstance(row_tokens, int) or row_tokens < 1:
-        raise ValueError(f"row_tokens must be a positive integer, got {row_tokens!r}")
+        raise UsageError(f"row_tokens must be a positive integer, got {row_tokens!r}")
     choice = choose_micro_batch_size(
         model,
         loss_fn,
@@ -179,7 +179,7 @@ def token_plan_report(
     )
     lengths = sample_lengths(recipe.train_dataset, recipe.sample_length)
     if packing and recipe.collate_packed is None:
-        raise ValueError(f"--packing: recipe {recipe_spec!r} has no collate_packed")
+        raise UsageError(f"--packing: recipe {recipe_spec!r} has no collate_packed")
     lines, extra = [], {}
     if memory_budget is not None:
         module = recipe.model.train()

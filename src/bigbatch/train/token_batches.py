@@ -39,6 +39,7 @@ from bigbatch.train.schedules import (
     progress_factor,
     scale_learning_rate,
 )
+from bigbatch.units import UsageError
 
 logger = logging.getLogger(__name__)
 
@@ -83,7 +84,7 @@ class TokenBatchPlanner:
 
     def _check_micro_batch_tokens(self, value: int) -> None:
         if value < self.longest:
-            raise ValueError(
+            raise UsageError(
                 f"micro_batch_tokens {value} is below the longest training sample "
                 f"({self.longest} tokens), which must fit one micro-batch: set micro_batch_tokens "
                 f">= {self.longest} (or auto), or shorten the longest samples"
@@ -228,7 +229,7 @@ class TokenBatchPlanner:
     ) -> TokenWindowLoader:
         """This rank's windows of the run, from step 0 (load a checkpoint's position to resume)."""
         if self.config.packing and collate_packed is None:
-            raise ValueError(
+            raise UsageError(
                 "packing: the recipe has no collate_packed, so its model cannot read packed rows "
                 "(positions restarting and attention within each sequence); set packing false"
             )

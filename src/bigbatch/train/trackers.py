@@ -19,6 +19,8 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Protocol
 
+from bigbatch.units import UsageError
+
 logger = logging.getLogger(__name__)
 
 CLOSE_TIMEOUT_S = 10.0
@@ -56,12 +58,12 @@ def open_trackers(names: Sequence[str], run_dir: Path, *, resume_step: int | Non
             elif name == "wandb":
                 trackers.append(WandbTracker(run_dir, resume=resume_step is not None))
             else:
-                raise ValueError(f"trackers: unknown tracker {name!r}")
+                raise UsageError(f"trackers: unknown tracker {name!r}")
         except ImportError as error:
             if name == "tensorboard":  # the default: a run without it still has metrics.jsonl
                 logger.warning("no TensorBoard events: %s (pip install tensorboard)", error)
                 continue
-            raise ValueError(
+            raise UsageError(
                 f"trackers: {name} needs {error.name or name}, which is not installed: "
                 f"pip install 'bigbatch[{_EXTRAS[name]}]', or remove {name} from trackers"
             ) from None
