@@ -75,6 +75,7 @@ class MetricsLogger:
         self.path = Path(run_dir) / METRICS_FILE
         self._file: Any = None
         self._writer: Any = None
+        self._quiet: _QuietThreads | None = None
         if not enabled:
             return
         with storage_errors(f"write {self.path}"):
@@ -86,10 +87,12 @@ class MetricsLogger:
                 self.path.unlink()
             self._file = open(self.path, "a", encoding="utf-8")  # noqa: SIM115 -- closed in close()
         if tensorboard:
+            before = set(threading.enumerate())
             self._writer = _summary_writer(
                 self.path.parent / "tensorboard",
                 purge_step=None if resume_step is None else resume_step + 1,
             )
+            self._quiet = _QuietThreads(set(threading.enumerate()) - before).install()
 
     def log_step(self, step: int, values: Mapping[str, float | int | None]) -> None:
         """Record the figures of one optimizer step (loss, lr, grad_norm, samples_per_s, ...)."""
@@ -121,6 +124,9 @@ class MetricsLogger:
                     CLOSE_TIMEOUT_S,
                 )
             self._writer = None
+        if self._quiet is not None:
+            self._quiet.uninstall()
+            self._quiet = None
 
     def __enter__(self) -> MetricsLogger:
         return self
@@ -262,6 +268,29 @@ def _truncate_after(path: Path, step: int) -> None:
         os.replace(tmp, path)
 
 
+class _QuietThreads:
+    """While installed, an OSError that ends one of ``threads`` (TensorBoard's writer thread, on
+    a full disk) is one warning line instead of a thread's traceback; anything else goes to the
+    previous `threading.excepthook`."""
+
+    def __init__(self, threads: set[threading.Thread]) -> None:
+        self.threads, self.previous = threads, threading.excepthook
+
+    def __call__(self, args: Any) -> None:
+        if args.thread in self.threads and issubclass(args.exc_type, OSError):
+            logger.warning("TensorBoard logging stops: %s", args.exc_value)
+            return
+        self.previous(args)
+
+    def install(self) -> _QuietThreads:
+        self.previous, threading.excepthook = threading.excepthook, self
+        return self
+
+    def uninstall(self) -> None:
+        if threading.excepthook is self:
+            threading.excepthook = self.previous
+
+
 def _close_quietly(writer: Any) -> None:
     """Close a TensorBoard writer; its failure (a full disk) is a warning: metrics.jsonl has all."""
     try:
@@ -280,7 +309,11 @@ def _summary_writer(log_dir: Path, purge_step: int | None) -> Any:
     except ImportError as error:
         logger.warning("TensorBoard logging is off: %s (pip install tensorboard)", error)
         return None
-    return SummaryWriter(log_dir=str(log_dir), purge_step=purge_step)
+    try:
+        return SummaryWriter(log_dir=str(log_dir), purge_step=purge_step)
+    except OSError as error:  # a full disk: metrics.jsonl is the record that matters
+        logger.warning("TensorBoard logging is off: %s", error)
+        return None
 
 
 def step_record(
