@@ -128,7 +128,9 @@ class TensorBoardTracker:
         from torch.utils.tensorboard import SummaryWriter
 
         purge_step = None if resume_step is None else resume_step + 1
+        before = set(threading.enumerate())
         self._writer = SummaryWriter(str(Path(run_dir) / "tensorboard"), purge_step=purge_step)
+        self._quiet = _QuietThreads(set(threading.enumerate()) - before).install()
 
     def log_config(self, config: Mapping[str, Any]) -> None:
         flat = flatten(config)
@@ -145,7 +147,10 @@ class TensorBoardTracker:
             self._writer.add_scalar(key, value, step)
 
     def close(self) -> None:
-        self._writer.close()
+        try:
+            self._writer.close()
+        finally:
+            self._quiet.uninstall()
 
 
 class MLflowTracker:
@@ -243,3 +248,26 @@ class WandbTracker:
 
         self._run.finish()
         wandb.teardown()  # waits for W&B's writer process to flush the run file
+
+
+class _QuietThreads:
+    """While installed, an OSError that ends one of ``threads`` (TensorBoard's writer thread, on
+    a full disk) is one warning line instead of a thread's traceback; anything else goes to the
+    previous `threading.excepthook`."""
+
+    def __init__(self, threads: set[threading.Thread]) -> None:
+        self.threads, self.previous = threads, threading.excepthook
+
+    def __call__(self, args: Any) -> None:
+        if args.thread in self.threads and issubclass(args.exc_type, OSError):
+            logger.warning("TensorBoard logging stops: %s", args.exc_value)
+            return
+        self.previous(args)
+
+    def install(self) -> _QuietThreads:
+        self.previous, threading.excepthook = threading.excepthook, self
+        return self
+
+    def uninstall(self) -> None:
+        if threading.excepthook is self:
+            threading.excepthook = self.previous
