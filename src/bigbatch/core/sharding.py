@@ -45,9 +45,10 @@ def fsdp_modules(model: torch.nn.Module) -> list[Any]:
 def default_shard_units(model: torch.nn.Module) -> list[torch.nn.Module]:
     """The modules to shard on their own when a recipe names none.
 
-    Every outermost module (below the root) of a class that occurs more than once and holds
-    parameters: the repeated blocks of a transformer or a ResNet. A model without repeated
-    blocks: its top-level children that hold parameters.
+    Every outermost module (below the root) of a class that occurs more than once, has modules
+    of its own and holds parameters: the repeated blocks of a transformer or a ResNet (not its
+    layers, such as two Embeddings). A model without repeated blocks: its top-level children that
+    hold parameters.
     """
     counts: dict[type, int] = {}
     for module in model.modules():
@@ -60,7 +61,8 @@ def default_shard_units(model: torch.nn.Module) -> list[torch.nn.Module]:
             if not any(True for _ in child.parameters()):
                 continue
             repeated = counts.get(type(child), 0) > 1
-            if repeated and type(child) not in _CONTAINERS:
+            composite = any(True for _ in child.children())
+            if repeated and composite and type(child) not in _CONTAINERS:
                 units.append(child)
             else:
                 visit(child)
