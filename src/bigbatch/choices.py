@@ -58,6 +58,13 @@ GRADIENT_SYNCS: dict[str, str] = {
     "per step, but FSDP holds a full unsharded gradient per rank until then",
 }
 
+Parallelism = Literal["ddp", "fsdp"]
+PARALLELISMS: dict[str, str] = {
+    "ddp": "every rank holds the whole model, optimizer and gradient (DistributedDataParallel)",
+    "fsdp": "parameters, gradients and optimizer state sharded over ranks (FSDP2's fully_shard of "
+    "the recipe's shard units, then the root); checkpoints saved sharded and reshardable",
+}
+
 AccumulationDtype = Literal["auto", "fp32", "param"]
 ACCUMULATION_DTYPES: dict[str, str] = {
     "auto": "fp32 when trained parameters are bf16 or fp16 (not under FSDP), else param",
@@ -69,6 +76,7 @@ ACCUMULATION_DTYPES: dict[str, str] = {
 for _literal, _table in (
     (Precision, PRECISIONS),
     (GradientSync, GRADIENT_SYNCS),
+    (Parallelism, PARALLELISMS),
     (AccumulationDtype, ACCUMULATION_DTYPES),
     (BatchNormPolicy, BATCHNORM_POLICIES),
     (Optimize, OPTIMIZE_GOALS),

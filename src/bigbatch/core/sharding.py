@@ -42,6 +42,90 @@ def fsdp_modules(model: torch.nn.Module) -> list[Any]:
     return [module for module in model.modules() if isinstance(module, FSDPModule)]
 
 
+def default_shard_units(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """The modules to shard on their own when a recipe names none.
+
+    Every outermost module (below the root) of a class that occurs more than once, has modules
+    of its own and holds parameters: the repeated blocks of a transformer or a ResNet (not its
+    layers, such as two Embeddings). A model without repeated blocks: its top-level children that
+    hold parameters.
+    """
+    counts: dict[type, int] = {}
+    for module in model.modules():
+        if module is not model and any(True for _ in module.parameters()):
+            counts[type(module)] = counts.get(type(module), 0) + 1
+    units: list[torch.nn.Module] = []
+
+    def visit(module: torch.nn.Module) -> None:
+        for child in module.children():
+            if not any(True for _ in child.parameters()):
+                continue
+            repeated = counts.get(type(child), 0) > 1
+            composite = any(True for _ in child.children())
+            if repeated and composite and type(child) not in _CONTAINERS:
+                units.append(child)
+            else:
+                visit(child)
+
+    visit(model)
+    if units:
+        return units
+    return [child for child in model.children() if any(True for _ in child.parameters())]
+
+
+_CONTAINERS = (torch.nn.ModuleList, torch.nn.ModuleDict, torch.nn.Sequential)
+
+
+def shard_model(
+    model: torch.nn.Module,
+    units: list[torch.nn.Module],
+    *,
+    world_size: int,
+    device_type: str,
+) -> torch.nn.Module:
+    """`fully_shard` each unit, then the root, over a 1-D mesh of every rank; the root returned.
+
+    The parameters become DTensors (new objects): an optimizer built before must be rebound
+    (`rebind_optimizer`).
+    """
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    mesh = init_device_mesh(device_type, (world_size,))
+    for unit in units:
+        if unit is not model:
+            fully_shard(unit, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    return model
+
+
+def rebind_optimizer(
+    optimizer: torch.optim.Optimizer,
+    before: dict[int, str],
+    model: torch.nn.Module,
+) -> None:
+    """Point an optimizer built over a model's parameters at the same parameters after sharding.
+
+    Args:
+        before: ``id(parameter) -> name`` taken before `shard_model`.
+
+    Raises:
+        ValueError: the optimizer holds a parameter that is not the model's, or has state already.
+    """
+    if any(optimizer.state.values()):
+        raise ValueError("the optimizer has state already: build it before the first step")
+    after = dict(model.named_parameters())
+    for group in optimizer.param_groups:
+        rebound = []
+        for parameter in group["params"]:
+            name = before.get(id(parameter))
+            if name is None or name not in after:
+                raise ValueError("the optimizer holds a parameter that is not the model's")
+            rebound.append(after[name])
+        group["params"] = rebound
+    optimizer.state.clear()
+
+
 def use_sum_reduction(model: torch.nn.Module) -> None:
     """Make every FSDP module's gradient reduce-scatter a plain sum over ranks.
 

@@ -52,6 +52,10 @@ class Recipe:
         collate_packed: rows of samples -> one packed micro-batch (several sequences a row,
             positions and attention kept within each), for ``packing: true``; None: the model
             does not support packing.
+        shard_units: ``shard_units(model)``, the modules that `parallelism: fsdp` shards each on
+            its own (its transformer blocks, say), before the root; None: every outermost module
+            of a class repeated in the model, else the top-level children holding parameters
+            (`bigbatch.core.sharding.default_shard_units`).
     """
 
     name: str
@@ -65,6 +69,7 @@ class Recipe:
     defaults: dict[str, Any] = field(default_factory=dict)
     sample_length: Callable[[Any], int] | None = None
     collate_packed: Callable[[list[list[Any]]], Any] | None = None
+    shard_units: Callable[[torch.nn.Module], list[torch.nn.Module]] | None = None
 
     def build_optimizer(
         self, model: torch.nn.Module, lr: float, weight_decay: float = 0.0

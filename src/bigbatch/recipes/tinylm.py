@@ -52,6 +52,7 @@ OPTION_LIMITS: dict[str, int] = {
     "d_model": 4096,
     "num_layers": 64,
     "num_heads": 64,
+    "max_sums": 64,
 }
 
 
@@ -314,4 +315,10 @@ def build(config: Mapping[str, Any]) -> Recipe:
         optimizer="adamw",
         defaults=dict(DEFAULTS),
         collate_packed=collate_packed,
+        shard_units=shard_units,
     )
+
+
+def shard_units(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """What `parallelism: fsdp` shards on its own: the transformer blocks (then the root)."""
+    return list(model.blocks)  # type: ignore[arg-type]

@@ -4,6 +4,11 @@ A checkpoint is a directory ``step-00000100/`` with the weights (safetensors), t
 (``torch.save``, loaded back with ``weights_only=True``) and ``meta.json`` (step, checksums, format
 version). It appears under its final name only once complete (docs/design.md, invariant 5); a
 damaged one is reported and the previous one used. Loading never unpickles arbitrary objects.
+
+A sharded run's checkpoint (``parallelism: fsdp``) holds ``shards/`` instead of the weights: the
+model and optimizer saved by `torch.distributed.checkpoint`, every rank writing its own shard,
+loadable on any number of ranks (resharded on load); ``meta.json`` then says ``"sharded": true``
+and has the checksum of every file.
 """
 
 from __future__ import annotations
@@ -22,7 +27,7 @@ import secrets
 import shutil
 from collections import OrderedDict
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -42,6 +47,7 @@ FORMAT_VERSION = 1
 MODEL_FILE = "model.safetensors"
 STATE_FILE = "state.pt"
 META_FILE = "meta.json"
+SHARDS_DIR = "shards"
 _NAME = re.compile(r"^step-(\d+)$")
 _TMP_MARK = ".tmp-"
 # What a damaged checkpoint can raise while it is read: I/O errors, JSON and pickle errors, the
@@ -69,6 +75,8 @@ class Checkpoint:
         model_state: the model weights, on the CPU.
         training_state: optimizer, scheduler, grad scaler, RNG, data position, plan, config, ...
         skipped: the newer checkpoints that failed a check (damaged), newest first.
+        sharded: the weights and optimizer are in ``shards/`` (`load_sharded_state`); model_state
+            then holds meta tensors of the full shapes, for checks.
     """
 
     step: int
@@ -76,6 +84,7 @@ class Checkpoint:
     model_state: dict[str, torch.Tensor]
     training_state: dict[str, Any]
     skipped: tuple[Path, ...] = ()
+    sharded: bool = False
 
 
 def checkpoint_name(step: int) -> str:
@@ -218,9 +227,7 @@ def load_latest_checkpoint(
             found = _load(path)
             if check is not None:
                 check(found)
-            return Checkpoint(
-                found.step, path, found.model_state, found.training_state, tuple(skipped)
-            )
+            return replace(found, path=path, skipped=tuple(skipped))
         except UsageError:
             raise
         except _LOAD_ERRORS as error:
@@ -308,7 +315,11 @@ def _load(path: Path) -> Checkpoint:
     step = meta.get("step")
     if step != int(match.group(1)):
         raise ValueError(f"{META_FILE} says step {step!r}, the directory name {path.name}")
-    for name in (MODEL_FILE, STATE_FILE):
+    sharded = bool(meta.get("sharded", False))
+    names = list(meta["sha256"]) if sharded else [MODEL_FILE, STATE_FILE]
+    if sharded and (STATE_FILE not in names or f"{SHARDS_DIR}/.metadata" not in names):
+        raise ValueError(f"{META_FILE} lists no {STATE_FILE} or no {SHARDS_DIR}/.metadata")
+    for name in names:
         expected = meta["sha256"][name]
         actual = _sha256(path / name)
         if actual != expected:
@@ -316,7 +327,10 @@ def _load(path: Path) -> Checkpoint:
                 f"{name} does not match its sha256 in {META_FILE} (file {actual[:12]}..., "
                 f"recorded {str(expected)[:12]}...): truncated or modified"
             )
-    model_state = safetensors.torch.load_file(str(path / MODEL_FILE), device="cpu")
+    if sharded:
+        model_state = _sharded_shapes(path / SHARDS_DIR)
+    else:
+        model_state = safetensors.torch.load_file(str(path / MODEL_FILE), device="cpu")
     try:
         training_state = torch.load(path / STATE_FILE, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as error:
@@ -327,7 +341,136 @@ def _load(path: Path) -> Checkpoint:
         ) from error
     if not isinstance(training_state, dict):
         raise TypeError(f"{STATE_FILE} holds a {type(training_state).__name__}, not a dict")
-    return Checkpoint(step=step, path=path, model_state=model_state, training_state=training_state)
+    return Checkpoint(
+        step=step,
+        path=path,
+        model_state=model_state,
+        training_state=training_state,
+        sharded=sharded,
+    )
+
+
+def _sharded_shapes(shards: Path) -> dict[str, torch.Tensor]:
+    """The model's weights in a sharded checkpoint as meta tensors (full shapes, no data)."""
+    from torch.distributed.checkpoint import FileSystemReader
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+    metadata = FileSystemReader(str(shards)).read_metadata()
+    shapes = {}
+    for key, item in metadata.state_dict_metadata.items():
+        if key.startswith("model.") and isinstance(item, TensorStorageMetadata):
+            shapes[key[len("model.") :]] = torch.empty(
+                tuple(item.size), dtype=item.properties.dtype, device="meta"
+            )
+    return shapes
+
+
+def save_sharded_checkpoint(
+    directory: Path,
+    step: int,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    training_state: dict[str, Any],
+    *,
+    keep: int | None = 3,
+) -> Path:
+    """Write the checkpoint of ``step`` of a sharded (or, on one process, unsharded) model.
+
+    Call on every rank. The model and optimizer go through `torch.distributed.checkpoint` into
+    ``shards/`` of a temporary directory, each rank writing its own shard (no full gather); rank
+    0 then writes the training state and ``meta.json`` (the checksum of every file) and renames
+    the directory into place, as `save_checkpoint` does. Loadable on any number of ranks.
+    """
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    directory = Path(directory)
+    final = directory / checkpoint_name(step)
+    main, together = distributed.is_main_process(), distributed.is_initialized()
+    names = [f"{final.name}{_TMP_MARK}{secrets.token_hex(4)}"]
+    newest = list_checkpoints(directory)
+    intact = f"; the earlier checkpoints are intact (newest: {newest[-1].name})" if newest else ""
+    if main:
+        _check_weights_only(training_state, "training_state")
+        with storage_errors(f"write checkpoint {final}", intact):
+            directory.mkdir(parents=True, exist_ok=True)
+            _remove_temporaries(directory)
+            (directory / names[0]).mkdir()
+    if together:
+        dist.broadcast_object_list(names, src=0)
+    tmp = directory / names[0]
+    model_state, optimizer_state = get_state_dict(model, optimizer)
+    try:
+        with storage_errors(f"write checkpoint {final}", intact):
+            dcp.save(
+                {"model": model_state, "optimizer": optimizer_state},
+                checkpoint_id=str(tmp / SHARDS_DIR),
+            )
+            if together:
+                dist.barrier()  # every shard is written
+            if main:
+                _write_sharded_files(tmp, step, training_state)
+                _move_into_place(tmp, final)
+                _fsync_dir(directory)
+    except BaseException:
+        if main:
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if together:
+        dist.barrier()  # the checkpoint is in place before any rank goes on
+    if main:
+        logger.info("saved checkpoint %s (sharded)", final)
+        if keep is not None:
+            _prune(directory, keep, final)
+    return final
+
+
+def _write_sharded_files(tmp: Path, step: int, training_state: dict[str, Any]) -> None:
+    """The training state and meta.json beside ``shards/``, with every file's checksum."""
+    with open(tmp / STATE_FILE, "wb") as handle:
+        torch.save(training_state, handle)
+        _flush_and_sync(handle)
+    files = sorted(p for p in (tmp / SHARDS_DIR).rglob("*") if p.is_file())
+    for file in files:
+        _fsync_file(file)
+    _fsync_dir(tmp / SHARDS_DIR)
+    names = [STATE_FILE, *(p.relative_to(tmp).as_posix() for p in files)]
+    meta = {
+        "format_version": FORMAT_VERSION,
+        "step": step,
+        "sharded": True,
+        "sha256": {name: _sha256(tmp / name) for name in names},
+    }
+    with open(tmp / META_FILE, "w", encoding="utf-8") as handle:
+        json.dump(meta, handle, indent=2)
+        _flush_and_sync(handle)
+    _fsync_dir(tmp)
+
+
+def load_sharded_state(
+    path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer
+) -> None:
+    """Load a sharded checkpoint's model and optimizer, resharded to this run's ranks.
+
+    Call on every rank (a collective when distributed).
+    """
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+    model_state, optimizer_state = get_state_dict(model, optimizer)
+    dcp.load(
+        {"model": model_state, "optimizer": optimizer_state},
+        checkpoint_id=str(Path(path) / SHARDS_DIR),
+    )  # in place
+    set_state_dict(model, optimizer, model_state_dict=model_state, optim_state_dict=optimizer_state)
+
+
+def full_model_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """A sharded model's full weights on rank 0's CPU (empty elsewhere); call on every rank."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    return get_model_state_dict(model, options=options)  # type: ignore[return-value]
 
 
 def _storable_model_state(model_state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

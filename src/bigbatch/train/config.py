@@ -16,13 +16,17 @@ from pydantic_core import PydanticCustomError
 from bigbatch.choices import (
     BATCHNORM_POLICIES,
     DEFAULT_OPTIMIZE,
+    GRADIENT_SYNCS,
     LR_SCALING_RULES,
     OPTIMIZE_GOALS,
+    PARALLELISMS,
     PRECISIONS,
     TRACKERS,
     BatchNormPolicy,
+    GradientSync,
     LrScalingRule,
     Optimize,
+    Parallelism,
     Precision,
     TrackerName,
     describe,
@@ -208,6 +212,17 @@ class Config(_Model):
     num_workers: int = _field(0, "DataLoader worker processes.", "an integer >= 0")
     device: Literal["auto", "cpu", "cuda"] = _field(
         "auto", "auto: this rank's GPU when there is one, else the CPU.", '"auto", "cpu" or "cuda"'
+    )
+    parallelism: Parallelism = _field(
+        "ddp",
+        f"how more than one process trains: {describe(PARALLELISMS)}; one process runs the "
+        "model unsharded either way (see docs/sharded.md).",
+        one_of(PARALLELISMS),
+    )
+    gradient_sync: GradientSync = _field(
+        "auto",
+        f"when ranks reduce the gradient: {describe(GRADIENT_SYNCS)}.",
+        one_of(GRADIENT_SYNCS),
     )
     batchnorm: BatchNormPolicy = _field(
         "keep",

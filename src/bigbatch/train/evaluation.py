@@ -32,19 +32,38 @@ def evaluate(
     micro_batch_size: int,
     precision: Precision = "fp32",
     collate_fn: Callable[[list[Any]], Any] | None = None,
+    equal_forwards: bool = False,
 ) -> dict[str, float]:
-    """Loss (loss_fn sums / items) and eval_fn metrics on this rank's share, reduced over ranks."""
+    """Loss (loss_fn sums / items) and eval_fn metrics on this rank's share, reduced over ranks.
+
+    equal_forwards: every rank runs as many forwards (FSDP: each forward all-gathers); a rank
+    with fewer micro-batches runs forwards on a stand-in whose results are not counted.
+    """
     device = next(module.parameters()).device
     sums: dict[str, list[float]] = {}
     module.eval()
+    shares: Any = eval_batches(
+        dataset,
+        micro_batch_size=micro_batch_size,
+        rank=distributed.get_rank(),
+        world_size=distributed.get_world_size(),
+        collate_fn=collate_fn,
+    )
+    stand_ins = 0
+    if equal_forwards and distributed.is_initialized():
+        shares = list(shares)
+        most = torch.tensor([len(shares)], dtype=torch.int64, device=device)
+        dist.all_reduce(most, op=dist.ReduceOp.MAX)
+        stand_ins = int(most.item()) - len(shares)
     with torch.no_grad(), autocast(precision, device.type):
-        for micro_batch in eval_batches(
-            dataset,
-            micro_batch_size=micro_batch_size,
-            rank=distributed.get_rank(),
-            world_size=distributed.get_world_size(),
-            collate_fn=collate_fn,
-        ):
+        if stand_ins:
+            collate = collate_fn or torch.utils.data.default_collate
+            stand_in = batches.to_device(collate([dataset[0]]), device)
+            for _ in range(stand_ins):
+                loss_fn(module, stand_in)
+                if eval_fn is not None:
+                    eval_fn(module, stand_in)
+        for micro_batch in shares:
             micro_batch = batches.to_device(micro_batch, device)
             rows = batches.num_rows(micro_batch)
             loss_sum, count = read_loss_output(loss_fn(module, micro_batch), rows, device)

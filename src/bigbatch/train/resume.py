@@ -39,6 +39,7 @@ HOW_IT_RUNS = frozenset(
         "memory_budget",
         "optimize",
         "device",
+        "gradient_sync",
         "num_workers",
         "eval_every",
         "checkpoint_every",

@@ -20,7 +20,7 @@ from types import TracebackType
 
 import safetensors
 import torch
-from safetensors.torch import save_model
+from safetensors.torch import save_file, save_model
 
 from bigbatch.core import distributed
 from bigbatch.units import UsageError, _short
@@ -76,11 +76,19 @@ def prepare_run_dir(run_dir: Path, *, resume: bool, overwrite: bool) -> None:
         logger.info("overwrite: removed %s from %s", ", ".join(existing), run_dir)
 
 
-def save_final_weights(run_dir: Path, module: torch.nn.Module) -> None:
-    """``final.safetensors``, written to a temporary name first and renamed into place."""
+def save_final_weights(
+    run_dir: Path, module: torch.nn.Module, state: dict[str, torch.Tensor] | None = None
+) -> None:
+    """``final.safetensors``, written to a temporary name first and renamed into place.
+
+    state: the full weights when the module holds shards only (FSDP); None: the module's own.
+    """
     temporary = run_dir / (FINAL_WEIGHTS + ".tmp")
     with storage_errors(f"write the final weights {run_dir / FINAL_WEIGHTS}"):
-        save_model(module, str(temporary))
+        if state is None:
+            save_model(module, str(temporary))
+        else:
+            save_file(_deduplicated(state), str(temporary))
         temporary.replace(run_dir / FINAL_WEIGHTS)
 
 
@@ -170,3 +178,17 @@ class RunLock:
         tb: TracebackType | None,
     ) -> None:
         self.release()
+
+
+def _deduplicated(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Contiguous tensors, a copy of each one that shares memory with another (tied weights)."""
+    seen: set[int] = set()
+    tensors = {}
+    for name, tensor in state.items():
+        tensor = tensor.detach()
+        pointer = tensor.untyped_storage().data_ptr()
+        tensors[name] = (
+            tensor.clone() if pointer in seen and tensor.numel() else tensor.contiguous()
+        )
+        seen.add(pointer)
+    return tensors

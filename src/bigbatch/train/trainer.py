@@ -22,7 +22,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import Dataset
 
 from bigbatch import recipes
-from bigbatch.core import batches, distributed
+from bigbatch.core import batches, distributed, sharding
 from bigbatch.core import batchnorm as batchnorm_policies
 from bigbatch.core.engine import Accumulator, LossFn, StepResult
 from bigbatch.data.loader import Window, WindowLoader, first_samples
@@ -77,6 +77,8 @@ class Trainer:
         sample_length: a sample's input tokens, for global_batch_tokens when the dataset has no
             ``lengths`` (docs/tokens.md).
         collate_packed: rows of samples -> a packed micro-batch, for packing.
+        shard_units: ``shard_units(model)``, the modules `parallelism: fsdp` shards on their own
+            before the root; None: `bigbatch.core.sharding.default_shard_units`.
     """
 
     def __init__(
@@ -95,6 +97,7 @@ class Trainer:
         name: str | None = None,
         sample_length: Callable[[Any], int] | None = None,
         collate_packed: Callable[[list[list[Any]]], Any] | None = None,
+        shard_units: Callable[[torch.nn.Module], list[torch.nn.Module]] | None = None,
     ) -> None:
         if config.global_batch_size is None and config.global_batch_tokens is None:
             raise UsageError(
@@ -115,9 +118,13 @@ class Trainer:
         model = _apply_batchnorm_policy_once(
             model, config.batchnorm, self.world_size, self.device.type
         )
+        model = self._shard(model, optimizer, config, shard_units)
+        # parallelism fsdp: checkpoints in torch.distributed.checkpoint's sharded format (on one
+        # process too, so that they resume on any number of ranks).
+        self.sharded = sharding.is_fsdp(model) or config.parallelism == "fsdp"
         self.module = distributed.unwrap(model).to(self.device)
         self.model: torch.nn.Module = model if distributed.is_ddp(model) else self.module
-        if self.world_size > 1 and not distributed.is_ddp(model):
+        if self.world_size > 1 and not distributed.is_ddp(model) and not sharding.is_fsdp(model):
             ids = [self.device.index] if self.device.type == "cuda" else None
             self.model = DistributedDataParallel(self.module, device_ids=ids)
         self.optimizer = optimizer
@@ -132,6 +139,10 @@ class Trainer:
             batchnorm=engine_policy,
             measure_noise_scale=config.noise_scale,
             noise_smoothing_steps=config.noise_smoothing_steps,
+            gradient_sync=config.gradient_sync,
+            memory_budget_bytes=None
+            if config.memory_budget == "auto"
+            else int(config.memory_budget),
         )
         num_samples = len(train_dataset)  # type: ignore[arg-type]
         self.collate_packed = collate_packed
@@ -150,6 +161,35 @@ class Trainer:
         self._saved_step: int | None = None  # the step of the latest checkpoint written
         self._restored: checkpoint.Checkpoint | None = None
         self._session_start, self._wall_time_before = time.perf_counter(), 0.0
+
+    def _shard(
+        self,
+        model: torch.nn.Module,
+        optimizer: torch.optim.Optimizer,
+        config: Config,
+        shard_units: Callable[[torch.nn.Module], list[torch.nn.Module]] | None,
+    ) -> torch.nn.Module:
+        """parallelism fsdp over several ranks: fully_shard the units, then the root, and point
+        the optimizer at the sharded parameters. One process runs the model unsharded."""
+        if config.parallelism != "fsdp" or sharding.is_fsdp(model) or distributed.is_ddp(model):
+            return model
+        if self.world_size == 1:
+            logger.warning("parallelism fsdp on one process: the model runs unsharded")
+            return model
+        model = model.to(self.device)
+        before = {id(parameter): name for name, parameter in model.named_parameters()}
+        units = (shard_units or sharding.default_shard_units)(model)
+        sharding.shard_model(model, units, world_size=self.world_size, device_type=self.device.type)
+        try:
+            sharding.rebind_optimizer(optimizer, before, model)
+        except ValueError as error:
+            raise UsageError(f"parallelism fsdp: {error}") from error
+        logger.info(
+            "parallelism fsdp: %d shard units and the root over %d ranks",
+            len(units),
+            self.world_size,
+        )
+        return model
 
     # -- plans, batch sizes and learning rate --------------------------------------------------
 
@@ -274,8 +314,9 @@ class Trainer:
             bar.close()
             logger_.close()
         summary = self._summary(loader, state, first_plan, figures, eval_metrics, resumed=restored)
+        final_state = self._final_state() if self.run_dir is not None else None
         if writes:
-            self._finish_run_dir(summary)
+            self._finish_run_dir(summary, final_state)
         return summary
 
     def _checked_total(self, restored: int | None, step: int) -> int:
@@ -343,8 +384,13 @@ class Trainer:
         summary = self._summary(
             loader, state, first_plan, SessionFigures(), {}, resumed=loader.step
         )
-        if writes and not (self.run_dir / rundir.FINAL_WEIGHTS).exists():
-            self._finish_run_dir(summary)  # it stopped between its last checkpoint and the end
+        missing = [not (self.run_dir / rundir.FINAL_WEIGHTS).exists()]
+        if distributed.is_initialized():
+            dist.broadcast_object_list(missing, src=0)
+        if missing[0]:
+            final_state = self._final_state()  # a collective under FSDP
+            if writes:  # it stopped between its last checkpoint and the end
+                self._finish_run_dir(summary, final_state)
         return summary
 
     def _window_loader(
@@ -500,6 +546,7 @@ class Trainer:
             micro_batch_size=micro_batch_size,
             precision=self.config.precision,
             collate_fn=self.collate_fn,
+            equal_forwards=sharding.is_fsdp(self.module),
         )
 
     # -- checkpoints, the run directory and the summary ----------------------------------------
@@ -507,12 +554,12 @@ class Trainer:
     def _save_checkpoint(self, loader: WindowLoader | TokenWindowLoader, state: TrainState) -> None:
         rng = checkpoint.gather_rng_states(self.world_size)
         self._saved_step = loader.step
-        if not distributed.is_main_process():
+        if not distributed.is_main_process() and not self.sharded:
             return
         assert self.run_dir is not None
         state.wall_time_s = self._wall_time_before + time.perf_counter() - self._session_start
         training_state = {
-            "optimizer": self.optimizer.state_dict(),
+            "optimizer": {"sharded": True} if self.sharded else self.optimizer.state_dict(),
             "accumulator": self.accumulator.state_dict(),
             "data": loader.state_dict(),
             "rng": rng,
@@ -528,6 +575,16 @@ class Trainer:
             if self.batches.adaptive is not None
             else None,
         }
+        if self.sharded:  # every rank writes its shard
+            checkpoint.save_sharded_checkpoint(
+                self.run_dir / "checkpoints",
+                loader.step,
+                self.module,
+                self.optimizer,
+                training_state,
+                keep=self.config.keep_checkpoints,
+            )
+            return
         checkpoint.save_run_checkpoint(
             self.run_dir, loader.step, self.module, training_state, self.config.keep_checkpoints
         )
@@ -539,8 +596,11 @@ class Trainer:
         if found is None:
             return None
         saved = found.training_state
-        self.module.load_state_dict(found.model_state)
-        self.optimizer.load_state_dict(saved["optimizer"])
+        if found.sharded:
+            checkpoint.load_sharded_state(found.path, self.module, self.optimizer)
+        else:
+            self.module.load_state_dict(found.model_state)
+            self.optimizer.load_state_dict(saved["optimizer"])
         self.accumulator.load_state_dict(saved["accumulator"])
         loader.load_state_dict(saved["data"])
         state.load_state_dict(saved["counters"])
@@ -572,9 +632,18 @@ class Trainer:
             unit="samples" if self.config.global_batch_tokens is None else "tokens",
         )
 
-    def _finish_run_dir(self, summary: RunSummary) -> None:
+    def _final_state(self) -> dict[str, torch.Tensor] | None:
+        """Under FSDP the full weights, gathered once onto rank 0 (a collective: call on every
+        rank); None otherwise (rank 0 has them)."""
+        if not sharding.is_fsdp(self.module):
+            return None
+        return checkpoint.full_model_state(self.module)
+
+    def _finish_run_dir(
+        self, summary: RunSummary, final_state: dict[str, torch.Tensor] | None = None
+    ) -> None:
         assert self.run_dir is not None
-        rundir.save_final_weights(self.run_dir, self.module)
+        rundir.save_final_weights(self.run_dir, self.module, final_state)
         records = run_metrics.read_metrics(self.run_dir / run_metrics.METRICS_FILE)
         with rundir.storage_errors(f"write the report in {self.run_dir}"):
             plot = run_report.plot_run(records, self.run_dir / rundir.PLOT_FILE)
@@ -629,6 +698,7 @@ def fit(
         name=recipe.name,
         sample_length=recipe.sample_length,
         collate_packed=recipe.collate_packed,
+        shard_units=recipe.shard_units,
     )
     return trainer.fit(resume=resume, overwrite=overwrite)
 

@@ -1,0 +1,113 @@
+"""`bigbatch train --set parallelism=fsdp` under torchrun on CPU (gloo): 2 sharded processes equal
+1 process to float32 rounding, and a 2-process checkpoint resumes on 1, 2 (bitwise) and 3."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from bigbatch.core.sharding import default_shard_units
+from bigbatch.recipes import tinylm
+
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
+
+ROOT = Path(__file__).resolve().parents[1]
+TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
+TRAIN = [
+    "-m", "bigbatch", "train", "--no-progress",
+    "--set", "recipe=tinylm", "--set", "parallelism=fsdp", "--set", "warmup_steps=0",
+    "--set", "global_batch_size=12", "--set", "micro_batch_size=2", "--set", "eval_every=0",
+    "--set", "checkpoint_every=0", "--set", "trackers=[]", "--set", "max_grad_norm=1.0",
+    "--set", "recipe_options.num_train_samples=96", "--set", "recipe_options.num_eval_samples=7",
+]  # fmt: skip
+
+
+def _train(out: Path, processes: int, steps: int, *, resume: bool = False) -> str:
+    launcher = [*TORCHRUN, f"--nproc_per_node={processes}"] if processes > 1 else [sys.executable]
+    command = [*launcher, *TRAIN, "--set", f"max_steps={steps}", "--out", str(out)]
+    env = {
+        **os.environ,
+        "OMP_NUM_THREADS": "1",
+        "PYTHONUNBUFFERED": "1",
+        "PYTHONPATH": str(ROOT / "src"),
+    }
+    result = subprocess.run(
+        [*command, *(["--resume"] if resume else [])],
+        capture_output=True, text=True, cwd=ROOT, env=env, timeout=240,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert f"done: {steps} steps" in result.stdout
+    return result.stderr
+
+
+def _weights(out: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(out / "final.safetensors"))
+
+
+def _close(first: dict[str, torch.Tensor], second: dict[str, torch.Tensor]) -> None:
+    assert first.keys() == second.keys()
+    for name in first:
+        torch.testing.assert_close(first[name], second[name], rtol=1e-4, atol=1e-5, msg=name)
+
+
+def test_tinylm_names_its_blocks_and_the_default_finds_repeated_blocks():
+    model = tinylm.TinyGPT(16, 3, 2, 10)
+    assert tinylm.shard_units(model) == list(model.blocks)
+    assert default_shard_units(model) == list(model.blocks)
+    plain = torch.nn.Sequential(torch.nn.Linear(2, 3), torch.nn.ReLU(), torch.nn.Linear(3, 1))
+    assert default_shard_units(plain) == [plain[0], plain[2]]  # repeated Linear
+    single = torch.nn.Sequential(torch.nn.Linear(2, 3), torch.nn.LayerNorm(3))
+    assert default_shard_units(single) == [single[0], single[1]]  # no repeated block: children
+
+
+def test_fsdp_on_two_processes_equals_one_and_checkpoints_reshard(tmp_path):
+    one = tmp_path / "one"
+    log = _train(one, 1, 4)
+    assert "parallelism fsdp on one process: the model runs unsharded" in log
+    two = tmp_path / "two"
+    log = _train(two, 2, 4)
+    assert "parallelism fsdp: 2 shard units and the root over 2 ranks" in log
+    reference = _weights(one)
+    _close(_weights(two), reference)
+
+    # A 2-process run stopped at step 2: its checkpoint is sharded, one file per rank.
+    half = tmp_path / "half"
+    _train(half, 2, 2)
+    saved = half / "checkpoints" / "step-00000002"
+    meta = json.loads((saved / "meta.json").read_text())
+    assert meta["sharded"] is True
+    assert sorted(p.name for p in (saved / "shards").iterdir()) == [
+        ".metadata",
+        "__0_0.distcp",
+        "__1_0.distcp",
+    ]
+    assert not (saved / "model.safetensors").exists()
+    for processes in (1, 2, 3):
+        resumed = tmp_path / f"resumed-{processes}"
+        shutil.copytree(half, resumed)
+        (resumed / "final.safetensors").unlink()
+        log = _train(resumed, processes, 4, resume=True)
+        assert "resumed from" in log
+        if processes == 2:  # the same world size: bitwise
+            weights, uninterrupted = _weights(resumed), _weights(two)
+            assert all(torch.equal(weights[name], uninterrupted[name]) for name in weights)
+        else:  # resharded: the same samples in the same order, to float32 rounding
+            _close(_weights(resumed), reference)
+
+
+def test_a_damaged_shard_makes_the_previous_checkpoint_the_one(tmp_path):
+    out = tmp_path / "run"
+    _train(out, 1, 2)  # one process writes the sharded format too
+    shards = out / "checkpoints" / "step-00000002" / "shards"
+    shard = next(p for p in shards.iterdir() if p.suffix == ".distcp")
+    shard.write_bytes(shard.read_bytes()[:-3] + b"xyz")
+    log = _train(out, 1, 3, resume=True)
+    assert "skipping checkpoint" in log and "does not match its sha256" in log
