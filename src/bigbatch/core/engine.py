@@ -183,6 +183,14 @@ class Accumulator:
             if measure_noise_scale
             else None
         )
+        self._statistics = self._window_statistics(model, batchnorm, check_ranks_every)
+        self._mean_loss_check = MeanLossCheck()
+        self._closed = False
+
+    def _window_statistics(
+        self, model: torch.nn.Module, batchnorm: str, check_ranks_every: int | None
+    ) -> list[WindowStatistics]:
+        """What rides the step's one small all-reduce besides the totals."""
         statistics: list[WindowStatistics] = [] if self._noise is None else [self._noise]
         if batchnorm == "window":
             statistics.append(batchnorm_policies.WindowBatchNormStatistics(model))
@@ -190,10 +198,8 @@ class Accumulator:
             # Replicas only: FSDP's shards differ by design.
             check = DivergenceCheck(self._parameters, every_n_steps=check_ranks_every)
             statistics.append(DivergenceStatistic(check))
-        self._mean_loss_check = MeanLossCheck()
         # Those read on the host first, so that the step's one read is a prefix of the sums.
-        self._statistics = sorted(statistics, key=lambda statistic: not statistic.host_sums)
-        self._closed = False
+        return sorted(statistics, key=lambda statistic: not statistic.host_sums)
 
     def step(self, window: Iterable[Any], loss_fn: LossFn) -> StepResult:
         """Run forward/backward on every micro-batch of the window and apply one optimizer step.

@@ -445,15 +445,7 @@ class Trainer:
                 micro_batches = [batches.to_device(m, self.device) for m in window.micro_batches]
                 result = self.accumulator.step(micro_batches, self.loss_fn)
                 step_time_s, tick = time.perf_counter() - tick, time.perf_counter()
-                self._count(result, window.step, state)
-                state.samples_done += window.num_samples
-                state.items_done += result.num_items
-                state.tokens_done += getattr(window, "num_tokens", 0)
-                figures.tokens += getattr(window, "num_tokens", 0)
-                figures.padded_tokens += getattr(window, "num_padded_tokens", 0)
-                figures.samples += window.num_samples
-                figures.items += result.num_items
-                figures.time_s += step_time_s
+                self._tally(window, result, step_time_s, state, figures)
                 if not result.skipped:
                     figures.final_loss = result.loss
                     self.early_warning.observe(
@@ -501,6 +493,25 @@ class Trainer:
         finally:
             windows.close()  # type: ignore[attr-defined]
         return 0
+
+    def _tally(
+        self,
+        window: Window | TokenWindow,
+        result: StepResult,
+        step_time_s: float,
+        state: TrainState,
+        figures: SessionFigures,
+    ) -> None:
+        """Count one step into the run's state and this session's figures."""
+        self._count(result, window.step, state)
+        state.samples_done += window.num_samples
+        state.items_done += result.num_items
+        state.tokens_done += getattr(window, "num_tokens", 0)
+        figures.tokens += getattr(window, "num_tokens", 0)
+        figures.padded_tokens += getattr(window, "num_padded_tokens", 0)
+        figures.samples += window.num_samples
+        figures.items += result.num_items
+        figures.time_s += step_time_s
 
     def _adapt(self, steps_done: int, result: StepResult, items_per_unit: float) -> bool:
         """Adaptive schedule: let the controller decide; True when the global batch changed.
