@@ -89,6 +89,7 @@ SMOKE = Setup(
     global_batch_size=16,
     micro_tokens=160,
     max_steps=3,
+    warmup_steps=1,
     eval_every=1,
     target_loss=10.0,
 )

@@ -36,6 +36,9 @@ HOW_IT_RUNS = frozenset(
     {
         "micro_batch_size",
         "gradient_accumulation_steps",
+        "micro_batch_tokens",
+        "packing",
+        "trackers",
         "memory_budget",
         "optimize",
         "device",
