@@ -21,23 +21,9 @@ import torch
 from safetensors.torch import load_file
 
 from tests.distributed_helpers import free_port
+from tests.slow_recipe import SLOW_RECIPE
 
 ROOT = Path(__file__).resolve().parents[1]
-SLOW_RECIPE = """
-import os, time
-from bigbatch.recipes import digits
-
-def build(config):
-    recipe = digits.build(config)
-    plain, delay = recipe.loss_fn, float(os.environ.get("STEP_DELAY", "0"))
-
-    def loss_fn(model, batch):
-        time.sleep(delay)
-        return plain(model, batch)
-
-    recipe.loss_fn = loss_fn
-    return recipe
-"""
 MAX_STEPS = 12
 SETTINGS = [
     "--set", "recipe=slow:build", "--set", "global_batch_size=64", "--set", "micro_batch_size=16",

@@ -21,6 +21,7 @@ from safetensors.torch import load_file
 
 from bigbatch.train.rundir import LOCK_FILE, RunLock
 from bigbatch.units import UsageError
+from tests.slow_recipe import SLOW_RECIPE
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -57,23 +58,6 @@ def test_a_killed_holder_never_blocks_the_next_run(tmp_path):
     lock = RunLock(tmp_path)
     lock.acquire()
     lock.release()
-
-
-SLOW_RECIPE = """
-import os, time
-from bigbatch.recipes import digits
-
-def build(config):
-    recipe = digits.build(config)
-    plain, delay = recipe.loss_fn, float(os.environ.get("STEP_DELAY", "0"))
-
-    def loss_fn(model, batch):
-        time.sleep(delay)
-        return plain(model, batch)
-
-    recipe.loss_fn = loss_fn
-    return recipe
-"""
 
 
 def command(out: Path, *extra: str) -> list[str]:
