@@ -46,13 +46,14 @@ class AcceleratedAccumulator:
             and every n steps (one small all-reduce then); None: never.
         **options: further `bigbatch.Accumulator` keywords (batchnorm, measure_noise_scale).
 
-    Example:
-        >>> model, optimizer, loader = accelerator.prepare(
-        ...     model, optimizer, loader)  # doctest: +SKIP
-        >>> accumulator = AcceleratedAccumulator(
-        ...     accelerator, model, optimizer, micro_batch_size=8)  # doctest: +SKIP
-        >>> for batch in loader:  # a rank's share of one global batch  # doctest: +SKIP
-        ...     result = accumulator.step(batch, causal_lm_loss)
+    Example (docs/integrations.md has it whole, and a test runs it)::
+
+        model, optimizer, loader = accelerator.prepare(
+            model, optimizer, loader)
+        accumulator = AcceleratedAccumulator(
+            accelerator, model, optimizer, micro_batch_size=8)
+        for batch in loader:  # a rank's share of one global batch
+            result = accumulator.step(batch, causal_lm_loss)
     """
 
     def __init__(

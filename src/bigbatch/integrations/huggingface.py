@@ -46,8 +46,9 @@ def causal_lm_loss(
             so the model computes no loss of its own.
         ignore_index: the label of tokens that carry no loss.
 
-    Example:
-        >>> accumulator.step(window, causal_lm_loss)  # doctest: +SKIP
+    Example (docs/integrations.md has it whole, and a test runs it)::
+
+        accumulator.step(window, causal_lm_loss)
     """
     logits, labels = _logits_and_labels(model, batch, extra=("shift_labels",))
     if labels.shape[0] == 0:

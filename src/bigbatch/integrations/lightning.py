@@ -54,11 +54,12 @@ class AccumulatorMixin:
         divergence_every_n_steps: compare the ranks' parameters after the first step and every
             n steps; None: never.
 
-    Example:
-        >>> class Module(AccumulatorMixin, L.LightningModule):  # doctest: +SKIP
-        ...     micro_batch_size = 8
-        ...     def micro_batch_loss(self, micro_batch):
-        ...         return causal_lm_loss(self.model, micro_batch)
+    Example (docs/integrations.md has it whole, and a test runs it)::
+
+        class Module(AccumulatorMixin, L.LightningModule):
+            micro_batch_size = 8
+            def micro_batch_loss(self, micro_batch):
+                return causal_lm_loss(self.model, micro_batch)
     """
 
     micro_batch_size: int | None = None
