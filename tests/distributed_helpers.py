@@ -6,6 +6,7 @@ import datetime
 import os
 import socket
 import tempfile
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -64,3 +65,20 @@ def run_processes(function: Callable[..., Any], world_size: int = 2, *args: Any)
             torch.load(os.path.join(out_dir, f"rank{r}.pt"), weights_only=False)
             for r in range(world_size)
         ]
+
+
+class FreedLate:
+    """For a comm hook's callback to hold: freed on gloo's thread, it takes the GIL back every 10 ms
+    for 3 s (less once a newer one exists). A rank that exits without waiting for that thread shuts
+    its interpreter down meanwhile, and the thread then aborts the process."""
+
+    created = 0
+
+    def __init__(self) -> None:
+        FreedLate.created += 1
+        self.number = FreedLate.created
+
+    def __del__(self) -> None:
+        deadline = time.monotonic() + 3
+        while self.number == FreedLate.created and time.monotonic() < deadline:
+            time.sleep(0.01)  # releases the GIL, and takes it back

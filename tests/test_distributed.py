@@ -12,7 +12,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 import bigbatch
 from tests import models
-from tests.distributed_helpers import run_processes
+from tests.distributed_helpers import FreedLate, run_processes
 from tests.reference import full_batch_sgd, relative_error
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
@@ -92,18 +92,13 @@ def test_single_process_on_the_global_batch_matches_reference():
     assert relative_error(actual, expected) < 1e-12
 
 
-class FreedLate:
-    """Sleeps when freed: a gloo thread freeing it is late, as one the OS left waiting is."""
-
-    def __del__(self) -> None:
-        time.sleep(0.3)
-
-
 def step_with_late_callbacks(rank: int, world_size: int) -> int:
     ddp = DistributedDataParallel(models.token_model())
 
     def hook(state, bucket):
-        freed_late = FreedLate()
+        if rank == 0:  # rank 1's all-reduce waits for this one: its callback runs on gloo's thread
+            time.sleep(0.2)
+        freed_late = FreedLate() if rank == 1 else None
         future = default_hooks.allreduce_hook(None, bucket)
         return future.then(lambda done, keep=freed_late: done.value())
 

@@ -269,7 +269,7 @@ def _ddp_worker(
     from torch.nn.parallel import DistributedDataParallel
 
     torch.set_num_threads(1)
-    # a rank left waiting (the other one died) fails in minutes, not after gloo's 30-minute default
+    # a collective that never completes fails in minutes, not after gloo's 30-minute default
     timeout = datetime.timedelta(minutes=5)
     dist.init_process_group(
         "gloo", init_method=rendezvous, rank=rank, world_size=2, timeout=timeout
