@@ -138,6 +138,7 @@ def _rank(rank: int, world: int, mode: str, width: int, steps: int, out_dir: str
             {"peak": peak["bytes"], "calls": per_step[-1], "step_s": statistics.median(times)},
             f"{out_dir}/rank{rank}.pt",
         )
+        dist.barrier()  # every collective done before teardown (gloo threads, callbacks)
     finally:
         dist.destroy_process_group()
 

@@ -161,6 +161,7 @@ def _train(rank: int, world: int, options: dict, out_dir: str) -> None:
             },
             os.path.join(out_dir, f"rank{rank}.pt"),
         )
+        dist.barrier()  # every collective done before teardown (gloo threads, callbacks)
     finally:
         dist.destroy_process_group()
 
