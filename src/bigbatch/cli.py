@@ -21,7 +21,7 @@ from typing import Any
 
 from bigbatch.choices import DEFAULT_OPTIMIZE, OPTIMIZE_GOALS, describe
 from bigbatch.plan import MAX_WORLD_SIZE, check_count, plan
-from bigbatch.units import MAX_COUNT, UsageError, _short, one_line, parse_memory_size
+from bigbatch.units import MAX_COUNT, UsageError, one_line, parse_memory_size, shorten
 
 logger = logging.getLogger(__name__)
 
@@ -39,7 +39,7 @@ def _count(text: str, maximum: int = MAX_COUNT) -> int:
     try:
         value = int(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"not a positive integer: {_short(text)}") from None
+        raise argparse.ArgumentTypeError(f"not a positive integer: {shorten(text)}") from None
     try:
         check_count("the value", value, maximum=maximum)
     except UsageError as error:
@@ -56,9 +56,9 @@ def _tolerance(text: str) -> float:
     try:
         value = float(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number: {_short(text)}") from None
+        raise argparse.ArgumentTypeError(f"not a number: {shorten(text)}") from None
     if not 0 <= value < math.inf:
-        raise argparse.ArgumentTypeError(f"must be a finite number >= 0, got {_short(text)}")
+        raise argparse.ArgumentTypeError(f"must be a finite number >= 0, got {shorten(text)}")
     return value
 
 

@@ -12,7 +12,7 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
-from bigbatch.units import MAX_COUNT, UsageError, UsageTypeError, _short
+from bigbatch.units import MAX_COUNT, UsageError, UsageTypeError, shorten
 
 MAX_WORLD_SIZE = 2**20
 """The most ranks a plan takes (a million processes: more than any cluster runs)."""
@@ -33,14 +33,14 @@ def check_count(
         return None
     if isinstance(value, bool) or not isinstance(value, int):
         raise UsageTypeError(
-            f"{name} must be a positive integer, got {_short(value)} ({type(value).__name__})"
+            f"{name} must be a positive integer, got {shorten(value)} ({type(value).__name__})"
         )
     if value <= 0:
-        raise UsageError(f"{name} must be a positive integer (>= 1), got {_short(value)}")
+        raise UsageError(f"{name} must be a positive integer (>= 1), got {shorten(value)}")
     if value > maximum:
         limit = "2**63 - 1" if maximum == MAX_COUNT else f"{maximum:,}"
         raise UsageError(
-            f"{name} {_short(value)} is impossible: the most bigbatch takes is {limit}"
+            f"{name} {shorten(value)} is impossible: the most bigbatch takes is {limit}"
         )
     return value
 

@@ -59,21 +59,21 @@ def parse_memory_size(value: int | str, field: str = "memory_budget") -> int:
     if isinstance(value, bool) or not isinstance(value, (int, str)):
         raise UsageTypeError(
             f"{field} must be a number of bytes or a string such as '20GiB', got "
-            f"{_short(value)} ({type(value).__name__})"
+            f"{shorten(value)} ({type(value).__name__})"
         )
     try:
         text = value.strip() if isinstance(value, str) else value
         size = int(TypeAdapter(ByteSize).validate_python(text))
     except (ValidationError, ValueError, OverflowError):  # 1e400 overflows a float
         raise UsageError(
-            f"{field} {_short(value)} is not a memory size: use a number of bytes with an "
+            f"{field} {shorten(value)} is not a memory size: use a number of bytes with an "
             "optional unit B, KB, MB, GB, TB (powers of 1000) or KiB, MiB, GiB, TiB "
             "(powers of 1024), e.g. '20GiB'"
         ) from None
     if size <= 0:
-        raise UsageError(f"{field} must be positive, got {_short(value)}")
+        raise UsageError(f"{field} must be positive, got {shorten(value)}")
     if size > MAX_COUNT:
-        raise UsageError(f"{field} {_short(value)} is above 2**63 - 1 bytes; give a real size")
+        raise UsageError(f"{field} {shorten(value)} is above 2**63 - 1 bytes; give a real size")
     return size
 
 
@@ -107,10 +107,10 @@ def format_number(value: Any) -> str:
     return f"{value:.4g}"
 
 
-def _short(value: Any, limit: int = 60) -> str:
+def shorten(value: Any, limit: int = 60) -> str:
     """repr(value), cut to ``limit`` characters: a message never echoes a huge value back.
 
-    >>> _short(10**5000), _short("x" * 100, limit=12)
+    >>> shorten(10**5000), shorten("x" * 100, limit=12)
     ('an integer of 5001 digits', "'xxxxxx...x'")
     """
     if isinstance(value, int) and value.bit_length() > 256:  # repr of 4300+ digits would raise

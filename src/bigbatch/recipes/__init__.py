@@ -18,7 +18,7 @@ import torch
 from torch.utils.data import Dataset
 
 from bigbatch.core.engine import LossFn
-from bigbatch.units import UsageError, UsageTypeError, _short
+from bigbatch.units import UsageError, UsageTypeError, shorten
 
 RECIPES: dict[str, str] = {
     "digits": "bigbatch.recipes.digits:build",
@@ -81,7 +81,9 @@ class Recipe:
             return torch.optim.AdamW(parameters, lr=lr, weight_decay=weight_decay)
         if self.optimizer == "sgd":
             return torch.optim.SGD(parameters, lr=lr, momentum=0.9, weight_decay=weight_decay)
-        raise UsageError(f"recipe optimizer must be 'adamw' or 'sgd', got {_short(self.optimizer)}")
+        raise UsageError(
+            f"recipe optimizer must be 'adamw' or 'sgd', got {shorten(self.optimizer)}"
+        )
 
 
 def resolve(spec: str) -> Callable[[Mapping[str, Any]], Recipe]:
@@ -98,7 +100,7 @@ def resolve(spec: str) -> Callable[[Mapping[str, Any]], Recipe]:
     target = RECIPES.get(spec, spec)
     if ":" not in target:
         raise UsageError(
-            f"recipe {_short(spec)} is unknown: use one of {', '.join(sorted(RECIPES))} or "
+            f"recipe {shorten(spec)} is unknown: use one of {', '.join(sorted(RECIPES))} or "
             "'module:function' for your own"
         )
     module_name, _, function_name = target.partition(":")
@@ -109,19 +111,19 @@ def resolve(spec: str) -> Callable[[Mapping[str, Any]], Recipe]:
         if error.name is None or not _is_prefix(error.name, module_name):
             raise  # the module exists and imports something missing: its own error
         raise UsageError(
-            f"recipe {_short(spec)}: no module named {error.name!r} (looked in the current "
+            f"recipe {shorten(spec)}: no module named {error.name!r} (looked in the current "
             f"directory {os.getcwd()!r} and the installed packages)"
         ) from None
     except (ImportError, TypeError, ValueError) as error:  # an empty or relative module name
         if module_name and not module_name.startswith("."):
             raise
         raise UsageError(
-            f"recipe {_short(spec)}: cannot import {module_name!r} ({error})"
+            f"recipe {shorten(spec)}: cannot import {module_name!r} ({error})"
         ) from None
     function = getattr(module, function_name, None)
     if not callable(function):
         raise UsageError(
-            f"recipe {_short(spec)}: module {module_name!r} has no function {function_name!r}"
+            f"recipe {shorten(spec)}: module {module_name!r} has no function {function_name!r}"
         )
     return function  # type: ignore[no-any-return]
 

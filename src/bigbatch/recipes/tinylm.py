@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch.utils.data import Dataset
 
 from bigbatch.recipes import Recipe
-from bigbatch.units import UsageError, _short
+from bigbatch.units import UsageError, shorten
 
 PLUS, EQUALS, END, PAD = 10, 11, 12, 13
 VOCAB_SIZE = 14
@@ -277,7 +277,7 @@ def _options(config: Mapping[str, Any]) -> dict[str, int]:
         ):
             raise UsageError(
                 f"recipe_options.{key} must be an integer in [1, {OPTION_LIMITS[key]:,}], "
-                f"got {_short(value)}"
+                f"got {shorten(value)}"
             )
     if options["d_model"] % options["num_heads"]:
         raise UsageError(

@@ -17,7 +17,7 @@ import yaml
 from pydantic import ValidationError
 
 from bigbatch.train.config import Config
-from bigbatch.units import UsageError, _short
+from bigbatch.units import UsageError, shorten
 
 MAX_CONFIG_BYTES = 10 * 2**20
 """A config larger than this (10 MiB) is refused: it is a small YAML file, not data."""
@@ -65,11 +65,11 @@ HINTS: dict[str, str] = {
 def _describe(value: Any) -> str:
     """The value as JSON, cut short: a message never echoes a huge value back."""
     if isinstance(value, int) and not isinstance(value, bool):
-        return _short(value)
+        return shorten(value)
     try:
         text = json.dumps(value)
     except (TypeError, ValueError):
-        return _short(value)
+        return shorten(value)
     return text if len(text) <= 60 else f"{text[:55]}...{text[-2:]}"
 
 
@@ -104,7 +104,7 @@ def format_validation_error(error: ValidationError, source: str = "config") -> s
             parent = getattr(parent.model_fields.get(part), "annotation", None)
         names = list(getattr(parent, "model_fields", {}))
         hint = _suggestion(str(loc[-1])[:100], names)
-        return f"{source}: unknown key {_short(key)}{hint}; see docs/configuration.md for the keys"
+        return f"{source}: unknown key {shorten(key)}{hint}; see docs/configuration.md for the keys"
     if not loc:  # a model-level check: its message carries the field name
         return f"{source}: {str(first['msg']).removeprefix('Value error, ')}"
     path, allowed = _field_path(loc)
@@ -168,7 +168,7 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     """`"lr_scaling.rule=sqrt"` -> (["lr_scaling", "rule"], "sqrt"), the value read as YAML."""
     key, sep, raw = text.partition("=")
     if not sep or not key.strip() or any(not part for part in key.strip().split(".")):
-        raise UsageError(f"config: --set expects key=value such as lr=1e-3, got {_short(text)}")
+        raise UsageError(f"config: --set expects key=value such as lr=1e-3, got {shorten(text)}")
     try:
         value = yaml.safe_load(raw) if raw.strip() else None
     except (yaml.YAMLError, ValueError):
@@ -179,7 +179,7 @@ def parse_override(text: str) -> tuple[list[str], Any]:
 
 
 def _read_yaml(path: Path) -> dict[str, Any]:
-    name = _short(str(path), limit=200)
+    name = shorten(str(path), limit=200)
     try:
         if not path.exists():
             raise UsageError(f"config: file {name} not found")

@@ -28,7 +28,7 @@ from bigbatch.train.checkpoint import Checkpoint
 from bigbatch.train.config import Config
 from bigbatch.train.schedules import lr_factor
 from bigbatch.train.state import TrainState
-from bigbatch.units import UsageError, _short
+from bigbatch.units import UsageError, shorten
 
 logger = logging.getLogger(__name__)
 
@@ -135,7 +135,7 @@ def run_differences(saved: Mapping[str, Any], current: Mapping[str, Any]) -> lis
         before, after = old.get(key, _UNSET), new.get(key, _UNSET)
         if before != after:
             shown = [
-                value if value is _UNSET else _short(value, limit=40) for value in (before, after)
+                value if value is _UNSET else shorten(value, limit=40) for value in (before, after)
             ]
             differences.append(f"{key} {shown[0]} -> {shown[1]}")
     return differences

@@ -23,7 +23,7 @@ import torch
 from safetensors.torch import save_file, save_model
 
 from bigbatch.core import distributed
-from bigbatch.units import UsageError, _short
+from bigbatch.units import UsageError, shorten
 
 try:
     import fcntl
@@ -48,7 +48,7 @@ def check_run_dir(run_dir: Path | str) -> Path:
     path = Path(run_dir)
     if path.exists() and not path.is_dir():
         raise UsageError(
-            f"--out {_short(str(path), limit=200)} is a file, not a directory; give a directory"
+            f"--out {shorten(str(path), limit=200)} is a file, not a directory; give a directory"
         )
     return path
 
@@ -149,7 +149,7 @@ class RunLock:
             holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "?"
             os.close(fd)
             if error.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
-                where = _short(str(self.path.parent), limit=200)
+                where = shorten(str(self.path.parent), limit=200)
                 return (
                     f"run directory {where} is in use by another bigbatch run (pid {holder}); "
                     "wait for it to end or choose another --out"

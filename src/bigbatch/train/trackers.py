@@ -15,6 +15,7 @@ import math
 import os
 import secrets
 import threading
+import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Protocol
@@ -197,8 +198,6 @@ class MLflowTracker:
             self._client.log_batch(self._run_id, params=params[start : start + 100])
 
     def log(self, step: int, values: Mapping[str, float]) -> None:
-        import time
-
         from mlflow.entities import Metric
 
         now_ms = int(time.time() * 1000)
