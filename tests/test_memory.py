@@ -404,7 +404,9 @@ def tiny_recipe(config: dict) -> Recipe:
 
 
 def test_plan_for_budget_and_format_choice() -> None:
-    fixed = 3 * MLP_PARAMETER_BYTES  # SGD with momentum: one state buffer
+    # Parameters, gradients, SGD's momentum buffer, and DDP's buckets (a second gradient) on
+    # each of the 2 ranks.
+    fixed = 4 * MLP_PARAMETER_BYTES
     budget = math.ceil((fixed + 10 * MLP_SAVED_PER_SAMPLE) * 1.1)
     choice, plan = autobatch.plan_for_budget(
         "tests.test_memory:tiny_recipe",

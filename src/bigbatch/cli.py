@@ -19,7 +19,7 @@ import traceback
 from collections.abc import Sequence
 from typing import Any
 
-from bigbatch.choices import DEFAULT_OPTIMIZE, OPTIMIZE_GOALS, describe
+from bigbatch.choices import DEFAULT_OPTIMIZE, OPTIMIZE_GOALS, PARALLELISMS, describe
 from bigbatch.plan import MAX_WORLD_SIZE, check_count, plan
 from bigbatch.units import MAX_COUNT, UsageError, one_line, parse_memory_size, shorten
 
@@ -192,6 +192,10 @@ def _plan_command(args: argparse.Namespace) -> int:
     if args.memory_budget is None:
         if args.recipe is not None:
             raise UsageError("--recipe only matters with --memory-budget (the probe runs it)")
+        if args.parallelism is not None:
+            raise UsageError(
+                "--parallelism only matters with --memory-budget: it says what one rank holds"
+            )
         result = plan(
             args.global_batch_size,
             world_size=args.world_size,
@@ -214,6 +218,7 @@ def _plan_command(args: argparse.Namespace) -> int:
         world_size=args.world_size,
         memory_budget=args.memory_budget,
         optimize=args.optimize,
+        parallelism=args.parallelism or "ddp",
     )
     if args.json:
         print(json.dumps({**result.to_dict(), "micro_batch_choice": choice.to_dict()}))
@@ -344,6 +349,12 @@ def _add_plan_parser(commands: Any, common: argparse.ArgumentParser) -> None:
         default=DEFAULT_OPTIMIZE,
         help=f"with --memory-budget, what to choose: {describe(OPTIMIZE_GOALS)} "
         f"(default {DEFAULT_OPTIMIZE})",
+    )
+    parser.add_argument(
+        "--parallelism",
+        choices=tuple(PARALLELISMS),
+        help="with --memory-budget, how the ranks hold the model, so that the budget is one "
+        f"rank's: {describe(PARALLELISMS)} (default ddp); fsdp compares both gradient_sync modes",
     )
     parser.add_argument("--json", action="store_true", help="print the plan as JSON")
     parser.set_defaults(handler=_plan_command)

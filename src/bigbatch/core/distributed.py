@@ -110,3 +110,10 @@ def all_reduce_max(values: torch.Tensor) -> torch.Tensor:
     else:
         dist.all_reduce(values, op=dist.ReduceOp.MAX)
     return values
+
+
+def agree_on_largest(values: list[float]) -> list[float]:
+    """Each value's maximum over all ranks (float64), so that every rank decides alike."""
+    if not is_initialized() or not values:
+        return values
+    return all_reduce_max(torch.tensor(values, dtype=torch.float64)).tolist()  # type: ignore[no-any-return]

@@ -172,6 +172,11 @@ def local(tensor: torch.Tensor) -> torch.Tensor:
     return tensor
 
 
+def is_sharded_tensor(tensor: torch.Tensor) -> bool:
+    """True for a DTensor (a sharded parameter, gradient or optimizer state)."""
+    return DTensor is not None and isinstance(tensor, DTensor)
+
+
 def unsharded_gradient_bytes(parameters: list[torch.nn.Parameter]) -> int:
     """Bytes of a full (unsharded) gradient of these parameters: what step_end holds per rank."""
     return sum(p.numel() * p.element_size() for p in parameters)

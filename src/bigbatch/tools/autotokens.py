@@ -23,8 +23,9 @@ from bigbatch.choices import DEFAULT_OPTIMIZE, Optimize
 from bigbatch.core.engine import LossFn
 from bigbatch.data.token_plan import TokenBudget, TokenPlan, plan_tokens
 from bigbatch.data.tokens import TokenBatchSampler, sample_lengths
-from bigbatch.tools.autobatch import MicroBatchChoice, choose_micro_batch_size
+from bigbatch.tools.autobatch import Agree, MicroBatchChoice, choose_micro_batch_size
 from bigbatch.tools.memory import Batch
+from bigbatch.tools.rank_memory import Layout
 from bigbatch.units import UsageError, format_bytes
 
 
@@ -97,13 +98,15 @@ def choose_micro_batch_tokens(
     optimizer: torch.optim.Optimizer | None = None,
     device: torch.device | str | None = None,
     headroom: float = 0.1,
+    layout: Layout | None = None,
+    agree: Agree | None = None,
 ) -> TokenBatchChoice:
     """Probe rows of row_tokens tokens and choose the padded tokens of a micro-batch.
 
     ``make_rows(r)`` gives r rows of the longest sample; the choice is the rows that fit
     ``memory_budget_bytes`` (largest, or fastest with optimize throughput, see
     `choose_micro_batch_size`) times row_tokens, at most max_micro_batch_tokens rounded down to
-    whole rows (one row at least).
+    whole rows (one row at least). ``layout`` and ``agree`` as for `choose_micro_batch_size`.
 
     Raises:
         ValueError: one row of the longest sample does not fit the budget (with the numbers).
@@ -120,6 +123,8 @@ def choose_micro_batch_tokens(
         optimizer=optimizer,
         device=device,
         headroom=headroom,
+        layout=layout,
+        agree=agree,
     )
     rows = choice.micro_batch_size
     per_token = choice.probe.bytes_per_sample / row_tokens

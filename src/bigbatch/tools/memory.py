@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from torch.autograd.graph import saved_tensors_hooks
 
-from bigbatch.core import batches, distributed
+from bigbatch.core import batches, distributed, sharding
 from bigbatch.core.engine import LossFn
 
 logger = logging.getLogger(__name__)
@@ -62,8 +62,11 @@ class MemoryProbe:
         fit_relative_error: the largest |fit - measured| / measured over the rows.
         device_type: ``"cuda"``, ``"cpu"``, ...
         method: ``"allocator peak"`` (CUDA) or ``"saved-tensor accounting"``.
-        model_bytes: parameters, buffers, gradients and optimizer state as counted.
+        model_bytes: parameters, buffers, gradients and optimizer state as counted (this rank's
+            shards of a sharded model).
         oom_micro_batch_size: the smallest size that raised out-of-memory, None if none did.
+        sharded: the probed model was sharded with FSDP2 (every rank probed its shards in
+            lockstep; parameters all-gathered for a forward are not counted as activations).
     """
 
     rows: list[ProbeRow]
@@ -74,6 +77,7 @@ class MemoryProbe:
     method: str = "saved-tensor accounting"
     model_bytes: int = 0
     oom_micro_batch_size: int | None = None
+    sharded: bool = False
 
     def predict(self, micro_batch_size: int) -> float:
         """Predicted memory in bytes of one forward + backward at this micro-batch size."""
@@ -92,7 +96,10 @@ class MemoryProbe:
 
 
 def _storage_key(tensor: torch.Tensor) -> tuple[int, int]:
-    """(storage address, storage bytes); tensors sharing a storage share the key."""
+    """(storage address, storage bytes); tensors sharing a storage share the key.
+
+    A sharded (DTensor) tensor counts as this rank's shard: what the rank holds."""
+    tensor = sharding.local(tensor)
     try:
         storage = tensor.untyped_storage()
         return storage.data_ptr(), storage.nbytes()
@@ -127,7 +134,7 @@ def optimizer_state_bytes(optimizer: torch.optim.Optimizer | None) -> int:
     """
     if optimizer is None:
         return 0
-    total, unknown = 0, []
+    total, unknown = 0, []  # bytes as this rank holds them: a DTensor's local shard
     for group in optimizer.param_groups:
         buffers = next(
             (f(group) for kind, f in _STATE_BUFFERS if isinstance(optimizer, kind)), None
@@ -139,7 +146,7 @@ def optimizer_state_bytes(optimizer: torch.optim.Optimizer | None) -> int:
             elif buffers is None:
                 unknown.append((group, parameter))
             else:
-                total += buffers * parameter.numel() * parameter.element_size()
+                total += buffers * sharding.local(parameter).numel() * parameter.element_size()
     return total + _stepped_state_bytes(optimizer, unknown)
 
 
@@ -149,7 +156,7 @@ def _stepped_state_bytes(optimizer: torch.optim.Optimizer, unknown: list[Any]) -
         return 0
     groups = []
     for group, parameter in unknown:
-        clone = parameter.detach().clone().requires_grad_(True)
+        clone = sharding.local(parameter).detach().clone().requires_grad_(True)
         clone.grad = torch.zeros_like(clone)
         groups.append({**{k: v for k, v in group.items() if k != "params"}, "params": [clone]})
     try:
@@ -164,8 +171,9 @@ def _stepped_state_bytes(optimizer: torch.optim.Optimizer, unknown: list[Any]) -
     )
 
 
-def _model_bytes(module: torch.nn.Module, optimizer: torch.optim.Optimizer | None) -> int:
-    """Parameters, buffers, gradients (one per trainable parameter) and optimizer state."""
+def model_state_bytes(module: torch.nn.Module, optimizer: torch.optim.Optimizer | None) -> int:
+    """Parameters, buffers, gradients (one per trainable parameter) and optimizer state, as this
+    rank holds them (a sharded model's shards)."""
     trainable = [p for p in module.parameters() if p.requires_grad]
     return (
         tensor_bytes(list(module.parameters()) + list(module.buffers()))
@@ -216,10 +224,11 @@ def forward_backward(
     for parameter in module.parameters():
         parameter.grad = None
     seen: dict[int, int] = {}
+    sharded = sharding.is_fsdp(module)
 
     def pack(tensor: torch.Tensor) -> torch.Tensor:
         key, nbytes = _storage_key(tensor)
-        if key not in exclude:
+        if key not in exclude and not (sharded and key in _gathered_parameters(module)):
             seen.setdefault(key, nbytes)
         return tensor
 
@@ -236,6 +245,18 @@ def forward_backward(
     for parameter in module.parameters():
         parameter.grad = None
     return sum(seen.values())
+
+
+def _gathered_parameters(module: torch.nn.Module) -> set[int]:
+    """Storages of the parameters FSDP2 holds all-gathered now (plain tensors, not DTensors).
+
+    Autograd saves views of them for backward; they are the shard units' parameters in flight,
+    counted by `bigbatch.tools.rank_memory`, not activations of the micro-batch."""
+    return {
+        _storage_key(parameter)[0]
+        for parameter in module.parameters()
+        if not sharding.is_sharded_tensor(parameter)
+    }
 
 
 def synchronize(device: torch.device) -> None:
@@ -289,8 +310,9 @@ def _measure(
     return ProbeRow(size, int(memory), size / best, saved, best)
 
 
-def _fit(rows: list[ProbeRow], model_bytes: int) -> tuple[float, float, float]:
-    """Least squares a + b * n over the rows; (a, b, largest relative error)."""
+def fit_rows(rows: list[ProbeRow], model_bytes: int) -> tuple[float, float, float]:
+    """Least squares a + b * n over the rows; (a, b, largest relative error). One row: the
+    model's own bytes are the intercept."""
     sizes = np.array([row.micro_batch_size for row in rows], dtype=np.float64)
     memory = np.array([row.memory_bytes for row in rows], dtype=np.float64)
     if len(set(sizes.tolist())) >= 2:
@@ -336,7 +358,7 @@ def probe(
         raise ValueError(f"repetitions must be a positive integer, got {repetitions!r}")
     module = distributed.unwrap(model)
     device = device_of(module, device)
-    model_bytes = _model_bytes(module, optimizer)
+    model_bytes = model_state_bytes(module, optimizer)
     rows: list[ProbeRow] = []
     oom: int | None = None
     with preserved_state(module, device):
@@ -365,9 +387,12 @@ def probe(
                     torch.cuda.empty_cache()
                 logger.warning("memory probe: micro_batch_size %d ran out of memory", size)
                 break
-    intercept, slope, error = _fit(rows, model_bytes)
+    intercept, slope, error = fit_rows(rows, model_bytes)
     method = "allocator peak" if device.type == "cuda" else "saved-tensor accounting"
-    return MemoryProbe(rows, intercept, slope, error, device.type, method, model_bytes, oom)
+    sharded = sharding.is_fsdp(module)
+    return MemoryProbe(
+        rows, intercept, slope, error, device.type, method, model_bytes, oom, sharded
+    )
 
 
 def device_of(module: torch.nn.Module, device: torch.device | str | None) -> torch.device:
@@ -388,7 +413,7 @@ def merge_probes(first: MemoryProbe, second: MemoryProbe) -> MemoryProbe:
     """One probe from two, refitted over all rows (the second's row wins on a repeated size)."""
     by_size = {row.micro_batch_size: row for row in first.rows + second.rows}
     rows = [by_size[size] for size in sorted(by_size)]
-    intercept, slope, error = _fit(rows, first.model_bytes)
+    intercept, slope, error = fit_rows(rows, first.model_bytes)
     ooms = [s for s in (first.oom_micro_batch_size, second.oom_micro_batch_size) if s is not None]
     return replace(
         first,

@@ -32,6 +32,7 @@ from bigbatch.data.tokens import (
 )
 from bigbatch.tools.autotokens import choose_micro_batch_tokens, longest_rows
 from bigbatch.train.config import Config
+from bigbatch.train.environment import planned_layout
 from bigbatch.train.schedules import (
     AdaptiveBatchSize,
     BatchSizeSchedule,
@@ -275,6 +276,7 @@ def probe_micro_batch_tokens(
         optimize=config.optimize,
         optimizer=optimizer,
         device=device,
+        **planned_layout(config, module, world_size),
     )
     chosen = [choice.micro_batch_tokens]
     if distributed.is_initialized():

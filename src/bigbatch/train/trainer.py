@@ -22,6 +22,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import Dataset
 
 from bigbatch import recipes
+from bigbatch.choices import GradientSync
 from bigbatch.core import batches, distributed, sharding
 from bigbatch.core import batchnorm as batchnorm_policies
 from bigbatch.core.engine import Accumulator, LossFn, StepResult
@@ -131,20 +132,7 @@ class Trainer:
         for group in optimizer.param_groups:
             group.setdefault("initial_lr", float(group["lr"]))
         engine_policy = config.batchnorm if config.batchnorm in ("freeze", "window") else "keep"
-        self.accumulator = Accumulator(
-            self.model,
-            optimizer,
-            max_grad_norm=config.max_grad_norm,
-            precision=config.precision,
-            batchnorm=engine_policy,
-            measure_noise_scale=config.noise_scale,
-            noise_smoothing_steps=config.noise_smoothing_steps,
-            gradient_sync=config.gradient_sync,
-            memory_budget_bytes=None
-            if config.memory_budget == "auto"
-            else int(config.memory_budget),
-        )
-        num_samples = len(train_dataset)  # type: ignore[arg-type]
+        self._probed_gradient_sync: GradientSync | None = None
         self.collate_packed = collate_packed
         self.batches: BatchPlanner | TokenBatchPlanner
         if config.global_batch_tokens is None:
@@ -154,9 +142,22 @@ class Trainer:
             self.batches = TokenBatchPlanner(config, self.world_size, lengths, self._probe_tokens)
         self.plan_for, self.batch_size_at = self.batches.plan_for, self.batches.at
         self.first_global_batch_size = self.batches.first_global_batch_size
-        self.early_warning = EarlyWarning()
         if config.warmup_steps and config.batch_size_schedule != "adaptive":
             self.batches.total_steps()  # refuses a warm-up beyond the run now, not after a probe
+        self.accumulator = Accumulator(
+            self.model,
+            optimizer,
+            max_grad_norm=config.max_grad_norm,
+            precision=config.precision,
+            batchnorm=engine_policy,
+            measure_noise_scale=config.noise_scale,
+            noise_smoothing_steps=config.noise_smoothing_steps,
+            gradient_sync=self._planned_gradient_sync(),
+            memory_budget_bytes=None
+            if config.memory_budget == "auto"
+            else int(config.memory_budget),
+        )
+        self.early_warning = EarlyWarning()
         self._total_steps = 0
         self._saved_step: int | None = None  # the step of the latest checkpoint written
         self._restored: checkpoint.Checkpoint | None = None
@@ -193,6 +194,19 @@ class Trainer:
 
     # -- plans, batch sizes and learning rate --------------------------------------------------
 
+    def _planned_gradient_sync(self) -> GradientSync:
+        """gradient_sync auto on a sharded model whose micro-batch the probe chooses: the probe
+        compares both sync modes per rank, so it runs now, before the engine is built."""
+        config = self.config
+        if (
+            config.gradient_sync == "auto"
+            and sharding.is_fsdp(self.model)
+            and config.micro_batch_size == "auto"
+            and isinstance(self.batches, BatchPlanner)
+        ):
+            self.batches.micro_batch_size  # noqa: B018 - runs the probe
+        return self._probed_gradient_sync or config.gradient_sync
+
     def _probe(self) -> int:
         """micro_batch_size auto: the memory probe, agreed over ranks."""
         budget = self.config.memory_budget
@@ -205,11 +219,13 @@ class Trainer:
             optimize=self.config.optimize,
             optimizer=self.optimizer,
             device=self.device,
+            **environment.planned_layout(self.config, self.model, self.world_size),
         )
-        chosen = [choice.micro_batch_size]
+        chosen: list[Any] = [choice.micro_batch_size, choice.gradient_sync]
         if distributed.is_initialized():
             dist.broadcast_object_list(chosen, src=0)  # every rank must run the same plan
         logger.info("micro_batch_size auto: %d (%s)", chosen[0], choice.reason)
+        self._probed_gradient_sync = chosen[1]
         return int(chosen[0])
 
     def _probe_tokens(self, lengths: Any) -> int:
