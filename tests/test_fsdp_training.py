@@ -30,15 +30,20 @@ TRAIN = [
 ]  # fmt: skip
 
 
-def _train(out: Path, processes: int, steps: int, *, resume: bool = False) -> str:
+ENV = {
+    **os.environ,
+    "OMP_NUM_THREADS": "1",
+    "PYTHONUNBUFFERED": "1",
+    "PYTHONPATH": str(ROOT / "src"),
+}
+
+
+def _train(
+    out: Path, processes: int, steps: int, *, resume: bool = False, settings: tuple[str, ...] = ()
+) -> str:
     launcher = [*TORCHRUN, f"--nproc_per_node={processes}"] if processes > 1 else [sys.executable]
-    command = [*launcher, *TRAIN, "--set", f"max_steps={steps}", "--out", str(out)]
-    env = {
-        **os.environ,
-        "OMP_NUM_THREADS": "1",
-        "PYTHONUNBUFFERED": "1",
-        "PYTHONPATH": str(ROOT / "src"),
-    }
+    command = [*launcher, *TRAIN, "--set", f"max_steps={steps}", "--out", str(out), *settings]
+    env = ENV
     result = subprocess.run(
         [*command, *(["--resume"] if resume else [])],
         capture_output=True, text=True, cwd=ROOT, env=env, timeout=240,
@@ -111,3 +116,26 @@ def test_a_damaged_shard_makes_the_previous_checkpoint_the_one(tmp_path):
     shard.write_bytes(shard.read_bytes()[:-3] + b"xyz")
     log = _train(out, 1, 3, resume=True)
     assert "skipping checkpoint" in log and "does not match its sha256" in log
+
+
+def test_micro_batch_auto_plans_per_rank_in_lockstep_as_bigbatch_plan_projects(tmp_path):
+    """Probed on the shards by both ranks at once, the choice (micro-batch and sync mode) equals
+    what `bigbatch plan --parallelism fsdp` projects from the whole model on one process."""
+    budget = "2.5MiB"
+    planned = subprocess.run(
+        [sys.executable, "-m", "bigbatch", "plan", "--json", "--global-batch-size", "64",
+         "--world-size", "2", "--memory-budget", budget, "--recipe", "tinylm",
+         "--parallelism", "fsdp"],
+        capture_output=True, text=True, cwd=ROOT, env=ENV, timeout=120,
+    )  # fmt: skip
+    assert planned.returncode == 0, planned.stderr[-2000:]
+    choice = json.loads(planned.stdout)["micro_batch_choice"]
+    micro, sync = choice["micro_batch_size"], choice["gradient_sync"]
+    assert [row["gradient_sync"] for row in choice["rank_memory"]][0] == sync
+    settings = (
+        "--set", "micro_batch_size=auto", "--set", f"memory_budget={budget}",
+        "--set", "global_batch_size=64", "--set", "recipe_options.num_train_samples=128",
+    )  # fmt: skip
+    log = _train(tmp_path / "run", 2, 1, settings=settings)
+    assert f"micro_batch_size auto: {micro} (" in log
+    assert "per rank" in log and f"gradient_sync {sync}:" in log

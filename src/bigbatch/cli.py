@@ -110,6 +110,7 @@ def _train_command(args: argparse.Namespace) -> int:
         )
     out_dir = None if args.out is None else check_run_dir(args.out)
     config = load_config(args.config, args.set)
+    every_rank_here = False  # a finished run or an agreed stop: every rank ends here alike
     try:
         summary = fit(
             config,
@@ -118,17 +119,19 @@ def _train_command(args: argparse.Namespace) -> int:
             overwrite=args.overwrite,
             progress=not args.no_progress,
         )
+        every_rank_here = True
         if distributed.is_main_process():
             print(_format_summary(summary))
     except NonFiniteError as error:
         print(f"bigbatch train: stopped: {error}", file=sys.stderr)
         return 1
     except RunStopped as stopped:
+        every_rank_here = True
         if distributed.is_main_process():
             print(f"bigbatch train: {stopped}; {_resume_hint(args, stopped)}", file=sys.stderr)
         return stopped.exit_code
     finally:
-        distributed.teardown_process_group()
+        distributed.teardown_process_group(wait_for_all=every_rank_here)
     return 0
 
 

@@ -67,9 +67,18 @@ def setup_process_group(timeout_s: float = 600.0) -> bool:
     return True
 
 
-def teardown_process_group() -> None:
-    """Destroy the default process group if there is one."""
+def teardown_process_group(wait_for_all: bool = False) -> None:
+    """Destroy the default process group if there is one.
+
+    Args:
+        wait_for_all: first wait until every rank got here (a barrier). A rank that destroys
+            its group and exits while another still writes its files can be aborted by gloo's
+            threads; give it on paths every rank takes alike (a finished or an agreed stop),
+            never after an error, where the others may be waiting in another collective.
+    """
     if is_initialized():
+        if wait_for_all:
+            dist.barrier()
         dist.destroy_process_group()
 
 
