@@ -51,7 +51,8 @@ TRACKERS: dict[str, str] = {
 
 GradientSync = Literal["auto", "every_micro_batch", "step_end"]
 GRADIENT_SYNCS: dict[str, str] = {
-    "auto": "step_end when the unsharded gradient fits the memory budget, else every_micro_batch",
+    "auto": "step_end when the unsharded gradient fits the memory budget (with micro_batch_size "
+    "auto: beside a micro-batch that needs no more micro-steps), else every_micro_batch",
     "every_micro_batch": "reduce (FSDP: reduce-scatter) the gradient after every micro-batch's "
     "backward: the least gradient memory, one gradient collective per micro-batch",
     "step_end": "reduce the gradient once, in the window's last backward: one gradient collective "

@@ -89,7 +89,8 @@ class Accumulator:
             FSDP's ``set_requires_gradient_sync(False)`` on every micro-step but the last; FSDP
             then holds an unsharded gradient per rank), ``"every_micro_batch"`` (a gradient
             collective in every backward: FSDP keeps only sharded gradients) or ``"auto"``
-            (step_end when the unsharded gradient fits ``memory_budget_bytes``).
+            (step_end when the unsharded gradient fits ``memory_budget_bytes``; the trainer's
+            memory probe instead compares both modes per rank, `bigbatch.tools.rank_memory`).
         memory_budget_bytes: the memory ``gradient_sync="auto"`` may give the unsharded gradient;
             None: the device's free memory on CUDA, assumed to fit elsewhere.
         accumulation_dtype: ``"fp32"`` adds each micro-batch's gradient into a float32 buffer
