@@ -149,7 +149,7 @@ class Accumulator:
             raise ValueError("model has no parameter with requires_grad=True: nothing to train")
         self.device = self._parameters[0].device
         if self._is_fsdp:
-            sharding.prepare(model, self._parameters, measure_noise_scale=measure_noise_scale)
+            sharding.prepare(model, self._parameters)
         self.gradient_sync = sharding.choose_gradient_sync(
             gradient_sync,
             sharded=self._is_fsdp,
@@ -180,7 +180,7 @@ class Accumulator:
         if batchnorm == "freeze":
             self._remove_hooks.append(batchnorm_policies.freeze(distributed.unwrap(model)))
         self._noise = (
-            NoiseScaleMeter(self._parameters, noise_smoothing_steps)
+            NoiseScaleMeter(self._parameters, noise_smoothing_steps, model=model)
             if measure_noise_scale
             else None
         )

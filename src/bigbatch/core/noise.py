@@ -11,11 +11,14 @@ from __future__ import annotations
 
 import logging
 import math
+import weakref
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
 import torch
+
+from bigbatch.core import sharding
 
 logger = logging.getLogger(__name__)
 
@@ -31,8 +34,14 @@ class GradientNormTracker:
     Call `begin_micro_step` before a micro-batch's backward and `end_micro_step` after it; outside
     that bracket the hooks record nothing, so other backward passes (e.g. a user's own) are ignored.
 
+    Under FSDP2 a backward produces the gradient of the *unsharded* parameters FSDP gathers for
+    the forward, on every rank its own micro-batch's, before the reduce-scatter: the hooks go on
+    those (registered from each FSDP module's forward, once the parameters are gathered), so the
+    norms are each rank's micro-batch's, as under DDP.
+
     Args:
         parameters: the trained parameters (those with ``requires_grad``).
+        model: the model, needed when it is sharded with FSDP2.
 
     Example:
         >>> model = torch.nn.Linear(2, 1, bias=False)
@@ -44,7 +53,9 @@ class GradientNormTracker:
         >>> tracker.remove()
     """
 
-    def __init__(self, parameters: Iterable[torch.nn.Parameter]) -> None:
+    def __init__(
+        self, parameters: Iterable[torch.nn.Parameter], model: torch.nn.Module | None = None
+    ) -> None:
         self._parameters = [p for p in parameters if p.requires_grad]
         if not self._parameters:
             raise ValueError("parameters holds no tensor with requires_grad=True: nothing to track")
@@ -58,7 +69,24 @@ class GradientNormTracker:
         )
         self._norms: list[torch.Tensor] = []
         self._active = False
-        self._handles = [p.register_hook(self._record) for p in self._parameters]
+        self._handles: list[Any] = []
+        self._hooked: dict[int, weakref.ref[torch.Tensor]] = {}
+        if model is not None and sharding.is_fsdp(model):
+            for module in sharding.fsdp_modules(model):
+                # FSDP's own pre-forward hook (the all-gather) is registered first, to run first.
+                self._handles.append(module.register_forward_pre_hook(self._hook_gathered))
+        else:
+            self._handles = [p.register_hook(self._record) for p in self._parameters]
+
+    def _hook_gathered(self, module: torch.nn.Module, inputs: Any) -> None:
+        """Hook the unsharded parameters FSDP has just gathered for this module's forward."""
+        for parameter in module.parameters():
+            if not parameter.requires_grad or sharding.is_sharded_tensor(parameter):
+                continue
+            known = self._hooked.get(id(parameter))
+            if known is None or known() is not parameter:
+                self._hooked[id(parameter)] = weakref.ref(parameter)
+                self._handles.append(parameter.register_hook(self._record))
 
     def _record(self, gradient: torch.Tensor) -> None:
         if self._active:
@@ -90,6 +118,7 @@ class GradientNormTracker:
         for handle in self._handles:
             handle.remove()
         self._handles.clear()
+        self._hooked.clear()
         self._active = False
 
 
@@ -314,9 +343,12 @@ class NoiseScaleMeter:
     host_sums = True
 
     def __init__(
-        self, parameters: Iterable[torch.nn.Parameter], smoothing_steps: int = 200
+        self,
+        parameters: Iterable[torch.nn.Parameter],
+        smoothing_steps: int = 200,
+        model: torch.nn.Module | None = None,
     ) -> None:
-        self.tracker = GradientNormTracker(parameters)
+        self.tracker = GradientNormTracker(parameters, model)
         self.estimator = NoiseScaleEstimator(smoothing_steps)
         self._raw_sq_norms: list[torch.Tensor] = []
         self._items: list[float | torch.Tensor] = []

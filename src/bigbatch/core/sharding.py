@@ -147,21 +147,13 @@ def check_sharded_parameters(parameters: list[torch.nn.Parameter]) -> None:
         )
 
 
-def prepare(
-    model: torch.nn.Module, parameters: list[torch.nn.Parameter], *, measure_noise_scale: bool
-) -> None:
+def prepare(model: torch.nn.Module, parameters: list[torch.nn.Parameter]) -> None:
     """Check a sharded model for the engine and set sum reduction on every FSDP module.
 
     Raises:
-        ValueError: a trained parameter is not sharded, or the noise scale is asked for.
+        ValueError: a trained parameter is not sharded.
     """
     check_sharded_parameters(parameters)
-    if measure_noise_scale:
-        raise ValueError(
-            "measure_noise_scale is not supported under FSDP: its per-micro-batch gradient norms "
-            "need each rank's unreduced gradient, which FSDP does not expose (measure it with DDP "
-            "or one process)"
-        )
     use_sum_reduction(model)
 
 
