@@ -1,4 +1,4 @@
-"""The gradient noise scale under FSDP2 equals the one-process measurement of the same micro-batches.
+"""The gradient noise scale under FSDP2 equals one process measuring the same micro-batches.
 
 Each rank of 2 and 3 gloo processes holds different rows, micro-batch counts (some empty) and masked
 items. The reference is one unsharded process whose window holds every rank's micro-batches as its
