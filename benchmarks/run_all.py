@@ -27,6 +27,7 @@ SCRIPTS = (
     "batchnorm",
     "noise_scale",
     "token_batches",
+    "sharded",
 )
 
 

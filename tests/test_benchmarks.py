@@ -75,13 +75,25 @@ def test_token_batches_smoke_prints_the_three_arms() -> None:
 @pytest.mark.slow
 @pytest.mark.timeout(300)
 def test_sharded_smoke_counts_collectives_per_sync_mode() -> None:
+    sharded = load("sharded")
+    sizes = sharded.SMOKE
     rows = {(row[0], row[1]): row for row in table_rows(run_smoke("sharded.py", timeout=300))}
-    # 2 ranks: 5 reduce-scatters per micro-step (one per Linear) x 4 micro-steps, or 5 per step.
-    assert rows[("2", "FSDP2 every_micro_batch")][4] == "20"
-    assert rows[("2", "FSDP2 step_end")][4] == "5"
-    assert float(rows[("2", "FSDP2 every_micro_batch")][2]) < float(
-        rows[("2", "FSDP2 step_end")][2]
-    )
+    units = sizes.num_layers + 1  # FSDP units: tinylm's blocks, then the root
+    for world in (1, 2, 4):
+        ddp, every, step_end = (rows[(str(world), mode)] for mode in sharded.MODES)
+        # columns: ranks, mode, peak gradient MB, parameters + AdamW state MB, collectives, ...
+        assert ddp[4] == "1"  # one bucket all-reduced once per step
+        if world > 1:  # one rank reduce-scatters nothing
+            micro_steps = sizes.global_batch_size // (world * sizes.micro_batch_size)
+            assert every[4] == str(micro_steps * units)
+            assert step_end[4] == str(units)
+            # every_micro_batch holds sharded gradients only, step_end an unsharded one
+            assert float(every[2]) < float(step_end[2]) == float(ddp[2])
+        # FSDP holds 1 / world of the parameters and AdamW state, DDP all of it on every rank
+        whole = float(rows[("1", "DDP")][3])
+        assert float(ddp[3]) == whole
+        for fsdp in (every, step_end):
+            assert float(fsdp[3]) == pytest.approx(whole / world, rel=0.05)
 
 
 def test_run_all_passes_smoke_through() -> None:
