@@ -230,6 +230,23 @@ def spawn(world: int, sizes: Sizes, out_dir: str) -> None:
             )
 
 
+def predicted(sizes: Sizes, world: int, mode: str) -> tuple[float, float]:
+    """`bigbatch.tools.rank_memory`'s (peak gradient, parameters + AdamW state) per rank, in MB.
+
+    DDP runs with `gradient_as_bucket_view`, so its buckets are the gradient, not a copy."""
+    from bigbatch.tools.rank_memory import Layout, model_sizes, rank_memory
+
+    recipe = tinylm(sizes)
+    optimizer = recipe.build_optimizer(recipe.model, lr=1e-3)
+    whole = model_sizes(recipe.model, optimizer, recipe.shard_units)
+    parallelism = "ddp" if mode == "DDP" else "fsdp"
+    memory = rank_memory(whole, Layout(parallelism, world, mode.split()[-1]), activation_bytes=0)
+    return (
+        (memory.gradients + memory.unsharded_gradient) / 1e6,
+        (memory.parameters + memory.optimizer) / 1e6,
+    )
+
+
 def measure_sharded(worlds: list[int], sizes: Sizes) -> list[list[str]]:
     rows = []
     for world in worlds:
@@ -239,12 +256,15 @@ def measure_sharded(worlds: list[int], sizes: Sizes) -> list[list[str]]:
         ddp_s = max(r["DDP"]["step_s"] for r in results)
         for mode in MODES:
             step_s = max(r[mode]["step_s"] for r in results)  # the slowest rank
+            gradient, state = predicted(sizes, world, mode)
             rows.append(
                 [
                     str(world),
                     mode,
                     f"{max(r[mode]['peak'] for r in results) / 1e6:.2f}",
+                    f"{gradient:.2f}",
                     f"{max(r[mode]['state'] for r in results) / 1e6:.2f}",
+                    f"{state:.2f}",
                     str(results[0][mode]["calls"]),
                     f"{step_s * 1e3:.0f}",
                     f"{step_s / ddp_s:.2f}",
@@ -309,7 +329,9 @@ def main() -> None:
                 "ranks",
                 "mode",
                 "peak gradient MB per rank",
+                "predicted",
                 "parameters + AdamW state MB per rank",
+                "predicted",
                 "gradient collectives per step",
                 "step ms",
                 "step time vs DDP",

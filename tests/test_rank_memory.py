@@ -87,12 +87,15 @@ def _held(rank: int, world: int, mode: str) -> dict[str, object]:
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
     sizes = model_sizes(model, optimizer)  # before any step: AdamW's state from its type
     accumulator = Accumulator(model, optimizer, gradient_sync=mode)  # type: ignore[arg-type]
-    held: dict[str, int] = {"unsharded": 0}
+    held: dict[str, int] = {"unsharded": 0, "peak": 0}
     backward = accumulator._backward
 
-    def measured_backward(*args):  # the most unsharded gradient held after any backward
+    def measured_backward(*args):  # the most gradient held after any backward
         backward(*args)
-        held["unsharded"] = max(held["unsharded"], unsharded_gradient_bytes_held(model))
+        unsharded = unsharded_gradient_bytes_held(model)
+        sharded = tensor_bytes([p.grad for p in model.parameters() if p.grad is not None])
+        held["unsharded"] = max(held["unsharded"], unsharded)
+        held["peak"] = max(held["peak"], unsharded + sharded)
 
     accumulator._backward = measured_backward  # type: ignore[method-assign]
 
@@ -109,6 +112,7 @@ def _held(rank: int, world: int, mode: str) -> dict[str, object]:
         "gradients": held["gradients"],
         "optimizer": tensor_bytes(state),
         "unsharded": held["unsharded"],
+        "peak": held["peak"],
     }
 
 
@@ -128,8 +132,10 @@ def test_prediction_equals_the_tensors_each_rank_holds(world: int, mode: str) ->
         assert sizes == whole, f"rank {rank}: sizes read from the shards differ"
         # Parameter and gradient shards are padded alike on every rank.
         assert held["parameters"] == predicted.parameters, rank
-        assert held["gradients"] == predicted.gradients, rank
+        assert held["gradients"] == whole.parameter_bytes(world, trained_only=True), rank
         assert held["unsharded"] == predicted.unsharded_gradient, rank
+        # After any backward: the sharded gradient (every_micro_batch) or the unsharded one.
+        assert held["peak"] == predicted.gradients + predicted.unsharded_gradient, rank
     # AdamW's state follows the unpadded shards: the prediction is the fullest rank's (rank 0).
     assert ranks[0]["optimizer"] == predicted.optimizer
     assert all(held["optimizer"] <= predicted.optimizer for held in ranks)

@@ -265,6 +265,7 @@ class _Projection:
         layout: Layout | None,
         shard_units: ShardUnits | None,
         device: torch.device,
+        agree: Agree | None,
     ) -> None:
         self.layout = layout
         self.layouts: dict[str | None, Layout] = {}
@@ -273,7 +274,9 @@ class _Projection:
             if layout.sharded and layout.gradient_sync != "auto":
                 compared = [layout]
             self.layouts = {(c.gradient_sync if c.sharded else None): c for c in compared}
-        self.model_bytes = memory.model_state_bytes(module, optimizer)
+        self.model_bytes = float(memory.model_state_bytes(module, optimizer))
+        if agree is not None:  # the fullest rank's, as the agreed measurements are
+            self.model_bytes = agree([self.model_bytes])[0]
         self.sizes = model_sizes(module, optimizer, shard_units) if self.layouts else None
         # The CUDA allocator's peak of a sharded model holds the all-gathered units already.
         self.in_flight_measured = device.type == "cuda" and sharding.is_fsdp(module)
@@ -316,15 +319,25 @@ def _agreed(result: MemoryProbe, agree: Agree | None) -> MemoryProbe:
     if agree is None:
         return result
     count = len(result.rows)
-    values = agree([float(r.memory_bytes) for r in result.rows] + [r.seconds for r in result.rows])
+    values = agree(
+        [float(r.memory_bytes) for r in result.rows]
+        + [r.seconds for r in result.rows]
+        + [float(result.model_bytes)]
+    )
     rows = [
         replace(row, memory_bytes=int(values[i]), seconds=values[count + i])
         for i, row in enumerate(result.rows)
     ]
     rows = [replace(r, samples_per_s=r.micro_batch_size / max(r.seconds, 1e-9)) for r in rows]
-    intercept, slope, error = memory.fit_rows(rows, result.model_bytes)
+    model_bytes = int(values[-1])  # the fullest rank's, as the rows are
+    intercept, slope, error = memory.fit_rows(rows, model_bytes)
     return replace(
-        result, rows=rows, fixed_bytes=intercept, bytes_per_sample=slope, fit_relative_error=error
+        result,
+        rows=rows,
+        fixed_bytes=intercept,
+        bytes_per_sample=slope,
+        fit_relative_error=error,
+        model_bytes=model_bytes,
     )
 
 
@@ -417,7 +430,7 @@ def choose_micro_batch_size(
     device = device_of(module, device)
     budget = _resolve_budget(memory_budget_bytes, device, module, optimizer)
     limit = budget / (1 + headroom)
-    projection = _Projection(module, optimizer, layout, shard_units, device)
+    projection = _Projection(module, optimizer, layout, shard_units, device, agree)
 
     measure, time_sizes = _measurers(
         module, loss_fn, make_batch, optimizer, device, repetitions, autocast_dtype, agree

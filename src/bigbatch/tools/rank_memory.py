@@ -11,10 +11,11 @@ turns the model's sizes and the probe's activations into what one rank holds for
 - activations: the probe's at the micro-batch, the same under every layout (a forward runs on
   whole parameters);
 - in flight: under DDP over N > 1 ranks its gradient buckets (one more gradient); under FSDP2 the
-  root's parameters, the two largest shard units' (one computing, one prefetched) and the
-  largest unit's gradient before its reduce-scatter;
+  root's parameters, the two largest shard units' (one computing, one prefetched) and, with
+  ``every_micro_batch``, the largest unit's gradient before its reduce-scatter;
 - unsharded gradient: FSDP2 with ``step_end`` only: a whole gradient, held until the window's
-  last backward.
+  last backward, whose reduce-scatters turn it into the sharded one unit by unit (so the sharded
+  gradient is not held beside it: ``gradients`` is 0 then).
 
 The sizes are estimates of tensors, not of the allocator: fragmentation and the workspace of
 kernels are what the probe's headroom is for.
@@ -218,23 +219,25 @@ def rank_memory(
     gradients = sizes.parameter_bytes(world, trained_only=True)
     whole_gradient = sizes.gradient_bytes
     optimizer = round(sizes.optimizer_bytes * gradients / whole_gradient) if whole_gradient else 0
+    step_end = layout.sharded and layout.gradient_sync == "step_end"
     in_flight = 0
     if layout.sharded and not in_flight_measured:
         units = sizes.unit_bytes
-        in_flight = sizes.root_bytes + sum(units[:2]) + (units[0] if units else 0)
+        # every_micro_batch: a unit's unsharded gradient before its reduce-scatter; step_end
+        # holds every unit's anyway (the unsharded gradient).
+        unit_gradient = units[0] if units and not step_end else 0
+        in_flight = sizes.root_bytes + sum(units[:2]) + unit_gradient
     elif layout.world_size > 1 and layout.parallelism == "ddp":
         in_flight = whole_gradient  # DDP's buckets: a second copy of the gradient
     return RankMemory(
         layout=layout,
         parameters=sizes.parameter_bytes(world),
-        gradients=gradients,
+        gradients=0 if step_end else gradients,
         optimizer=optimizer,
         buffers=sizes.buffer_bytes,
         activations=max(0, round(activation_bytes)),
         in_flight=in_flight,
-        unsharded_gradient=whole_gradient
-        if layout.sharded and layout.gradient_sync == "step_end"
-        else 0,
+        unsharded_gradient=whole_gradient if step_end else 0,
     )
 
 
