@@ -149,12 +149,19 @@ def accumulated_gradients(
 
 
 def relative_error(actual: Sequence[torch.Tensor], expected: Sequence[torch.Tensor]) -> float:
-    """|actual - expected| / |expected| over all tensors together (0 when both are zero)."""
+    """|actual - expected| / |expected| over all tensors together (0 when both are zero).
+
+    Infinite when the two cannot be compared: no gradient applied (a skipped step records none),
+    tensors that differ in number or shape, or a non-finite gradient on either side.
+    """
+    if len(actual) != len(expected) or any(a.shape != e.shape for a, e in zip(actual, expected)):
+        return math.inf
     difference = sum(float((a - e).pow(2).sum()) for a, e in zip(actual, expected))
     norm = sum(float(e.pow(2).sum()) for e in expected)
     if norm == 0.0:
-        return 0.0 if difference == 0.0 else float("inf")
-    return float((difference / norm) ** 0.5)
+        return 0.0 if difference == 0.0 else math.inf
+    error = float((difference / norm) ** 0.5)
+    return error if math.isfinite(error) else math.inf  # a NaN would pass max() and <=
 
 
 def _splits(global_batch_size: int, micro_batch_size: int | None) -> dict[str, tuple[int, ...]]:
