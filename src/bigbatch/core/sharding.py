@@ -172,6 +172,14 @@ def local(tensor: torch.Tensor) -> torch.Tensor:
     return tensor
 
 
+def full(tensor: torch.Tensor) -> torch.Tensor:
+    """The whole tensor of a DTensor (an all-gather: every rank must call it, in the same order),
+    or a copy of the tensor itself."""
+    if DTensor is not None and isinstance(tensor, DTensor):
+        return tensor.full_tensor()
+    return tensor.clone()
+
+
 def unsharded_gradient_bytes(parameters: list[torch.nn.Parameter]) -> int:
     """Bytes of a full (unsharded) gradient of these parameters: what step_end holds per rank."""
     return sum(p.numel() * p.element_size() for p in parameters)
