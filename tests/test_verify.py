@@ -6,6 +6,7 @@ The full-batch gradient inside verify is checked against tests/reference.py's in
 from __future__ import annotations
 
 import copy
+import math
 
 import pytest
 import torch
@@ -106,3 +107,26 @@ def test_full_batch_gradient_matches_the_independent_reference():
     )
     for got, (_, want) in zip(ours, expected.items()):
         assert torch.allclose(got, want, rtol=1e-12, atol=1e-14)
+
+
+def test_a_skipped_step_or_a_non_finite_gradient_fails():
+    """A NaN loss makes the engine skip the step, which applies no gradient: nothing to compare
+    is a failure, not a relative error of 0."""
+
+    def nan_loss(model, batch):
+        x, y = batch
+        return (model(x).squeeze(1) - y).pow(2).sum() * float("nan"), x.shape[0]
+
+    torch.manual_seed(0)
+    recipe = Recipe(
+        "nan",
+        torch.nn.Linear(3, 1),
+        TensorDataset(torch.randn(12, 3), torch.randn(12)),
+        None,
+        nan_loss,
+    )
+    report = verify(recipe, global_batch_size=12, micro_batch_size=4, num_global_batches=1)
+    assert not report.passed
+    assert all(split.relative_error == math.inf for split in report.splits)
+    assert verify_module.relative_error([], [torch.ones(2)]) == math.inf
+    assert verify_module.relative_error([torch.ones(1, 2)], [torch.ones(2)]) == math.inf

@@ -231,7 +231,8 @@ def _plan_command(args: argparse.Namespace) -> int:
 
 
 def _verify_command(args: argparse.Namespace) -> int:
-    from bigbatch.tools.verify import format_report, verify
+    from bigbatch.core import distributed
+    from bigbatch.tools.verify import format_report
 
     config, recipe = _resolved_config(args)
     if args.print_config:
@@ -243,21 +244,51 @@ def _verify_command(args: argparse.Namespace) -> int:
         )
     if config.global_batch_size is None:
         raise UsageError("global_batch_size: not set by the config nor the recipe; set it")
+    # float64 on the CPU, as on one process: gloo even where there are GPUs.
+    distributed.setup_process_group(backend="gloo")
+    try:
+        report = _verify_report(args, config, recipe, distributed.get_world_size())
+        if distributed.is_main_process():
+            print(format_report(report), flush=True)
+        # torchrun stops every rank once one exits with 1: none exits before rank 0 has printed.
+        distributed.barrier()
+    finally:
+        distributed.teardown_process_group()
+    # verify_distributed takes every error's maximum over the ranks: every rank exits alike.
+    return 0 if report.passed else 1
+
+
+def _verify_report(args: argparse.Namespace, config: Any, recipe: Any, world_size: int) -> Any:
+    """`verify` on one process, `verify_distributed` over the ranks of torchrun."""
+    from bigbatch.tools.verify import verify
+    from bigbatch.tools.verify_distributed import verify_distributed
+
     micro = config.micro_batch_size if isinstance(config.micro_batch_size, int) else None
     if micro is None and isinstance(config.gradient_accumulation_steps, int):
         steps = config.gradient_accumulation_steps
-        micro = plan(config.global_batch_size, gradient_accumulation_steps=steps).micro_batch_size
-    report = verify(
-        recipe,
-        global_batch_size=config.global_batch_size,
-        micro_batch_size=micro,
-        num_global_batches=args.num_global_batches,
-        tolerance=args.tolerance,
-        seed=config.seed,
-        batchnorm=config.batchnorm,
-    )
-    print(format_report(report))
-    return 0 if report.passed else 1
+        micro = plan(
+            config.global_batch_size, world_size, gradient_accumulation_steps=steps
+        ).micro_batch_size
+    settings: dict[str, Any] = {
+        "global_batch_size": config.global_batch_size,
+        "micro_batch_size": micro,
+        "num_global_batches": args.num_global_batches,
+        "tolerance": args.tolerance,
+        "seed": config.seed,
+        "batchnorm": config.batchnorm,
+    }
+    if world_size > 1:
+        return verify_distributed(
+            recipe, parallelism=config.parallelism, gradient_sync=config.gradient_sync, **settings
+        )
+    if config.parallelism == "fsdp":
+        print(
+            "bigbatch verify: warning: parallelism fsdp shards over several processes and this "
+            "is one: checking one process, unsharded (to check the sharded configuration: "
+            "torchrun --standalone --nproc_per_node=2 -m bigbatch verify ...)",
+            file=sys.stderr,
+        )
+    return verify(recipe, **settings)
 
 
 def _bench_command(args: argparse.Namespace) -> int:
@@ -388,7 +419,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     verify = commands.add_parser(
         "verify",
-        help="check the accumulated update against the full batch, in float64",
+        help="check the accumulated update against the full batch, in float64 (under "
+        "torchrun: split over the ranks with DDP or FSDP, as parallelism says)",
         parents=[common],
     )
     _add_config_arguments(verify)

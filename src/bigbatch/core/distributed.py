@@ -49,22 +49,30 @@ def local_device() -> torch.device:
     return torch.device("cpu")
 
 
-def setup_process_group(timeout_s: float = 600.0) -> bool:
+def setup_process_group(timeout_s: float = 600.0, backend: str | None = None) -> bool:
     """Initialise the default process group from torchrun's environment, once.
 
-    Uses NCCL when CUDA is available and gloo otherwise. Returns True when a process group is
-    active afterwards (False for a plain single process).
+    Uses ``backend`` when given (``"gloo"``: CPU tensors only, even where there are GPUs), else
+    NCCL when CUDA is available and gloo otherwise. Returns True when a process group is active
+    afterwards (False for a plain single process).
     """
     if is_initialized():
         return True
     if not launched_by_torchrun():
         return False
-    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    if backend is None:
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
     if backend == "nccl":
         torch.cuda.set_device(local_device())
     dist.init_process_group(backend=backend, timeout=datetime.timedelta(seconds=timeout_s))
     logger.info("process group %s: rank %d of %d", backend, get_rank(), get_world_size())
     return True
+
+
+def barrier() -> None:
+    """Wait until every rank gets here (nothing without a process group)."""
+    if is_initialized():
+        dist.barrier()
 
 
 def teardown_process_group(wait_for_all: bool = False) -> None:

@@ -169,6 +169,14 @@ def is_sharded_tensor(tensor: torch.Tensor) -> bool:
     return DTensor is not None and isinstance(tensor, DTensor)
 
 
+def full(tensor: torch.Tensor) -> torch.Tensor:
+    """The whole tensor of a DTensor (an all-gather: every rank must call it, in the same order),
+    or a copy of the tensor itself."""
+    if DTensor is not None and isinstance(tensor, DTensor):
+        return tensor.full_tensor()
+    return tensor.clone()
+
+
 def unsharded_gradient_bytes(parameters: list[torch.nn.Parameter]) -> int:
     """Bytes of a full (unsharded) gradient of these parameters: what step_end holds per rank."""
     return sum(p.numel() * p.element_size() for p in parameters)

@@ -4,7 +4,8 @@ In float64, for a few global batches, the gradient of (sum of every item's loss)
 items) from one forward over the whole global batch is compared with the gradient that
 `Accumulator.step` applies under several splits (micro-batches of 1, an uneven split, the
 configured one). Layers that make the update depend on the split (BatchNorm, dropout without a
-fixed seed) are named, since they are the usual reason for a mismatch.
+fixed seed) are named, since they are the usual reason for a mismatch. The same check over several
+ranks (DDP, FSDP2) is `bigbatch.tools.verify_distributed`; `format_report` prints either.
 """
 
 from __future__ import annotations
@@ -21,7 +22,8 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.modules.dropout import _DropoutNd
 from torch.utils.data import default_collate
 
-from bigbatch.core import batches
+from bigbatch.choices import GradientSync
+from bigbatch.core import batches, sharding
 from bigbatch.core import batchnorm as batchnorm_policies
 from bigbatch.core.engine import Accumulator, LossFn
 from bigbatch.plan import check_count, plan
@@ -36,16 +38,25 @@ class SplitResult:
     """One split of the global batch and how far its update is from the full-batch one.
 
     Attributes:
-        name: "micro 1", "uneven" or "configured".
-        micro_batch_sizes: the micro-batch sizes of the window (one rank).
-        relative_error: the largest |g_split - g_full| / |g_full| over the global batches.
+        name: "micro 1", "uneven", "configured" (and "empty" over several ranks).
+        micro_batch_sizes: the micro-batch sizes of rank 0's window.
+        relative_error: the largest |g_split - g_full| / |g_full| over the global batches (over
+            several ranks: the largest on any rank).
         passed: relative_error <= the tolerance.
+        world_size: the ranks the global batch was split over.
+        parallelism: "ddp" or "fsdp" over several ranks; None on one process.
+        gradient_sync: the engine's gradient sync mode over several ranks; None on one process.
+        rank_micro_batch_sizes: every rank's window over several ranks; () on one process.
     """
 
     name: str
     micro_batch_sizes: tuple[int, ...]
     relative_error: float
     passed: bool
+    world_size: int = 1
+    parallelism: str | None = None
+    gradient_sync: str | None = None
+    rank_micro_batch_sizes: tuple[tuple[int, ...], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -57,8 +68,9 @@ class VerifyReport:
         global_batch_size: samples of each global batch compared.
         num_global_batches: how many global batches were compared.
         tolerance: the largest relative error that passes.
-        splits: one result per split.
+        splits: one result per split (and gradient sync mode, over several ranks).
         breaking_layers: (module name, why) of every layer that breaks split equivalence.
+        world_size: the ranks the check ran on (1: one process).
     """
 
     recipe: str
@@ -67,6 +79,7 @@ class VerifyReport:
     tolerance: float
     splits: tuple[SplitResult, ...]
     breaking_layers: tuple[tuple[str, str], ...]
+    world_size: int = 1
 
     @property
     def passed(self) -> bool:
@@ -106,15 +119,22 @@ class _GradientRecorder(torch.optim.Optimizer):
 
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> None:  # type: ignore[override]
-        """Record the gradients (the engine has normalised them by now)."""
+        """Record the whole gradients (the engine has normalised them by now).
+
+        A sharded gradient is gathered whole: a collective, so every rank records the same
+        parameters in the same order (FSDP gives every rank a gradient shard, or none to all).
+        """
         self.gradients = [
-            torch.zeros_like(p) if p.grad is None else p.grad.detach().clone()
+            torch.zeros(p.shape, dtype=p.dtype, device=p.device)
+            if p.grad is None
+            else sharding.full(p.grad.detach())
             for group in self.param_groups
             for p in group["params"]
         ]
 
 
-def _to_float64(batch: Any) -> Any:
+def to_float64(batch: Any) -> Any:
+    """The batch with its floating-point tensors in float64."""
     return batches.map_tensors(batch, lambda t: t.double() if t.is_floating_point() else t)
 
 
@@ -140,21 +160,36 @@ def full_batch_gradients(
 
 
 def accumulated_gradients(
-    model: torch.nn.Module, loss_fn: LossFn, window: Sequence[Any]
+    model: torch.nn.Module,
+    loss_fn: LossFn,
+    window: Sequence[Any],
+    *,
+    gradient_sync: GradientSync = "auto",
 ) -> list[torch.Tensor]:
-    """The gradient `Accumulator.step` applies for a window of micro-batches."""
+    """The whole gradient `Accumulator.step` applies for a window of micro-batches.
+
+    The model may be wrapped in DistributedDataParallel or sharded with FSDP2: then every rank
+    calls this with its own window, and each gets the whole gradient of the global batch.
+    """
     recorder = _GradientRecorder([p for p in model.parameters() if p.requires_grad])
-    Accumulator(model, recorder).step(window, loss_fn)
+    Accumulator(model, recorder, gradient_sync=gradient_sync).step(window, loss_fn)
     return recorder.gradients
 
 
 def relative_error(actual: Sequence[torch.Tensor], expected: Sequence[torch.Tensor]) -> float:
-    """|actual - expected| / |expected| over all tensors together (0 when both are zero)."""
+    """|actual - expected| / |expected| over all tensors together (0 when both are zero).
+
+    Infinite when the two cannot be compared: no gradient applied (a skipped step records none),
+    tensors that differ in number or shape, or a non-finite gradient on either side.
+    """
+    if len(actual) != len(expected) or any(a.shape != e.shape for a, e in zip(actual, expected)):
+        return math.inf
     difference = sum(float((a - e).pow(2).sum()) for a, e in zip(actual, expected))
     norm = sum(float(e.pow(2).sum()) for e in expected)
     if norm == 0.0:
-        return 0.0 if difference == 0.0 else float("inf")
-    return float((difference / norm) ** 0.5)
+        return 0.0 if difference == 0.0 else math.inf
+    error = float((difference / norm) ** 0.5)
+    return error if math.isfinite(error) else math.inf  # a NaN would pass max() and <=
 
 
 def _splits(global_batch_size: int, micro_batch_size: int | None) -> dict[str, tuple[int, ...]]:
@@ -174,7 +209,7 @@ def _splits(global_batch_size: int, micro_batch_size: int | None) -> dict[str, t
     return splits
 
 
-def _global_batches(
+def global_batches(
     recipe: Recipe, global_batch_size: int, num_global_batches: int, seed: int
 ) -> Iterator[list[Any]]:
     """Samples of the first global batches of a seeded shuffle of the training set, one by one
@@ -189,15 +224,17 @@ def _global_batches(
         yield [recipe.train_dataset[i] for i in batch]
 
 
-def _check_arguments(
+def check_arguments(
     recipe: Recipe,
     global_batch_size: int,
     micro_batch_size: int | None,
     num_global_batches: int,
     tolerance: float,
+    world_size: int = 1,
 ) -> None:
-    """Sizes that fit the training set, a count of batches, a tolerance that means something."""
-    plan(global_batch_size, micro_batch_size=micro_batch_size)  # validates both sizes
+    """Sizes that fit the training set and the ranks, a count of batches, a tolerance that means
+    something."""
+    plan(global_batch_size, world_size, micro_batch_size=micro_batch_size)  # validates the sizes
     check_count("num_global_batches", num_global_batches)
     if isinstance(tolerance, bool) or not isinstance(tolerance, int | float):
         raise UsageError(f"tolerance must be a number >= 0, got {tolerance!r}")
@@ -209,6 +246,16 @@ def _check_arguments(
             f"global_batch_size {global_batch_size} is larger than the recipe's training set "
             f"({num_samples} samples): use global_batch_size <= {num_samples}"
         )
+
+
+def float64_model(recipe: Recipe, batchnorm: str) -> torch.nn.Module:
+    """A float64 copy of the recipe's model in training mode, with the `batchnorm` policy if it
+    is ``freeze`` or ``groupnorm`` (the others leave the layers as they are)."""
+    model = copy.deepcopy(recipe.model).double().train()
+    if batchnorm in ("freeze", "groupnorm"):
+        model = batchnorm_policies.apply_policy(model, batchnorm)  # type: ignore[arg-type]
+    batchnorm_policies.mark_warned(model)  # the report names BatchNorm layers itself
+    return model
 
 
 def verify(
@@ -237,22 +284,19 @@ def verify(
         UsageError: a size that is not a positive integer or larger than the training set, a
             count of batches below 1, a tolerance that is negative or not finite.
     """
-    _check_arguments(recipe, global_batch_size, micro_batch_size, num_global_batches, tolerance)
-    model = copy.deepcopy(recipe.model).double().train()
-    if batchnorm in ("freeze", "groupnorm"):
-        model = batchnorm_policies.apply_policy(model, batchnorm)  # type: ignore[arg-type]
-    batchnorm_policies.mark_warned(model)  # the report names BatchNorm layers itself
+    check_arguments(recipe, global_batch_size, micro_batch_size, num_global_batches, tolerance)
+    model = float64_model(recipe, batchnorm)
     collate = recipe.collate_fn or default_collate
     splits = _splits(global_batch_size, micro_batch_size)
     errors = dict.fromkeys(splits, 0.0)
-    for samples in _global_batches(recipe, global_batch_size, num_global_batches, seed):
+    for samples in global_batches(recipe, global_batch_size, num_global_batches, seed):
         expected = full_batch_gradients(
-            copy.deepcopy(model), recipe.loss_fn, _to_float64(collate(samples))
+            copy.deepcopy(model), recipe.loss_fn, to_float64(collate(samples))
         )
         for name, sizes in splits.items():
             starts = [sum(sizes[:index]) for index in range(len(sizes))]
             window = [
-                _to_float64(collate(samples[start : start + size]))
+                to_float64(collate(samples[start : start + size]))
                 for start, size in zip(starts, sizes)
             ]
             actual = accumulated_gradients(copy.deepcopy(model), recipe.loss_fn, window)
@@ -281,19 +325,47 @@ def _describe_sizes(sizes: Sequence[int]) -> str:
     return ", ".join(f"{size} x {count}" for size, count in counts.items())
 
 
-def format_report(report: VerifyReport) -> str:
-    """A small table: one row per split, then the layers that break equivalence and a verdict."""
+def _describe_ranks(rank_sizes: Sequence[Sequence[int]]) -> str:
+    """Every rank's window, `3 3 | 3 2`; the first two and the last of more than four ranks."""
+    shown = [_describe_sizes(sizes) for sizes in rank_sizes]
+    if len(shown) > 4:
+        shown = [*shown[:2], "...", shown[-1]]
+    return " | ".join(shown)
+
+
+def _rows(report: VerifyReport) -> list[str]:
+    """The column titles and one line per split (per split and sync mode over several ranks)."""
+    if report.world_size == 1:
+        lines = [f"{'split':<12}{'micro-batch sizes':<22}{'relative error':>16}  result"]
+        for split in report.splits:
+            lines.append(
+                f"{split.name:<12}{_describe_sizes(split.micro_batch_sizes):<22}"
+                f"{split.relative_error:>16.2e}  {'ok' if split.passed else 'FAIL'}"
+            )
+        return lines
     lines = [
-        f"verify {report.recipe}: {report.num_global_batches} global batches of "
-        f"{report.global_batch_size}, float64, full batch vs Accumulator.step, "
-        f"tolerance {report.tolerance:g}",
-        f"{'split':<12}{'micro-batch sizes':<22}{'relative error':>16}  result",
+        f"{'split':<12}{'ranks':>5}  {'parallelism':<13}{'gradient sync':<19}"
+        f"{'relative error':>14}  result  micro-batch sizes (rank 0 | rank 1 | ...)"
     ]
     for split in report.splits:
+        result = "ok" if split.passed else "FAIL"
         lines.append(
-            f"{split.name:<12}{_describe_sizes(split.micro_batch_sizes):<22}"
-            f"{split.relative_error:>16.2e}  {'ok' if split.passed else 'FAIL'}"
+            f"{split.name:<12}{split.world_size:>5}  {split.parallelism or '-':<13}"
+            f"{split.gradient_sync or '-':<19}{split.relative_error:>14.2e}  "
+            f"{result:<6}  {_describe_ranks(split.rank_micro_batch_sizes)}"
         )
+    return lines
+
+
+def format_report(report: VerifyReport) -> str:
+    """A small table: one row per split, then the layers that break equivalence and a verdict."""
+    over = f" over {report.world_size} ranks" if report.world_size > 1 else ""
+    lines = [
+        f"verify {report.recipe}: {report.num_global_batches} global batches of "
+        f"{report.global_batch_size}{over}, float64, full batch vs Accumulator.step, "
+        f"tolerance {report.tolerance:g}",
+        *_rows(report),
+    ]
     if report.breaking_layers:
         lines.append("layers that break equivalence:")
         lines += [f"  {name}: {why}" for name, why in report.breaking_layers]
