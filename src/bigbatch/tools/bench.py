@@ -307,10 +307,11 @@ def _ddp_worker(
     # The comm hook's callback runs on a gloo thread, which then frees it (taking the GIL) after
     # the step has gone on. Exiting before that thread is done aborts the process ("terminate
     # called without an active exception": it touches Python while the interpreter shuts down).
-    # A barrier waits for every earlier collective of this group, callbacks included.
-    dist.barrier()
+    # A barrier waits for every earlier collective of this group, callbacks included; it comes
+    # after rank 0's file, so that no rank tears its group down while another still works.
     if rank == 0:
         torch.save([row.__dict__ for row in rows], out)
+    dist.barrier()
     dist.destroy_process_group()
 
 
