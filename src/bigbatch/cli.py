@@ -148,6 +148,10 @@ def _token_plan_command(args: argparse.Namespace) -> int:
             "--memory-budget chooses micro_batch_tokens by probing a recipe: give --recipe and "
             "leave out --micro-batch-tokens"
         )
+    if args.parallelism is not None and args.memory_budget is None:
+        raise UsageError(
+            "--parallelism only matters with --memory-budget: it says what one rank holds"
+        )
     if args.recipe is None:  # the budgets alone: no torch to load
         from bigbatch.data.token_plan import TokenBudget
 
@@ -166,6 +170,7 @@ def _token_plan_command(args: argparse.Namespace) -> int:
         packing=args.packing,
         memory_budget=args.memory_budget,
         optimize=args.optimize,
+        parallelism=args.parallelism or "ddp",
     )
     print(json.dumps(result) if args.json else text)
     return 0

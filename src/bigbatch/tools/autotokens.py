@@ -19,13 +19,13 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset, default_collate
 
-from bigbatch.choices import DEFAULT_OPTIMIZE, Optimize
+from bigbatch.choices import DEFAULT_OPTIMIZE, Optimize, Parallelism
 from bigbatch.core.engine import LossFn
 from bigbatch.data.token_plan import TokenBudget, TokenPlan, plan_tokens
 from bigbatch.data.tokens import TokenBatchSampler, sample_lengths
-from bigbatch.tools.autobatch import Agree, MicroBatchChoice, choose_micro_batch_size
+from bigbatch.tools.autobatch import Agree, MicroBatchChoice, ShardUnits, choose_micro_batch_size
 from bigbatch.tools.memory import Batch
-from bigbatch.tools.rank_memory import Layout
+from bigbatch.tools.rank_memory import Layout, format_rank_memory
 from bigbatch.units import UsageError, format_bytes
 
 
@@ -100,13 +100,15 @@ def choose_micro_batch_tokens(
     headroom: float = 0.1,
     layout: Layout | None = None,
     agree: Agree | None = None,
+    shard_units: ShardUnits | None = None,
 ) -> TokenBatchChoice:
     """Probe rows of row_tokens tokens and choose the padded tokens of a micro-batch.
 
     ``make_rows(r)`` gives r rows of the longest sample; the choice is the rows that fit
     ``memory_budget_bytes`` (largest, or fastest with optimize throughput, see
     `choose_micro_batch_size`) times row_tokens, at most max_micro_batch_tokens rounded down to
-    whole rows (one row at least). ``layout`` and ``agree`` as for `choose_micro_batch_size`.
+    whole rows (one row at least). ``layout``, ``agree`` and ``shard_units`` as for
+    `choose_micro_batch_size`.
 
     Raises:
         ValueError: one row of the longest sample does not fit the budget (with the numbers).
@@ -125,6 +127,7 @@ def choose_micro_batch_tokens(
         headroom=headroom,
         layout=layout,
         agree=agree,
+        shard_units=shard_units,
     )
     rows = choice.micro_batch_size
     per_token = choice.probe.bytes_per_sample / row_tokens
@@ -172,10 +175,11 @@ def token_plan_report(
     optimize: Optimize = DEFAULT_OPTIMIZE,
     seed: int = 0,
     recipe_options: Mapping[str, Any] | None = None,
+    parallelism: Parallelism = "ddp",
 ) -> tuple[str, dict[str, Any]]:
     """The token plan of a recipe as text and as a JSON-able dict: its training set's lengths
     give the first step's split and the padding over an epoch; memory_budget probes
-    micro_batch_tokens first.
+    micro_batch_tokens first, the budget being one rank's of world_size under parallelism.
     """
     from bigbatch import recipes  # recipes import the engine: keep this module light to import
 
@@ -203,12 +207,17 @@ def token_plan_report(
             memory_budget_bytes=memory_budget,
             optimize=optimize,
             optimizer=recipe.build_optimizer(module, lr=float(recipe.defaults.get("lr", 1e-3))),
+            layout=Layout(parallelism, world_size, "auto"),
+            shard_units=recipe.shard_units,
         )
         micro_batch_tokens = choice.micro_batch_tokens
         lines.append(
             f"memory per padded token {format_bytes(choice.bytes_per_token)} (fit over rows of "
             f"{longest} tokens); micro_batch_tokens {micro_batch_tokens}: {choice.reason}"
         )
+        if choice.choice.rank_memory:  # in rows of the longest sample
+            memory = choice.choice.rank_memory
+            lines.append(format_rank_memory(memory, choice.choice.memory_budget_bytes))
         extra["micro_batch_choice"] = choice.to_dict()
     budget = TokenBudget(
         global_batch_tokens, world_size, micro_batch_tokens, packing, int(lengths.max())
