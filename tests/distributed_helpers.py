@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime
+import gc
 import os
 import socket
 import tempfile
@@ -49,6 +50,7 @@ def _worker(
         # called without an active exception").
         dist.barrier()
     finally:
+        gc.collect()  # DDP models in cycles freed while the default group holds the group
         dist.destroy_process_group()
 
 

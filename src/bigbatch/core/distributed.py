@@ -7,6 +7,7 @@ so the same code runs under `python` and under `torchrun`.
 from __future__ import annotations
 
 import datetime
+import gc
 import logging
 import os
 
@@ -87,6 +88,10 @@ def teardown_process_group(wait_for_all: bool = False) -> None:
     if is_initialized():
         if wait_for_all:
             dist.barrier()
+        # A DistributedDataParallel model left in a reference cycle is freed here, while the
+        # default group still holds the process group: freed after, its reducer would destroy
+        # the group holding the GIL, joining a gloo thread that waits for the GIL (a hang).
+        gc.collect()
         dist.destroy_process_group()
 
 

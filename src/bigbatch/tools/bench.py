@@ -263,10 +263,9 @@ def _ddp_worker(
     rank: int, rendezvous: str, accumulations: Sequence[int], steps: int, width: int, out: str
 ) -> None:
     import datetime
+    import gc
 
     import torch.distributed as dist
-    from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
-    from torch.nn.parallel import DistributedDataParallel
 
     torch.set_num_threads(1)
     # a collective that never completes fails in minutes, not after gloo's 30-minute default
@@ -274,6 +273,29 @@ def _ddp_worker(
     dist.init_process_group(
         "gloo", init_method=rendezvous, rank=rank, world_size=2, timeout=timeout
     )
+    rows = _ddp_rows(accumulations, steps, width)
+    # The DDP models are gone with _ddp_rows; collected now, their reducers release the process
+    # group while the default group still holds it. A reducer freed after destroy_process_group
+    # would destroy the group itself, holding the GIL while it joins a gloo thread that waits for
+    # the GIL: a hang at exit.
+    gc.collect()
+    if rank == 0:
+        torch.save([row.__dict__ for row in rows], out)
+    # The comm hook's callback runs on a gloo thread, which then frees it (taking the GIL) after
+    # the step has gone on. Exiting before that thread is done aborts the process ("terminate
+    # called without an active exception": it touches Python while the interpreter shuts down).
+    # A barrier waits for every earlier collective of this group, callbacks included; it comes
+    # after rank 0's file, so that no rank tears its group down while another still works.
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+def _ddp_rows(accumulations: Sequence[int], steps: int, width: int) -> list[DdpRow]:
+    """Each loop's all-reduces per step and median step time, on this rank."""
+    import torch.distributed as dist
+    from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
+    from torch.nn.parallel import DistributedDataParallel
+
     rows = []
     for accumulation in accumulations:
         window = _window(16, accumulation, width)
@@ -303,16 +325,9 @@ def _ddp_worker(
                     optimizer.zero_grad(set_to_none=True)
                 if step:
                     times.append(time.perf_counter() - start)
+            accumulator.close()
             rows.append(DdpRow(accumulation, method, calls[0], statistics.median(times)))
-    # The comm hook's callback runs on a gloo thread, which then frees it (taking the GIL) after
-    # the step has gone on. Exiting before that thread is done aborts the process ("terminate
-    # called without an active exception": it touches Python while the interpreter shuts down).
-    # A barrier waits for every earlier collective of this group, callbacks included; it comes
-    # after rank 0's file, so that no rank tears its group down while another still works.
-    if rank == 0:
-        torch.save([row.__dict__ for row in rows], out)
-    dist.barrier()
-    dist.destroy_process_group()
+    return rows
 
 
 def measure_ddp(
