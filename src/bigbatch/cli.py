@@ -251,14 +251,16 @@ def _verify_command(args: argparse.Namespace) -> int:
         raise UsageError("global_batch_size: not set by the config nor the recipe; set it")
     # float64 on the CPU, as on one process: gloo even where there are GPUs.
     distributed.setup_process_group(backend="gloo")
+    every_rank_here = False
     try:
         report = _verify_report(args, config, recipe, distributed.get_world_size())
         if distributed.is_main_process():
             print(format_report(report), flush=True)
-        # torchrun stops every rank once one exits with 1: none exits before rank 0 has printed.
-        distributed.barrier()
+        # torchrun stops every rank once one exits with 1: none exits before rank 0 has printed
+        # (the barrier of the teardown).
+        every_rank_here = True
     finally:
-        distributed.teardown_process_group()
+        distributed.teardown_process_group(wait_for_all=every_rank_here)
     # verify_distributed takes every error's maximum over the ranks: every rank exits alike.
     return 0 if report.passed else 1
 

@@ -10,6 +10,7 @@ import datetime
 import gc
 import logging
 import os
+import time
 
 import torch
 import torch.distributed as dist
@@ -88,6 +89,10 @@ def teardown_process_group(wait_for_all: bool = False) -> None:
     if is_initialized():
         if wait_for_all:
             dist.barrier()
+            # gloo's threads free each finished collective after it completes, and may need the
+            # GIL for it; a process that begins to exit meanwhile aborts ("terminate called
+            # without an active exception"). A short sleep releases the GIL for them.
+            time.sleep(0.05)
         # A DistributedDataParallel model left in a reference cycle is freed here, while the
         # default group still holds the process group: freed after, its reducer would destroy
         # the group holding the GIL, joining a gloo thread that waits for the GIL (a hang).
