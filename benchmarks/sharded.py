@@ -116,16 +116,7 @@ def tensor_bytes(tensor: torch.Tensor) -> int:
 def held_gradient_bytes(model: torch.nn.Module) -> int:
     """Bytes of gradient tensors this rank holds now: local shards and unsharded FSDP grads."""
     total = sum(tensor_bytes(p.grad) for p in model.parameters() if p.grad is not None)
-    for module in sharding.fsdp_modules(model):
-        group = module._get_fsdp_state()._fsdp_param_group
-        for fsdp_param in group.fsdp_params if group else []:
-            for grad in (
-                getattr(fsdp_param, "unsharded_accumulated_grad", None),
-                getattr(getattr(fsdp_param, "_unsharded_param", None), "grad", None),
-            ):
-                if grad is not None:
-                    total += grad.numel() * grad.element_size()
-    return total
+    return total + sum(tensor_bytes(grad) for grad in sharding.unsharded_gradients(model))
 
 
 def state_bytes(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> int:

@@ -69,17 +69,7 @@ def _sharded(world: int) -> Model:
 
 def unsharded_gradient_bytes_held(model: torch.nn.Module) -> int:
     """The unsharded gradients FSDP2 holds now (its internals: read, not changed)."""
-    total = 0
-    for module in sharding.fsdp_modules(model):
-        group = module._get_fsdp_state()._fsdp_param_group
-        for fsdp_param in group.fsdp_params if group else []:
-            for grad in (
-                getattr(fsdp_param, "unsharded_accumulated_grad", None),
-                getattr(getattr(fsdp_param, "_unsharded_param", None), "grad", None),
-            ):
-                if grad is not None:
-                    total += grad.numel() * grad.element_size()
-    return total
+    return sum(g.numel() * g.element_size() for g in sharding.unsharded_gradients(model))
 
 
 def _held(rank: int, world: int, mode: str) -> dict[str, object]:

@@ -59,6 +59,9 @@ GRADIENT_SYNCS: dict[str, str] = {
     "per step, but FSDP holds a full unsharded gradient per rank until then",
 }
 
+SYNC_MODES: tuple[GradientSync, ...] = ("every_micro_batch", "step_end")
+"""The modes ``gradient_sync: auto`` chooses between."""
+
 Parallelism = Literal["ddp", "fsdp"]
 PARALLELISMS: dict[str, str] = {
     "ddp": "every rank holds the whole model, optimizer and gradient (DistributedDataParallel)",

@@ -148,10 +148,6 @@ def _token_plan_command(args: argparse.Namespace) -> int:
             "--memory-budget chooses micro_batch_tokens by probing a recipe: give --recipe and "
             "leave out --micro-batch-tokens"
         )
-    if args.parallelism is not None and args.memory_budget is None:
-        raise UsageError(
-            "--parallelism only matters with --memory-budget: it says what one rank holds"
-        )
     if args.recipe is None:  # the budgets alone: no torch to load
         from bigbatch.data.token_plan import TokenBudget
 
@@ -193,6 +189,10 @@ def _resume_hint(args: argparse.Namespace, stopped: Any) -> str:
 
 
 def _plan_command(args: argparse.Namespace) -> int:
+    if args.parallelism is not None and args.memory_budget is None:
+        raise UsageError(
+            "--parallelism only matters with --memory-budget: it says what one rank holds"
+        )
     if args.global_batch_tokens is not None:
         return _token_plan_command(args)
     if args.micro_batch_tokens is not None or args.packing:
@@ -200,10 +200,6 @@ def _plan_command(args: argparse.Namespace) -> int:
     if args.memory_budget is None:
         if args.recipe is not None:
             raise UsageError("--recipe only matters with --memory-budget (the probe runs it)")
-        if args.parallelism is not None:
-            raise UsageError(
-                "--parallelism only matters with --memory-budget: it says what one rank holds"
-            )
         result = plan(
             args.global_batch_size,
             world_size=args.world_size,

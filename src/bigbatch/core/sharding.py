@@ -11,6 +11,7 @@ there is.
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -225,22 +226,41 @@ def choose_gradient_sync(
     return chosen
 
 
+def _fsdp_params(model: torch.nn.Module) -> Iterator[Any]:
+    """FSDP2's per-parameter state of every FSDP module (its internals: they are not public)."""
+    for module in fsdp_modules(model):
+        try:
+            group = module._get_fsdp_state()._fsdp_param_group
+        except AttributeError:  # pragma: no cover - internals changed
+            continue
+        if group is not None:
+            yield from group.fsdp_params
+
+
+def unsharded_gradients(model: torch.nn.Module) -> list[torch.Tensor]:
+    """The unsharded gradients FSDP2 holds now: a step_end window's accumulated ones and those
+    of a backward not yet reduce-scattered (read through its internals, best effort)."""
+    found = []
+    for fsdp_param in _fsdp_params(model):
+        unsharded = getattr(fsdp_param, "_unsharded_param", None)
+        for grad in (
+            getattr(fsdp_param, "unsharded_accumulated_grad", None),
+            None if unsharded is None else unsharded.grad,
+        ):
+            if grad is not None:
+                found.append(grad)
+    return found
+
+
 def clear_unsharded_gradients(model: torch.nn.Module) -> None:
     """Drop unsharded gradients FSDP may hold from an unfinished step_end window.
 
     Best effort through FSDP2's internals (they are not public); a window that ran to its end
     holds none.
     """
-    for module in fsdp_modules(model):
-        try:
-            group = module._get_fsdp_state()._fsdp_param_group
-        except AttributeError:  # pragma: no cover - internals changed
-            continue
-        if group is None:
-            continue
-        for fsdp_param in group.fsdp_params:
-            if getattr(fsdp_param, "unsharded_accumulated_grad", None) is not None:
-                fsdp_param.unsharded_accumulated_grad = None
-            unsharded = getattr(fsdp_param, "_unsharded_param", None)
-            if unsharded is not None and unsharded.grad is not None:
-                unsharded.grad = None
+    for fsdp_param in _fsdp_params(model):
+        if getattr(fsdp_param, "unsharded_accumulated_grad", None) is not None:
+            fsdp_param.unsharded_accumulated_grad = None
+        unsharded = getattr(fsdp_param, "_unsharded_param", None)
+        if unsharded is not None and unsharded.grad is not None:
+            unsharded.grad = None

@@ -267,7 +267,6 @@ class _Projection:
         device: torch.device,
         agree: Agree | None,
     ) -> None:
-        self.layout = layout
         self.layouts: dict[str | None, Layout] = {}
         if layout is not None and layout.world_size > 1:
             compared = layouts(layout.parallelism, layout.world_size)

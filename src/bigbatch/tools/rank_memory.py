@@ -30,14 +30,10 @@ from typing import Any
 
 import torch
 
-from bigbatch.choices import Parallelism
+from bigbatch.choices import SYNC_MODES, GradientSync, Parallelism
 from bigbatch.core import sharding
 from bigbatch.tools.memory import optimizer_state_bytes
 from bigbatch.units import format_bytes
-
-SyncMode = str
-"""``"every_micro_batch"`` or ``"step_end"`` (a resolved `bigbatch.choices.GradientSync`)."""
-SYNC_MODES: tuple[SyncMode, ...] = ("every_micro_batch", "step_end")
 
 
 @dataclass(frozen=True)
@@ -47,13 +43,13 @@ class Layout:
     Attributes:
         parallelism: ``"ddp"`` (replicas) or ``"fsdp"`` (shards).
         world_size: number of ranks; one rank holds the whole model whatever the parallelism.
-        gradient_sync: ``"every_micro_batch"`` or ``"step_end"``; only FSDP's memory depends
-            on it.
+        gradient_sync: ``"every_micro_batch"`` or ``"step_end"`` (``"auto"`` while planning:
+            both are compared); only FSDP's memory depends on it.
     """
 
     parallelism: Parallelism
     world_size: int
-    gradient_sync: SyncMode = "step_end"
+    gradient_sync: GradientSync = "step_end"
 
     @property
     def sharded(self) -> bool:
@@ -149,6 +145,18 @@ def model_sizes(
     )
 
 
+PARTS = (
+    "parameters",
+    "gradients",
+    "optimizer",
+    "buffers",
+    "activations",
+    "in_flight",
+    "unsharded_gradient",
+)
+"""The parts of `RankMemory`, in the order tables show them."""
+
+
 @dataclass(frozen=True)
 class RankMemory:
     """What one rank holds at the peak of a micro-step, by part, in bytes."""
@@ -165,15 +173,7 @@ class RankMemory:
     @property
     def total(self) -> int:
         """The sum of the parts: the rank's predicted peak."""
-        return (
-            self.parameters
-            + self.gradients
-            + self.optimizer
-            + self.buffers
-            + self.activations
-            + self.in_flight
-            + self.unsharded_gradient
-        )
+        return sum(getattr(self, part) for part in PARTS)
 
     @property
     def state(self) -> int:
@@ -189,17 +189,6 @@ class RankMemory:
             "gradient_sync": layout.gradient_sync if layout.sharded else None,
             **{f"{part}_bytes": getattr(self, part) for part in (*PARTS, "total")},
         }
-
-
-PARTS = (
-    "parameters",
-    "gradients",
-    "optimizer",
-    "buffers",
-    "activations",
-    "in_flight",
-    "unsharded_gradient",
-)
 
 
 def rank_memory(

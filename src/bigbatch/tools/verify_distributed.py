@@ -20,7 +20,14 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import default_collate
 
-from bigbatch.choices import GRADIENT_SYNCS, PARALLELISMS, GradientSync, Parallelism, one_of
+from bigbatch.choices import (
+    GRADIENT_SYNCS,
+    PARALLELISMS,
+    SYNC_MODES,
+    GradientSync,
+    Parallelism,
+    one_of,
+)
 from bigbatch.core import batches, distributed, sharding
 from bigbatch.plan import Plan, plan
 from bigbatch.recipes import Recipe
@@ -37,9 +44,6 @@ from bigbatch.tools.verify import (
     to_float64,
 )
 from bigbatch.units import UsageError
-
-SYNC_MODES: tuple[GradientSync, ...] = ("every_micro_batch", "step_end")
-"""What ``gradient_sync: auto`` checks: both modes it may choose."""
 
 
 def distributed_splits(
@@ -111,14 +115,6 @@ def _broadcast(model: torch.nn.Module) -> None:
             dist.broadcast(tensor.detach(), src=0)
 
 
-def _largest_over_ranks(errors: list[float]) -> list[float]:
-    """Each error's maximum over the ranks, so that every rank reports (and exits) alike."""
-    values = torch.tensor(
-        [e if math.isfinite(e) else math.inf for e in errors], dtype=torch.float64
-    )
-    return [float(value) for value in distributed.all_reduce_max(values)]
-
-
 def _check_setting(world_size: int, parallelism: str, gradient_sync: str) -> None:
     if world_size < 2 or dist.get_backend() != "gloo":
         raise UsageError(
@@ -179,7 +175,10 @@ def verify_distributed(
                 replica = _replica(model, recipe, parallelism, world_size)
                 actual = accumulated_gradients(replica, recipe.loss_fn, window, gradient_sync=sync)
                 errors[name, sync] = max(errors[name, sync], relative_error(actual, expected))
-    largest = _largest_over_ranks(list(errors.values()))
+    # Each error's maximum over the ranks (NaN as infinite), so every rank reports and exits alike.
+    largest = distributed.agree_on_largest(
+        [e if math.isfinite(e) else math.inf for e in errors.values()]
+    )
     # Every collective done, gloo's callbacks included, before the caller tears the group down:
     # a gloo thread still busy while the interpreter exits aborts the process.
     dist.barrier()

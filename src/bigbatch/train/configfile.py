@@ -164,6 +164,22 @@ def _refuse_both(first: str, second: str, name: str, source: str) -> None:
     )
 
 
+def flatten(config: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """``{"lr_scaling": {"rule": "sqrt"}}`` -> ``{"lr_scaling.rule": "sqrt"}``, the keys of --set;
+    an empty mapping leaves nothing.
+
+    >>> flatten({"lr": 0.1, "lr_scaling": {"rule": "sqrt", "base_batch_size": 256}})
+    {'lr': 0.1, 'lr_scaling.rule': 'sqrt', 'lr_scaling.base_batch_size': 256}
+    """
+    flat: dict[str, Any] = {}
+    for key, value in config.items():
+        if isinstance(value, Mapping):
+            flat.update(flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
 def parse_override(text: str) -> tuple[list[str], Any]:
     """`"lr_scaling.rule=sqrt"` -> (["lr_scaling", "rule"], "sqrt"), the value read as YAML."""
     key, sep, raw = text.partition("=")

@@ -26,6 +26,7 @@ from bigbatch.data.sampler import GlobalBatchSampler
 from bigbatch.train import checkpoint
 from bigbatch.train.checkpoint import Checkpoint
 from bigbatch.train.config import Config
+from bigbatch.train.configfile import flatten
 from bigbatch.train.schedules import lr_factor
 from bigbatch.train.state import TrainState
 from bigbatch.units import UsageError, shorten
@@ -103,18 +104,6 @@ def set_aside(paths: tuple[Path, ...]) -> None:
             logger.warning("could not set aside damaged checkpoint %s: %s", path, error)
 
 
-def _flatten(config: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
-    """``{"lr_scaling": {"rule": "sqrt"}}`` -> ``{"lr_scaling.rule": "sqrt"}``; an empty mapping
-    leaves nothing."""
-    flat: dict[str, Any] = {}
-    for key, value in config.items():
-        if isinstance(value, Mapping):
-            flat.update(_flatten(value, f"{prefix}{key}."))
-        else:
-            flat[f"{prefix}{key}"] = value
-    return flat
-
-
 def run_differences(saved: Mapping[str, Any], current: Mapping[str, Any]) -> list[str]:
     """``"lr 0.003 -> 0.1"`` for each run-defining field that differs.
 
@@ -128,8 +117,8 @@ def run_differences(saved: Mapping[str, Any], current: Mapping[str, Any]) -> lis
         ['recipe_options.depth (unset) -> 2']
     """
     shared = [key for key in saved.keys() & current.keys() if key not in HOW_IT_RUNS]
-    old = _flatten({key: saved[key] for key in shared})
-    new = _flatten({key: current[key] for key in shared})
+    old = flatten({key: saved[key] for key in shared})
+    new = flatten({key: current[key] for key in shared})
     differences = []
     for key in sorted(old.keys() | new.keys()):
         before, after = old.get(key, _UNSET), new.get(key, _UNSET)

@@ -20,6 +20,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Protocol
 
+from bigbatch.train.configfile import flatten
 from bigbatch.units import UsageError
 
 logger = logging.getLogger(__name__)
@@ -93,21 +94,6 @@ def _close_quietly(tracker: Tracker) -> None:
         logger.warning(
             "%s's last events are lost: %s: %s", type(tracker).__name__, type(error).__name__, error
         )
-
-
-def flatten(config: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
-    """``{"lr_scaling": {"rule": "sqrt"}}`` -> ``{"lr_scaling.rule": "sqrt"}``.
-
-    >>> flatten({"lr": 0.1, "lr_scaling": {"rule": "sqrt", "base_batch_size": 256}})
-    {'lr': 0.1, 'lr_scaling.rule': 'sqrt', 'lr_scaling.base_batch_size': 256}
-    """
-    flat: dict[str, Any] = {}
-    for key, value in config.items():
-        if isinstance(value, Mapping):
-            flat.update(flatten(value, f"{prefix}{key}."))
-        else:
-            flat[f"{prefix}{key}"] = value
-    return flat
 
 
 def _scalars(values: Mapping[str, Any]) -> dict[str, float]:
