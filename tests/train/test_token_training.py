@@ -1,7 +1,7 @@
 """Training on global batches in tokens against a float64 full-batch reference.
 
 The reference computes every sample alone (one unpadded row), its answer tokens found from the
-task's definition, and takes one SGD step per global batch of the definition (tests.test_tokens):
+task's definition, and takes one SGD step per global batch of the definition (tests.data.test_tokens):
 nothing of bigbatch's batching, padding, packing or planning is used.
 """
 
@@ -25,7 +25,7 @@ from bigbatch.train.configfile import validate
 from bigbatch.train.trainer import Trainer
 from tests.distributed_helpers import run_processes
 from tests.reference import full_batch_gradients
-from tests.test_tokens import reference_batches
+from tests.data.test_tokens import reference_batches
 
 LR = 0.1
 

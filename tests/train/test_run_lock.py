@@ -23,7 +23,7 @@ from bigbatch.train.rundir import LOCK_FILE, RunLock
 from bigbatch.units import UsageError
 from tests.slow_recipe import SLOW_RECIPE
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_a_second_lock_is_refused_naming_the_holder(tmp_path):

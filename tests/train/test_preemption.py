@@ -23,7 +23,7 @@ from safetensors.torch import load_file
 from tests.distributed_helpers import free_port
 from tests.slow_recipe import SLOW_RECIPE
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 MAX_STEPS = 12
 SETTINGS = [
     "--set", "recipe=slow:build", "--set", "global_batch_size=64", "--set", "micro_batch_size=16",

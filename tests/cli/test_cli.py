@@ -134,7 +134,7 @@ def test_bench_smoke(capsys):
 @pytest.mark.slow
 @pytest.mark.timeout(300)
 def test_python_dash_m_runs_the_cli_without_traceback(tmp_path):
-    root = Path(__file__).resolve().parents[1]
+    root = Path(__file__).resolve().parents[2]
     ok = subprocess.run(
         [
             sys.executable,

@@ -14,7 +14,7 @@ from bigbatch.core.syncnorm import CrossRankBatchNorm
 from tests import models
 from tests.distributed_helpers import run_processes
 from tests.reference import full_batch_gradients, relative_error, sgd_update
-from tests.test_trainer_batchnorm import BatchNormNet
+from tests.train.test_trainer_batchnorm import BatchNormNet
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
 LR = 0.5

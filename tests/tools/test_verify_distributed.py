@@ -21,7 +21,7 @@ from bigbatch.tools.verify_distributed import distributed_splits, rank_window, v
 from bigbatch.units import UsageError
 from tests.distributed_helpers import run_processes
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
 # 11 items over 2 ranks: rank 1 holds one item less, and micro 1 leaves it an empty micro-batch.
 VERIFY = [

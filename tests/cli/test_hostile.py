@@ -21,7 +21,7 @@ import torch
 
 from bigbatch.cli import main
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 SRC = ROOT / "src"
 FAST = ["--set", "max_steps=3", "--set", "eval_every=0", "--no-progress"]
 MAX_LINE = 460  # "bigbatch train: error: " + a message cut at 400 characters

@@ -160,7 +160,7 @@ def test_aliases_name_real_fields_and_are_not_fields():
 
 def _docs_key_table() -> dict[str, tuple[str, str, str]]:
     """The rows of docs/configuration.md's key table: key -> (allowed, default, meaning)."""
-    text = (Path(__file__).resolve().parents[1] / "docs" / "configuration.md").read_text()
+    text = (Path(__file__).resolve().parents[2] / "docs" / "configuration.md").read_text()
     row = re.compile(r"^\| `([\w.]+)` \| (.*?) \| `(.*?)` \| (.*) \|$", re.MULTILINE)
     return {match[1]: (match[2], match[3], match[4]) for match in row.finditer(text)}
 

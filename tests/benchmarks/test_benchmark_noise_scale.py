@@ -15,7 +15,7 @@ from types import ModuleType
 
 import pytest
 
-SCRIPT = Path(__file__).resolve().parent.parent / "benchmarks" / "noise_scale.py"
+SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "noise_scale.py"
 
 
 def load_script() -> ModuleType:

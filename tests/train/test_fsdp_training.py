@@ -19,7 +19,7 @@ from bigbatch.recipes import tinylm
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
 TRAIN = [
     "-m", "bigbatch", "train", "--no-progress",

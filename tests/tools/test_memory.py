@@ -409,7 +409,7 @@ def test_plan_for_budget_and_format_choice() -> None:
     fixed = 4 * MLP_PARAMETER_BYTES
     budget = math.ceil((fixed + 10 * MLP_SAVED_PER_SAMPLE) * 1.1)
     choice, plan = autobatch.plan_for_budget(
-        "tests.test_memory:tiny_recipe",
+        "tests.tools.test_memory:tiny_recipe",
         100,
         world_size=2,
         memory_budget=budget,

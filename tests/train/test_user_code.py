@@ -18,7 +18,7 @@ import pytest
 
 from bigbatch.cli import main
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 CONSOLE_SCRIPT = "import re, sys\nfrom bigbatch.cli import main\nsys.exit(main())\n"
 BROKEN_LOSS = """
 from mypkg.tasks import build as build_regression

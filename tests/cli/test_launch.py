@@ -14,7 +14,7 @@ from tests.distributed_helpers import free_port
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run"]
 TRAIN = [
     "-m", "bigbatch", "train", "--no-progress",

@@ -15,7 +15,7 @@ import torch
 import bigbatch
 from bigbatch.core import sharding
 from tests.distributed_helpers import run_processes
-from tests.test_sharded import SPLITS, loss_fn, make_model, windows
+from tests.core.test_sharded import SPLITS, loss_fn, make_model, windows
 
 STEPS = 2
 

@@ -1,0 +1,1 @@
+"""Tests of the planning base (plan, batch units)."""
