@@ -22,8 +22,8 @@ from typing import Any, Literal
 from tqdm.auto import tqdm
 
 from bigbatch.core.engine import StepResult
-from bigbatch.data.loader import Window
 from bigbatch.train.rundir import storage_errors
+from bigbatch.train.state import TrainState
 from bigbatch.train.trackers import Tracker, close_within, open_trackers
 from bigbatch.units import format_bytes, format_number
 
@@ -256,24 +256,28 @@ def _truncate_after(path: Path, step: int) -> None:
 
 
 def step_record(
-    window: Window,
+    window: Any,
     result: StepResult,
+    *,
     learning_rate: float,
     step_time_s: float,
-    global_batch_size: int,
-    items_per_sample: float = 1.0,
+    global_batch: int,
+    state: TrainState,
+    unit: str,
 ) -> dict[str, Any]:
-    """The figures of one step for metrics.jsonl, TensorBoard and the progress bar.
+    """The figures of one step for metrics.jsonl, the trackers and the progress bar.
 
-    The critical batch size is measured in loss items; ``critical_batch_samples`` divides it by
-    the run's items per sample, the unit of the global batch.
+    ``global_batch_size`` is the step's samples, in either unit; a run in tokens adds its
+    budget (``global_batch_tokens``), the step's input and padded tokens, and its micro-steps.
+    The critical batch is measured in loss items: ``critical_batch_samples`` divides it by the
+    run's loss items per sample, ``critical_batch_tokens`` (tokens) by its items per token.
     """
     record: dict[str, Any] = {
         "loss": result.loss,
         "lr": learning_rate,
         "grad_norm": result.grad_norm,
         "num_items": result.num_items,
-        "global_batch_size": global_batch_size,
+        "global_batch_size": window.num_samples if unit == "tokens" else global_batch,
         "num_samples": window.num_samples,
         "micro_batches": result.micro_batches,
         "samples_per_s": window.num_samples / step_time_s,
@@ -282,41 +286,24 @@ def step_record(
         "skipped": int(result.skipped),
         "epoch": window.epoch,
     }
-    if result.noise_scale is not None:
-        critical = result.noise_scale.critical_batch_size
+    noise = result.noise_scale
+    if noise is not None:
+        critical = noise.critical_batch_size
         record["critical_batch_size"] = critical
-        record["critical_batch_samples"] = None if critical is None else critical / items_per_sample
-        record["gradient_sq_norm"] = result.noise_scale.gradient_sq_norm
-        record["trace_covariance"] = result.noise_scale.trace_covariance
-    return record
-
-
-def token_record(
-    window: Any,
-    result: StepResult,
-    step_time_s: float,
-    global_batch_tokens: int,
-    items_per_token: float = 1.0,
-) -> dict[str, Any]:
-    """The token figures of one step of a run in tokens; {} for a run in samples.
-
-    ``num_tokens`` counts the input tokens of the global batch, ``padding_fraction`` the share of
-    padding in its micro-batches (rows x longest row, every rank); ``global_batch_size`` becomes
-    the step's samples, and ``critical_batch_tokens`` the critical batch in input tokens.
-    """
-    num_tokens = getattr(window, "num_tokens", None)
-    if num_tokens is None:
-        return {}
-    padded = window.num_padded_tokens
-    record: dict[str, Any] = {
-        "global_batch_size": window.num_samples,
-        "global_batch_tokens": global_batch_tokens,
-        "num_tokens": num_tokens,
-        "num_padded_tokens": padded,
-        "padding_fraction": 1.0 - num_tokens / padded if padded else 0.0,
-        "tokens_per_s": num_tokens / step_time_s,
-        "micro_steps": window.plan.gradient_accumulation_steps,
-    }
-    if result.noise_scale is not None and result.noise_scale.critical_batch_size is not None:
-        record["critical_batch_tokens"] = result.noise_scale.critical_batch_size / items_per_token
+        per_sample = None if critical is None else critical / state.items_per_sample
+        record["critical_batch_samples"] = per_sample
+        record["gradient_sq_norm"] = noise.gradient_sq_norm
+        record["trace_covariance"] = noise.trace_covariance
+    if unit == "tokens":
+        num_tokens, padded = window.num_tokens, window.num_padded_tokens
+        record.update(
+            global_batch_tokens=global_batch,
+            num_tokens=num_tokens,
+            num_padded_tokens=padded,
+            padding_fraction=1.0 - num_tokens / padded if padded else 0.0,
+            tokens_per_s=num_tokens / step_time_s,
+            micro_steps=window.plan.gradient_accumulation_steps,
+        )
+        if noise is not None and noise.critical_batch_size is not None:
+            record["critical_batch_tokens"] = noise.critical_batch_size / state.items_per_token
     return record

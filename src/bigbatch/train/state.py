@@ -7,6 +7,7 @@
 
 from __future__ import annotations
 
+import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -22,7 +23,8 @@ class TrainState:
         samples_done: samples of every global batch so far.
         items_done: loss items of every global batch so far.
         tokens_done: input tokens of every global batch so far (runs in tokens; else 0).
-        wall_time_s: seconds the run has run so far, over every session (resumes add theirs).
+        wall_time_s: seconds the run had run before this session (earlier sessions of a
+            resumed run); `state_dict` adds this session's.
     """
 
     skipped_steps: int = 0
@@ -31,6 +33,12 @@ class TrainState:
     items_done: int = 0
     tokens_done: int = 0
     wall_time_s: float = 0.0
+    session_start: float = field(default_factory=time.perf_counter, compare=False, repr=False)
+
+    @property
+    def run_time_s(self) -> float:
+        """Seconds the run has run so far, over every session."""
+        return self.wall_time_s + time.perf_counter() - self.session_start
 
     @property
     def items_per_sample(self) -> float:
@@ -46,9 +54,19 @@ class TrainState:
             return self.items_done / self.tokens_done
         return 1.0
 
+    def progress(self, unit: str) -> tuple[int, float]:
+        """Progress so far and loss items per unit, in the unit of the global batch
+        (``"samples"`` or ``"tokens"``)."""
+        if unit == "tokens":
+            return self.tokens_done, self.items_per_token
+        return self.samples_done, self.items_per_sample
+
     def state_dict(self) -> dict[str, int | float]:
-        """Plain numbers, for checkpoints."""
-        return asdict(self)
+        """Plain numbers, for checkpoints; the wall time is the run's up to now."""
+        state = asdict(self)
+        del state["session_start"]
+        state["wall_time_s"] = self.run_time_s
+        return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Continue from what `state_dict` returned (a checkpoint without the wall time: 0).
@@ -57,6 +75,8 @@ class TrainState:
             KeyError: a counter is missing.
         """
         for key in asdict(self):
+            if key == "session_start":
+                continue
             if key == "wall_time_s":
                 self.wall_time_s = float(state.get(key, 0.0))
             else:
@@ -82,6 +102,16 @@ class SessionFigures:
     final_loss: float | None = None
     tokens: int = 0
     padded_tokens: int = 0
+
+    def add(self, window: Any, result: Any, step_time_s: float) -> None:
+        """Count one step (a `Window` and the engine's `StepResult`)."""
+        self.samples += window.num_samples
+        self.items += result.num_items
+        self.time_s += step_time_s
+        self.tokens += getattr(window, "num_tokens", 0)
+        self.padded_tokens += getattr(window, "num_padded_tokens", 0)
+        if not result.skipped:
+            self.final_loss = result.loss
 
     def token_summary(self, steps: int, global_batch_tokens: int) -> dict[str, Any]:
         """tokens/s, padding and samples per step for the run summary ({} for a run in samples)."""

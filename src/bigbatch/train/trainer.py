@@ -1,57 +1,53 @@
-"""The training loop: split-invariant windows -> exact steps, evaluation, metrics and checkpoints.
+"""The trainer: wires a run together and runs it -- set up, plan, restore, loop, finish.
 
 `Trainer` runs anyone's model, optimizer, loss_fn and datasets under a `Config`; `fit(config)`
-builds them from a recipe (what the CLI calls). Everything counts optimizer steps. A run resumed
-from its newest valid checkpoint ends bitwise equal to an uninterrupted one (CPU, same world size):
-weights, optimizer, engine state, data position, the adaptive batch and every RNG stream.
+builds them from a recipe (what the CLI calls). The trainer computes nothing itself: setting up
+is `setup`, each step's global batch and learning rate the planner's, the loop `loop.Loop`, what
+happens after a step `hooks`, saving and restoring the checkpointer's over its Stateful
+participants. A run resumed from its newest valid checkpoint ends bitwise equal to an
+uninterrupted one (CPU, same world size): weights, optimizer, engine state, data position, the
+adaptive batch and every RNG stream.
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
-import math
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.distributed as dist
-from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import Dataset
 
 from bigbatch import recipes
-from bigbatch.choices import GradientSync
-from bigbatch.core import batches, distributed, sharding
 from bigbatch.core import batchnorm as batchnorm_policies
-from bigbatch.core.engine import Accumulator, LossFn, StepResult
-from bigbatch.data.loader import Window, WindowLoader, first_samples
-from bigbatch.data.token_loader import TokenWindow, TokenWindowLoader
-from bigbatch.data.token_plan import TokenBudget
+from bigbatch.core import distributed, sharding
+from bigbatch.core.engine import LossFn
+from bigbatch.data.loader import WindowLoader
 from bigbatch.data.tokens import sample_lengths
-from bigbatch.plan import Plan
 from bigbatch.recipes import EvalFn
-from bigbatch.tools.autobatch import choose_micro_batch_size
-from bigbatch.train import checkpoint, environment, evaluation, resume, rundir
+from bigbatch.train import checkpoint, environment, evaluation, rundir, setup
 from bigbatch.train import metrics as run_metrics
 from bigbatch.train import report as run_report
+from bigbatch.train import resume as resume_rules
 from bigbatch.train.config import Config
 from bigbatch.train.configfile import config_to_yaml, with_recipe_defaults
 from bigbatch.train.early_warning import EarlyWarning
+from bigbatch.train.finish import final_weights, finish_run_dir, summarize
+from bigbatch.train.hooks import CheckpointHook, EvaluationHook, MetricsHook, StopHook
+from bigbatch.train.loop import Loop, NonFiniteError, StepHook
 from bigbatch.train.preemption import RunStopped, StopSignals
 from bigbatch.train.schedules import BatchPlanner
 from bigbatch.train.state import RunSummary, SessionFigures, TrainState
-from bigbatch.train.token_batches import TokenBatchPlanner, probe_micro_batch_tokens
+from bigbatch.train.token_batches import TokenBatchPlanner
 from bigbatch.units import UsageError
 
 logger = logging.getLogger(__name__)
 
 __all__ = ["NonFiniteError", "RunStopped", "RunSummary", "Trainer", "fit"]
-
-
-class NonFiniteError(RuntimeError):
-    """The loss or the gradients were not finite for too many steps in a row."""
 
 
 class Trainer:
@@ -98,168 +94,54 @@ class Trainer:
         name: str | None = None,
         sample_length: Callable[[Any], int] | None = None,
         collate_packed: Callable[[list[list[Any]]], Any] | None = None,
-        shard_units: Callable[[torch.nn.Module], list[torch.nn.Module]] | None = None,
+        shard_units: setup.ShardUnits | None = None,
     ) -> None:
-        if config.global_batch_size is None and config.global_batch_tokens is None:
-            raise UsageError(
-                "global_batch_size: not set by the config nor the recipe; set it (or "
-                "global_batch_tokens)"
-            )
-        if config.max_steps is None and config.epochs is None:
-            raise UsageError("max_steps: set max_steps or epochs (neither is set)")
-        num_samples = len(train_dataset)  # type: ignore[arg-type]
+        _check_length(config)
         environment.check_num_workers(config.num_workers)
         self.config = config
         self.loss_fn, self.eval_fn, self.collate_fn = loss_fn, eval_fn, collate_fn
         self.train_dataset, self.eval_dataset = train_dataset, eval_dataset
+        self.collate_packed = collate_packed
         self.run_dir = rundir.check_run_dir(run_dir) if run_dir is not None else None
         self.progress, self.name = progress, name
         self.rank, self.world_size = distributed.get_rank(), distributed.get_world_size()
-        self.device = environment.resolve_device(config.device)
-        model = _apply_batchnorm_policy_once(
-            model, config.batchnorm, self.world_size, self.device.type
-        )
-        model = self._shard(model, optimizer, config, shard_units)
-        # parallelism fsdp: checkpoints in torch.distributed.checkpoint's sharded format (on one
-        # process too, so that they resume on any number of ranks).
-        self.sharded = sharding.is_fsdp(model) or config.parallelism == "fsdp"
-        self.module = distributed.unwrap(model).to(self.device)
-        self.model: torch.nn.Module = model if distributed.is_ddp(model) else self.module
-        if self.world_size > 1 and not distributed.is_ddp(model) and not sharding.is_fsdp(model):
-            ids = [self.device.index] if self.device.type == "cuda" else None
-            self.model = DistributedDataParallel(self.module, device_ids=ids)
+        device = environment.resolve_device(config.device)
+        prepared = setup.prepare_model(model, optimizer, config, device, shard_units)
+        self.module, self.model, self.device = prepared.module, prepared.model, device
+        self.sharded = prepared.sharded
         self.optimizer = optimizer
         for group in optimizer.param_groups:
             group.setdefault("initial_lr", float(group["lr"]))
-        engine_policy = config.batchnorm if config.batchnorm in ("freeze", "window") else "keep"
-        self._probed_gradient_sync: GradientSync | None = None
-        self.collate_packed = collate_packed
-        self.batches: BatchPlanner | TokenBatchPlanner
+        probe = setup.MicroBatchProbe(
+            prepared,
+            loss_fn,
+            train_dataset,
+            optimizer,
+            config,
+            collate_fn=collate_fn,
+            collate_packed=collate_packed,
+        )
+        self.planner: BatchPlanner | TokenBatchPlanner
         if config.global_batch_tokens is None:
-            self.batches = BatchPlanner(config, self.world_size, num_samples, self._probe)
+            num_samples = len(train_dataset)  # type: ignore[arg-type]
+            self.planner = BatchPlanner(
+                config, self.world_size, num_samples, lambda: probe.samples(self.first_global)
+            )
+            self.unit = "samples"
         else:
             lengths = sample_lengths(train_dataset, sample_length)
-            self.batches = TokenBatchPlanner(config, self.world_size, lengths, self._probe_tokens)
-        self.plan_for, self.batch_size_at = self.batches.plan_for, self.batches.at
-        self.first_global_batch_size = self.batches.first_global_batch_size
+            self.planner = TokenBatchPlanner(config, self.world_size, lengths, probe.tokens)
+            self.unit = "tokens"
+        self.first_global = self.planner.first_global_batch_size
         if config.warmup_steps and config.batch_size_schedule != "adaptive":
-            self.batches.total_steps()  # refuses a warm-up beyond the run now, not after a probe
-        self.accumulator = Accumulator(
-            self.model,
-            optimizer,
-            max_grad_norm=config.max_grad_norm,
-            precision=config.precision,
-            batchnorm=engine_policy,
-            measure_noise_scale=config.noise_scale,
-            noise_smoothing_steps=config.noise_smoothing_steps,
-            gradient_sync=self._planned_gradient_sync(),
-            memory_budget_bytes=None
-            if config.memory_budget == "auto"
-            else int(config.memory_budget),
-        )
+            self.planner.total_steps()  # refuses a warm-up beyond the run now, not after a probe
+        probes_sync = config.gradient_sync == "auto" and config.micro_batch_size == "auto"
+        if probes_sync and sharding.is_fsdp(self.model) and self.unit == "samples":
+            # The probe compares both sync modes per rank: it runs before the engine is built.
+            self.planner.micro_batch_size  # noqa: B018
+        gradient_sync = probe.gradient_sync or config.gradient_sync
+        self.accumulator = setup.build_accumulator(prepared, optimizer, config, gradient_sync)
         self.early_warning = EarlyWarning()
-        self._total_steps = 0
-        self._saved_step: int | None = None  # the step of the latest checkpoint written
-        self._restored: checkpoint.Checkpoint | None = None
-        self._session_start, self._wall_time_before = time.perf_counter(), 0.0
-
-    def _shard(
-        self,
-        model: torch.nn.Module,
-        optimizer: torch.optim.Optimizer,
-        config: Config,
-        shard_units: Callable[[torch.nn.Module], list[torch.nn.Module]] | None,
-    ) -> torch.nn.Module:
-        """parallelism fsdp over several ranks: fully_shard the units, then the root, and point
-        the optimizer at the sharded parameters. One process runs the model unsharded."""
-        if config.parallelism != "fsdp" or sharding.is_fsdp(model) or distributed.is_ddp(model):
-            return model
-        if self.world_size == 1:
-            logger.warning("parallelism fsdp on one process: the model runs unsharded")
-            return model
-        model = model.to(self.device)
-        before = {id(parameter): name for name, parameter in model.named_parameters()}
-        units = (shard_units or sharding.default_shard_units)(model)
-        sharding.shard_model(model, units, world_size=self.world_size, device_type=self.device.type)
-        try:
-            sharding.rebind_optimizer(optimizer, before, model)
-        except ValueError as error:
-            raise UsageError(f"parallelism fsdp: {error}") from error
-        logger.info(
-            "parallelism fsdp: %d shard units and the root over %d ranks",
-            len(units),
-            self.world_size,
-        )
-        return model
-
-    # -- plans, batch sizes and learning rate --------------------------------------------------
-
-    def _planned_gradient_sync(self) -> GradientSync:
-        """gradient_sync auto on a sharded model whose micro-batch the probe chooses: the probe
-        compares both sync modes per rank, so it runs now, before the engine is built."""
-        config = self.config
-        if (
-            config.gradient_sync == "auto"
-            and sharding.is_fsdp(self.model)
-            and config.micro_batch_size == "auto"
-            and isinstance(self.batches, BatchPlanner)
-        ):
-            self.batches.micro_batch_size  # noqa: B018 - runs the probe
-        return self._probed_gradient_sync or config.gradient_sync
-
-    def _probe(self) -> int:
-        """micro_batch_size auto: the memory probe, agreed over ranks."""
-        budget = self.config.memory_budget
-        choice = choose_micro_batch_size(
-            self.module,
-            self.loss_fn,
-            first_samples(self.train_dataset, self.collate_fn),
-            max_micro_batch_size=math.ceil(self.first_global_batch_size / self.world_size),
-            memory_budget_bytes=None if budget == "auto" else budget,
-            optimize=self.config.optimize,
-            optimizer=self.optimizer,
-            device=self.device,
-            **environment.planned_layout(self.config, self.model, self.world_size),
-        )
-        chosen: list[Any] = [choice.micro_batch_size, choice.gradient_sync]
-        if distributed.is_initialized():
-            dist.broadcast_object_list(chosen, src=0)  # every rank must run the same plan
-        logger.info("micro_batch_size auto: %d (%s)", chosen[0], choice.reason)
-        self._probed_gradient_sync = chosen[1]
-        return int(chosen[0])
-
-    def _probe_tokens(self, lengths: Any) -> int:
-        """micro_batch_tokens auto: the memory probe per padded token, agreed over ranks."""
-        return probe_micro_batch_tokens(
-            self.module,
-            self.loss_fn,
-            self.train_dataset,
-            lengths,
-            config=self.config,
-            collate_fn=self.collate_fn,
-            collate_packed=self.collate_packed,
-            optimizer=self.optimizer,
-            device=self.device,
-            world_size=self.world_size,
-        )
-
-    def _in_tokens(self, state: TrainState) -> tuple[int, float]:
-        """Progress so far and loss items per unit, in the unit of the global batch."""
-        if self.config.global_batch_tokens is None:
-            return state.samples_done, state.items_per_sample
-        return state.tokens_done, state.items_per_token
-
-    def _set_lr(self, step: int, total: int, state: TrainState) -> float:
-        """Every group's lr for this step: base x scaling rule x warm-up/decay."""
-        noise = self.accumulator.noise_scale()
-        done, items_per_unit = self._in_tokens(state)
-        for group in self.optimizer.param_groups:
-            group["lr"] = self.batches.learning_rate(
-                group["initial_lr"], step, total, done, noise, items_per_unit
-            )
-        return float(self.optimizer.param_groups[0]["lr"])
-
-    # -- the loop ------------------------------------------------------------------------------
 
     def fit(self, *, resume: bool = False, overwrite: bool = False) -> RunSummary:
         """Train to the last step; with resume, continue from the newest valid checkpoint.
@@ -284,8 +166,7 @@ class Trainer:
 
     def _fit(self, stop: StopSignals, *, resume: bool, overwrite: bool) -> RunSummary:
         """`fit` inside the lock and the signal handlers."""
-        self._session_start = time.perf_counter()
-        first_plan = self.batches.start()  # probes memory once if auto
+        first_plan = self.planner.start()  # probes memory once if auto
         if self.config.batchnorm != "freeze":  # the engine warns again per window otherwise
             batchnorm_policies.warn_small_micro_batches(self.module, first_plan.micro_batch_size)
         writes = self.run_dir is not None and distributed.is_main_process()
@@ -297,125 +178,73 @@ class Trainer:
         # Training draws (dropout, ...) from a stream of its own per rank, reproducible on resume.
         environment.seed_everything(self.config.seed + 1_000_003 * self.rank)
         state = TrainState()
-        restored = self._restore(loader, state) if resume else None
-        total = self._total_steps = self._checked_total(restored, loader.step)
-        if restored is not None and self.batches.finished(loader.step, loader.sampler, total):
-            return self._already_finished(loader, state, first_plan, writes)
+        participants = self._participants(loader, state)
+        restored = self._restore(participants) if resume else None
+        total = self.planner.total_steps()
+        if restored is not None:
+            resume_rules.warn_if_schedule_moves(restored, self.config, total, loader.step)
+            if self.planner.finished(loader.step, loader.sampler, total):
+                return self._already_finished(loader.step, state, first_plan.to_dict(), writes)
         if writes:
             assert self.run_dir is not None
             with rundir.storage_errors(f"write {self.run_dir / 'config.yaml'}"):
                 (self.run_dir / "config.yaml").write_text(config_to_yaml(self.config))
         logger.info("plan of the first step:\n%s", first_plan)
-        logger_ = run_metrics.MetricsLogger(
+        metrics_logger = run_metrics.MetricsLogger(
             self.run_dir or Path("."),
             enabled=writes,
-            resume_step=restored,
+            resume_step=None if restored is None else restored.step,
             trackers=self.config.trackers,
             config=self.config.model_dump(mode="json"),
         )
         bar = run_metrics.ProgressBar(total, initial=loader.step, enabled=self.progress and writes)
         figures = SessionFigures()
+        saver = _Saver(self, participants, total)
+        saver.saved_step = None if restored is None else restored.step
+        hooks: list[StepHook] = [
+            MetricsHook(metrics_logger, bar, self.early_warning, self.device, self.unit),
+            EvaluationHook(self.config.eval_every, self.evaluate, metrics_logger),
+            CheckpointHook(self.config.checkpoint_every if self.run_dir else 0, saver.save),
+            StopHook(stop),
+        ]
+        loop = Loop(
+            self.accumulator,
+            self.planner,
+            self.loss_fn,
+            self.optimizer,
+            self.device,
+            self.config,
+            self.unit,
+        )
         try:
-            stopped_by = self._loop(loader, total, state, logger_, bar, figures, stop)
+            stopped_by = loop.run(loader, total, state, figures, hooks)
             if stopped_by:
-                raise RunStopped(
-                    stopped_by, loader.step, total, self._stop_checkpoint(loader, state)
-                )
+                raise RunStopped(stopped_by, loader.step, total, saver.save_unless_saved())
             eval_metrics = self.evaluate()
             if eval_metrics:
-                logger_.log_eval(loader.step, eval_metrics)
-            if self.run_dir is not None:
-                self._save_checkpoint(loader, state)
+                metrics_logger.log_eval(loader.step, eval_metrics)
+            saver.save_unless_saved()
         finally:
             bar.close()
-            logger_.close()
-        summary = self._summary(loader, state, first_plan, figures, eval_metrics, resumed=restored)
-        final_state = self._final_state() if self.run_dir is not None else None
+            metrics_logger.close()
+        summary = self._summary(
+            loader.step,
+            state,
+            first_plan.to_dict(),
+            figures,
+            eval_metrics,
+            resumed=None if restored is None else restored.step,
+        )
+        final_state = final_weights(self.module) if self.run_dir is not None else None
         if writes:
             self._finish_run_dir(summary, final_state)
         return summary
 
-    def _checked_total(self, restored: int | None, step: int) -> int:
-        """The run's steps, checked against the warm-up and, on resume, the checkpoint."""
-        total = self.batches.total_steps()
-        if restored is not None and self._restored is not None:
-            resume.warn_if_schedule_moves(self._restored, self.config, total, step)
-        return total
-
-    def _stop_checkpoint(
-        self, loader: WindowLoader | TokenWindowLoader, state: TrainState
-    ) -> Path | None:
-        """The checkpoint of the step the run stops at (written unless it already is)."""
-        if self.run_dir is None:
-            return None
-        if self._saved_step != loader.step:
-            self._save_checkpoint(loader, state)
-        return self.run_dir / "checkpoints" / checkpoint.checkpoint_name(loader.step)
-
-    def _summary(
-        self,
-        loader: WindowLoader | TokenWindowLoader,
-        state: TrainState,
-        first_plan: Plan | TokenBudget,
-        figures: SessionFigures,
-        eval_metrics: dict[str, float],
-        *,
-        resumed: int | None,
-    ) -> RunSummary:
-        """What the run achieved; a resumed run's figures cover the whole run, every session."""
-        time_s = max(figures.time_s, 1e-12)
-        summary = RunSummary(
-            steps=loader.step,
-            final_loss=figures.final_loss,
-            eval_metrics=eval_metrics,
-            samples_per_s=figures.samples / time_s,
-            items_per_s=figures.items / time_s,
-            peak_memory_bytes=environment.peak_memory_bytes(self.device),
-            skipped_steps=state.skipped_steps,
-            plan=first_plan.to_dict(),
-            run_dir=self.run_dir,
-            global_batch_size=self.first_global_batch_size,
-            wall_time_s=self._wall_time_before + time.perf_counter() - self._session_start,
-            recipe=self.name,
-            extra={
-                **self._noise_scale_summary(loader.step, self._in_tokens(state)[1]),
-                **figures.token_summary(loader.step - (resumed or 0), self.first_global_batch_size),
-            },
-        )
-        metrics_file = (self.run_dir or Path(".")) / run_metrics.METRICS_FILE
-        if resumed is None or self.run_dir is None or not metrics_file.exists():
-            return summary
-        return run_report.whole_run(summary, run_metrics.read_metrics(metrics_file))
-
-    def _already_finished(
-        self,
-        loader: WindowLoader | TokenWindowLoader,
-        state: TrainState,
-        first_plan: Plan | TokenBudget,
-        writes: bool,
-    ) -> RunSummary:
-        """Resuming a finished run: nothing to train or evaluate again; the report stays."""
-        assert self.run_dir is not None
-        logger.info("the run in %s is finished (step %d): nothing to do", self.run_dir, loader.step)
-        summary = self._summary(
-            loader, state, first_plan, SessionFigures(), {}, resumed=loader.step
-        )
-        missing = [not (self.run_dir / rundir.FINAL_WEIGHTS).exists()]
-        if distributed.is_initialized():
-            dist.broadcast_object_list(missing, src=0)
-        if missing[0]:
-            final_state = self._final_state()  # a collective under FSDP
-            if writes:  # it stopped between its last checkpoint and the end
-                self._finish_run_dir(summary, final_state)
-        return summary
-
-    def _window_loader(
-        self, worker_ignored_signals: Sequence[int] = ()
-    ) -> WindowLoader | TokenWindowLoader:
-        """This rank's windows from step 0, in samples or in tokens (data workers leave the stop
-        signals to the main process, which stops at a step boundary)."""
-        if isinstance(self.batches, TokenBatchPlanner):
-            return self.batches.window_loader(
+    def _window_loader(self, worker_ignored_signals: Any = ()) -> Any:
+        """This rank's windows from step 0 (data workers leave the stop signals to the main
+        process, which stops at a step boundary)."""
+        if isinstance(self.planner, TokenBatchPlanner):
+            return self.planner.window_loader(
                 self.train_dataset,
                 rank=self.rank,
                 collate_fn=self.collate_fn,
@@ -425,8 +254,8 @@ class Trainer:
             )
         return WindowLoader(
             self.train_dataset,
-            plan_for=self.plan_for,  # type: ignore[arg-type]
-            global_batch_size_at=self.batch_size_at,
+            plan_for=self.planner.plan_for,
+            global_batch_size_at=self.planner.at,
             seed=self.config.seed,
             rank=self.rank,
             collate_fn=self.collate_fn,
@@ -436,141 +265,16 @@ class Trainer:
             worker_ignored_signals=worker_ignored_signals,
         )
 
-    def _loop(
-        self,
-        loader: WindowLoader | TokenWindowLoader,
-        total: int,
-        state: TrainState,
-        logger_: run_metrics.MetricsLogger,
-        bar: run_metrics.ProgressBar,
-        figures: SessionFigures,
-        stop: StopSignals,
-    ) -> int:
-        """Steps from the loader's position to the end, with logs, evaluations and checkpoints.
-
-        Returns 0 at the end of the run, or the number of the signal that stopped it (every rank
-        agrees on it at the end of a step).
-        """
-        self.model.train()
-        windows: Iterator[Window | TokenWindow] = iter(loader)
-        tick = time.perf_counter()
-        try:
-            while not self.batches.finished(loader.step, loader.sampler, total):
-                window = next(windows)
-                learning_rate = self._set_lr(window.step, total, state)
-                micro_batches = [batches.to_device(m, self.device) for m in window.micro_batches]
-                result = self.accumulator.step(micro_batches, self.loss_fn)
-                step_time_s, tick = time.perf_counter() - tick, time.perf_counter()
-                self._tally(window, result, step_time_s, state, figures)
-                if not result.skipped:
-                    figures.final_loss = result.loss
-                    self.early_warning.observe(
-                        loader.step,
-                        result.loss,
-                        result.grad_norm,
-                        learning_rate,
-                        self.batch_size_at(window.step),
-                    )
-                record = run_metrics.step_record(
-                    window,  # type: ignore[arg-type]
-                    result,
-                    learning_rate,
-                    step_time_s,
-                    self.batch_size_at(window.step),
-                    state.items_per_sample,
-                )
-                record.update(
-                    run_metrics.token_record(
-                        window,
-                        result,
-                        step_time_s,
-                        self.batch_size_at(window.step),
-                        state.items_per_token,
-                    )
-                )
-                record["peak_memory_bytes"] = environment.peak_memory_bytes(self.device)
-                record["skipped_steps"] = state.skipped_steps
-                logger_.log_step(loader.step, record)
-                bar.update(loader.step, record)
-                changed = self._adapt(loader.step, result, self._in_tokens(state)[1])
-                finished = self.batches.finished(loader.step, loader.sampler, total)
-                every_eval, every_save = self.config.eval_every, self.config.checkpoint_every
-                if not finished and every_eval and loader.step % every_eval == 0:
-                    logger_.log_eval(loader.step, self.evaluate())
-                due = every_save and loader.step % every_save == 0 and not finished
-                if due and self.run_dir is not None:
-                    self._save_checkpoint(loader, state)
-                if not finished and stop.active and (stopped_by := stop.agreed()):
-                    return stopped_by
-                if changed:  # prefetched micro-batches were cut for the old size: start afresh
-                    windows.close()  # type: ignore[attr-defined]
-                    windows = iter(loader)
-                tick = time.perf_counter()
-        finally:
-            windows.close()  # type: ignore[attr-defined]
-        return 0
-
-    def _tally(
-        self,
-        window: Window | TokenWindow,
-        result: StepResult,
-        step_time_s: float,
-        state: TrainState,
-        figures: SessionFigures,
-    ) -> None:
-        """Count one step into the run's state and this session's figures."""
-        self._count(result, window.step, state)
-        state.samples_done += window.num_samples
-        state.items_done += result.num_items
-        state.tokens_done += getattr(window, "num_tokens", 0)
-        figures.tokens += getattr(window, "num_tokens", 0)
-        figures.padded_tokens += getattr(window, "num_padded_tokens", 0)
-        figures.samples += window.num_samples
-        figures.items += result.num_items
-        figures.time_s += step_time_s
-
-    def _adapt(self, steps_done: int, result: StepResult, items_per_unit: float) -> bool:
-        """Adaptive schedule: let the controller decide; True when the global batch changed.
-
-        The critical batch is measured in loss items and the global batch counts samples (or
-        tokens: items_per_unit is then loss items per token). No
-        decision before the estimate has smoothed over a quarter of its window (an early, noisy
-        estimate would move the batch only to move it back).
-        """
-        adaptive, noise = self.batches.adaptive, result.noise_scale
-        if adaptive is None or noise is None or noise.critical_batch_size is None:
-            return False
-        settled = max(self.config.adapt_every, self.config.noise_smoothing_steps // 4)
-        if noise.num_steps < settled:
-            return False
-        critical = noise.critical_batch_size / items_per_unit
-        return adaptive.update(steps_done, critical) is not None
-
-    def _count(self, result: StepResult, step: int, state: TrainState) -> None:
-        """Count skipped steps; stop after too many non-finite ones in a row (on_nonfinite stop)."""
-        state.skipped_steps += int(result.skipped)
-        nonfinite = result.skipped and (result.skip_reason or "").startswith("non-finite")
-        state.nonfinite_in_row = state.nonfinite_in_row + 1 if nonfinite else 0
-        limit = self.config.max_nonfinite_in_row
-        if self.config.on_nonfinite == "stop" and state.nonfinite_in_row >= limit:
-            raise NonFiniteError(
-                f"{result.skip_reason} for {limit} optimizer steps in a row (last: step "
-                f"{step + 1}); weights were not updated with it. Check: the learning rate (lr "
-                f"{self.optimizer.param_groups[0]['lr']:.3g} after lr_scaling), NaN/Inf in the "
-                "data, max_grad_norm, and precision (fp16 overflows: try bf16)"
-            )
-
     def evaluate(self) -> dict[str, float]:
         """Loss (loss_fn sums / items) and eval_fn metrics on the eval set, over every rank."""
         if self.eval_dataset is None:
             return {}
-        micro_batch_size = self.plan_for(self.first_global_batch_size).micro_batch_size
         return evaluation.evaluate(
             self.module,
             self.loss_fn,
             self.eval_fn,
             self.eval_dataset,
-            micro_batch_size=micro_batch_size,
+            micro_batch_size=self.planner.plan_for(self.first_global).micro_batch_size,
             precision=self.config.precision,
             collate_fn=self.collate_fn,
             equal_forwards=sharding.is_fsdp(self.module),
@@ -578,48 +282,20 @@ class Trainer:
 
     # -- checkpoints, the run directory and the summary ----------------------------------------
 
-    def _save_checkpoint(self, loader: WindowLoader | TokenWindowLoader, state: TrainState) -> None:
-        rng = checkpoint.gather_rng_states(self.world_size)
-        self._saved_step = loader.step
-        if not distributed.is_main_process() and not self.sharded:
-            return
-        assert self.run_dir is not None
-        state.wall_time_s = self._wall_time_before + time.perf_counter() - self._session_start
-        training_state = {
-            "optimizer": {"sharded": True} if self.sharded else self.optimizer.state_dict(),
-            "accumulator": self.accumulator.state_dict(),
-            "data": loader.state_dict(),
-            "rng": rng,
-            "plan": self.plan_for(self.batch_size_at(max(0, loader.step - 1))).to_dict(),
-            "micro_batch_size": self.batches.micro_batch_size,
-            "micro_batch_tokens": getattr(self.batches, "micro_batch_tokens", None),
-            "config": self.config.model_dump(mode="json"),
-            "counters": state.state_dict(),
-            "world_size": self.world_size,
-            "total_steps": self._total_steps,
-            "early_warning": self.early_warning.state_dict(),
-            "adaptive": self.batches.adaptive.state_dict()
-            if self.batches.adaptive is not None
-            else None,
+    def _participants(self, loader: Any, state: TrainState) -> dict[str, Any]:
+        """Everything with state that a checkpoint saves and a resume restores."""
+        return {
+            "accumulator": self.accumulator,
+            "data": loader,
+            "counters": state,
+            "early_warning": self.early_warning,
+            "planner": _PlannerState(self.planner),
         }
-        if self.sharded:  # every rank writes its shard
-            checkpoint.save_sharded_checkpoint(
-                self.run_dir / "checkpoints",
-                loader.step,
-                self.module,
-                self.optimizer,
-                training_state,
-                keep=self.config.keep_checkpoints,
-            )
-            return
-        checkpoint.save_run_checkpoint(
-            self.run_dir, loader.step, self.module, training_state, self.config.keep_checkpoints
-        )
 
-    def _restore(self, loader: WindowLoader | TokenWindowLoader, state: TrainState) -> int | None:
-        """Load the newest valid checkpoint into everything; returns its step (None: none)."""
+    def _restore(self, participants: dict[str, Any]) -> checkpoint.Checkpoint | None:
+        """Load the newest valid checkpoint into everything; returns it (None: none)."""
         num_samples = len(self.train_dataset)  # type: ignore[arg-type]
-        found = self._restored = resume.load(self.run_dir, self.config, self.module, num_samples)
+        found = resume_rules.load(self.run_dir, self.config, self.module, num_samples)
         if found is None:
             return None
         saved = found.training_state
@@ -628,60 +304,169 @@ class Trainer:
         else:
             self.module.load_state_dict(found.model_state)
             self.optimizer.load_state_dict(saved["optimizer"])
-        self.accumulator.load_state_dict(saved["accumulator"])
-        loader.load_state_dict(saved["data"])
-        state.load_state_dict(saved["counters"])
-        self._wall_time_before, self._saved_step = state.wall_time_s, found.step
-        if isinstance(self.batches, TokenBatchPlanner):
-            if self.config.micro_batch_tokens == "auto":  # no second memory probe
-                self.batches.micro_batch_tokens = int(saved["micro_batch_tokens"])
-        elif self.config.micro_batch_size == "auto":
-            self.batches.micro_batch_size = int(saved["micro_batch_size"])  # no second memory probe
-        if saved.get("early_warning"):
-            self.early_warning.load_state_dict(saved["early_warning"])
-        if self.batches.adaptive is not None and saved.get("adaptive"):
-            self.batches.adaptive.load_state_dict(saved["adaptive"])
-        rank, world_size = self.rank, self.world_size
-        checkpoint.restore_rng_states(saved["rng"], rank, world_size, saved.get("world_size"))
+        for name, participant in participants.items():
+            if name == "planner":
+                participant.load_state_dict(saved)
+            elif saved.get(name):
+                participant.load_state_dict(saved[name])
+        checkpoint.restore_rng_states(
+            saved["rng"], self.rank, self.world_size, saved.get("world_size")
+        )
         logger.info("resumed from %s at step %d", found.path, found.step)
-        return found.step
+        return found
 
-    def _noise_scale_summary(self, steps: int, items_per_unit: float) -> dict[str, Any]:
-        """B versus the measured critical batch, for the report and the printed summary."""
+    def _summary(
+        self,
+        steps: int,
+        state: TrainState,
+        first_plan: dict[str, Any],
+        figures: SessionFigures,
+        eval_metrics: dict[str, float],
+        *,
+        resumed: int | None,
+    ) -> RunSummary:
         noise = self.accumulator.noise_scale()
-        if noise is None:
-            return {}
-        return run_report.noise_scale_summary(
-            noise.critical_batch_size,
-            self.batch_size_at(max(0, steps - 1)),
-            items_per_unit,
-            adaptive=self.batches.adaptive is not None,
-            unit="samples" if self.config.global_batch_tokens is None else "tokens",
+        noise_summary = {}
+        if noise is not None:
+            noise_summary = run_report.noise_scale_summary(
+                noise.critical_batch_size,
+                self.planner.at(max(0, steps - 1)),
+                state.progress(self.unit)[1],
+                adaptive=self.planner.adaptive is not None,
+                unit=self.unit,
+            )
+        return summarize(
+            steps=steps,
+            state=state,
+            figures=figures,
+            first_plan=first_plan,
+            first_global_batch=self.first_global,
+            eval_metrics=eval_metrics,
+            device=self.device,
+            run_dir=self.run_dir,
+            name=self.name,
+            resumed=resumed,
+            noise_scale=noise_summary,
         )
 
-    def _final_state(self) -> dict[str, torch.Tensor] | None:
-        """Under FSDP the full weights, gathered once onto rank 0 (a collective: call on every
-        rank); None otherwise (rank 0 has them)."""
-        if not sharding.is_fsdp(self.module):
-            return None
-        return checkpoint.full_model_state(self.module)
+    def _already_finished(
+        self, steps: int, state: TrainState, first_plan: dict[str, Any], writes: bool
+    ) -> RunSummary:
+        """Resuming a finished run: nothing to train or evaluate again; the report stays."""
+        assert self.run_dir is not None
+        logger.info("the run in %s is finished (step %d): nothing to do", self.run_dir, steps)
+        summary = self._summary(steps, state, first_plan, SessionFigures(), {}, resumed=steps)
+        missing = [not (self.run_dir / rundir.FINAL_WEIGHTS).exists()]
+        if distributed.is_initialized():
+            dist.broadcast_object_list(missing, src=0)
+        if missing[0]:
+            final_state = final_weights(self.module)  # a collective under FSDP
+            if writes:  # it stopped between its last checkpoint and the end
+                self._finish_run_dir(summary, final_state)
+        return summary
 
     def _finish_run_dir(
-        self, summary: RunSummary, final_state: dict[str, torch.Tensor] | None = None
+        self, summary: RunSummary, final_state: dict[str, torch.Tensor] | None
     ) -> None:
         assert self.run_dir is not None
-        rundir.save_final_weights(self.run_dir, self.module, final_state)
-        records = run_metrics.read_metrics(self.run_dir / run_metrics.METRICS_FILE)
-        with rundir.storage_errors(f"write the report in {self.run_dir}"):
-            plot = run_report.plot_run(records, self.run_dir / rundir.PLOT_FILE)
-            run_report.write_report(
-                self.run_dir,
-                summary.to_dict(),
-                records,
-                plot,
-                config=self.config.model_dump(mode="json"),
-                device=environment.describe_device(self.device),
+        finish_run_dir(
+            self.run_dir,
+            self.module,
+            summary,
+            config=self.config.model_dump(mode="json"),
+            device=self.device,
+            final_state=final_state,
+        )
+
+
+class _PlannerState:
+    """The planner's probed micro setting and adaptive stages, in the checkpoint's keys."""
+
+    def __init__(self, planner: BatchPlanner | TokenBatchPlanner) -> None:
+        self.planner = planner
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "micro_batch_size": self.planner.micro_batch_size,
+            "micro_batch_tokens": getattr(self.planner, "micro_batch_tokens", None),
+            "adaptive": self.planner.adaptive.state_dict() if self.planner.adaptive else None,
+        }
+
+    def load_state_dict(self, saved: dict[str, Any]) -> None:
+        config, planner = self.planner.config, self.planner
+        if isinstance(planner, TokenBatchPlanner):
+            if config.micro_batch_tokens == "auto":  # no second memory probe
+                planner.micro_batch_tokens = int(saved["micro_batch_tokens"])
+        elif config.micro_batch_size == "auto":
+            planner.micro_batch_size = int(saved["micro_batch_size"])  # no second memory probe
+        if planner.adaptive is not None and saved.get("adaptive"):
+            planner.adaptive.load_state_dict(saved["adaptive"])
+
+
+class _Saver:
+    """Checkpoints of the run: every participant's state, the weights and the optimizer."""
+
+    def __init__(self, trainer: Trainer, participants: dict[str, Any], total_steps: int) -> None:
+        self.trainer, self.participants, self.total_steps = trainer, participants, total_steps
+        self.saved_step: int | None = None
+
+    def save(self, step: int) -> Path | None:
+        trainer = self.trainer
+        if trainer.run_dir is None:
+            return None
+        rng = checkpoint.gather_rng_states(trainer.world_size)
+        self.saved_step = step
+        path = trainer.run_dir / "checkpoints" / checkpoint.checkpoint_name(step)
+        if not distributed.is_main_process() and not trainer.sharded:
+            return path
+        planner = trainer.planner
+        training_state: dict[str, Any] = {
+            "optimizer": {"sharded": True} if trainer.sharded else trainer.optimizer.state_dict(),
+            "rng": rng,
+            "plan": planner.plan_for(planner.at(max(0, step - 1))).to_dict(),
+            "config": trainer.config.model_dump(mode="json"),
+            "world_size": trainer.world_size,
+            "total_steps": self.total_steps,
+        }
+        for name, participant in self.participants.items():
+            if name == "planner":
+                training_state.update(participant.state_dict())
+            else:
+                training_state[name] = participant.state_dict()
+        keep = trainer.config.keep_checkpoints
+        if trainer.sharded:  # every rank writes its shard
+            checkpoint.save_sharded_checkpoint(
+                trainer.run_dir / "checkpoints",
+                step,
+                trainer.module,
+                trainer.optimizer,
+                training_state,
+                keep=keep,
             )
+        else:
+            checkpoint.save_run_checkpoint(
+                trainer.run_dir, step, trainer.module, training_state, keep
+            )
+        return path
+
+    def save_unless_saved(self) -> Path | None:
+        """The checkpoint of the step the run is at (written unless it already is)."""
+        if self.trainer.run_dir is None:
+            return None
+        step = self.participants["data"].step
+        if self.saved_step != step:
+            return self.save(step)
+        return self.trainer.run_dir / "checkpoints" / checkpoint.checkpoint_name(step)
+
+
+def _check_length(config: Config) -> None:
+    if config.global_batch_size is None and config.global_batch_tokens is None:
+        raise UsageError(
+            "global_batch_size: not set by the config nor the recipe; set it (or "
+            "global_batch_tokens)"
+        )
+    if config.max_steps is None and config.epochs is None:
+        raise UsageError("max_steps: set max_steps or epochs (neither is set)")
 
 
 def fit(
@@ -709,7 +494,9 @@ def fit(
         out_dir = Path(name[0])
     world_size = distributed.get_world_size()
     device_type = environment.resolve_device(config.device).type
-    model = _apply_batchnorm_policy_once(recipe.model, config.batchnorm, world_size, device_type)
+    model = setup.apply_batchnorm_policy_once(
+        recipe.model, config.batchnorm, world_size, device_type
+    )
     optimizer = recipe.build_optimizer(model, config.lr, config.weight_decay)
     trainer = Trainer(
         model,
@@ -728,26 +515,3 @@ def fit(
         shard_units=recipe.shard_units,
     )
     return trainer.fit(resume=resume, overwrite=overwrite)
-
-
-_POLICY_MARK = "_bigbatch_batchnorm_policy"
-
-
-def _apply_batchnorm_policy_once(
-    model: torch.nn.Module, policy: str, world_size: int, device_type: str
-) -> torch.nn.Module:
-    """`batchnorm.apply_policy` once per model: `fit` applies it before building the optimizer,
-    the Trainer (for a model given directly) before DDP wrapping; a second call does nothing."""
-    if getattr(distributed.unwrap(model), _POLICY_MARK, None) == policy:
-        return model
-    try:
-        model = batchnorm_policies.apply_policy(
-            model,
-            policy,  # type: ignore[arg-type]
-            world_size=world_size,
-            device_type=device_type,
-        )
-    except ValueError as error:  # the policy does not fit this model: the config's to change
-        raise UsageError(f"batchnorm: {error}") from error
-    object.__setattr__(distributed.unwrap(model), _POLICY_MARK, policy)
-    return model

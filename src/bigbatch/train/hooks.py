@@ -1,0 +1,99 @@
+"""What runs after every step: metrics, evaluation, checkpoints and stop signals.
+
+Each hook is a small object with ``after_step(report)``; the loop calls them in order and knows
+nothing of what they do. A hook's own state, if any, is a Stateful participant of the
+checkpointer, not something the loop carries.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+from bigbatch.train import environment
+from bigbatch.train import metrics as run_metrics
+from bigbatch.train.early_warning import EarlyWarning
+from bigbatch.train.loop import StepReport
+from bigbatch.train.preemption import StopSignals
+
+
+class MetricsHook:
+    """The early warning, then the step's record into metrics.jsonl, the trackers and the bar."""
+
+    def __init__(
+        self,
+        metrics_logger: run_metrics.MetricsLogger,
+        bar: run_metrics.ProgressBar,
+        early_warning: EarlyWarning,
+        device: torch.device,
+        unit: str,
+    ) -> None:
+        self.metrics_logger, self.bar, self.early_warning = metrics_logger, bar, early_warning
+        self.device, self.unit = device, unit
+
+    def after_step(self, report: StepReport) -> int | None:
+        result = report.result
+        if not result.skipped:
+            self.early_warning.observe(
+                report.steps_done,
+                result.loss,
+                result.grad_norm,
+                report.learning_rate,
+                report.global_batch,
+            )
+        record = run_metrics.step_record(
+            report.window,
+            result,
+            learning_rate=report.learning_rate,
+            step_time_s=report.step_time_s,
+            global_batch=report.global_batch,
+            state=report.state,
+            unit=self.unit,
+        )
+        record["peak_memory_bytes"] = environment.peak_memory_bytes(self.device)
+        record["skipped_steps"] = report.state.skipped_steps
+        self.metrics_logger.log_step(report.steps_done, record)
+        self.bar.update(report.steps_done, record)
+        return None
+
+
+class EvaluationHook:
+    """Evaluates every ``every`` steps (the end of the run evaluates on its own)."""
+
+    def __init__(
+        self,
+        every: int,
+        evaluate: Callable[[], dict[str, float]],
+        metrics_logger: run_metrics.MetricsLogger,
+    ) -> None:
+        self.every, self.evaluate, self.metrics_logger = every, evaluate, metrics_logger
+
+    def after_step(self, report: StepReport) -> int | None:
+        if self.every and not report.finished and report.steps_done % self.every == 0:
+            self.metrics_logger.log_eval(report.steps_done, self.evaluate())
+        return None
+
+
+class CheckpointHook:
+    """Saves a checkpoint every ``every`` steps (the end of the run saves on its own)."""
+
+    def __init__(self, every: int, save: Callable[[int], object]) -> None:
+        self.every, self.save = every, save
+
+    def after_step(self, report: StepReport) -> int | None:
+        if self.every and not report.finished and report.steps_done % self.every == 0:
+            self.save(report.steps_done)
+        return None
+
+
+class StopHook:
+    """Stops the run at the end of a step once a stop signal arrived on any rank."""
+
+    def __init__(self, stop: StopSignals) -> None:
+        self.stop = stop
+
+    def after_step(self, report: StepReport) -> int | None:
+        if report.finished or not self.stop.active:
+            return None
+        return self.stop.agreed() or None

@@ -1,0 +1,213 @@
+"""Setting up a run: the model placed, sharded or replicated, its BatchNorm policy, the engine.
+
+`prepare_model` turns the user's model into what the loop trains: the config's BatchNorm policy
+applied once, the model on its device, sharded with FSDP2 (`parallelism: fsdp` over several
+ranks) or wrapped in DistributedDataParallel (several ranks), the optimizer pointed at the sharded
+parameters. `build_accumulator` builds the engine from the config. Nothing here runs a step.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import Dataset
+
+from bigbatch.choices import GradientSync
+from bigbatch.core import batchnorm as batchnorm_policies
+from bigbatch.core import distributed, sharding
+from bigbatch.core.engine import Accumulator, LossFn
+from bigbatch.data.loader import first_samples
+from bigbatch.tools.autobatch import choose_micro_batch_size
+from bigbatch.train import environment
+from bigbatch.train.config import Config
+from bigbatch.train.token_batches import probe_micro_batch_tokens
+from bigbatch.units import UsageError
+
+logger = logging.getLogger(__name__)
+
+ShardUnits = Callable[[torch.nn.Module], list[torch.nn.Module]]
+"""``shard_units(model)``: the modules `parallelism: fsdp` shards on their own before the root."""
+
+_POLICY_MARK = "_bigbatch_batchnorm_policy"
+
+
+@dataclass(frozen=True)
+class PreparedModel:
+    """The model as the loop trains it.
+
+    Attributes:
+        module: the model itself (unwrapped): what checkpoints, evaluation and the probe read.
+        model: what runs the steps: the module, DDP around it, or the FSDP2-sharded module.
+        device: where it runs.
+        sharded: checkpoints go through torch.distributed.checkpoint (`parallelism: fsdp`, on
+            one process too, so that they resume on any number of ranks).
+    """
+
+    module: torch.nn.Module
+    model: torch.nn.Module
+    device: torch.device
+    sharded: bool
+
+
+def prepare_model(
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    config: Config,
+    device: torch.device,
+    shard_units: ShardUnits | None = None,
+) -> PreparedModel:
+    """The BatchNorm policy, then sharding (FSDP2) or replication (DDP) over the ranks.
+
+    The parameters are kept (DDP) or rebound in the optimizer (FSDP2), so an optimizer built
+    before stays valid.
+    """
+    world_size = distributed.get_world_size()
+    model = apply_batchnorm_policy_once(model, config.batchnorm, world_size, device.type)
+    model = _shard(model, optimizer, config, device, world_size, shard_units)
+    module = distributed.unwrap(model).to(device)
+    runner: torch.nn.Module = model if distributed.is_ddp(model) else module
+    if world_size > 1 and not distributed.is_ddp(model) and not sharding.is_fsdp(model):
+        ids = [device.index] if device.type == "cuda" else None
+        runner = DistributedDataParallel(module, device_ids=ids)
+    sharded = sharding.is_fsdp(model) or config.parallelism == "fsdp"
+    return PreparedModel(module, runner, device, sharded)
+
+
+def _shard(
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    config: Config,
+    device: torch.device,
+    world_size: int,
+    shard_units: ShardUnits | None,
+) -> torch.nn.Module:
+    """parallelism fsdp over several ranks: fully_shard the units, then the root, and point
+    the optimizer at the sharded parameters. One process runs the model unsharded."""
+    if config.parallelism != "fsdp" or sharding.is_fsdp(model) or distributed.is_ddp(model):
+        return model
+    if world_size == 1:
+        logger.warning("parallelism fsdp on one process: the model runs unsharded")
+        return model
+    model = model.to(device)
+    before = {id(parameter): name for name, parameter in model.named_parameters()}
+    units = (shard_units or sharding.default_shard_units)(model)
+    sharding.shard_model(model, units, world_size=world_size, device_type=device.type)
+    try:
+        sharding.rebind_optimizer(optimizer, before, model)
+    except ValueError as error:
+        raise UsageError(f"parallelism fsdp: {error}") from error
+    logger.info(
+        "parallelism fsdp: %d shard units and the root over %d ranks", len(units), world_size
+    )
+    return model
+
+
+def build_accumulator(
+    prepared: PreparedModel,
+    optimizer: torch.optim.Optimizer,
+    config: Config,
+    gradient_sync: GradientSync,
+) -> Accumulator:
+    """The engine of the run's steps, as the config asks (clipping, precision, BatchNorm,
+    noise scale, gradient sync)."""
+    engine_policy = config.batchnorm if config.batchnorm in ("freeze", "window") else "keep"
+    return Accumulator(
+        prepared.model,
+        optimizer,
+        max_grad_norm=config.max_grad_norm,
+        precision=config.precision,
+        batchnorm=engine_policy,
+        measure_noise_scale=config.noise_scale,
+        noise_smoothing_steps=config.noise_smoothing_steps,
+        gradient_sync=gradient_sync,
+        memory_budget_bytes=None if config.memory_budget == "auto" else int(config.memory_budget),
+    )
+
+
+def apply_batchnorm_policy_once(
+    model: torch.nn.Module, policy: str, world_size: int, device_type: str
+) -> torch.nn.Module:
+    """`batchnorm.apply_policy` once per model: `fit` applies it before building the optimizer,
+    the Trainer (for a model given directly) before DDP wrapping; a second call does nothing."""
+    if getattr(distributed.unwrap(model), _POLICY_MARK, None) == policy:
+        return model
+    try:
+        model = batchnorm_policies.apply_policy(
+            model,
+            policy,  # type: ignore[arg-type]
+            world_size=world_size,
+            device_type=device_type,
+        )
+    except ValueError as error:  # the policy does not fit this model: the config's to change
+        raise UsageError(f"batchnorm: {error}") from error
+    object.__setattr__(distributed.unwrap(model), _POLICY_MARK, policy)
+    return model
+
+
+class MicroBatchProbe:
+    """``micro_batch_size: auto`` / ``micro_batch_tokens: auto``: the memory probe, agreed over
+    ranks, run at most once by the planner.
+
+    Besides the micro-batch it may choose the gradient sync (FSDP2 with ``gradient_sync: auto``
+    compares both modes per rank): `gradient_sync` holds that choice once probed.
+    """
+
+    def __init__(
+        self,
+        prepared: PreparedModel,
+        loss_fn: LossFn,
+        dataset: Dataset[Any],
+        optimizer: torch.optim.Optimizer,
+        config: Config,
+        *,
+        collate_fn: Callable[[list[Any]], Any] | None,
+        collate_packed: Callable[[list[list[Any]]], Any] | None,
+    ) -> None:
+        self.prepared, self.loss_fn, self.dataset = prepared, loss_fn, dataset
+        self.optimizer, self.config = optimizer, config
+        self.collate_fn, self.collate_packed = collate_fn, collate_packed
+        self.world_size = distributed.get_world_size()
+        self.gradient_sync: GradientSync | None = None
+
+    def samples(self, first_global_batch_size: int) -> int:
+        """micro_batch_size auto."""
+        budget = self.config.memory_budget
+        choice = choose_micro_batch_size(
+            self.prepared.module,
+            self.loss_fn,
+            first_samples(self.dataset, self.collate_fn),
+            max_micro_batch_size=math.ceil(first_global_batch_size / self.world_size),
+            memory_budget_bytes=None if budget == "auto" else budget,
+            optimize=self.config.optimize,
+            optimizer=self.optimizer,
+            device=self.prepared.device,
+            **environment.planned_layout(self.config, self.prepared.model, self.world_size),
+        )
+        chosen: list[Any] = [choice.micro_batch_size, choice.gradient_sync]
+        if distributed.is_initialized():
+            dist.broadcast_object_list(chosen, src=0)  # every rank must run the same plan
+        logger.info("micro_batch_size auto: %d (%s)", chosen[0], choice.reason)
+        self.gradient_sync = chosen[1]
+        return int(chosen[0])
+
+    def tokens(self, lengths: Any) -> int:
+        """micro_batch_tokens auto."""
+        return probe_micro_batch_tokens(
+            self.prepared.module,
+            self.loss_fn,
+            self.dataset,
+            lengths,
+            config=self.config,
+            collate_fn=self.collate_fn,
+            collate_packed=self.collate_packed,
+            optimizer=self.optimizer,
+            device=self.prepared.device,
+            world_size=self.world_size,
+        )
