@@ -37,6 +37,33 @@ def test_a_falling_or_noisy_loss_does_not_warn():
     assert [watch.observe(s, v, 1.0, 0.1, 64) for s, v in enumerate(losses, start=1)] == [None] * 10
 
 
+def test_a_rising_loss_warns_once(caplog):
+    watch = EarlyWarning()
+    figures = [(1.0, 1.0), (1.1, 1.0), (0.9, 1.0), (1.4, 1.0), (2.0, 1.0), (2.2, 1.0), (3.0, 1.0)]
+    with caplog.at_level(logging.WARNING, logger="bigbatch.train.early_warning"):
+        fired = [
+            watch.observe(step, loss, grad_norm, 0.1, 256)
+            for step, (loss, grad_norm) in enumerate(figures, start=1)
+        ]
+    # last-3 means against the first loss 1.0: 1.13, 1.43, 1.87 > 1.5 at step 6
+    assert [message is not None for message in fired] == [False] * 5 + [True, False]
+    assert caplog.messages == [fired[5]]
+    assert "step 6" in fired[5] and "global batch 256" in fired[5] and "lr 0.1" in fired[5]
+    assert "learning rate is too high" in fired[5] and "warmup_steps" in fired[5]
+
+
+def test_a_gradient_spike_warns_only_in_the_first_steps(caplog):
+    watch = EarlyWarning(window_steps=50)
+    norms = [1.0, 1.2, 0.8, 1.1, 12.5, 30.0]
+    with caplog.at_level(logging.WARNING, logger="bigbatch.train.early_warning"):
+        fired = [watch.observe(s, 1.0, g, 0.1, 64) for s, g in enumerate(norms, start=1)]
+    assert [message is not None for message in fired] == [False] * 4 + [True, False]
+    assert caplog.messages == [fired[4]] and "gradient norm spiked" in fired[4]
+    assert "12.5" in fired[4] and "median 1.05" in fired[4]  # median of 1.0, 1.2, 0.8, 1.1
+    late = EarlyWarning(window_steps=3)
+    assert [late.observe(s, 1.0, g, 0.1, 64) for s, g in enumerate(norms, start=1)] == [None] * 6
+
+
 def test_the_first_step_survives_a_checkpoint():
     watch = EarlyWarning()
     watch.observe(1, 2.0, 1.0, 0.1, 64)
