@@ -5,7 +5,8 @@ after each convolution) at global batch 256, built the way `bigbatch train --set
 with the same seed, steps and learning rate; only micro_batch_size (2, 4, 16, 64, and 256: no
 accumulation, the reference) and batchnorm change. Reported:
 the final test accuracy and the first optimizer step at which the test accuracy (evaluated every
-few steps) reaches 95%. `sync` needs several processes on GPUs and is not run here.
+few steps) reaches 95%. `sync` needs several processes (DDP: NCCL on GPUs, or gloo on CPUs) and
+every cell here is one process, so it is not run.
 
     python benchmarks/batchnorm.py            # writes benchmarks/results/batchnorm.{md,png}
     python benchmarks/batchnorm.py --smoke    # a few steps of 2 cells, prints the table (CI)
@@ -26,6 +27,7 @@ from pathlib import Path
 import torch
 
 import bigbatch
+from bigbatch.recipes.digits import load_datasets
 from bigbatch.train.configfile import load_config
 from bigbatch.train.metrics import read_metrics
 
@@ -198,10 +200,12 @@ def main() -> None:
         ]
     total_s = time.perf_counter() - start
     text = table(cells)
+    num_test = len(load_datasets()[1])  # the recipe's fixed split
     note = (
         f"`{RECIPE}`, global batch {GLOBAL_BATCH_SIZE}, {steps} optimizer steps, AdamW lr "
-        f"{args.lr:g}, seed {args.seed}, test accuracy on the 360 held-out digits every "
-        f"{eval_every} steps; `sync` needs DDP on GPUs and is not run. {len(cells)} runs in "
+        f"{args.lr:g}, seed {args.seed}, test accuracy on the {num_test} held-out digits every "
+        f"{eval_every} steps; `sync` needs several processes (DDP, on GPUs or over gloo on CPUs) "
+        f"and every run here is one process, so it is not run. {len(cells)} runs in "
         f"{total_s:.0f} s on {machine()}, "
         f"{torch.get_num_threads()} thread, torch {torch.__version__}."
     )

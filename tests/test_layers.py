@@ -1,10 +1,12 @@
 """The layers of docs/design.md kept honest: imports point down, through `__init__` too.
 
 core <- data <- tools <- train <- cli; recipes and integrations import the core only; `plan`,
-`choices` and `units` (the base) import nothing of the package. The package is read with `ast`
-(nothing is imported, so imports inside functions count too); importing a module runs the
-`__init__` of every package above it, so those count as imports of the importer. A few checks run
-Python to see which modules an import really loads.
+`choices` and `units` (the base) import nothing of the package. The package face (`bigbatch`
+itself, its `__init__`) sits at the top beside the command line: no lower layer takes a name from
+it. The package is read with `ast` (nothing is imported, so imports inside functions count too);
+importing a module runs the `__init__` of every package above it, so those count as imports of the
+importer, except the face's, which runs on the way to every module and loads only the base (see
+`test_plan_loads_no_torch`). A few checks run Python to see which modules an import really loads.
 """
 
 from __future__ import annotations
@@ -22,7 +24,9 @@ MAX_FUNCTION_LINES = 80
 # The top level: __init__, __main__ and at most four loose modules.
 MAX_LOOSE_MODULES = 4
 
-# What each layer may import (itself included). `cli` and the package face may import anything.
+# What each layer may import (itself included). The package face may import anything, `cli` all
+# but `integrations`; no lower layer may import the face.
+FACE = "bigbatch"
 BASE = {"bigbatch.plan", "bigbatch.choices", "bigbatch.units"}
 ALLOWED: dict[str, set[str]] = {
     "base": {"base"},
@@ -32,7 +36,8 @@ ALLOWED: dict[str, set[str]] = {
     "data": {"base", "core", "data"},
     "tools": {"base", "core", "data", "recipes", "tools"},
     "train": {"base", "core", "data", "recipes", "tools", "train"},
-    "cli": {"base", "core", "data", "recipes", "tools", "train", "cli"},
+    "cli": {"base", "core", "data", "recipes", "tools", "train", "cli", "face"},
+    "face": {"base", "core", "data", "recipes", "integrations", "tools", "train", "cli", "face"},
 }
 
 
@@ -47,10 +52,10 @@ def module_name(relative: Path) -> str:
     return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
 
 
-def layer_of(name: str) -> str | None:
-    """The layer of a module of the package; None for the package face ``bigbatch`` itself."""
-    if name == "bigbatch":
-        return None
+def layer_of(name: str) -> str:
+    """The layer of a module of the package; ``face`` for the package face ``bigbatch`` itself."""
+    if name == FACE:
+        return "face"
     if name in BASE:
         return "base"
     if name in ("bigbatch.cli", "bigbatch.__main__"):
@@ -66,7 +71,7 @@ def functions(tree: ast.AST) -> Iterator[ast.FunctionDef | ast.AsyncFunctionDef]
 
 
 def runtime_imports(source: str, name: str, *, is_package: bool = False) -> set[str]:
-    """Dotted names module ``name`` imports when it runs: ``from a import b`` gives a and a.b.
+    """Dotted names module ``name`` imports when it runs: ``from a import b`` gives a.b.
 
     Relative imports are resolved against the module's package; imports under
     ``if TYPE_CHECKING:`` are left out since they never run. Imports inside functions count.
@@ -90,31 +95,42 @@ def runtime_imports(source: str, name: str, *, is_package: bool = False) -> set[
             if node.level:
                 parents = package.split(".")[: len(package.split(".")) - node.level + 1]
                 base = ".".join(parents + ([node.module] if node.module else []))
-            found.add(base)
             found.update(f"{base}.{alias.name}" for alias in node.names)
     return found
 
 
-def import_graph() -> dict[str, set[str]]:
-    """Module -> the package's modules that importing it runs, `__init__` of their packages too.
+def imported_modules(
+    source: str, name: str, modules: set[str], *, is_package: bool = False
+) -> set[str]:
+    """The package's modules that running ``source`` (module ``name``) imports.
 
     ``from bigbatch.core import batches`` names ``bigbatch.core.batches`` (a module) and runs
     ``bigbatch/core/__init__.py``; ``from bigbatch.core.engine import Accumulator`` names a
-    module and a class, of which only the module is kept.
+    module and a class, of which only the module is kept. The face's ``__init__`` runs on the way
+    to every module, so it counts only where a name is taken from it: ``import bigbatch`` or
+    ``from bigbatch import __version__``, not ``from bigbatch import recipes``.
     """
+    targets: set[str] = set()
+    for imported in runtime_imports(source, name, is_package=is_package):
+        parts = imported.split(".")
+        prefixes = [".".join(parts[:end]) for end in range(1, len(parts) + 1)]
+        found = [prefix for prefix in prefixes if prefix in modules]  # each runs its __init__
+        targets.update(prefix for prefix in found if prefix != FACE or prefix == found[-1])
+    return targets - {name}
+
+
+def import_graph() -> dict[str, set[str]]:
+    """Module -> the package's modules that importing it runs, `__init__` of their packages too."""
     modules = {module_name(relative): relative for relative in module_files()}
-    graph: dict[str, set[str]] = {}
-    for name, relative in modules.items():
-        source = (PACKAGE_DIR / relative).read_text(encoding="utf-8")
-        targets: set[str] = set()
-        for imported in runtime_imports(source, name, is_package=relative.name == "__init__.py"):
-            parts = imported.split(".")
-            for end in range(1, len(parts) + 1):  # every package on the way runs its __init__
-                prefix = ".".join(parts[:end])
-                if prefix in modules and prefix != name:
-                    targets.add(prefix)
-        graph[name] = targets
-    return graph
+    return {
+        name: imported_modules(
+            (PACKAGE_DIR / relative).read_text(encoding="utf-8"),
+            name,
+            set(modules),
+            is_package=relative.name == "__init__.py",
+        )
+        for name, relative in modules.items()
+    }
 
 
 def layer_violations(graph: dict[str, set[str]]) -> list[str]:
@@ -122,8 +138,6 @@ def layer_violations(graph: dict[str, set[str]]) -> list[str]:
     violations = []
     for start in sorted(graph):
         layer = layer_of(start)
-        if layer is None:
-            continue
         chains = {start: [start]}
         stack = [start]
         while stack:
@@ -133,15 +147,14 @@ def layer_violations(graph: dict[str, set[str]]) -> list[str]:
                     continue
                 chains[target] = [*chains[current], target]
                 stack.append(target)
-                target_layer = layer_of(target)
-                if target_layer is not None and target_layer not in ALLOWED[layer]:
+                if layer_of(target) not in ALLOWED[layer]:
                     violations.append(f"{layer}: {' -> '.join(chains[target])}")
     return violations
 
 
 def test_the_layers_are_found() -> None:
     layers = {layer_of(module_name(relative)) for relative in module_files()}
-    assert layers == {None, *ALLOWED}, "a module sits in no known layer: add it to ALLOWED"
+    assert layers == set(ALLOWED), "a module sits in no known layer: add it to ALLOWED"
 
 
 def test_imports_point_down_the_layers() -> None:
@@ -163,6 +176,18 @@ def test_a_violation_through_an_init_is_caught() -> None:
     ]
     graph = import_graph()  # and the graph reader sees __init__ files on the way
     assert "bigbatch.core" in graph["bigbatch.data.loader"]
+
+
+def test_a_lower_layer_taking_a_name_from_the_package_face_is_caught() -> None:
+    """The face loads the trainer lazily: a lower layer importing it climbs to the top."""
+    up = {"bigbatch.train.report": {"bigbatch"}, "bigbatch": {"bigbatch.plan"}}
+    assert layer_violations(up) == ["train: bigbatch.train.report -> bigbatch"]
+    modules = {FACE, "bigbatch.recipes", "bigbatch.train", "bigbatch.train.report"}
+    name = "bigbatch.train.report"
+    for climbs in ("from bigbatch import __version__", "import bigbatch", "import bigbatch as bb"):
+        assert FACE in imported_modules(climbs, name, modules), climbs
+    for passes in ("from bigbatch import recipes", "import bigbatch.recipes", "from . import x"):
+        assert FACE not in imported_modules(passes, name, modules), passes
 
 
 def test_the_top_level_keeps_few_loose_modules() -> None:

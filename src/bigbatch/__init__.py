@@ -17,8 +17,6 @@ from typing import TYPE_CHECKING, Any
 # module binds the package attribute to the module; this binds it to the function (no torch).
 from bigbatch.plan import Plan, plan
 
-__version__ = "0.1.0"
-
 # Public name -> the module that defines it.
 _PUBLIC: dict[str, str] = {
     "Accumulator": "bigbatch.core.engine",
@@ -56,7 +54,16 @@ if TYPE_CHECKING:
 
 
 def __getattr__(name: str) -> Any:
-    """Load a public name's module on first use."""
+    """Load a public name's module on first use; ``__version__`` is the installed one."""
+    if name == "__version__":
+        # One home for the version: pyproject.toml, read from the installed package's metadata
+        # (imported here, since importlib.metadata is not light to import).
+        from importlib import metadata
+
+        try:
+            return metadata.version("bigbatch")
+        except metadata.PackageNotFoundError:  # a source tree, never installed
+            raise AttributeError("bigbatch is not installed: it has no __version__") from None
     module = _PUBLIC.get(name)
     if module is None:
         raise AttributeError(f"module 'bigbatch' has no attribute {name!r}")
@@ -66,4 +73,4 @@ def __getattr__(name: str) -> Any:
 
 
 def __dir__() -> list[str]:
-    return sorted({*globals(), *_PUBLIC})
+    return sorted({*globals(), *_PUBLIC, "__version__"})

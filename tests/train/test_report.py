@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+import bigbatch
 from bigbatch.train.report import (
     format_summary,
     plot_panels,
@@ -135,6 +136,7 @@ def test_panels_show_what_varies_and_drop_constants():
 
 def test_report_states_config_seed_versions_device_and_date(tmp_path):
     import datetime
+    import importlib.metadata
 
     import torch
     import yaml
@@ -149,6 +151,9 @@ def test_report_states_config_seed_versions_device_and_date(tmp_path):
     rows = {key.strip(): value.strip() for key, value in rows.items()}
     assert rows["seed"] == "7" and rows["device"] == "cpu (2 threads)"
     assert f"torch {torch.__version__}" in rows["versions"]
+    # the one version of the package (pyproject.toml's), the package face's too
+    assert rows["versions"].startswith(f"bigbatch {importlib.metadata.version('bigbatch')},")
+    assert bigbatch.__version__ == importlib.metadata.version("bigbatch")
     date = datetime.datetime.strptime(rows["date"], "%Y-%m-%d %H:%M:%S UTC")
     now = datetime.datetime.now(datetime.timezone.utc).replace(tzinfo=None)
     assert abs((now - date).total_seconds()) < 60

@@ -10,7 +10,6 @@ from __future__ import annotations
 import logging
 import math
 import statistics
-import warnings
 from typing import Any
 
 logger = logging.getLogger(__name__)
@@ -82,8 +81,9 @@ class EarlyWarning:
             "the learning rate is too high for this global batch (check lr and lr_scaling), or "
             "the warm-up is too short (raise warmup_steps)"
         )
+        # One channel, the log (as every warning of a run): a `warnings.warn` beside it printed the
+        # message a second time, in Python's format, under the command line's log line.
         logger.warning(message)
-        warnings.warn(message, UserWarning, stacklevel=2)
         return message
 
     def state_dict(self) -> dict[str, Any]:

@@ -275,15 +275,17 @@ def format_summary(summary: Mapping[str, Any]) -> str:
 def provenance(config: Mapping[str, Any] | None, device: str | None) -> dict[str, Any]:
     """When, where and with what a run ran: date (UTC), device, seed and library versions."""
     import datetime
+    import importlib.metadata
     import platform
 
     import torch
 
-    from bigbatch import __version__
-
-    versions = (
-        f"bigbatch {__version__}, torch {torch.__version__}, python {platform.python_version()}"
-    )
+    # The version's one home is pyproject.toml; the installed package's metadata carries it.
+    try:
+        version = importlib.metadata.version("bigbatch")
+    except importlib.metadata.PackageNotFoundError:  # run from a source tree, never installed
+        version = "(not installed)"
+    versions = f"bigbatch {version}, torch {torch.__version__}, python {platform.python_version()}"
     found: dict[str, Any] = {
         "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC"),
         "versions": versions,
