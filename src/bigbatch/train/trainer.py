@@ -14,7 +14,7 @@ import math
 import time
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 import torch.distributed as dist
@@ -27,10 +27,8 @@ from bigbatch.core import batches, distributed, sharding
 from bigbatch.core import batchnorm as batchnorm_policies
 from bigbatch.core.engine import Accumulator, LossFn, StepResult
 from bigbatch.data.loader import Window, WindowLoader, first_samples
-from bigbatch.data.token_loader import TokenWindow, TokenWindowLoader
-from bigbatch.data.token_plan import TokenBudget
-from bigbatch.data.tokens import sample_lengths
-from bigbatch.plan import Plan
+from bigbatch.planning import Plan, TokenBudget
+from bigbatch.planning.unit import BatchUnit, TokenUnit
 from bigbatch.recipes import EvalFn
 from bigbatch.tools.autobatch import choose_micro_batch_size
 from bigbatch.train import checkpoint, environment, evaluation, resume, rundir
@@ -39,10 +37,9 @@ from bigbatch.train import report as run_report
 from bigbatch.train.config import Config
 from bigbatch.train.configfile import config_to_yaml, with_recipe_defaults
 from bigbatch.train.early_warning import EarlyWarning
+from bigbatch.train.planner import BatchPlanner, probe_micro_batch_tokens
 from bigbatch.train.preemption import RunStopped, StopSignals
-from bigbatch.train.schedules import BatchPlanner
 from bigbatch.train.state import RunSummary, SessionFigures, TrainState
-from bigbatch.train.token_batches import TokenBatchPlanner, probe_micro_batch_tokens
 from bigbatch.units import UsageError
 
 logger = logging.getLogger(__name__)
@@ -107,7 +104,6 @@ class Trainer:
             )
         if config.max_steps is None and config.epochs is None:
             raise UsageError("max_steps: set max_steps or epochs (neither is set)")
-        num_samples = len(train_dataset)  # type: ignore[arg-type]
         environment.check_num_workers(config.num_workers)
         self.config = config
         self.loss_fn, self.eval_fn, self.collate_fn = loss_fn, eval_fn, collate_fn
@@ -134,14 +130,11 @@ class Trainer:
         engine_policy = config.batchnorm if config.batchnorm in ("freeze", "window") else "keep"
         self._probed_gradient_sync: GradientSync | None = None
         self.collate_packed = collate_packed
-        self.batches: BatchPlanner | TokenBatchPlanner
-        if config.global_batch_tokens is None:
-            self.batches = BatchPlanner(config, self.world_size, num_samples, self._probe)
-        else:
-            lengths = sample_lengths(train_dataset, sample_length)
-            self.batches = TokenBatchPlanner(config, self.world_size, lengths, self._probe_tokens)
+        self.batches = BatchPlanner(
+            config, self.world_size, train_dataset, sample_length=sample_length, probe=self._probe
+        )
         self.plan_for, self.batch_size_at = self.batches.plan_for, self.batches.at
-        self.first_global_batch_size = self.batches.first_global_batch_size
+        self.first_global_batch_size = self.batches.first_global_batch
         if config.warmup_steps and config.batch_size_schedule != "adaptive":
             self.batches.total_steps()  # refuses a warm-up beyond the run now, not after a probe
         self.accumulator = Accumulator(
@@ -202,13 +195,14 @@ class Trainer:
             config.gradient_sync == "auto"
             and sharding.is_fsdp(self.model)
             and config.micro_batch_size == "auto"
-            and isinstance(self.batches, BatchPlanner)
         ):
             self.batches.micro_batch_size  # noqa: B018 - runs the probe
         return self._probed_gradient_sync or config.gradient_sync
 
-    def _probe(self) -> int:
-        """micro_batch_size auto: the memory probe, agreed over ranks."""
+    def _probe(self, unit: BatchUnit) -> int:
+        """micro_batch_size (or micro_batch_tokens) auto: the memory probe, agreed over ranks."""
+        if unit.name == "tokens":
+            return self._probe_tokens(unit)
         budget = self.config.memory_budget
         choice = choose_micro_batch_size(
             self.module,
@@ -228,13 +222,13 @@ class Trainer:
         self._probed_gradient_sync = chosen[1]
         return int(chosen[0])
 
-    def _probe_tokens(self, lengths: Any) -> int:
+    def _probe_tokens(self, unit: BatchUnit) -> int:
         """micro_batch_tokens auto: the memory probe per padded token, agreed over ranks."""
         return probe_micro_batch_tokens(
             self.module,
             self.loss_fn,
             self.train_dataset,
-            lengths,
+            cast(TokenUnit, unit).lengths,
             config=self.config,
             collate_fn=self.collate_fn,
             collate_packed=self.collate_packed,
@@ -299,7 +293,7 @@ class Trainer:
         state = TrainState()
         restored = self._restore(loader, state) if resume else None
         total = self._total_steps = self._checked_total(restored, loader.step)
-        if restored is not None and self.batches.finished(loader.step, loader.sampler, total):
+        if restored is not None and self.batches.finished(loader.step, loader, total):
             return self._already_finished(loader, state, first_plan, writes)
         if writes:
             assert self.run_dir is not None
@@ -342,9 +336,7 @@ class Trainer:
             resume.warn_if_schedule_moves(self._restored, self.config, total, step)
         return total
 
-    def _stop_checkpoint(
-        self, loader: WindowLoader | TokenWindowLoader, state: TrainState
-    ) -> Path | None:
+    def _stop_checkpoint(self, loader: WindowLoader, state: TrainState) -> Path | None:
         """The checkpoint of the step the run stops at (written unless it already is)."""
         if self.run_dir is None:
             return None
@@ -354,7 +346,7 @@ class Trainer:
 
     def _summary(
         self,
-        loader: WindowLoader | TokenWindowLoader,
+        loader: WindowLoader,
         state: TrainState,
         first_plan: Plan | TokenBudget,
         figures: SessionFigures,
@@ -389,7 +381,7 @@ class Trainer:
 
     def _already_finished(
         self,
-        loader: WindowLoader | TokenWindowLoader,
+        loader: WindowLoader,
         state: TrainState,
         first_plan: Plan | TokenBudget,
         writes: bool,
@@ -409,28 +401,14 @@ class Trainer:
                 self._finish_run_dir(summary, final_state)
         return summary
 
-    def _window_loader(
-        self, worker_ignored_signals: Sequence[int] = ()
-    ) -> WindowLoader | TokenWindowLoader:
+    def _window_loader(self, worker_ignored_signals: Sequence[int] = ()) -> WindowLoader:
         """This rank's windows from step 0, in samples or in tokens (data workers leave the stop
         signals to the main process, which stops at a step boundary)."""
-        if isinstance(self.batches, TokenBatchPlanner):
-            return self.batches.window_loader(
-                self.train_dataset,
-                rank=self.rank,
-                collate_fn=self.collate_fn,
-                collate_packed=self.collate_packed,
-                num_workers=self.config.num_workers,
-                pin_memory=self.device.type == "cuda",
-            )
-        return WindowLoader(
+        return self.batches.window_loader(
             self.train_dataset,
-            plan_for=self.plan_for,  # type: ignore[arg-type]
-            global_batch_size_at=self.batch_size_at,
-            seed=self.config.seed,
             rank=self.rank,
             collate_fn=self.collate_fn,
-            drop_last=self.config.drop_last,
+            collate_packed=self.collate_packed,
             num_workers=self.config.num_workers,
             pin_memory=self.device.type == "cuda",
             worker_ignored_signals=worker_ignored_signals,
@@ -438,7 +416,7 @@ class Trainer:
 
     def _loop(
         self,
-        loader: WindowLoader | TokenWindowLoader,
+        loader: WindowLoader,
         total: int,
         state: TrainState,
         logger_: run_metrics.MetricsLogger,
@@ -452,10 +430,10 @@ class Trainer:
         agrees on it at the end of a step).
         """
         self.model.train()
-        windows: Iterator[Window | TokenWindow] = iter(loader)
+        windows: Iterator[Window] = iter(loader)
         tick = time.perf_counter()
         try:
-            while not self.batches.finished(loader.step, loader.sampler, total):
+            while not self.batches.finished(loader.step, loader, total):
                 window = next(windows)
                 learning_rate = self._set_lr(window.step, total, state)
                 micro_batches = [batches.to_device(m, self.device) for m in window.micro_batches]
@@ -472,7 +450,7 @@ class Trainer:
                         self.batch_size_at(window.step),
                     )
                 record = run_metrics.step_record(
-                    window,  # type: ignore[arg-type]
+                    window,
                     result,
                     learning_rate,
                     step_time_s,
@@ -492,8 +470,9 @@ class Trainer:
                 record["skipped_steps"] = state.skipped_steps
                 logger_.log_step(loader.step, record)
                 bar.update(loader.step, record)
-                changed = self._adapt(loader.step, result, self._in_tokens(state)[1])
-                finished = self.batches.finished(loader.step, loader.sampler, total)
+                items_per_unit = self._in_tokens(state)[1]
+                changed = self.batches.adapt(loader.step, result.noise_scale, items_per_unit)
+                finished = self.batches.finished(loader.step, loader, total)
                 every_eval, every_save = self.config.eval_every, self.config.checkpoint_every
                 if not finished and every_eval and loader.step % every_eval == 0:
                     logger_.log_eval(loader.step, self.evaluate())
@@ -512,7 +491,7 @@ class Trainer:
 
     def _tally(
         self,
-        window: Window | TokenWindow,
+        window: Window,
         result: StepResult,
         step_time_s: float,
         state: TrainState,
@@ -522,29 +501,12 @@ class Trainer:
         self._count(result, window.step, state)
         state.samples_done += window.num_samples
         state.items_done += result.num_items
-        state.tokens_done += getattr(window, "num_tokens", 0)
-        figures.tokens += getattr(window, "num_tokens", 0)
-        figures.padded_tokens += getattr(window, "num_padded_tokens", 0)
+        state.tokens_done += window.num_tokens or 0
+        figures.tokens += window.num_tokens or 0
+        figures.padded_tokens += window.num_padded_tokens or 0
         figures.samples += window.num_samples
         figures.items += result.num_items
         figures.time_s += step_time_s
-
-    def _adapt(self, steps_done: int, result: StepResult, items_per_unit: float) -> bool:
-        """Adaptive schedule: let the controller decide; True when the global batch changed.
-
-        The critical batch is measured in loss items and the global batch counts samples (or
-        tokens: items_per_unit is then loss items per token). No
-        decision before the estimate has smoothed over a quarter of its window (an early, noisy
-        estimate would move the batch only to move it back).
-        """
-        adaptive, noise = self.batches.adaptive, result.noise_scale
-        if adaptive is None or noise is None or noise.critical_batch_size is None:
-            return False
-        settled = max(self.config.adapt_every, self.config.noise_smoothing_steps // 4)
-        if noise.num_steps < settled:
-            return False
-        critical = noise.critical_batch_size / items_per_unit
-        return adaptive.update(steps_done, critical) is not None
 
     def _count(self, result: StepResult, step: int, state: TrainState) -> None:
         """Count skipped steps; stop after too many non-finite ones in a row (on_nonfinite stop)."""
@@ -578,7 +540,7 @@ class Trainer:
 
     # -- checkpoints, the run directory and the summary ----------------------------------------
 
-    def _save_checkpoint(self, loader: WindowLoader | TokenWindowLoader, state: TrainState) -> None:
+    def _save_checkpoint(self, loader: WindowLoader, state: TrainState) -> None:
         rng = checkpoint.gather_rng_states(self.world_size)
         self._saved_step = loader.step
         if not distributed.is_main_process() and not self.sharded:
@@ -591,16 +553,12 @@ class Trainer:
             "data": loader.state_dict(),
             "rng": rng,
             "plan": self.plan_for(self.batch_size_at(max(0, loader.step - 1))).to_dict(),
-            "micro_batch_size": self.batches.micro_batch_size,
-            "micro_batch_tokens": getattr(self.batches, "micro_batch_tokens", None),
+            **self.batches.state_dict(),  # micro_batch_size, micro_batch_tokens, adaptive
             "config": self.config.model_dump(mode="json"),
             "counters": state.state_dict(),
             "world_size": self.world_size,
             "total_steps": self._total_steps,
             "early_warning": self.early_warning.state_dict(),
-            "adaptive": self.batches.adaptive.state_dict()
-            if self.batches.adaptive is not None
-            else None,
         }
         if self.sharded:  # every rank writes its shard
             checkpoint.save_sharded_checkpoint(
@@ -616,7 +574,7 @@ class Trainer:
             self.run_dir, loader.step, self.module, training_state, self.config.keep_checkpoints
         )
 
-    def _restore(self, loader: WindowLoader | TokenWindowLoader, state: TrainState) -> int | None:
+    def _restore(self, loader: WindowLoader, state: TrainState) -> int | None:
         """Load the newest valid checkpoint into everything; returns its step (None: none)."""
         num_samples = len(self.train_dataset)  # type: ignore[arg-type]
         found = self._restored = resume.load(self.run_dir, self.config, self.module, num_samples)
@@ -632,15 +590,9 @@ class Trainer:
         loader.load_state_dict(saved["data"])
         state.load_state_dict(saved["counters"])
         self._wall_time_before, self._saved_step = state.wall_time_s, found.step
-        if isinstance(self.batches, TokenBatchPlanner):
-            if self.config.micro_batch_tokens == "auto":  # no second memory probe
-                self.batches.micro_batch_tokens = int(saved["micro_batch_tokens"])
-        elif self.config.micro_batch_size == "auto":
-            self.batches.micro_batch_size = int(saved["micro_batch_size"])  # no second memory probe
+        self.batches.load_state_dict(saved)  # the probed micro setting, the adaptive stages
         if saved.get("early_warning"):
             self.early_warning.load_state_dict(saved["early_warning"])
-        if self.batches.adaptive is not None and saved.get("adaptive"):
-            self.batches.adaptive.load_state_dict(saved["adaptive"])
         rank, world_size = self.rank, self.world_size
         checkpoint.restore_rng_states(saved["rng"], rank, world_size, saved.get("world_size"))
         logger.info("resumed from %s at step %d", found.path, found.step)
