@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 
 from bigbatch.cli import main
-from bigbatch.data.token_plan import plan_tokens
+from bigbatch.planning import plan_tokens
 from bigbatch.recipes import tinylm
 from bigbatch.train.configfile import validate
 from bigbatch.train.trainer import Trainer
