@@ -130,8 +130,8 @@ class Plan:
         Ranks take contiguous slices, each cut in order; an empty micro-batch is ``()``.
 
         Example:
-            >>> plan(5, world_size=2, micro_batch_size=2).window(1)
-            (((3,), (4,)),)
+            >>> plan(5, world_size=2, micro_batch_size=2).window(1)  # sizes [1, 1] from position 3
+            (((3,),), ((4,),))
         """
         start, rows = self.rank_offsets()[rank], []
         for size in self.micro_batch_sizes(rank):
