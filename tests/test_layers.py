@@ -1,8 +1,8 @@
 """The layers of docs/design.md kept honest: imports point down, through `__init__` too.
 
 core <- data <- tools <- train <- cli; recipes and integrations import the core only; `planning`,
-`choices` and `units` (the base) import nothing of the package above them. The package is read with `ast`
-(nothing is imported, so imports inside functions count too); importing a module runs the
+`choices` and `units` (the base) import nothing of the package above them. The package is read
+with `ast` (nothing is imported, so imports inside functions count too); importing a module runs the
 `__init__` of every package above it, so those count as imports of the importer. A few checks run
 Python to see which modules an import really loads.
 """

@@ -53,7 +53,7 @@ def test_a_token_budget_takes_samples_until_their_tokens_reach_it():
     unit, order = TokenUnit(lengths), EpochOrder(5, seed=2, epoch=0)
     in_order = [lengths[i] for i in np.random.default_rng([2, 0]).permutation(5)]
     taken = unit.num_taken(order, 1, 6)
-    assert sum(in_order[1 : 1 + taken]) >= 6 > sum(in_order[1 : taken])
+    assert sum(in_order[1 : 1 + taken]) >= 6 > sum(in_order[1:taken])
     assert unit.num_units(order, 0, 5) == 18 == unit.epoch_units()
 
 

@@ -1,8 +1,8 @@
 """Training on global batches in tokens against a float64 full-batch reference.
 
 The reference computes every sample alone (one unpadded row), its answer tokens found from the
-task's definition, and takes one SGD step per global batch of the definition (tests.data.test_tokens):
-nothing of bigbatch's batching, padding, packing or planning is used.
+task's definition, and takes one SGD step per global batch of the definition
+(tests.data.test_tokens): nothing of bigbatch's batching, padding, packing or planning is used.
 """
 
 from __future__ import annotations
@@ -23,9 +23,9 @@ from bigbatch.planning import plan_tokens
 from bigbatch.recipes import tinylm
 from bigbatch.train.configfile import validate
 from bigbatch.train.trainer import Trainer
+from tests.data.test_tokens import reference_batches
 from tests.distributed_helpers import run_processes
 from tests.reference import full_batch_gradients
-from tests.data.test_tokens import reference_batches
 
 LR = 0.1
 

@@ -15,6 +15,10 @@ import numpy as np
 
 from bigbatch.planning.unit import BatchUnit, EpochOrder, SampleUnit, global_batch_sizes, locate
 
+_KEPT_EPOCHS = 3
+"""Epoch orders a sampler and its copies keep: the consumer's, the prefetcher's ahead of it, and
+the next one either may look at."""
+
 
 class GlobalBatchSampler:
     """The indices of each global batch: the next samples of a seeded order per epoch.
@@ -60,21 +64,26 @@ class GlobalBatchSampler:
         self.drop_last = drop_last
         self.epoch = 0
         self.position = 0
-        self._order = EpochOrder(num_samples, seed, 0)
+        self._orders: dict[int, EpochOrder] = {}  # shared with copies: one draw per epoch
 
     def copy(self) -> GlobalBatchSampler:
-        """A sampler of the same unit at the same position (for a prefetching reader)."""
+        """A sampler of the same unit at the same position (for a prefetching reader), sharing
+        the epochs' orders, so that an epoch's permutation is drawn and held once."""
         sampler = GlobalBatchSampler(
             self.num_samples, seed=self.seed, drop_last=self.drop_last, unit=self.unit
         )
         sampler.load_state_dict(self.state_dict())
+        sampler._orders = self._orders
         return sampler
 
     def order(self, epoch: int) -> EpochOrder:
-        """One epoch's order (kept for the current epoch)."""
-        if self._order.epoch != epoch:
-            self._order = EpochOrder(self.num_samples, self.seed, epoch)
-        return self._order
+        """One epoch's order (the latest few epochs are kept)."""
+        order = self._orders.get(epoch)
+        if order is None:
+            order = self._orders[epoch] = EpochOrder(self.num_samples, self.seed, epoch)
+            for old in sorted(self._orders)[:-_KEPT_EPOCHS]:
+                del self._orders[old]
+        return order
 
     def permutation(self, epoch: int) -> np.ndarray:
         """The dataset indices in one epoch's order."""
