@@ -3,7 +3,7 @@
 A run is defined by its global batch; bigbatch plans the split into micro-batches, ranks and
 accumulation steps, and applies every optimizer step exactly as one big batch would.
 
-The public names load lazily (PEP 562): ``import bigbatch.plan`` needs no torch, and
+The public names load lazily (PEP 562): ``import bigbatch.planning`` needs no torch, and
 ``from bigbatch import Accumulator`` loads the core only, none of the trainer, the tools or the
 command line.
 """
@@ -13,9 +13,8 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any
 
-# Loaded now, not lazily: `plan` is both a module and the function it defines, and importing the
-# module binds the package attribute to the module; this binds it to the function (no torch).
-from bigbatch.plan import Plan, plan
+# Loaded now, not lazily: the plan is what `bigbatch plan` and most callers need first (no torch).
+from bigbatch.planning import Plan, plan
 
 # Public name -> the module that defines it.
 _PUBLIC: dict[str, str] = {

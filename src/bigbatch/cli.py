@@ -20,7 +20,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from bigbatch.choices import DEFAULT_OPTIMIZE, OPTIMIZE_GOALS, PARALLELISMS, describe
-from bigbatch.plan import MAX_WORLD_SIZE, check_count, plan
+from bigbatch.planning import MAX_WORLD_SIZE, check_count, plan
 from bigbatch.units import MAX_COUNT, UsageError, one_line, parse_memory_size, shorten
 
 logger = logging.getLogger(__name__)
@@ -149,7 +149,7 @@ def _token_plan_command(args: argparse.Namespace) -> int:
             "leave out --micro-batch-tokens"
         )
     if args.recipe is None:  # the budgets alone: no torch to load
-        from bigbatch.data.token_plan import TokenBudget
+        from bigbatch.planning import TokenBudget
 
         budget = TokenBudget(
             args.global_batch_tokens, args.world_size, args.micro_batch_tokens, args.packing

@@ -14,10 +14,9 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-import bigbatch
 from bigbatch.data.loader import WindowLoader
-from bigbatch.data.sampler import GlobalBatchSampler, count_steps, count_steps_in_stages
-from bigbatch.train.schedules import stage_at
+from bigbatch.data.sampler import GlobalBatchSampler, count_steps
+from bigbatch.planning import SampleUnit, count_steps_in_stages, stage_at
 
 
 def reference_steps(num_samples, seed, sizes, drop_last=False):
@@ -61,10 +60,8 @@ def window_items(window):
 def loader(n, sizes, world_size, rank, micro, seed=3, **kwargs):
     return WindowLoader(
         IndexDataset(n),
-        plan_for=lambda g: bigbatch.plan(
-            g, world_size, micro_batch_size=min(micro, -(-g // world_size))
-        ),
-        global_batch_size_at=lambda step: sizes[step % len(sizes)],
+        unit=SampleUnit(n, world_size, micro),
+        global_batch_at=lambda step: sizes[step % len(sizes)],
         seed=seed,
         rank=rank,
         collate_fn=pad_collate,
@@ -122,6 +119,16 @@ def test_drop_last_skips_the_short_batch():
     assert count_steps(10, 2, lambda t: 4) == 6
     with pytest.raises(ValueError, match="drop_last"):
         GlobalBatchSampler(3, seed=0, drop_last=True).next_global_batch(4)
+
+
+def test_a_window_records_the_global_batch_it_took():
+    """indices: every rank's samples of the step, the definition's, the same on every rank."""
+    n, sizes = 23, [6, 11]
+    expected = reference_steps(n, 3, [sizes[t % 2] for t in range(5)])
+    for rank in range(2):
+        windows = list(itertools.islice(loader(n, sizes, 2, rank, 2), 5))
+        assert [(w.epoch, sorted(w.indices.tolist())) for w in windows] == expected
+        assert [w.num_tokens for w in windows] == [None] * 5  # a run in samples counts none
 
 
 def test_empty_micro_batches_have_zero_rows_and_the_structure():

@@ -15,9 +15,9 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from bigbatch.data.token_loader import TokenWindowLoader
-from bigbatch.data.token_plan import TokenBudget, plan_tokens
-from bigbatch.data.tokens import TokenBatchSampler, count_token_steps, sample_lengths
+from bigbatch.data.loader import WindowLoader
+from bigbatch.data.sampler import GlobalBatchSampler, count_steps
+from bigbatch.planning import TokenUnit
 
 PAD = -1
 
@@ -65,26 +65,17 @@ def pack_collate(rows):
     return pad_collate([torch.cat(row) for row in rows])
 
 
+def token_sampler(lengths, seed, drop_last=False):
+    return GlobalBatchSampler(len(lengths), seed=seed, drop_last=drop_last, unit=TokenUnit(lengths))
+
+
 def loaders(lengths, world_size, micro, budget_at, *, packing=False, seed=0, **kwargs):
     dataset = SequenceDataset(lengths)
-    longest = max(lengths)
-
-    def plan_for(budget, batch_lengths):
-        return plan_tokens(
-            batch_lengths,
-            world_size,
-            micro,
-            packing=packing,
-            row_tokens=longest if packing else None,
-            global_batch_tokens=budget,
-        )
-
     return [
-        TokenWindowLoader(
+        WindowLoader(
             dataset,
-            lengths=lengths,
-            plan_for=plan_for,
-            global_batch_tokens_at=budget_at,
+            unit=TokenUnit(lengths, world_size, micro, packing=packing),
+            global_batch_at=budget_at,
             seed=seed,
             rank=rank,
             collate_fn=pad_collate,
@@ -136,7 +127,8 @@ def test_every_sample_once_per_epoch_whatever_the_split(
 ):
     micro = None if extra_micro is None else max(lengths) + extra_micro
     ranks = loaders(lengths, world_size, micro, lambda step: budget, packing=packing, seed=seed)
-    num_steps = count_token_steps(lengths, 2, lambda step: budget, seed=seed)
+    unit = TokenUnit(lengths)
+    num_steps = count_steps(len(lengths), 2, lambda step: budget, unit=unit, seed=seed)
     expected = reference_batches(lengths, seed, [budget] * num_steps)
     seen: dict[int, list[int]] = {}
     for step, windows in enumerate(itertools.islice(zip(*ranks), num_steps)):
@@ -146,6 +138,7 @@ def test_every_sample_once_per_epoch_whatever_the_split(
         assert {w.epoch for w in windows} == {epoch}
         tokens = sum(lengths[i] for i in indices)
         assert windows[0].num_tokens == tokens
+        assert {tuple(w.indices.tolist()) for w in windows} == {tuple(indices)}
         last_of_epoch = step + 1 == num_steps or expected[step + 1][0] != epoch
         if not last_of_epoch:  # the budget, to within one sequence
             assert budget <= tokens < budget + lengths[indices[-1]]
@@ -159,12 +152,12 @@ def test_a_changing_budget_and_drop_last_follow_the_definition():
     rng = np.random.default_rng(1)
     lengths = rng.integers(1, 50, size=57).tolist()
     budgets = [100, 250, 60]
-    sampler = TokenBatchSampler(lengths, seed=4, drop_last=True)
+    sampler = token_sampler(lengths, seed=4, drop_last=True)
     expected = reference_batches(lengths, 4, [budgets[t % 3] for t in range(40)], drop_last=True)
     for step in range(40):
-        epoch = sampler.next_epoch_tokens(budgets[step % 3])
-        indices = sampler.next_global_batch_tokens(budgets[step % 3])
-        assert (epoch, indices.tolist()) == expected[step]
+        epoch = sampler.next_epoch(budgets[step % 3])
+        indices = sampler.next_global_batch(budgets[step % 3])
+        assert (epoch, indices) == expected[step]
         assert sum(lengths[i] for i in indices) >= budgets[step % 3]  # nothing short is kept
 
 
@@ -184,54 +177,12 @@ def test_resume_continues_the_same_windows():
         assert all(torch.equal(a, b) for a, b in zip(expected, actual))
 
 
-def test_micro_batches_group_similar_lengths_and_pad_little():
-    rng = np.random.default_rng(0)
-    lengths = np.minimum(rng.zipf(1.5, size=400) * 8, 256).tolist()
-    plan = plan_tokens(lengths, world_size=2, micro_batch_tokens=512)
-    order = np.random.default_rng(0).permutation(len(lengths))
-    chunks = [order[i : i + 16] for i in range(0, len(order), 16)]  # fixed 16 rows, in order
-    padded = sum(len(chunk) * max(lengths[i] for i in chunk) for chunk in chunks)
-    fixed_padding = 1 - sum(lengths) / padded
-    assert plan.padding_fraction < 0.05 < fixed_padding
-    for window in plan.micro_batches:
-        for rows in window:
-            assert len(rows) * max((lengths[p] for (p,) in rows), default=0) <= 512
-
-
-def test_packing_fills_rows_and_keeps_each_sample_whole():
-    lengths = [30, 3, 4, 5, 25, 2, 2, 1, 30, 9]
-    plan = plan_tokens(lengths, world_size=2, micro_batch_tokens=60, packing=True)
-    for window in plan.micro_batches:
-        for rows in window:
-            fills = [sum(lengths[p] for p in row) for row in rows]
-            assert all(fill <= 30 for fill in fills) and len(rows) * max(fills, default=0) <= 60
-    positions = sorted(
-        p for window in plan.micro_batches for rows in window for r in rows for p in r
-    )
-    assert positions == list(range(len(lengths)))
-    unpacked = plan_tokens(lengths, 2, 60)
-    assert plan.padding_fraction < 0.1
-    assert plan.gradient_accumulation_steps < unpacked.gradient_accumulation_steps
-
-
 def test_errors_name_the_fix():
-    with pytest.raises(ValueError, match="raise micro_batch_tokens to at least 30"):
-        plan_tokens([30, 2], micro_batch_tokens=20)
-    with pytest.raises(ValueError, match="lengths"):
-        sample_lengths([torch.zeros(2)])
     with pytest.raises(ValueError, match=r"lengths\[1\] is 0"):
-        TokenBatchSampler([3, 0], seed=0)
+        token_sampler([3, 0], seed=0)
     with pytest.raises(ValueError, match="drop_last"):
-        TokenBatchSampler([3, 4], seed=0, drop_last=True).advance_tokens(8)
-
-
-def test_lengths_from_the_hook_or_the_attribute():
-    dataset = SequenceDataset([3, 1, 4])
-    assert sample_lengths(dataset).tolist() == [3, 1, 4]
-    samples = [torch.zeros(5), torch.zeros(2)]
-    assert sample_lengths(samples, lambda sample: len(sample) - 1).tolist() == [4, 1]
-
-
-def test_the_budget_summary_states_the_arithmetic():
-    text = str(TokenBudget(4096, world_size=2, micro_batch_tokens=512))
-    assert "ceil(2048 / 512) = 4 micro-steps" in text
+        token_sampler([3, 4], seed=0, drop_last=True).advance(8)
+    with pytest.raises(ValueError, match="global_batch_tokens must be a positive integer"):
+        token_sampler([3, 4], seed=0).advance(0)
+    with pytest.raises(ValueError, match="one token count per sample"):
+        GlobalBatchSampler(3, seed=0, unit=TokenUnit([3, 4]))

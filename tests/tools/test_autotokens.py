@@ -132,7 +132,7 @@ def test_auto_micro_batch_tokens_is_kept_on_resume(tmp_path, caplog):
             progress=False,
         )
         trainer.fit(resume=resume)
-        return trainer.planner.micro_batch_tokens
+        return trainer.planner.unit.micro
 
     with caplog.at_level("INFO", logger="bigbatch"):
         chosen = run(False, 1, "3MB")

@@ -276,7 +276,7 @@ def test_adaptive_config_errors_name_the_field():
 def test_adascale_learning_rate_uses_the_base_batch_trace():
     """tr S of AdaScale is the base batch's: the per-item trace over its items (formula)."""
     from bigbatch.core.noise import NoiseScale
-    from bigbatch.train.schedules import BatchPlanner
+    from bigbatch.train.planner import BatchPlanner
 
     config = validate(
         dict(
@@ -287,7 +287,7 @@ def test_adascale_learning_rate_uses_the_base_batch_trace():
             lr_schedule="constant",
         )
     )
-    planner = BatchPlanner(config, 1, 1000, lambda: 8)
+    planner = BatchPlanner(config, 1, range(1000), probe=lambda unit: 8)  # type: ignore[arg-type]
     noise = NoiseScale(
         critical_batch_size=50.0, gradient_sq_norm=2.0, trace_covariance=300.0, num_steps=9
     )

@@ -7,6 +7,6 @@ out-of-memory re-split (`recovery`), nested batches (`batches`), ranks and colle
 (`distributed`), the gradient noise scale (`noise`) and the BatchNorm policies (`batchnorm`,
 `syncnorm`, `runningstats`).
 
-May import: torch, `bigbatch.plan` and the small shared helpers (`bigbatch.choices`,
+May import: torch, `bigbatch.planning` and the small shared helpers (`bigbatch.choices`,
 `bigbatch.units`). Never `data`, `train`, `tools`, `recipes` or the command line.
 """

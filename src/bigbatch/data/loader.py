@@ -1,9 +1,12 @@
-"""This rank's windows: each global batch of the sampler cut by the step's plan into micro-batches.
+"""This rank's windows: each step's global batch, split by the batch unit, as micro-batches.
 
-`WindowLoader` takes the items of every step from `bigbatch.data.sampler.GlobalBatchSampler`
-(split-invariant, docs/design.md invariant 3) and cuts each global batch
-with the step's plan into this rank's window of collated micro-batches, through a
-`torch.utils.data.DataLoader` (workers, prefetching across steps), and resumes at an exact position.
+`WindowLoader` takes the samples of every step from `bigbatch.data.sampler.GlobalBatchSampler`
+(split-invariant, docs/design.md invariant 3), in samples or in tokens alike: the batch unit
+(`bigbatch.planning.BatchUnit`) splits each global batch into every rank's micro-batches, rows of
+samples (several a row when packed), the same plan on every rank; this rank's are collated
+through a `torch.utils.data.DataLoader` (workers, prefetching across steps). An empty micro-batch
+becomes a 0-row batch, so every rank runs the same number of micro-steps. It resumes at an exact
+position.
 """
 
 from __future__ import annotations
@@ -15,14 +18,21 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, default_collate
 
 from bigbatch.core import batches
 from bigbatch.data.sampler import GlobalBatchSampler
-from bigbatch.plan import Plan
+from bigbatch.planning.samples import Plan
+from bigbatch.planning.tokens import TokenPlan
+from bigbatch.planning.unit import BatchUnit, Split
 
 logger = logging.getLogger(__name__)
+
+Key = tuple[int, bool, int]
+"""What the DataLoader reads: (dataset index, keep, row); keep False marks the stand-in sample of
+an empty micro-batch."""
 
 
 @dataclass(frozen=True)
@@ -31,68 +41,82 @@ class Window:
 
     Attributes:
         step: the 0-based optimizer step.
-        epoch: the epoch its items come from.
-        plan: the plan of this step (for a short last global batch: of its items).
-        micro_batches: the collated micro-batches; some may hold 0 rows.
-        num_samples: items of the global batch on every rank together.
+        epoch: the epoch its samples come from.
+        plan: the step's plan, every rank's micro-batches (for a short last global batch: of its
+            samples); a `bigbatch.planning.Plan` or `TokenPlan`.
+        micro_batches: this rank's collated micro-batches; some may hold 0 rows.
+        num_samples: samples of the global batch on every rank together.
+        num_tokens: input tokens of the global batch (None in a run in samples).
+        num_padded_tokens: padded tokens (rows x longest row) of every micro-batch of every rank
+            (None in a run in samples).
+        indices: the dataset indices of the whole global batch, every rank's, in epoch order
+            (for auditing).
     """
 
     step: int
     epoch: int
-    plan: Plan
+    plan: Plan | TokenPlan
     micro_batches: list[Any]
     num_samples: int
+    num_tokens: int | None
+    num_padded_tokens: int | None
+    indices: np.ndarray
 
 
 class _Keyed(Dataset[Any]):
-    """Reads (index, keep) keys: keep False marks a stand-in sample for an empty micro-batch."""
+    """Reads `Key`s: the sample, whether it is kept, and its row."""
 
     def __init__(self, dataset: Dataset[Any]) -> None:
         self.dataset = dataset
 
-    def __getitem__(self, key: tuple[int, bool]) -> tuple[Any, bool]:  # type: ignore[override]
-        return self.dataset[key[0]], key[1]
+    def __getitem__(self, key: Key) -> tuple[Any, bool, int]:  # type: ignore[override]
+        return self.dataset[key[0]], key[1], key[2]
 
     def __len__(self) -> int:
         return len(self.dataset)  # type: ignore[arg-type]
 
 
 class _Collate:
-    """Collates a micro-batch; a stand-in sample becomes a 0-row batch of the right structure."""
+    """Collates a micro-batch: samples, or rows of samples when packed; a stand-in has 0 rows."""
 
-    def __init__(self, collate_fn: Callable[[list[Any]], Any] | None) -> None:
+    def __init__(
+        self,
+        collate_fn: Callable[[list[Any]], Any] | None,
+        collate_packed: Callable[[list[list[Any]]], Any] | None,
+    ) -> None:
         self.collate_fn = collate_fn or default_collate
+        self.collate_packed = collate_packed
 
-    def __call__(self, keyed: list[tuple[Any, bool]]) -> Any:
-        collated = self.collate_fn([sample for sample, _ in keyed])
-        if not keyed[0][1]:
-            return batches.narrow(collated, 0, 0)
-        return collated
+    def __call__(self, keyed: list[tuple[Any, bool, int]]) -> Any:
+        if self.collate_packed is None:
+            collated = self.collate_fn([sample for sample, _, _ in keyed])
+        else:
+            rows: dict[int, list[Any]] = {}
+            for sample, _, row in keyed:
+                rows.setdefault(row, []).append(sample)
+            collated = self.collate_packed([rows[row] for row in sorted(rows)])
+        return collated if keyed[0][1] else batches.narrow(collated, 0, 0)
 
 
-class _MicroBatchIndices:
+class _MicroBatchKeys:
     """The DataLoader's batch sampler: each micro-batch's keys, step after step, for one rank."""
 
     def __init__(self, loader: WindowLoader) -> None:
         self.loader = loader
 
-    def __iter__(self) -> Iterator[list[tuple[int, bool]]]:
+    def __iter__(self) -> Iterator[list[Key]]:
         # Snapshot the position now, not at the first next(): the consumer moves on meanwhile.
-        return self._keys(self.loader.new_sampler(), self.loader.step)
+        return self._keys(self.loader.sampler.copy(), self.loader.step)
 
-    def _keys(self, sampler: GlobalBatchSampler, step: int) -> Iterator[list[tuple[int, bool]]]:
-        loader = self.loader
+    def _keys(self, sampler: GlobalBatchSampler, step: int) -> Iterator[list[Key]]:
+        rank = self.loader.rank
         while True:
-            plan = loader.plan_for(loader.global_batch_size_at(step))
-            indices = sampler.next_global_batch(plan.global_batch_size)
-            plan = plan.for_items(len(indices))
-            start = plan.rank_offsets()[loader.rank]
-            for size in plan.micro_batch_sizes(loader.rank):
-                if size == 0:
-                    yield [(indices[0], False)]
+            _, indices, split = self.loader.next_split(sampler, step)
+            for rows in split.plan.window(rank):
+                if not rows:
+                    yield [(int(indices[0]), False, 0)]
                 else:
-                    yield [(index, True) for index in indices[start : start + size]]
-                start += size
+                    yield [(int(indices[p]), True, r) for r, row in enumerate(rows) for p in row]
             step += 1
 
 
@@ -104,12 +128,15 @@ class WindowLoader:
 
     Args:
         dataset: a map-style dataset.
-        plan_for: the plan of a global batch size (same for every step with that size).
-        global_batch_size_at: the global batch size of a (0-based) step.
-        seed: seeds the per-epoch permutations.
+        unit: what a global batch counts and how it splits (`bigbatch.planning.SampleUnit` or
+            `TokenUnit`, with the run's world size and micro setting).
+        global_batch_at: the global batch of a (0-based) step, in the unit.
+        seed: seeds the epochs' orders (the same order in samples and in tokens).
         rank: this process's rank in the plans.
-        collate_fn: turns a list of samples into one micro-batch (padding per micro-batch).
-        drop_last: drop each epoch's short last global batch.
+        collate_fn: a list of samples -> one micro-batch (padding per micro-batch).
+        collate_packed: rows of samples -> one packed micro-batch; given, micro-batches are
+            collated by rows (the unit packs them).
+        drop_last: drop each epoch's last global batch when its units stay below the size.
         num_workers: DataLoader worker processes.
         pin_memory: DataLoader page-locked memory (for CUDA).
         worker_ignored_signals: signals the workers ignore, left to the main process (which
@@ -121,35 +148,37 @@ class WindowLoader:
         self,
         dataset: Dataset[Any],
         *,
-        plan_for: Callable[[int], Plan],
-        global_batch_size_at: Callable[[int], int],
+        unit: BatchUnit,
+        global_batch_at: Callable[[int], int],
         seed: int,
         rank: int = 0,
         collate_fn: Callable[[list[Any]], Any] | None = None,
+        collate_packed: Callable[[list[list[Any]]], Any] | None = None,
         drop_last: bool = False,
         num_workers: int = 0,
         pin_memory: bool = False,
         worker_ignored_signals: Sequence[int] = (),
     ) -> None:
         self.dataset = dataset
-        self.plan_for = plan_for
-        self.global_batch_size_at = global_batch_size_at
+        self.unit = unit
+        self.global_batch_at = global_batch_at
         self.rank = rank
-        self.collate_fn = collate_fn
+        self.collate = _Collate(collate_fn, collate_packed)
         self.num_workers = num_workers
         self.pin_memory = pin_memory
         self.worker_ignored_signals = tuple(int(number) for number in worker_ignored_signals)
-        # Advanced only as windows are handed out (no permutation drawn): the resume position.
-        self.sampler = GlobalBatchSampler(len(dataset), seed=seed, drop_last=drop_last)  # type: ignore[arg-type]
+        # Advanced only as windows are handed out: the resume position.
+        num_samples = len(dataset)  # type: ignore[arg-type]
+        self.sampler = GlobalBatchSampler(num_samples, seed=seed, drop_last=drop_last, unit=unit)
         self.step = 0
 
-    def new_sampler(self) -> GlobalBatchSampler:
-        """A sampler at the current position, for the DataLoader's (prefetching) side."""
-        sampler = GlobalBatchSampler(
-            self.sampler.num_samples, seed=self.sampler.seed, drop_last=self.sampler.drop_last
-        )
-        sampler.load_state_dict(self.sampler.state_dict())
-        return sampler
+    def next_split(self, sampler: GlobalBatchSampler, step: int) -> tuple[int, np.ndarray, Split]:
+        """Advance a sampler past step's global batch: its epoch, dataset indices and split."""
+        global_batch = self.global_batch_at(step)
+        epoch, start, stop = sampler.advance(global_batch)
+        indices = sampler.permutation(epoch)[start:stop]
+        indices.flags.writeable = False  # the window's record of what the step consumed
+        return epoch, indices, self.unit.split(global_batch, indices)
 
     def state_dict(self) -> dict[str, int]:
         """The next step and the data position after the last window handed out."""
@@ -163,8 +192,8 @@ class WindowLoader:
     def __iter__(self) -> Iterator[Window]:
         loader = DataLoader(
             _Keyed(self.dataset),
-            batch_sampler=_MicroBatchIndices(self),  # type: ignore[arg-type]
-            collate_fn=_Collate(self.collate_fn),
+            batch_sampler=_MicroBatchKeys(self),  # type: ignore[arg-type]
+            collate_fn=self.collate,
             num_workers=self.num_workers,
             pin_memory=self.pin_memory,
             persistent_workers=False,
@@ -175,12 +204,20 @@ class WindowLoader:
         )
         micro_batches = iter(loader)
         while True:
-            plan = self.plan_for(self.global_batch_size_at(self.step))
-            epoch, start, stop = self.sampler.advance(plan.global_batch_size)
-            plan = plan.for_items(stop - start)
+            epoch, indices, split = self.next_split(self.sampler, self.step)
+            plan = split.plan
             window = [next(micro_batches) for _ in range(plan.gradient_accumulation_steps)]
             self.step += 1
-            yield Window(self.step - 1, epoch, plan, window, stop - start)
+            yield Window(
+                self.step - 1,
+                epoch,
+                plan,
+                window,
+                split.num_samples,
+                split.num_tokens,
+                split.num_padded_tokens,
+                indices,
+            )
 
 
 def _ignore_signals(numbers: tuple[int, ...], worker_id: int) -> None:

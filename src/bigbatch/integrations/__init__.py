@@ -5,6 +5,6 @@ the HF Trainer's batch arguments from a plan. `accelerate`: the exact step on an
 `accelerator.prepare`d model, optimizer and dataloader. `lightning`: a LightningModule mixin with
 manual optimization, exact under DDP. `window` cuts a rank's batch into the window they share.
 
-May import: `core` and the base (`bigbatch.plan`, `bigbatch.choices`, `bigbatch.units`). The
+May import: `core` and the base (`bigbatch.planning`, `bigbatch.choices`, `bigbatch.units`). The
 frameworks themselves are imported only inside these modules, never by ``import bigbatch``.
 """

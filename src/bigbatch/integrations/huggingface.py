@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from bigbatch.core.loss import IGNORE_INDEX
-from bigbatch.plan import plan
+from bigbatch.planning import plan
 
 __all__ = [
     "causal_lm_loss",
@@ -139,7 +139,7 @@ def training_arguments(
 ) -> dict[str, int]:
     """The HF Trainer's ``per_device_train_batch_size`` and ``gradient_accumulation_steps``.
 
-    The global batch is planned by `bigbatch.plan` with micro-batches of at most
+    The global batch is planned by `bigbatch.planning.plan` with micro-batches of at most
     micro_batch_size (an int, or the choice `bigbatch.tools.autobatch.choose_micro_batch_size`
     made for a memory budget); the plan may choose smaller even micro-batches (240 over 8 ranks
     with at most 12 runs as 10 x 8 x 3). The HF Trainer runs only even splits (global =
@@ -149,7 +149,7 @@ def training_arguments(
 
     Raises:
         ValueError: the plan is uneven (the message gives the nearest even choices), or the
-            numbers do not fit together (see `bigbatch.plan.plan`).
+            numbers do not fit together (see `bigbatch.planning.plan`).
 
     Example:
         >>> training_arguments(256, world_size=8, micro_batch_size=16)

@@ -4,6 +4,6 @@
 micro-batch for a memory budget, `verify` compares full-batch and accumulated gradients, and
 `bench` runs the quick benchmarks of `bigbatch bench`.
 
-May import: `bigbatch.data`, `bigbatch.core`, `bigbatch.recipes`, `bigbatch.plan` and the small
+May import: `bigbatch.data`, `bigbatch.core`, `bigbatch.recipes`, `bigbatch.planning` and the small
 shared helpers. Never `bigbatch.train` or the command line.
 """

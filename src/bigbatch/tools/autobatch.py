@@ -24,7 +24,7 @@ from bigbatch.choices import DEFAULT_OPTIMIZE, OPTIMIZE_GOALS, Optimize
 from bigbatch.core import batches, distributed, sharding
 from bigbatch.core.engine import LossFn
 from bigbatch.data.loader import first_samples
-from bigbatch.plan import Plan, plan
+from bigbatch.planning import Plan, plan
 from bigbatch.tools import memory
 from bigbatch.tools.memory import Batch, MemoryProbe, device_of, merge_probes, probe, tensor_bytes
 from bigbatch.tools.rank_memory import (

@@ -21,8 +21,8 @@ from torch.utils.data import Dataset, default_collate
 
 from bigbatch.choices import DEFAULT_OPTIMIZE, Optimize, Parallelism
 from bigbatch.core.engine import LossFn
-from bigbatch.data.token_plan import TokenBudget, TokenPlan, plan_tokens
-from bigbatch.data.tokens import TokenBatchSampler, sample_lengths
+from bigbatch.data.sampler import GlobalBatchSampler
+from bigbatch.planning import TokenBudget, TokenPlan, TokenUnit, plan_tokens, sample_lengths
 from bigbatch.tools.autobatch import Agree, MicroBatchChoice, ShardUnits, choose_micro_batch_size
 from bigbatch.tools.memory import Batch
 from bigbatch.tools.rank_memory import Layout, format_rank_memory
@@ -138,10 +138,10 @@ def _epoch_figures(
     lengths: np.ndarray, budget: TokenBudget, seed: int
 ) -> tuple[TokenPlan, dict[str, float]]:
     """The first step's plan and padding / micro-steps over one epoch's global batches."""
-    sampler = TokenBatchSampler(lengths, seed=seed)
+    sampler = GlobalBatchSampler(len(lengths), seed=seed, unit=TokenUnit(lengths))
     plans = []
-    while sampler.next_epoch_tokens(budget.global_batch_tokens) == 0:
-        indices = sampler.next_global_batch_tokens(budget.global_batch_tokens)
+    while sampler.next_epoch(budget.global_batch_tokens) == 0:
+        indices = sampler.next_global_batch(budget.global_batch_tokens)
         plans.append(
             plan_tokens(
                 lengths[indices].tolist(),

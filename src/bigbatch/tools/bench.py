@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from bigbatch.core.engine import Accumulator
-from bigbatch.plan import plan
+from bigbatch.planning import plan
 
 Window = list[tuple[torch.Tensor, torch.Tensor]]
 

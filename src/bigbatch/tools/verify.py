@@ -26,7 +26,7 @@ from bigbatch.choices import GradientSync
 from bigbatch.core import batches, sharding
 from bigbatch.core import batchnorm as batchnorm_policies
 from bigbatch.core.engine import Accumulator, LossFn
-from bigbatch.plan import check_count, plan
+from bigbatch.planning import check_count, plan
 from bigbatch.recipes import Recipe
 from bigbatch.units import UsageError
 

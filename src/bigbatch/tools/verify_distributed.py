@@ -29,7 +29,7 @@ from bigbatch.choices import (
     one_of,
 )
 from bigbatch.core import batches, distributed, sharding
-from bigbatch.plan import Plan, plan
+from bigbatch.planning import Plan, plan
 from bigbatch.recipes import Recipe
 from bigbatch.tools.verify import (
     SplitResult,

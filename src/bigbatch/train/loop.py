@@ -93,14 +93,16 @@ class Loop:
         windows: Iterator[Any] = iter(loader)
         tick = time.perf_counter()
         try:
-            while not self.planner.finished(loader.step, loader.sampler, total_steps):
+            while not self.planner.finished(loader.step, loader, total_steps):
                 window = next(windows)
                 learning_rate = self._set_learning_rate(window.step, total_steps, state)
                 micro_batches = [batches.to_device(m, self.device) for m in window.micro_batches]
                 result = self.accumulator.step(micro_batches, self.loss_fn)
                 step_time_s = time.perf_counter() - tick
                 self._count(window, result, step_time_s, state, figures)
-                changed = self._adapt(loader.step, result, state.progress(self.unit)[1])
+                changed = self.planner.adapt(
+                    loader.step, result.noise_scale, state.progress(self.unit)[1]
+                )
                 report = StepReport(
                     steps_done=loader.step,
                     window=window,
@@ -108,7 +110,7 @@ class Loop:
                     learning_rate=learning_rate,
                     step_time_s=step_time_s,
                     global_batch=self.planner.at(window.step),
-                    finished=self.planner.finished(loader.step, loader.sampler, total_steps),
+                    finished=self.planner.finished(loader.step, loader, total_steps),
                     state=state,
                 )
                 for hook in hooks:
@@ -147,7 +149,7 @@ class Loop:
         state.nonfinite_in_row = state.nonfinite_in_row + 1 if nonfinite else 0
         state.samples_done += window.num_samples
         state.items_done += result.num_items
-        state.tokens_done += getattr(window, "num_tokens", 0)
+        state.tokens_done += window.num_tokens or 0
         figures.add(window, result, step_time_s)
         limit = self.config.max_nonfinite_in_row
         if self.config.on_nonfinite == "stop" and state.nonfinite_in_row >= limit:
@@ -157,20 +159,3 @@ class Loop:
                 f"(lr {self.optimizer.param_groups[0]['lr']:.3g} after lr_scaling), NaN/Inf in "
                 "the data, max_grad_norm, and precision (fp16 overflows: try bf16)"
             )
-
-    def _adapt(self, steps_done: int, result: StepResult, items_per_unit: float) -> bool:
-        """Adaptive schedule: let the controller decide; True when the global batch changed.
-
-        The critical batch is measured in loss items and the global batch counts samples (or
-        tokens: items_per_unit is then loss items per token). No decision before the estimate
-        has smoothed over a quarter of its window (an early, noisy estimate would move the
-        batch only to move it back).
-        """
-        adaptive, noise = self.planner.adaptive, result.noise_scale
-        if adaptive is None or noise is None or noise.critical_batch_size is None:
-            return False
-        settled = max(self.config.adapt_every, self.config.noise_smoothing_steps // 4)
-        if noise.num_steps < settled:
-            return False
-        critical = noise.critical_batch_size / items_per_unit
-        return adaptive.update(steps_done, critical) is not None

@@ -1,8 +1,8 @@
-"""The global batch of each step, its plan, and the learning rate that follows.
+"""The pure rules of a run's global batch and learning rate (`bigbatch.train.planner` applies them).
 
-`BatchPlanner` gives the trainer each step's global batch, plan and learning rate. `lr_factor`
-is the warm-up / decay multiplier by optimizer step; `progress_factor` the same by samples, so a
-global batch that changes mid-run does not shift the schedule. `adascale_gain` is AdaScale's gain
+`scale_learning_rate` scales a tuned lr to a global batch. `lr_factor` is the warm-up / decay
+multiplier by optimizer step; `progress_factor` the same by samples (or tokens), so a global batch
+that changes mid-run does not shift the schedule. `adascale_gain` is AdaScale's gain
 (Johnson et al. 2020); `AdaptiveBatchSize` moves the global batch toward the measured critical
 batch size, with hysteresis and an exact, resumable history.
 """
@@ -11,15 +11,23 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from bigbatch.core.noise import NoiseScale
-from bigbatch.data.sampler import GlobalBatchSampler, count_steps_in_stages
-from bigbatch.plan import Plan, check_count, plan
-from bigbatch.train.config import Config
+from bigbatch.planning import check_count, stage_at
 from bigbatch.units import UsageError
+
+__all__ = [
+    "STATIC_RULES",
+    "AdaptiveBatchSize",
+    "BatchSizeSchedule",
+    "adascale_gain",
+    "lr_factor",
+    "progress_factor",
+    "scale_learning_rate",
+    "stage_at",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -52,16 +60,6 @@ def scale_learning_rate(
     if rule == "sqrt":
         return base_lr * math.sqrt(ratio)
     return base_lr
-
-
-def stage_at(stages: Sequence[tuple[int, int]], step: int) -> int:
-    """The value of the last ``(start_step, value)`` stage that has started by ``step``."""
-    value = stages[0][1]
-    for start, stage_value in stages:
-        if start > step:
-            break
-        value = stage_value
-    return value
 
 
 @dataclass(frozen=True)
@@ -291,172 +289,3 @@ class AdaptiveBatchSize:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Continue with the stages of `state_dict`."""
         self.stages = [(int(start), int(size)) for start, size in state["stages"]]
-
-
-class BatchPlanner:
-    """The global batch of every step, its plan, and the step's learning rate.
-
-    Fixed stages (`batch_size_schedule` as a list, or none) or the adaptive controller, and one
-    micro-batch size for every plan: given, derived from gradient_accumulation_steps, or probed
-    once by ``probe`` (for ``micro_batch_size: auto``). A new global batch keeps the micro-batch
-    and changes the accumulation.
-
-    Args:
-        config: the run's configuration.
-        world_size: number of ranks.
-        num_samples: items of the training set (the adaptive run's length in samples).
-        probe: returns the micro-batch size for ``micro_batch_size: auto``.
-    """
-
-    def __init__(
-        self, config: Config, world_size: int, num_samples: int, probe: Callable[[], int]
-    ) -> None:
-        assert config.global_batch_size is not None
-        self.config, self.world_size, self.num_samples, self._probe = (
-            config,
-            world_size,
-            num_samples,
-            probe,
-        )
-        given = config.batch_size_schedule
-        stages = list(given) if isinstance(given, list) else []
-        if not stages or stages[0][0] != 0:
-            stages.insert(0, (0, config.global_batch_size))
-        self.schedule = BatchSizeSchedule.from_value([list(stage) for stage in stages])
-        self.first_global_batch_size = self.schedule.at(0)
-        self.adaptive: AdaptiveBatchSize | None = None  # built once the micro-batch is known
-        self._plans: dict[int, Plan] = {}
-        self._micro_batch_size: int | None = None
-        if given != "adaptive" and (config.min_global_batch_size or config.max_global_batch_size):
-            logger.warning("min/max_global_batch_size only apply to batch_size_schedule adaptive")
-        largest = max(size for _, size in self.schedule.stages)
-        if largest > num_samples:
-            # Every step would be a short global batch of the whole set (and a huge one a window
-            # of countless empty micro-batches).
-            field = "global_batch_size" if len(self.schedule.stages) == 1 else "batch_size_schedule"
-            raise UsageError(
-                f"{field}: a global batch of {largest} is larger than the training set "
-                f"({num_samples} samples): use at most {num_samples}"
-            )
-
-    def at(self, step: int) -> int:
-        """The global batch of a 0-based step (the adaptive one's recorded or current)."""
-        return self.adaptive.at(step) if self.adaptive is not None else self.schedule.at(step)
-
-    def plan_for(self, global_batch_size: int) -> Plan:
-        """The plan of a global batch: the run's micro-batch size, accumulation follows."""
-        if global_batch_size not in self._plans:
-            config, share = self.config, math.ceil(global_batch_size / self.world_size)
-            steps = config.gradient_accumulation_steps
-            if global_batch_size == self.first_global_batch_size and isinstance(steps, int):
-                micro = (
-                    config.micro_batch_size if isinstance(config.micro_batch_size, int) else None
-                )
-                self._plans[global_batch_size] = plan(
-                    global_batch_size, self.world_size, micro, gradient_accumulation_steps=steps
-                )
-            else:
-                micro = self.micro_batch_size
-                if global_batch_size != self.first_global_batch_size:
-                    micro = min(micro, share)  # a later, smaller stage: no micro above the share
-                self._plans[global_batch_size] = plan(global_batch_size, self.world_size, micro)
-        return self._plans[global_batch_size]
-
-    @property
-    def micro_batch_size(self) -> int:
-        """The micro-batch size of every plan (chosen once: given, derived or probed)."""
-        if self._micro_batch_size is None:
-            config, first = self.config, self.first_global_batch_size
-            if isinstance(config.micro_batch_size, int):
-                self._micro_batch_size = config.micro_batch_size
-            elif config.micro_batch_size == "auto":
-                self._micro_batch_size = self._probe()
-            elif isinstance(config.gradient_accumulation_steps, int):
-                self._micro_batch_size = self.plan_for(first).micro_batch_size
-            else:
-                self._micro_batch_size = math.ceil(first / self.world_size)
-        return self._micro_batch_size
-
-    @micro_batch_size.setter
-    def micro_batch_size(self, value: int) -> None:
-        self._micro_batch_size = value  # a resumed run's probed size: no second memory probe
-
-    def start(self) -> Plan:
-        """The first step's plan (probing memory once if auto); starts the adaptive controller."""
-        first = self.plan_for(self.first_global_batch_size)
-        config = self.config
-        if config.batch_size_schedule == "adaptive":
-            assert config.max_global_batch_size is not None
-            self.adaptive = AdaptiveBatchSize(
-                self.first_global_batch_size,
-                config.min_global_batch_size or self.first_global_batch_size,
-                config.max_global_batch_size,
-                granularity=self.micro_batch_size * self.world_size,
-                adapt_every=config.adapt_every,
-            )
-        return first
-
-    def total_steps(self) -> int:
-        """Optimizer steps of the run (max_steps, or what `epochs` take; adaptive: an estimate).
-
-        Raises:
-            UsageError: the warm-up is longer than the run (the lr would never reach lr).
-        """
-        config, total = self.config, self.config.max_steps
-        if total is None:
-            assert config.epochs is not None
-            stages = self.adaptive.stages if self.adaptive is not None else self.schedule.stages
-            total = count_steps_in_stages(
-                self.num_samples, config.epochs, stages, drop_last=config.drop_last
-            )
-        if config.warmup_steps > total:
-            raise UsageError(
-                f"warmup_steps {config.warmup_steps} is longer than the run ({total} steps): "
-                f"the learning rate would never reach lr; use warmup_steps <= {total}"
-            )
-        return total
-
-    def finished(self, step: int, sampler: GlobalBatchSampler, total_steps: int) -> bool:
-        """All steps done; adaptive: all epochs done (the number of steps is not known ahead)."""
-        if self.adaptive is None:
-            return step >= total_steps
-        assert self.config.epochs is not None
-        return sampler.next_epoch(self.at(step)) >= self.config.epochs
-
-    def learning_rate(
-        self,
-        base_lr: float,
-        step: int,
-        total_steps: int,
-        samples_before: int,
-        noise: NoiseScale | None,
-        items_per_sample: float = 1.0,
-    ) -> float:
-        """base_lr x lr_scaling rule (or AdaScale's gain) x warm-up/decay, for one step.
-
-        The adaptive schedule counts warm-up and decay in samples: warmup_steps x the first
-        global batch, and the run's epochs x the training set. AdaScale's tr S is that of the
-        base batch's gradient: the per-item trace over the base batch's items.
-        """
-        config, global_batch_size = self.config, self.at(step)
-        base = config.lr_scaling.base_batch_size
-        base_batch_size = self.first_global_batch_size if base == "auto" else base
-        if self.adaptive is not None:
-            factor = progress_factor(
-                samples_before,
-                global_batch_size,
-                (config.epochs or 0) * self.num_samples,
-                config.warmup_steps * self.first_global_batch_size,
-                config.lr_schedule,
-            )
-        else:
-            factor = lr_factor(step, total_steps, config.warmup_steps, config.lr_schedule)
-        rule = config.lr_scaling.rule
-        if rule != "adascale":
-            return scale_learning_rate(base_lr, global_batch_size, base_batch_size, rule) * factor
-        gain = 1.0
-        if noise is not None:
-            scale = global_batch_size / base_batch_size
-            base_items = base_batch_size * items_per_sample
-            gain = adascale_gain(scale, noise.gradient_sq_norm, noise.trace_covariance / base_items)
-        return base_lr * gain * factor

@@ -12,7 +12,7 @@ import logging
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import torch
 import torch.distributed as dist
@@ -24,10 +24,11 @@ from bigbatch.core import batchnorm as batchnorm_policies
 from bigbatch.core import distributed, sharding
 from bigbatch.core.engine import Accumulator, LossFn
 from bigbatch.data.loader import first_samples
+from bigbatch.planning.unit import BatchUnit, SampleUnit, TokenUnit
 from bigbatch.tools.autobatch import choose_micro_batch_size
 from bigbatch.train import environment
 from bigbatch.train.config import Config
-from bigbatch.train.token_batches import probe_micro_batch_tokens
+from bigbatch.train.planner import probe_micro_batch_tokens
 from bigbatch.units import UsageError
 
 logger = logging.getLogger(__name__)
@@ -176,14 +177,21 @@ class MicroBatchProbe:
         self.world_size = distributed.get_world_size()
         self.gradient_sync: GradientSync | None = None
 
-    def samples(self, first_global_batch_size: int) -> int:
+    def __call__(self, unit: BatchUnit) -> int:
+        """The micro setting of the unit (micro_batch_size or micro_batch_tokens)."""
+        if unit.name == "tokens":
+            return self._tokens(cast(TokenUnit, unit))
+        return self._samples(cast(SampleUnit, unit))
+
+    def _samples(self, unit: SampleUnit) -> int:
         """micro_batch_size auto."""
+        assert unit.first_global_batch is not None
         budget = self.config.memory_budget
         choice = choose_micro_batch_size(
             self.prepared.module,
             self.loss_fn,
             first_samples(self.dataset, self.collate_fn),
-            max_micro_batch_size=math.ceil(first_global_batch_size / self.world_size),
+            max_micro_batch_size=math.ceil(unit.first_global_batch / self.world_size),
             memory_budget_bytes=None if budget == "auto" else budget,
             optimize=self.config.optimize,
             optimizer=self.optimizer,
@@ -197,13 +205,13 @@ class MicroBatchProbe:
         self.gradient_sync = chosen[1]
         return int(chosen[0])
 
-    def tokens(self, lengths: Any) -> int:
+    def _tokens(self, unit: TokenUnit) -> int:
         """micro_batch_tokens auto."""
         return probe_micro_batch_tokens(
             self.prepared.module,
             self.loss_fn,
             self.dataset,
-            lengths,
+            unit.lengths,
             config=self.config,
             collate_fn=self.collate_fn,
             collate_packed=self.collate_packed,

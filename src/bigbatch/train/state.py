@@ -108,8 +108,8 @@ class SessionFigures:
         self.samples += window.num_samples
         self.items += result.num_items
         self.time_s += step_time_s
-        self.tokens += getattr(window, "num_tokens", 0)
-        self.padded_tokens += getattr(window, "num_padded_tokens", 0)
+        self.tokens += window.num_tokens or 0
+        self.padded_tokens += window.num_padded_tokens or 0
         if not result.skipped:
             self.final_loss = result.loss
 

@@ -27,7 +27,6 @@ from bigbatch.core import batchnorm as batchnorm_policies
 from bigbatch.core import distributed, sharding
 from bigbatch.core.engine import LossFn
 from bigbatch.data.loader import WindowLoader
-from bigbatch.data.tokens import sample_lengths
 from bigbatch.recipes import EvalFn
 from bigbatch.train import checkpoint, environment, evaluation, rundir, setup
 from bigbatch.train import metrics as run_metrics
@@ -39,10 +38,9 @@ from bigbatch.train.early_warning import EarlyWarning
 from bigbatch.train.finish import final_weights, finish_run_dir, summarize
 from bigbatch.train.hooks import CheckpointHook, EvaluationHook, MetricsHook, StopHook
 from bigbatch.train.loop import Loop, NonFiniteError, StepHook
+from bigbatch.train.planner import BatchPlanner
 from bigbatch.train.preemption import RunStopped, StopSignals
-from bigbatch.train.schedules import BatchPlanner
 from bigbatch.train.state import RunSummary, SessionFigures, TrainState
-from bigbatch.train.token_batches import TokenBatchPlanner
 from bigbatch.units import UsageError
 
 logger = logging.getLogger(__name__)
@@ -121,18 +119,11 @@ class Trainer:
             collate_fn=collate_fn,
             collate_packed=collate_packed,
         )
-        self.planner: BatchPlanner | TokenBatchPlanner
-        if config.global_batch_tokens is None:
-            num_samples = len(train_dataset)  # type: ignore[arg-type]
-            self.planner = BatchPlanner(
-                config, self.world_size, num_samples, lambda: probe.samples(self.first_global)
-            )
-            self.unit = "samples"
-        else:
-            lengths = sample_lengths(train_dataset, sample_length)
-            self.planner = TokenBatchPlanner(config, self.world_size, lengths, probe.tokens)
-            self.unit = "tokens"
-        self.first_global = self.planner.first_global_batch_size
+        self.planner = BatchPlanner(
+            config, self.world_size, train_dataset, sample_length=sample_length, probe=probe
+        )
+        self.unit = self.planner.unit.name
+        self.first_global = self.planner.first_global_batch
         if config.warmup_steps and config.batch_size_schedule != "adaptive":
             self.planner.total_steps()  # refuses a warm-up beyond the run now, not after a probe
         probes_sync = config.gradient_sync == "auto" and config.micro_batch_size == "auto"
@@ -183,7 +174,7 @@ class Trainer:
         total = self.planner.total_steps()
         if restored is not None:
             resume_rules.warn_if_schedule_moves(restored, self.config, total, loader.step)
-            if self.planner.finished(loader.step, loader.sampler, total):
+            if self.planner.finished(loader.step, loader, total):
                 return self._already_finished(loader.step, state, first_plan.to_dict(), writes)
         if writes:
             assert self.run_dir is not None
@@ -240,26 +231,14 @@ class Trainer:
             self._finish_run_dir(summary, final_state)
         return summary
 
-    def _window_loader(self, worker_ignored_signals: Any = ()) -> Any:
+    def _window_loader(self, worker_ignored_signals: Any = ()) -> WindowLoader:
         """This rank's windows from step 0 (data workers leave the stop signals to the main
         process, which stops at a step boundary)."""
-        if isinstance(self.planner, TokenBatchPlanner):
-            return self.planner.window_loader(
-                self.train_dataset,
-                rank=self.rank,
-                collate_fn=self.collate_fn,
-                collate_packed=self.collate_packed,
-                num_workers=self.config.num_workers,
-                pin_memory=self.device.type == "cuda",
-            )
-        return WindowLoader(
+        return self.planner.window_loader(
             self.train_dataset,
-            plan_for=self.planner.plan_for,
-            global_batch_size_at=self.planner.at,
-            seed=self.config.seed,
             rank=self.rank,
             collate_fn=self.collate_fn,
-            drop_last=self.config.drop_last,
+            collate_packed=self.collate_packed,
             num_workers=self.config.num_workers,
             pin_memory=self.device.type == "cuda",
             worker_ignored_signals=worker_ignored_signals,
@@ -289,7 +268,7 @@ class Trainer:
             "data": loader,
             "counters": state,
             "early_warning": self.early_warning,
-            "planner": _PlannerState(self.planner),
+            "planner": self.planner,
         }
 
     def _restore(self, participants: dict[str, Any]) -> checkpoint.Checkpoint | None:
@@ -377,30 +356,6 @@ class Trainer:
             device=self.device,
             final_state=final_state,
         )
-
-
-class _PlannerState:
-    """The planner's probed micro setting and adaptive stages, in the checkpoint's keys."""
-
-    def __init__(self, planner: BatchPlanner | TokenBatchPlanner) -> None:
-        self.planner = planner
-
-    def state_dict(self) -> dict[str, Any]:
-        return {
-            "micro_batch_size": self.planner.micro_batch_size,
-            "micro_batch_tokens": getattr(self.planner, "micro_batch_tokens", None),
-            "adaptive": self.planner.adaptive.state_dict() if self.planner.adaptive else None,
-        }
-
-    def load_state_dict(self, saved: dict[str, Any]) -> None:
-        config, planner = self.planner.config, self.planner
-        if isinstance(planner, TokenBatchPlanner):
-            if config.micro_batch_tokens == "auto":  # no second memory probe
-                planner.micro_batch_tokens = int(saved["micro_batch_tokens"])
-        elif config.micro_batch_size == "auto":
-            planner.micro_batch_size = int(saved["micro_batch_size"])  # no second memory probe
-        if planner.adaptive is not None and saved.get("adaptive"):
-            planner.adaptive.load_state_dict(saved["adaptive"])
 
 
 class _Saver:

@@ -9,6 +9,7 @@ per step in lockstep. This module needs no torch.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -18,6 +19,9 @@ MAX_WORLD_SIZE = 2**20
 """The most ranks a plan takes (a million processes: more than any cluster runs)."""
 _MAX_LISTED = 2**16
 """`Plan.to_dict` lists every micro-batch up to this many in all, and runs of sizes beyond."""
+
+Rows = tuple[tuple[int, ...], ...]
+"""One micro-batch: its rows, each the positions (in the global batch) of the samples it holds."""
 
 
 def check_count(
@@ -119,6 +123,21 @@ class Plan:
             offsets.append(start)
             start += base_total + self._num_larger(rank)
         return offsets
+
+    def window(self, rank: int) -> tuple[Rows, ...]:
+        """One rank's micro-batches as rows of positions in the global batch, a sample a row.
+
+        Ranks take contiguous slices, each cut in order; an empty micro-batch is ``()``.
+
+        Example:
+            >>> plan(5, world_size=2, micro_batch_size=2).window(1)  # sizes [1, 1] from position 3
+            (((3,),), ((4,),))
+        """
+        start, rows = self.rank_offsets()[rank], []
+        for size in self.micro_batch_sizes(rank):
+            rows.append(tuple((position,) for position in range(start, start + size)))
+            start += size
+        return tuple(rows)
 
     def for_items(self, num_items: int) -> Plan:
         """The plan of a short global batch: the same window length, items spread as evenly.
@@ -276,3 +295,59 @@ def plan(
     elif steps is None:
         steps = 1
     return Plan(total, world_size, steps)
+
+
+def count_steps_in_stages(
+    num_samples: int,
+    epochs: int,
+    stages: Sequence[tuple[int, int]],
+    *,
+    drop_last: bool = False,
+) -> int:
+    """Steps that `epochs` passes take under a piecewise-constant global batch in samples.
+
+    In arithmetic: O(stages), not O(steps).
+
+    ``stages`` holds ``(start_step, global_batch_size)`` pairs, the first at step 0, starts
+    increasing; the last stage lasts to the end. Within a stage whole epochs are counted at once,
+    so any number of epochs is answered at once.
+
+    Example:
+        >>> count_steps_in_stages(10, 2, [(0, 4)])  # 3 steps (4, 4, 2) an epoch
+        6
+    """
+    epoch, position, step = 0, 0, 0
+    for index, (_, size) in enumerate(stages):
+        end = stages[index + 1][0] if index + 1 < len(stages) else None
+        per_epoch = num_samples // size if drop_last else -(-num_samples // size)
+        while end is None or step < end:
+            remaining = num_samples - position
+            if remaining == 0 or (drop_last and remaining < size):
+                epoch, position, remaining = epoch + 1, 0, num_samples
+            if epoch >= epochs:
+                return step
+            in_epoch = remaining // size if drop_last else -(-remaining // size)
+            if end is not None and end - step < in_epoch:  # the stage ends inside this epoch
+                position += (end - step) * size
+                step = end
+                break
+            step += in_epoch
+            position = min(num_samples, position + in_epoch * size)
+            whole = epochs - epoch - 1  # epochs after this one, each per_epoch steps
+            if end is not None:
+                whole = min(whole, (end - step) // per_epoch)
+            if whole > 0:
+                step += whole * per_epoch
+                epoch += whole
+                position = min(num_samples, per_epoch * size)
+    return step
+
+
+def stage_at(stages: Sequence[tuple[int, int]], step: int) -> int:
+    """The value of the last ``(start_step, value)`` stage that has started by ``step``."""
+    value = stages[0][1]
+    for start, stage_value in stages:
+        if start > step:
+            break
+        value = stage_value
+    return value

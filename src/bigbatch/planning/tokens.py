@@ -4,24 +4,81 @@
 computes the same plan), a window of micro-batches whose padded size (rows x longest row) fits
 `micro_batch_tokens`, samples of similar lengths together, several a row when packed; every rank
 runs the same number of micro-steps (empty ones at the end where needed), which keeps the step's
-one gradient sync in lockstep. `TokenBudget` is what holds for every step of a run. No torch.
+one gradient sync in lockstep. `TokenBudget` is what holds for every step of a run; the length
+checks (`check_lengths`, `sample_lengths`) read what a sample's tokens are. No torch.
 """
 
 from __future__ import annotations
 
 import heapq
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
-from bigbatch.data.tokens import check_lengths, check_tokens
+from bigbatch.planning.samples import Rows
 from bigbatch.units import UsageError
 
-Rows = tuple[tuple[int, ...], ...]
-"""One micro-batch: its rows, each the positions (in the global batch) of the samples it holds."""
+
+def check_lengths(lengths: Sequence[int] | np.ndarray, name: str = "lengths") -> np.ndarray:
+    """Sample lengths as an int64 array; every length must be a positive integer."""
+    array = np.asarray(lengths)
+    if array.ndim != 1 or array.size == 0:
+        raise UsageError(
+            f"{name} must be a non-empty list of token counts, got shape {array.shape}"
+        )
+    integral = array.dtype.kind in "iu" or (
+        array.dtype.kind == "f" and bool(np.all(np.mod(array, 1) == 0))
+    )
+    if not integral:
+        raise TypeError(f"{name} must hold integers (token counts), got dtype {array.dtype}")
+    array = array.astype(np.int64)
+    if array.min() < 1:
+        first = int(np.argmin(array))
+        raise UsageError(
+            f"{name}[{first}] is {int(array[first])}: every sample needs at least one token"
+        )
+    return array
+
+
+def sample_lengths(dataset: Any, sample_length: Callable[[Any], int] | None = None) -> np.ndarray:
+    """The input tokens of every sample: the dataset's ``lengths``, else ``sample_length(sample)``.
+
+    ``sample_length`` reads every sample once; a ``lengths`` attribute (one int per sample, in
+    index order) avoids that.
+
+    Raises:
+        ValueError: neither is given, or they do not fit the dataset.
+    """
+    given = getattr(dataset, "lengths", None)
+    num_samples = len(dataset)
+    if given is not None:
+        lengths = check_lengths(given, "dataset.lengths")
+        if len(lengths) != num_samples:
+            raise UsageError(
+                f"dataset.lengths has {len(lengths)} entries for {num_samples} samples: it needs "
+                "one token count per sample, in index order"
+            )
+        return lengths
+    if sample_length is None:
+        raise UsageError(
+            "global_batch_tokens needs the input tokens of every sample: give the dataset a "
+            "`lengths` attribute (one int per sample) or the recipe a `sample_length(sample)`"
+        )
+    return check_lengths(
+        [int(sample_length(dataset[index])) for index in range(num_samples)], "sample_length"
+    )
+
+
+def check_tokens(name: str, value: object, *, allow_none: bool = False) -> int | None:
+    """A positive integer (numpy's too) as an int; None passes when allowed."""
+    if value is None and allow_none:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int | np.integer) or value < 1:
+        raise UsageError(f"{name} must be a positive integer, got {value!r}")
+    return int(value)
 
 
 @dataclass(frozen=True)
@@ -82,6 +139,11 @@ class TokenPlan:
         """The share of the padded tokens that are padding."""
         padded = self.num_padded_tokens
         return 1.0 - self.num_tokens / padded if padded else 0.0
+
+    def window(self, rank: int) -> tuple[Rows, ...]:
+        """One rank's micro-batches as rows of positions in the global batch (the same call as
+        `bigbatch.planning.Plan.window`)."""
+        return self.micro_batches[rank]
 
     def rank_positions(self, rank: int) -> list[int]:
         """Positions (in the global batch) of every sample of one rank, micro-batch by row."""
