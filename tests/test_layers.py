@@ -181,7 +181,7 @@ def test_a_violation_through_an_init_is_caught() -> None:
 
 def test_a_lower_layer_taking_a_name_from_the_package_face_is_caught() -> None:
     """The face loads the trainer lazily: a lower layer importing it climbs to the top."""
-    up = {"bigbatch.train.report": {"bigbatch"}, "bigbatch": {"bigbatch.plan"}}
+    up = {"bigbatch.train.report": {"bigbatch"}, "bigbatch": {"bigbatch.planning"}}
     assert layer_violations(up) == ["train: bigbatch.train.report -> bigbatch"]
     modules = {FACE, "bigbatch.recipes", "bigbatch.train", "bigbatch.train.report"}
     name = "bigbatch.train.report"
