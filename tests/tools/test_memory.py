@@ -17,7 +17,8 @@ import torch.nn.functional as F
 
 from bigbatch import units
 from bigbatch.recipes import Recipe
-from bigbatch.tools import autobatch, memory
+from bigbatch.core.engine import LossFn
+from bigbatch.tools import autobatch, memory, projection
 
 D_IN, D_HIDDEN, D_OUT = 5, 16, 3
 
@@ -270,10 +271,10 @@ def test_budget_below_the_smallest_size_is_a_clear_error() -> None:
             optimizer=torch.optim.AdamW(model.parameters()),
         )
     message = str(error.value)
-    assert f"memory_budget {autobatch.format_bytes(needs)} is below" in message
+    assert f"memory_budget {units.format_bytes(needs)} is below" in message
     assert "micro_batch_size 1 needs" in message
-    assert f"{autobatch.format_bytes(MLP_SAVED_PER_SAMPLE)} per sample" in message
-    assert f"at least {autobatch.format_bytes(needs * 1.1)}" in message
+    assert f"{units.format_bytes(MLP_SAVED_PER_SAMPLE)} per sample" in message
+    assert f"at least {units.format_bytes(needs * 1.1)}" in message
 
 
 def test_cpu_without_a_budget_asks_for_one() -> None:
@@ -283,7 +284,7 @@ def test_cpu_without_a_budget_asks_for_one() -> None:
         )
 
 
-def counted_cost(monkeypatch, seconds_per_pass) -> autobatch.LossFn:
+def counted_cost(monkeypatch, seconds_per_pass) -> LossFn:
     """A loss whose every pass costs seconds_per_pass(rows) on a fake clock: no machine timing.
 
     The clock (time.perf_counter and time.thread_time) moves only when the loss runs, so the
@@ -423,7 +424,7 @@ def test_plan_for_budget_and_format_choice() -> None:
     assert "<- chosen" in text
     assert str(plan) in text
     for row in choice.probe.rows:
-        assert autobatch.format_bytes(row.memory_bytes) in text
+        assert units.format_bytes(row.memory_bytes) in text
     assert choice.to_dict()["micro_batch_size"] == 10
 
 
@@ -468,5 +469,5 @@ def test_cuda_choice_fits_the_budget_when_trained() -> None:
 def test_cuda_default_budget_is_90_percent_of_free(monkeypatch) -> None:
     """The arithmetic only (no GPU here): a model held off the device adds nothing."""
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (1000, 5000))
-    budget = autobatch._resolve_budget(None, torch.device("cuda"), make_mlp(), None)
+    budget = projection.resolve_budget(None, torch.device("cuda"), make_mlp(), None)
     assert budget == 900

@@ -16,10 +16,8 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.distributed as dist
 from torch.utils.data import Dataset
 
-from bigbatch.core import distributed
 from bigbatch.core.engine import LossFn
 from bigbatch.core.noise import NoiseScale
 from bigbatch.data.token_loader import TokenWindowLoader
@@ -30,7 +28,7 @@ from bigbatch.data.tokens import (
     count_token_steps,
     token_batch_sizes,
 )
-from bigbatch.tools.autotokens import choose_micro_batch_tokens, longest_rows
+from bigbatch.tools.micro_setting import probe_micro_setting, probe_rows
 from bigbatch.train.config import Config
 from bigbatch.train.environment import planned_layout
 from bigbatch.train.schedules import (
@@ -264,22 +262,22 @@ def probe_micro_batch_tokens(
 ) -> int:
     """micro_batch_tokens auto: the probe on rows of the longest sample, agreed over ranks."""
     assert config.global_batch_tokens is not None
-    longest = int(lengths.max())
-    budget = config.memory_budget
-    choice = choose_micro_batch_tokens(
+    make_rows, longest = probe_rows(
+        dataset,
+        collate_fn,
+        lengths=lengths,
+        collate_packed=collate_packed if config.packing else None,
+    )
+    assert longest is not None
+    return probe_micro_setting(
         module,
         loss_fn,
-        longest_rows(dataset, lengths, collate_fn, collate_packed if config.packing else None),
+        make_rows,
         row_tokens=longest,
-        max_micro_batch_tokens=max(longest, math.ceil(config.global_batch_tokens / world_size)),
-        memory_budget_bytes=None if budget == "auto" else budget,
+        max_rows=max(1, math.ceil(config.global_batch_tokens / world_size) // longest),
+        memory_budget=config.memory_budget,
         optimize=config.optimize,
         optimizer=optimizer,
         device=device,
         **planned_layout(config, module, world_size),
-    )
-    chosen = [choice.micro_batch_tokens]
-    if distributed.is_initialized():
-        dist.broadcast_object_list(chosen, src=0)  # every rank must cut the same micro-batches
-    logger.info("micro_batch_tokens auto: %d (%s)", chosen[0], choice.reason)
-    return int(chosen[0])
+    ).value

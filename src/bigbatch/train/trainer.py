@@ -32,7 +32,7 @@ from bigbatch.data.token_plan import TokenBudget
 from bigbatch.data.tokens import sample_lengths
 from bigbatch.plan import Plan
 from bigbatch.recipes import EvalFn
-from bigbatch.tools.autobatch import choose_micro_batch_size
+from bigbatch.tools.micro_setting import probe_micro_setting
 from bigbatch.train import checkpoint, environment, evaluation, resume, rundir
 from bigbatch.train import metrics as run_metrics
 from bigbatch.train import report as run_report
@@ -209,24 +209,20 @@ class Trainer:
 
     def _probe(self) -> int:
         """micro_batch_size auto: the memory probe, agreed over ranks."""
-        budget = self.config.memory_budget
-        choice = choose_micro_batch_size(
+        choice = probe_micro_setting(
             self.module,
             self.loss_fn,
             first_samples(self.train_dataset, self.collate_fn),
-            max_micro_batch_size=math.ceil(self.first_global_batch_size / self.world_size),
-            memory_budget_bytes=None if budget == "auto" else budget,
+            row_tokens=None,
+            max_rows=math.ceil(self.first_global_batch_size / self.world_size),
+            memory_budget=self.config.memory_budget,
             optimize=self.config.optimize,
             optimizer=self.optimizer,
             device=self.device,
             **environment.planned_layout(self.config, self.model, self.world_size),
         )
-        chosen: list[Any] = [choice.micro_batch_size, choice.gradient_sync]
-        if distributed.is_initialized():
-            dist.broadcast_object_list(chosen, src=0)  # every rank must run the same plan
-        logger.info("micro_batch_size auto: %d (%s)", chosen[0], choice.reason)
-        self._probed_gradient_sync = chosen[1]
-        return int(chosen[0])
+        self._probed_gradient_sync = choice.gradient_sync  # type: ignore[assignment]
+        return choice.value
 
     def _probe_tokens(self, lengths: Any) -> int:
         """micro_batch_tokens auto: the memory probe per padded token, agreed over ranks."""
