@@ -249,6 +249,38 @@ def test_choice_is_the_largest_that_fits_the_budget() -> None:
         assert "fits" in choice.reason
 
 
+def workspace_loss(model: torch.nn.Module, batch: tuple[torch.Tensor, torch.Tensor]):
+    """The MLP's loss plus a saved workspace of 64 float64 per row that stops growing at 8 rows:
+    memory is steeper over the first probes (1, 2, 4, 8) than beyond them."""
+    rows = batch[0].shape[0]
+    workspace = torch.ones(64 * min(rows, 8), dtype=torch.float64)
+    weight = next(model.parameters())
+    return mlp_loss(model, batch) + (weight.sum() * workspace).sum() * 0.0
+
+
+def test_memory_choice_grows_past_the_first_fit_where_measurements_allow() -> None:
+    # Issue 25: the line through 1, 2, 4, 8 overestimates larger sizes; its first fit (16 here)
+    # fits with room to spare, and the choice must grow to the largest size that fits.
+    measured = memory.probe(make_mlp(), workspace_loss, mlp_batch, range(1, 65), repetitions=1)
+    used = {row.micro_batch_size: row.memory_bytes for row in measured.rows}
+    budget = math.ceil((used[40] + 10) * 1.1)
+    # Independent of the search: the largest size whose measured memory fits.
+    expected = max(size for size, bytes_ in used.items() if bytes_ * 1.1 <= budget)
+    first = memory.probe(make_mlp(), workspace_loss, mlp_batch, [1, 2, 4, 8], repetitions=1)
+    assert first.largest_fitting(budget / 1.1, 64) < expected == 40  # the line stops short
+    choice = autobatch.choose_micro_batch_size(
+        make_mlp(),
+        workspace_loss,
+        mlp_batch,
+        max_micro_batch_size=64,
+        memory_budget_bytes=budget,
+        repetitions=1,
+    )
+    assert choice.micro_batch_size == expected
+    row = {r.micro_batch_size: r for r in choice.probe.rows}[expected]
+    assert row.memory_bytes * 1.1 <= budget
+
+
 def test_choice_never_exceeds_the_rank_share() -> None:
     choice = autobatch.choose_micro_batch_size(
         make_mlp(), mlp_loss, mlp_batch, max_micro_batch_size=6, memory_budget_bytes="1GiB"

@@ -28,6 +28,7 @@ logger = logging.getLogger(__name__)
 
 FIRST_SIZES = 4  # probe 1, 2, 4, 8 first: cheap, and enough for a straight line
 _CONFIRM_TRIES = 3
+_GROW_TRIES = 3  # sizes measured above the largest that fits, while the secant says more fits
 _ROUNDS = 3  # interleaved timing rounds per stage (throughput), on top of the probe's own
 MARGIN = 0.03  # a smaller plan must be this much faster than a larger one to be chosen
 
@@ -64,7 +65,8 @@ def largest_measured(
     max_size: int,
     measure: Callable[[list[int]], MemoryProbe],
 ) -> tuple[MemoryProbe, int]:
-    """The largest size predicted to fit, measured; backs off while the measurement is over."""
+    """The largest size predicted to fit, measured: backs off while the measurement is over,
+    then grows while the measurements around it say more fits (`_grown`)."""
     chosen = max(1, result.largest_fitting(limit, max_size))
     for _ in range(_CONFIRM_TRIES):
         if chosen not in {row.micro_batch_size for row in result.rows}:
@@ -75,8 +77,40 @@ def largest_measured(
         fits = max(r.micro_batch_size for r in result.rows if r.memory_bytes <= limit)
         bisect = chosen - 1 if row is not None else (fits + chosen) // 2  # None: out of memory
         chosen = max(fits, min(bisect, result.largest_fitting(limit, max_size)))
+    for _ in range(_GROW_TRIES):
+        grown = _grown(result, limit, max_size)
+        if grown is None:
+            break
+        result = probe_more(result, [grown], measure)
     fitting = [r.micro_batch_size for r in result.rows if r.memory_bytes <= limit]
-    return result, chosen if chosen in fitting else max(fitting)
+    return result, max(fitting)
+
+
+def _grown(result: MemoryProbe, limit: float, max_size: int) -> int | None:
+    """A larger size to measure than the largest measured one that fits, or None.
+
+    The least-squares line over every row is pulled by the small sizes, so where memory is not
+    a straight line (a workspace that stops growing, the allocator's rounding) it can stop short
+    (issue 25: 16 where 17 fits). The next size follows the secant through the largest fitting
+    measurement and its nearest measured neighbour (the smallest over the limit, else the next
+    smaller), below any size measured over the limit or out of memory. A straight line gives
+    the size already measured, so a probe that fits the fit measures nothing more.
+    """
+    rows = {r.micro_batch_size: r.memory_bytes for r in result.rows}
+    low = max(size for size, used in rows.items() if used <= limit)
+    over = [size for size, used in rows.items() if used > limit]
+    oom = result.oom_micro_batch_size
+    ceiling = min([max_size + 1, *over, *([oom] if oom is not None else [])]) - 1
+    smaller = [size for size in rows if size < low]
+    if low >= ceiling or not (over or smaller):
+        return None
+    other = min(over) if over else max(smaller)
+    slope = (rows[other] - rows[low]) / (other - low)
+    grown = ceiling if slope <= 0 else low + math.floor((limit - rows[low]) / slope)
+    if oom is not None and ceiling == oom - 1:  # nothing measured up there: halve the gap
+        grown = min(grown, (low + ceiling + 1) // 2)
+    grown = min(grown, ceiling)
+    return grown if grown > low and grown not in rows else None
 
 
 def largest_per_mode(
