@@ -16,8 +16,8 @@ import torch
 import torch.nn.functional as F
 
 from bigbatch import units
-from bigbatch.recipes import Recipe
 from bigbatch.core.engine import LossFn
+from bigbatch.recipes import Recipe
 from bigbatch.tools import autobatch, memory, projection
 
 D_IN, D_HIDDEN, D_OUT = 5, 16, 3
