@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -27,6 +27,9 @@ from bigbatch.tools.micro_setting import probe_rows
 from bigbatch.tools.projection import Agree, ShardUnits
 from bigbatch.tools.rank_memory import Layout, format_rank_memory
 from bigbatch.units import UsageError, format_bytes
+
+if TYPE_CHECKING:
+    from bigbatch.recipes import Recipe
 
 
 def choose_micro_batch_tokens(
@@ -94,6 +97,41 @@ def _epoch_figures(
     }
 
 
+def _probed(
+    recipe: Recipe,
+    lengths: np.ndarray,
+    global_batch_tokens: int,
+    world_size: int,
+    packing: bool,
+    parallelism: Parallelism,
+    *,
+    memory_budget: int | str,
+    optimize: Optimize,
+) -> MicroBatchChoice:
+    """micro_batch_tokens of a recipe for a budget: rows of its longest sample, probed whole on
+    this process, the budget one rank's of world_size under parallelism."""
+    module = recipe.model.train()
+    make_rows, longest = probe_rows(
+        recipe.train_dataset,
+        recipe.collate_fn,
+        lengths=lengths,
+        collate_packed=recipe.collate_packed if packing else None,
+    )
+    assert longest is not None
+    return choose_micro_batch(
+        module,
+        recipe.loss_fn,
+        make_rows,
+        row_tokens=longest,
+        max_rows=max(1, math.ceil(global_batch_tokens / world_size) // longest),
+        memory_budget_bytes=memory_budget,
+        optimize=optimize,
+        optimizer=recipe.build_optimizer(module, lr=float(recipe.defaults.get("lr", 1e-3))),
+        layout=Layout(parallelism, world_size, "auto"),
+        shard_units=recipe.shard_units,
+    )
+
+
 def token_plan_report(
     recipe_spec: str,
     global_batch_tokens: int,
@@ -121,30 +159,13 @@ def token_plan_report(
         raise UsageError(f"--packing: recipe {recipe_spec!r} has no collate_packed")
     lines, extra = [], {}
     if memory_budget is not None:
-        module = recipe.model.train()
-        make_rows, longest = probe_rows(
-            recipe.train_dataset,
-            recipe.collate_fn,
-            lengths=lengths,
-            collate_packed=recipe.collate_packed if packing else None,
-        )
-        assert longest is not None
-        choice = choose_micro_batch(
-            module,
-            recipe.loss_fn,
-            make_rows,
-            row_tokens=longest,
-            max_rows=max(1, math.ceil(global_batch_tokens / world_size) // longest),
-            memory_budget_bytes=memory_budget,
-            optimize=optimize,
-            optimizer=recipe.build_optimizer(module, lr=float(recipe.defaults.get("lr", 1e-3))),
-            layout=Layout(parallelism, world_size, "auto"),
-            shard_units=recipe.shard_units,
-        )
+        choice = _probed(recipe, lengths, global_batch_tokens, world_size, packing, parallelism,
+                         memory_budget=memory_budget, optimize=optimize)  # fmt: skip
         micro_batch_tokens = choice.value
         lines.append(
             f"memory per padded token {format_bytes(choice.bytes_per_token or 0)} (fit over rows "
-            f"of {longest} tokens); micro_batch_tokens {micro_batch_tokens}: {choice.reason}"
+            f"of {choice.row_tokens} tokens); micro_batch_tokens {micro_batch_tokens}: "
+            f"{choice.reason}"
         )
         if choice.rank_memory:  # in rows of the longest sample
             lines.append(format_rank_memory(choice.rank_memory, choice.memory_budget_bytes))

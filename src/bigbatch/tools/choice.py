@@ -130,19 +130,16 @@ def choose_micro_batch(
 ) -> MicroBatchChoice:
     """Probe a few row counts and choose the micro-batch for a memory budget.
 
-    With ``optimize="memory"`` the largest rows whose predicted memory x (1 + headroom) fits the
-    budget; they are then measured, and the choice backs off if the measurement does not fit.
-    With ``"throughput"`` the plans (micro-batch counts) at powers of two up to that size and
-    around the fastest are timed, per step of the rank's max_rows rows, in interleaved rounds;
-    the largest plan within 3% of the fastest wins. Never above max_rows (the rank's share).
+    ``optimize="memory"``: the largest measured rows whose memory x (1 + headroom) fits the
+    budget (`bigbatch.tools.search.largest_measured`); ``"throughput"``: the largest plan within
+    3% of the fastest (`bigbatch.tools.search.fastest`). Never above max_rows (the rank's share).
 
-    ``row_tokens`` (None: rows are samples) makes it a choice in tokens: ``make_rows(n)`` gives
-    n rows of row_tokens padded tokens, and the value is rows x row_tokens. ``layout``
-    (`bigbatch.tools.rank_memory`; None: one process) makes the budget one rank's; under FSDP2
-    with ``gradient_sync="auto"`` both sync modes are compared and one is chosen.
-    ``shard_units``: the units FSDP2 would shard, for an unsharded model planned for FSDP2.
-    ``agree`` reduces measurements over ranks: a sharded model is probed by every rank in
-    lockstep (each forward all-gathers), so every rank must decide alike.
+    ``row_tokens`` (None: rows are samples): ``make_rows(n)`` gives n rows of row_tokens padded
+    tokens, and the value is rows x row_tokens. ``layout`` (`bigbatch.tools.rank_memory`; None:
+    one process) makes the budget one rank's; under FSDP2 with ``gradient_sync="auto"`` both
+    sync modes are compared. ``shard_units``: the units FSDP2 would shard, for an unsharded
+    model planned for FSDP2. ``agree`` reduces measurements over ranks (a sharded model is
+    probed by every rank in lockstep), so that every rank decides alike.
 
     Raises:
         ValueError: no budget on a device without an allocator, or one row does not fit the
@@ -158,9 +155,7 @@ def choose_micro_batch(
         module, loss_fn, make_rows, optimizer, device, repetitions, autocast_dtype, agree
     )
     result = measure(geometric(1, min(max_rows, 2 ** (FIRST_SIZES - 1))))
-    room = limit - min(projection.offsets.values())
-    if result.rows[0].micro_batch_size != 1 or result.rows[0].memory_bytes > room:
-        raise UsageError(too_small(result, budget, headroom, projection))
+    _check_one_row_fits(result, budget, headroom, projection)
     result, fits = largest_per_mode(result, limit, max_rows, measure, projection.offsets)
     sync, sync_reason = choose_sync(fits, max_rows, projection)
     chosen, offset = fits[sync], projection.offsets[sync]
@@ -170,12 +165,8 @@ def choose_micro_batch(
         )
     else:
         reason = _memory_reason(result, chosen, max_rows, offset, headroom)
-    predicted = {r.micro_batch_size: r for r in result.rows}[chosen].memory_bytes + offset
-    reason += (
-        f"; measured {format_bytes(predicted)}{projection.per_rank(sync)} x (1 + headroom "
-        f"{headroom:.0%}) = {format_bytes(predicted * (1 + headroom))} <= memory_budget "
-        f"{format_bytes(budget)}"
-    )
+    measured = {r.micro_batch_size: r for r in result.rows}[chosen].memory_bytes + offset
+    reason += _measured_reason(measured, projection.per_rank(sync), headroom, budget)
     reason += f"; {sync_reason}" if sync_reason else ""
     choice = MicroBatchChoice(
         chosen, result, budget, optimize, _in_unit(reason, chosen, row_tokens), float(headroom),
@@ -185,6 +176,23 @@ def choose_micro_batch(
     unit = "micro_batch_size" if row_tokens is None else "micro_batch_tokens"
     logger.info("%s %d: %s", unit, choice.value, choice.reason)
     return choice
+
+
+def _check_one_row_fits(
+    result: MemoryProbe, budget: int, headroom: float, projection: Projection
+) -> None:
+    """Refuse a budget where one row fits under no layout compared (with the numbers)."""
+    room = budget / (1 + headroom) - min(projection.offsets.values())
+    if result.rows[0].micro_batch_size != 1 or result.rows[0].memory_bytes > room:
+        raise UsageError(too_small(result, budget, headroom, projection))
+
+
+def _measured_reason(measured: float, per_rank: str, headroom: float, budget: int) -> str:
+    """How the chosen micro-batch's measured memory fits the budget."""
+    return (
+        f"; measured {format_bytes(measured)}{per_rank} x (1 + headroom {headroom:.0%}) = "
+        f"{format_bytes(measured * (1 + headroom))} <= memory_budget {format_bytes(budget)}"
+    )
 
 
 def _in_unit(reason: str, rows: int, row_tokens: int | None) -> str:

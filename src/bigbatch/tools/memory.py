@@ -364,18 +364,10 @@ def probe(
     with preserved_state(module, device):
         for size in checked:
             try:
-                rows.append(
-                    _measure(
-                        module,
-                        loss_fn,
-                        make_batch,
-                        size,
-                        device=device,
-                        model_bytes=model_bytes,
-                        repetitions=repetitions,
-                        autocast_dtype=autocast_dtype,
-                    )
-                )
+                rows.append(_measure(
+                    module, loss_fn, make_batch, size, device=device, model_bytes=model_bytes,
+                    repetitions=repetitions, autocast_dtype=autocast_dtype,
+                ))  # fmt: skip
             except torch.OutOfMemoryError:
                 if not rows:
                     raise
