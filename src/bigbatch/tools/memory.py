@@ -4,7 +4,7 @@
 peak on CUDA; on other devices an accounting of the tensors saved for backward plus parameters,
 gradients and optimizer state) and its samples/s, then fits memory(n) = a + b * n. It leaves the
 model, its gradients, the optimizer and every RNG as it found them. Choosing a micro-batch from
-the measurements is `bigbatch.tools.autobatch`.
+the measurements is `bigbatch.tools.choice`.
 """
 
 from __future__ import annotations
