@@ -16,7 +16,7 @@ from typing import Any, Literal
 
 import torch
 
-from bigbatch.choices import DEFAULT_OPTIMIZE, OPTIMIZE_GOALS, Optimize
+from bigbatch.choices import DEFAULT_OPTIMIZE, OPTIMIZE_GOALS, GradientSync, Optimize
 from bigbatch.core import distributed
 from bigbatch.core.engine import LossFn
 from bigbatch.tools.memory import Batch, MemoryProbe, device_of
@@ -59,7 +59,7 @@ class MicroBatchChoice:
     optimize: str
     reason: str
     headroom: float = 0.1
-    gradient_sync: str | None = None
+    gradient_sync: GradientSync | None = None
     rank_memory: tuple[tuple[int, RankMemory], ...] = ()
     row_tokens: int | None = None
 
@@ -170,7 +170,7 @@ def choose_micro_batch(
     reason += f"; {sync_reason}" if sync_reason else ""
     choice = MicroBatchChoice(
         chosen, result, budget, optimize, _in_unit(reason, chosen, row_tokens), float(headroom),
-        gradient_sync=sync if sync in projection.layouts else None,
+        gradient_sync=None if sync is None else projection.layouts[sync].gradient_sync,
         rank_memory=projection.compared(result, fits, sync, chosen), row_tokens=row_tokens,
     )  # fmt: skip
     unit = "micro_batch_size" if row_tokens is None else "micro_batch_tokens"

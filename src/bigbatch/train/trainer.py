@@ -221,7 +221,7 @@ class Trainer:
             device=self.device,
             **environment.planned_layout(self.config, self.model, self.world_size),
         )
-        self._probed_gradient_sync = choice.gradient_sync  # type: ignore[assignment]
+        self._probed_gradient_sync = choice.gradient_sync
         return choice.value
 
     def _probe_tokens(self, lengths: Any) -> int:
