@@ -18,7 +18,8 @@ from torch.autograd.graph import saved_tensors_hooks
 
 from bigbatch.cli import main
 from bigbatch.recipes import tinylm
-from bigbatch.tools.autotokens import choose_micro_batch_tokens, longest_rows
+from bigbatch.tools.autotokens import choose_micro_batch_tokens
+from bigbatch.tools.micro_setting import longest_rows
 from bigbatch.train.configfile import validate
 from bigbatch.train.trainer import Trainer
 
@@ -93,8 +94,9 @@ def test_the_choice_is_whole_rows_of_the_longest_sample_within_the_budget():
         memory_budget_bytes=budget,
         optimizer=recipe.build_optimizer(recipe.model, 1e-3),
     )
-    assert choice.micro_batch_tokens == choice.rows * longest
-    row = {r.micro_batch_size: r for r in choice.choice.probe.rows}[choice.rows]
+    assert choice.unit == "tokens" and choice.row_tokens == longest
+    assert choice.value == choice.micro_batch_size * longest
+    row = {r.micro_batch_size: r for r in choice.probe.rows}[choice.micro_batch_size]
     assert row.memory_bytes * 1.1 <= budget
     assert choice.bytes_per_token == pytest.approx(one_row / longest, rel=0.2)
     capped = choose_micro_batch_tokens(
@@ -105,7 +107,7 @@ def test_the_choice_is_whole_rows_of_the_longest_sample_within_the_budget():
         max_micro_batch_tokens=3 * longest + 1,
         memory_budget_bytes=budget,
     )
-    assert capped.micro_batch_tokens == 3 * longest
+    assert capped.value == 3 * longest
 
 
 def test_auto_micro_batch_tokens_is_kept_on_resume(tmp_path, caplog):

@@ -16,8 +16,9 @@ import torch
 import torch.nn.functional as F
 
 from bigbatch import units
+from bigbatch.core.engine import LossFn
 from bigbatch.recipes import Recipe
-from bigbatch.tools import autobatch, memory
+from bigbatch.tools import autobatch, memory, projection
 
 D_IN, D_HIDDEN, D_OUT = 5, 16, 3
 
@@ -248,6 +249,38 @@ def test_choice_is_the_largest_that_fits_the_budget() -> None:
         assert "fits" in choice.reason
 
 
+def workspace_loss(model: torch.nn.Module, batch: tuple[torch.Tensor, torch.Tensor]):
+    """The MLP's loss plus a saved workspace of 64 float64 per row that stops growing at 8 rows:
+    memory is steeper over the first probes (1, 2, 4, 8) than beyond them."""
+    rows = batch[0].shape[0]
+    workspace = torch.ones(64 * min(rows, 8), dtype=torch.float64)
+    weight = next(model.parameters())
+    return mlp_loss(model, batch) + (weight.sum() * workspace).sum() * 0.0
+
+
+def test_memory_choice_grows_past_the_first_fit_where_measurements_allow() -> None:
+    # Issue 25: the line through 1, 2, 4, 8 overestimates larger sizes; its first fit (16 here)
+    # fits with room to spare, and the choice must grow to the largest size that fits.
+    measured = memory.probe(make_mlp(), workspace_loss, mlp_batch, range(1, 65), repetitions=1)
+    used = {row.micro_batch_size: row.memory_bytes for row in measured.rows}
+    budget = math.ceil((used[40] + 10) * 1.1)
+    # Independent of the search: the largest size whose measured memory fits.
+    expected = max(size for size, bytes_ in used.items() if bytes_ * 1.1 <= budget)
+    first = memory.probe(make_mlp(), workspace_loss, mlp_batch, [1, 2, 4, 8], repetitions=1)
+    assert first.largest_fitting(budget / 1.1, 64) < expected == 40  # the line stops short
+    choice = autobatch.choose_micro_batch_size(
+        make_mlp(),
+        workspace_loss,
+        mlp_batch,
+        max_micro_batch_size=64,
+        memory_budget_bytes=budget,
+        repetitions=1,
+    )
+    assert choice.micro_batch_size == expected
+    row = {r.micro_batch_size: r for r in choice.probe.rows}[expected]
+    assert row.memory_bytes * 1.1 <= budget
+
+
 def test_choice_never_exceeds_the_rank_share() -> None:
     choice = autobatch.choose_micro_batch_size(
         make_mlp(), mlp_loss, mlp_batch, max_micro_batch_size=6, memory_budget_bytes="1GiB"
@@ -270,10 +303,10 @@ def test_budget_below_the_smallest_size_is_a_clear_error() -> None:
             optimizer=torch.optim.AdamW(model.parameters()),
         )
     message = str(error.value)
-    assert f"memory_budget {autobatch.format_bytes(needs)} is below" in message
+    assert f"memory_budget {units.format_bytes(needs)} is below" in message
     assert "micro_batch_size 1 needs" in message
-    assert f"{autobatch.format_bytes(MLP_SAVED_PER_SAMPLE)} per sample" in message
-    assert f"at least {autobatch.format_bytes(needs * 1.1)}" in message
+    assert f"{units.format_bytes(MLP_SAVED_PER_SAMPLE)} per sample" in message
+    assert f"at least {units.format_bytes(needs * 1.1)}" in message
 
 
 def test_cpu_without_a_budget_asks_for_one() -> None:
@@ -283,7 +316,7 @@ def test_cpu_without_a_budget_asks_for_one() -> None:
         )
 
 
-def counted_cost(monkeypatch, seconds_per_pass) -> autobatch.LossFn:
+def counted_cost(monkeypatch, seconds_per_pass) -> LossFn:
     """A loss whose every pass costs seconds_per_pass(rows) on a fake clock: no machine timing.
 
     The clock (time.perf_counter and time.thread_time) moves only when the loss runs, so the
@@ -423,7 +456,7 @@ def test_plan_for_budget_and_format_choice() -> None:
     assert "<- chosen" in text
     assert str(plan) in text
     for row in choice.probe.rows:
-        assert autobatch.format_bytes(row.memory_bytes) in text
+        assert units.format_bytes(row.memory_bytes) in text
     assert choice.to_dict()["micro_batch_size"] == 10
 
 
@@ -468,5 +501,5 @@ def test_cuda_choice_fits_the_budget_when_trained() -> None:
 def test_cuda_default_budget_is_90_percent_of_free(monkeypatch) -> None:
     """The arithmetic only (no GPU here): a model held off the device adds nothing."""
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (1000, 5000))
-    budget = autobatch._resolve_budget(None, torch.device("cuda"), make_mlp(), None)
+    budget = projection.resolve_budget(None, torch.device("cuda"), make_mlp(), None)
     assert budget == 900

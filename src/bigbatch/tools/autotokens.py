@@ -1,89 +1,35 @@
 """micro_batch_tokens for a memory budget, and the token plan `bigbatch plan` shows.
 
 The memory probe (`bigbatch.tools.memory`) runs micro-batches of r rows of the dataset's longest
-sample (packed rows when the run packs) and fits memory per padded token; any micro-batch of the
-same padded size is no bigger (shorter rows attend over fewer positions), so
-`choose_micro_batch_tokens` picks rows x longest that fits the budget, through
-`bigbatch.tools.autobatch.choose_micro_batch_size`. `token_plan_report` shows what a token run's
-global batches become: the first step's split and padding over an epoch.
+sample (packed rows when the run packs, `bigbatch.tools.micro_setting.longest_rows`) and fits
+memory per padded token; any micro-batch of the same padded size is no bigger (shorter rows
+attend over fewer positions), so `choose_micro_batch_tokens` picks rows x longest that fits the
+budget: `bigbatch.tools.choice.choose_micro_batch` in tokens. `token_plan_report` shows what a
+token run's global batches become: the first step's split and padding over an epoch.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
-from torch.utils.data import Dataset, default_collate
 
 from bigbatch.choices import DEFAULT_OPTIMIZE, Optimize, Parallelism
 from bigbatch.core.engine import LossFn
 from bigbatch.data.sampler import GlobalBatchSampler
 from bigbatch.planning import TokenBudget, TokenPlan, TokenUnit, plan_tokens, sample_lengths
-from bigbatch.tools.autobatch import Agree, MicroBatchChoice, ShardUnits, choose_micro_batch_size
+from bigbatch.tools.choice import MicroBatchChoice, choose_micro_batch
 from bigbatch.tools.memory import Batch
+from bigbatch.tools.micro_setting import probe_rows
+from bigbatch.tools.projection import Agree, ShardUnits
 from bigbatch.tools.rank_memory import Layout, format_rank_memory
 from bigbatch.units import UsageError, format_bytes
 
-
-def longest_rows(
-    dataset: Dataset[Any],
-    lengths: np.ndarray,
-    collate_fn: Callable[[list[Any]], Any] | None,
-    collate_packed: Callable[[list[list[Any]]], Any] | None = None,
-) -> Callable[[int], Batch]:
-    """``make_rows(r)``: r rows of the longest sample, collated as training does (packed rows
-    of one sample each when collate_packed is given)."""
-    longest = dataset[int(np.argmax(lengths))]
-    collate = collate_fn or default_collate
-
-    def make_rows(rows: int) -> Batch:
-        if collate_packed is not None:
-            return collate_packed([[longest] for _ in range(rows)])
-        return collate([longest] * rows)
-
-    return make_rows
-
-
-@dataclass(frozen=True)
-class TokenBatchChoice:
-    """The chosen micro_batch_tokens and why.
-
-    Attributes:
-        micro_batch_tokens: rows x row_tokens of the chosen micro-batch.
-        row_tokens: the probed row length (the longest sample).
-        bytes_per_token: the fit's memory per padded token (bytes per row / row_tokens).
-        rows: the chosen micro-batch's rows at row_tokens.
-        choice: the probe and the choice in rows.
-    """
-
-    micro_batch_tokens: int
-    row_tokens: int
-    bytes_per_token: float
-    rows: int
-    choice: MicroBatchChoice
-
-    @property
-    def reason(self) -> str:
-        """One sentence with the numbers."""
-        return (
-            f"{self.rows} rows x {self.row_tokens} tokens (the longest sample): "
-            f"{self.choice.reason}"
-        )
-
-    def to_dict(self) -> dict[str, Any]:
-        """A JSON-able description, for logs and `bigbatch plan --json`."""
-        return {
-            "micro_batch_tokens": self.micro_batch_tokens,
-            "row_tokens": self.row_tokens,
-            "bytes_per_token": self.bytes_per_token,
-            "rows": self.rows,
-            **{f"probe_{k}": v for k, v in self.choice.to_dict().items() if k != "reason"},
-            "reason": self.reason,
-        }
+if TYPE_CHECKING:
+    from bigbatch.recipes import Recipe
 
 
 def choose_micro_batch_tokens(
@@ -101,37 +47,24 @@ def choose_micro_batch_tokens(
     layout: Layout | None = None,
     agree: Agree | None = None,
     shard_units: ShardUnits | None = None,
-) -> TokenBatchChoice:
+) -> MicroBatchChoice:
     """Probe rows of row_tokens tokens and choose the padded tokens of a micro-batch.
 
-    ``make_rows(r)`` gives r rows of the longest sample; the choice is the rows that fit
-    ``memory_budget_bytes`` (largest, or fastest with optimize throughput, see
-    `choose_micro_batch_size`) times row_tokens, at most max_micro_batch_tokens rounded down to
-    whole rows (one row at least). ``layout``, ``agree`` and ``shard_units`` as for
-    `choose_micro_batch_size`.
+    ``make_rows(r)`` gives r rows of the longest sample; the choice (`MicroBatchChoice.value`,
+    in tokens) is the rows that fit ``memory_budget_bytes`` times row_tokens, at most
+    max_micro_batch_tokens rounded down to whole rows (one row at least). Every other argument
+    as for `bigbatch.tools.choice.choose_micro_batch`.
 
     Raises:
         ValueError: one row of the longest sample does not fit the budget (with the numbers).
     """
-    if isinstance(row_tokens, bool) or not isinstance(row_tokens, int) or row_tokens < 1:
-        raise UsageError(f"row_tokens must be a positive integer, got {row_tokens!r}")
-    choice = choose_micro_batch_size(
-        model,
-        loss_fn,
-        make_rows,
-        max_micro_batch_size=max(1, max_micro_batch_tokens // row_tokens),
-        memory_budget_bytes=memory_budget_bytes,
-        optimize=optimize,
-        optimizer=optimizer,
-        device=device,
-        headroom=headroom,
-        layout=layout,
-        agree=agree,
-        shard_units=shard_units,
-    )
-    rows = choice.micro_batch_size
-    per_token = choice.probe.bytes_per_sample / row_tokens
-    return TokenBatchChoice(rows * row_tokens, row_tokens, per_token, rows, choice)
+    whole_rows = isinstance(row_tokens, int) and row_tokens > 0  # else choose_micro_batch refuses
+    return choose_micro_batch(
+        model, loss_fn, make_rows, row_tokens=row_tokens,
+        max_rows=max(1, max_micro_batch_tokens // row_tokens) if whole_rows else 1,
+        memory_budget_bytes=memory_budget_bytes, optimize=optimize, optimizer=optimizer,
+        device=device, headroom=headroom, layout=layout, agree=agree, shard_units=shard_units,
+    )  # fmt: skip
 
 
 def _epoch_figures(
@@ -164,6 +97,41 @@ def _epoch_figures(
     }
 
 
+def _probed(
+    recipe: Recipe,
+    lengths: np.ndarray,
+    global_batch_tokens: int,
+    world_size: int,
+    packing: bool,
+    parallelism: Parallelism,
+    *,
+    memory_budget: int | str,
+    optimize: Optimize,
+) -> MicroBatchChoice:
+    """micro_batch_tokens of a recipe for a budget: rows of its longest sample, probed whole on
+    this process, the budget one rank's of world_size under parallelism."""
+    module = recipe.model.train()
+    make_rows, longest = probe_rows(
+        recipe.train_dataset,
+        recipe.collate_fn,
+        lengths=lengths,
+        collate_packed=recipe.collate_packed if packing else None,
+    )
+    assert longest is not None
+    return choose_micro_batch(
+        module,
+        recipe.loss_fn,
+        make_rows,
+        row_tokens=longest,
+        max_rows=max(1, math.ceil(global_batch_tokens / world_size) // longest),
+        memory_budget_bytes=memory_budget,
+        optimize=optimize,
+        optimizer=recipe.build_optimizer(module, lr=float(recipe.defaults.get("lr", 1e-3))),
+        layout=Layout(parallelism, world_size, "auto"),
+        shard_units=recipe.shard_units,
+    )
+
+
 def token_plan_report(
     recipe_spec: str,
     global_batch_tokens: int,
@@ -191,33 +159,16 @@ def token_plan_report(
         raise UsageError(f"--packing: recipe {recipe_spec!r} has no collate_packed")
     lines, extra = [], {}
     if memory_budget is not None:
-        module = recipe.model.train()
-        longest = int(lengths.max())
-        choice = choose_micro_batch_tokens(
-            module,
-            recipe.loss_fn,
-            longest_rows(
-                recipe.train_dataset,
-                lengths,
-                recipe.collate_fn,
-                recipe.collate_packed if packing else None,
-            ),
-            row_tokens=longest,
-            max_micro_batch_tokens=max(longest, math.ceil(global_batch_tokens / world_size)),
-            memory_budget_bytes=memory_budget,
-            optimize=optimize,
-            optimizer=recipe.build_optimizer(module, lr=float(recipe.defaults.get("lr", 1e-3))),
-            layout=Layout(parallelism, world_size, "auto"),
-            shard_units=recipe.shard_units,
-        )
-        micro_batch_tokens = choice.micro_batch_tokens
+        choice = _probed(recipe, lengths, global_batch_tokens, world_size, packing, parallelism,
+                         memory_budget=memory_budget, optimize=optimize)  # fmt: skip
+        micro_batch_tokens = choice.value
         lines.append(
-            f"memory per padded token {format_bytes(choice.bytes_per_token)} (fit over rows of "
-            f"{longest} tokens); micro_batch_tokens {micro_batch_tokens}: {choice.reason}"
+            f"memory per padded token {format_bytes(choice.bytes_per_token or 0)} (fit over rows "
+            f"of {choice.row_tokens} tokens); micro_batch_tokens {micro_batch_tokens}: "
+            f"{choice.reason}"
         )
-        if choice.choice.rank_memory:  # in rows of the longest sample
-            memory = choice.choice.rank_memory
-            lines.append(format_rank_memory(memory, choice.choice.memory_budget_bytes))
+        if choice.rank_memory:  # in rows of the longest sample
+            lines.append(format_rank_memory(choice.rank_memory, choice.memory_budget_bytes))
         extra["micro_batch_choice"] = choice.to_dict()
     budget = TokenBudget(
         global_batch_tokens, world_size, micro_batch_tokens, packing, int(lengths.max())

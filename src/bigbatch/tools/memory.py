@@ -4,7 +4,7 @@
 peak on CUDA; on other devices an accounting of the tensors saved for backward plus parameters,
 gradients and optimizer state) and its samples/s, then fits memory(n) = a + b * n. It leaves the
 model, its gradients, the optimizer and every RNG as it found them. Choosing a micro-batch from
-the measurements is `bigbatch.tools.autobatch`.
+the measurements is `bigbatch.tools.choice`.
 """
 
 from __future__ import annotations
@@ -364,18 +364,10 @@ def probe(
     with preserved_state(module, device):
         for size in checked:
             try:
-                rows.append(
-                    _measure(
-                        module,
-                        loss_fn,
-                        make_batch,
-                        size,
-                        device=device,
-                        model_bytes=model_bytes,
-                        repetitions=repetitions,
-                        autocast_dtype=autocast_dtype,
-                    )
-                )
+                rows.append(_measure(
+                    module, loss_fn, make_batch, size, device=device, model_bytes=model_bytes,
+                    repetitions=repetitions, autocast_dtype=autocast_dtype,
+                ))  # fmt: skip
             except torch.OutOfMemoryError:
                 if not rows:
                     raise

@@ -16,8 +16,8 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
-from bigbatch.core import distributed, sharding
-from bigbatch.tools.rank_memory import Layout
+from bigbatch.core import distributed
+from bigbatch.tools.micro_setting import planned_layout as tools_planned_layout
 from bigbatch.units import UsageError
 
 if TYPE_CHECKING:
@@ -73,8 +73,4 @@ def planned_layout(config: Config, model: torch.nn.Module, world_size: int) -> d
     shards and, with gradient_sync auto, in both sync modes. A sharded model is probed by every
     rank in lockstep (each forward all-gathers), with every measurement agreed over ranks.
     """
-    sharded = sharding.is_fsdp(model)
-    return {
-        "layout": Layout("fsdp" if sharded else "ddp", world_size, config.gradient_sync),
-        "agree": distributed.agree_on_largest if sharded and world_size > 1 else None,
-    }
+    return tools_planned_layout(model, world_size, config.gradient_sync)

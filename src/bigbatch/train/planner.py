@@ -12,24 +12,16 @@ not shift them. docs/tokens.md describes a run in tokens.
 from __future__ import annotations
 
 import logging
-import math
 from collections.abc import Callable, Sequence
 from typing import Any
 
-import numpy as np
-import torch
-import torch.distributed as dist
 from torch.utils.data import Dataset
 
-from bigbatch.core import distributed
-from bigbatch.core.engine import LossFn
 from bigbatch.core.noise import NoiseScale
 from bigbatch.data.loader import WindowLoader
 from bigbatch.planning import Plan, TokenBudget, sample_lengths
 from bigbatch.planning.unit import BatchUnit, SampleUnit, TokenUnit, global_batch_sizes
-from bigbatch.tools.autotokens import choose_micro_batch_tokens, longest_rows
 from bigbatch.train.config import Config
-from bigbatch.train.environment import planned_layout
 from bigbatch.train.schedules import (
     AdaptiveBatchSize,
     BatchSizeSchedule,
@@ -314,39 +306,3 @@ class BatchPlanner:
             return
         self.adaptive.load_state_dict(saved)
         self.adaptive.granularity = unit.granularity  # of the restored micro setting
-
-
-def probe_micro_batch_tokens(
-    module: torch.nn.Module,
-    loss_fn: LossFn,
-    dataset: Dataset[Any],
-    lengths: np.ndarray,
-    *,
-    config: Config,
-    collate_fn: Callable[[list[Any]], Any] | None,
-    collate_packed: Callable[[list[list[Any]]], Any] | None,
-    optimizer: torch.optim.Optimizer,
-    device: torch.device,
-    world_size: int,
-) -> int:
-    """micro_batch_tokens auto: the probe on rows of the longest sample, agreed over ranks."""
-    assert config.global_batch_tokens is not None
-    longest = int(lengths.max())
-    budget = config.memory_budget
-    choice = choose_micro_batch_tokens(
-        module,
-        loss_fn,
-        longest_rows(dataset, lengths, collate_fn, collate_packed if config.packing else None),
-        row_tokens=longest,
-        max_micro_batch_tokens=max(longest, math.ceil(config.global_batch_tokens / world_size)),
-        memory_budget_bytes=None if budget == "auto" else budget,
-        optimize=config.optimize,
-        optimizer=optimizer,
-        device=device,
-        **planned_layout(config, module, world_size),
-    )
-    chosen = [choice.micro_batch_tokens]
-    if distributed.is_initialized():
-        dist.broadcast_object_list(chosen, src=0)  # every rank must cut the same micro-batches
-    logger.info("micro_batch_tokens auto: %d (%s)", chosen[0], choice.reason)
-    return int(chosen[0])

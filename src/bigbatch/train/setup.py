@@ -15,7 +15,6 @@ from dataclasses import dataclass
 from typing import Any, cast
 
 import torch
-import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import Dataset
 
@@ -23,12 +22,10 @@ from bigbatch.choices import GradientSync
 from bigbatch.core import batchnorm as batchnorm_policies
 from bigbatch.core import distributed, sharding
 from bigbatch.core.engine import Accumulator, LossFn
-from bigbatch.data.loader import first_samples
 from bigbatch.planning.unit import BatchUnit, SampleUnit, TokenUnit
-from bigbatch.tools.autobatch import choose_micro_batch_size
+from bigbatch.tools.micro_setting import probe_micro_setting, probe_rows
 from bigbatch.train import environment
 from bigbatch.train.config import Config
-from bigbatch.train.planner import probe_micro_batch_tokens
 from bigbatch.units import UsageError
 
 logger = logging.getLogger(__name__)
@@ -178,44 +175,34 @@ class MicroBatchProbe:
         self.gradient_sync: GradientSync | None = None
 
     def __call__(self, unit: BatchUnit) -> int:
-        """The micro setting of the unit (micro_batch_size or micro_batch_tokens)."""
-        if unit.name == "tokens":
-            return self._tokens(cast(TokenUnit, unit))
-        return self._samples(cast(SampleUnit, unit))
-
-    def _samples(self, unit: SampleUnit) -> int:
-        """micro_batch_size auto."""
-        assert unit.first_global_batch is not None
-        budget = self.config.memory_budget
-        choice = choose_micro_batch_size(
-            self.prepared.module,
-            self.loss_fn,
-            first_samples(self.dataset, self.collate_fn),
-            max_micro_batch_size=math.ceil(unit.first_global_batch / self.world_size),
-            memory_budget_bytes=None if budget == "auto" else budget,
-            optimize=self.config.optimize,
-            optimizer=self.optimizer,
-            device=self.prepared.device,
-            **environment.planned_layout(self.config, self.prepared.model, self.world_size),
-        )
-        chosen: list[Any] = [choice.micro_batch_size, choice.gradient_sync]
-        if distributed.is_initialized():
-            dist.broadcast_object_list(chosen, src=0)  # every rank must run the same plan
-        logger.info("micro_batch_size auto: %d (%s)", chosen[0], choice.reason)
-        self.gradient_sync = chosen[1]
-        return int(chosen[0])
-
-    def _tokens(self, unit: TokenUnit) -> int:
-        """micro_batch_tokens auto."""
-        return probe_micro_batch_tokens(
-            self.prepared.module,
-            self.loss_fn,
+        """The micro setting of the unit: micro_batch_size, or micro_batch_tokens (rows of the
+        longest sample, packed or not)."""
+        config, world_size = self.config, self.world_size
+        lengths = cast(TokenUnit, unit).lengths if unit.name == "tokens" else None
+        make_rows, row_tokens = probe_rows(
             self.dataset,
-            unit.lengths,
-            config=self.config,
-            collate_fn=self.collate_fn,
-            collate_packed=self.collate_packed,
+            self.collate_fn,
+            lengths=lengths,
+            collate_packed=self.collate_packed if config.packing else None,
+        )
+        if row_tokens is None:
+            first = cast(SampleUnit, unit).first_global_batch
+            assert first is not None
+            max_rows = math.ceil(first / world_size)
+        else:
+            assert config.global_batch_tokens is not None
+            max_rows = max(1, math.ceil(config.global_batch_tokens / world_size) // row_tokens)
+        choice = probe_micro_setting(
+            self.prepared.module,
+            self.loss_fn,
+            make_rows,
+            row_tokens=row_tokens,
+            max_rows=max_rows,
+            memory_budget=config.memory_budget,
+            optimize=config.optimize,
             optimizer=self.optimizer,
             device=self.prepared.device,
-            world_size=self.world_size,
+            **environment.planned_layout(config, self.prepared.model, world_size),
         )
+        self.gradient_sync = choice.gradient_sync
+        return choice.value
