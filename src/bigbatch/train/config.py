@@ -10,21 +10,18 @@ from __future__ import annotations
 import signal
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
-from pydantic_core import PydanticCustomError
+from pydantic import field_validator, model_validator
 
 from bigbatch.choices import (
     BATCHNORM_POLICIES,
     DEFAULT_OPTIMIZE,
     GRADIENT_SYNCS,
-    LR_SCALING_RULES,
     OPTIMIZE_GOALS,
     PARALLELISMS,
     PRECISIONS,
     TRACKERS,
     BatchNormPolicy,
     GradientSync,
-    LrScalingRule,
     Optimize,
     Parallelism,
     Precision,
@@ -32,162 +29,100 @@ from bigbatch.choices import (
     describe,
     one_of,
 )
-from bigbatch.units import MAX_COUNT, parse_memory_size
+from bigbatch.train.fields import POSITIVE, Auto, LRScaling, StrictModel, config_field, parse_bytes
 
-Auto = Literal["auto"]
-
-_POSITIVE = "a positive integer"
-
-
-def _field(default: Any, description: str, allowed: str) -> Any:
-    """A field with its description (for docs) and the allowed values (for error messages)."""
-    return Field(default, description=description, json_schema_extra={"allowed": allowed})
-
-
-def parse_bytes(value: int | str) -> int | Auto:
-    """`"20GiB"`, `"512MiB"`, `"1.5GB"`, `123` or `"auto"` as a byte count (or "auto").
-
-    It lives with the schema, not with the loading code, because the memory_budget validator
-    calls it: the schema imports nothing from `bigbatch.train.configfile`.
-
-    Example:
-        >>> parse_bytes("512MiB"), parse_bytes("2GB"), parse_bytes("auto")
-        (536870912, 2000000000, 'auto')
-    """
-    if isinstance(value, str) and value.strip().lower() == "auto":
-        return "auto"
-    return parse_memory_size(value)
-
+__all__ = ["Auto", "Config", "LRScaling", "parse_bytes"]
 
 # Signals that cannot be caught, or that mean a crash rather than a request to stop.
 _UNSTOPPABLE = {"SIGKILL", "SIGSTOP", "SIGSEGV", "SIGBUS", "SIGFPE", "SIGILL", "SIGABRT", "SIGCHLD"}
 
 
-def _too_large(value: Any) -> bool:
-    """An integer anywhere in the value beyond what bigbatch takes (2**63 - 1)."""
-    if isinstance(value, int) and not isinstance(value, bool):
-        return abs(value) > MAX_COUNT
-    if isinstance(value, list | tuple):
-        return any(_too_large(item) for item in value)
-    return False
-
-
-class _Model(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True, frozen=False)
-
-    @field_validator("*")
-    @classmethod
-    def _at_most_max_count(cls, value: Any) -> Any:
-        """No count, step or seed beyond 2**63 - 1: torch, numpy and the file formats take int64."""
-        if _too_large(value):
-            raise PydanticCustomError("too_large", "is above 2**63 - 1, the largest bigbatch takes")
-        return value
-
-
-class LRScaling(_Model):
-    """How the learning rate follows the global batch: lr = lr x rule(global / base_batch_size)."""
-
-    rule: LrScalingRule = _field(
-        "linear",
-        f"{describe(LR_SCALING_RULES)}. AdaScale's gain is (tr S + G2) / (tr S / s + G2) at "
-        "scale s = global / base_batch_size, G2 the squared gradient norm; it needs noise_scale.",
-        one_of(LR_SCALING_RULES),
-    )
-    base_batch_size: int | Auto = _field(
-        "auto",
-        "the global batch at which `lr` applies; auto: the run's first global batch, so a "
-        "batch-size schedule scales the lr from there.",
-        f'{_POSITIVE} or "auto"',
-    )
-
-    @field_validator("base_batch_size")
-    @classmethod
-    def _positive(cls, value: int | str) -> int | str:
-        if isinstance(value, int) and value <= 0:
-            raise ValueError("not positive")
-        return value
-
-
-class Config(_Model):
+class Config(StrictModel):
     """One training run. Fields left out come from the recipe's defaults, then from here."""
 
-    recipe: str = _field(
+    recipe: str = config_field(
         "digits",
         "a recipe name (digits, digits-bn, tinylm) or 'module:function' returning a Recipe.",
         "a recipe name or 'module:function'",
     )
-    recipe_options: dict[str, Any] = _field(
+    recipe_options: dict[str, Any] = config_field(
         {}, "options passed to the recipe's build function.", "a mapping"
     )
-    global_batch_size: int | None = _field(
+    global_batch_size: int | None = config_field(
         None,
         "items of one optimizer step over every rank; unset: the recipe's.",
-        _POSITIVE,
+        POSITIVE,
     )
-    micro_batch_size: int | Auto | None = _field(
+    micro_batch_size: int | Auto | None = config_field(
         None,
         "items per forward/backward on one rank; auto: chosen by probing memory, see optimize; "
         "unset: the recipe's, else derived from gradient_accumulation_steps, else the rank's "
         "whole share.",
-        f'{_POSITIVE} or "auto"',
+        f'{POSITIVE} or "auto"',
     )
-    gradient_accumulation_steps: int | Auto = _field(
+    gradient_accumulation_steps: int | Auto = config_field(
         "auto",
         "micro-batches per rank per step; auto: derived from the global and micro-batch sizes.",
-        f'{_POSITIVE} or "auto"',
+        f'{POSITIVE} or "auto"',
     )
-    memory_budget: int | str = _field(
+    memory_budget: int | str = config_field(
         "auto",
         'device memory a micro-batch may use, in bytes or as "20GiB" / "512MiB"; auto: what the '
         "device has free.",
         'a positive byte count, a size such as "20GiB", or "auto"',
     )
-    optimize: Optimize = _field(
+    optimize: Optimize = config_field(
         DEFAULT_OPTIMIZE,
         f"what micro_batch_size auto chooses: {describe(OPTIMIZE_GOALS)}.",
         one_of(OPTIMIZE_GOALS),
     )
-    max_steps: int | None = _field(
-        None, "optimizer steps to train (exclusive with epochs).", _POSITIVE
+    max_steps: int | None = config_field(
+        None, "optimizer steps to train (exclusive with epochs).", POSITIVE
     )
-    epochs: int | None = _field(
-        None, "passes over the training set (exclusive with max_steps).", _POSITIVE
+    epochs: int | None = config_field(
+        None, "passes over the training set (exclusive with max_steps).", POSITIVE
     )
-    lr: float = _field(1e-3, "base learning rate at lr_scaling.base_batch_size.", "a number > 0")
-    weight_decay: float = _field(0.0, "weight decay of the optimizer.", "a number >= 0")
-    lr_scaling: LRScaling = _field(
+    lr: float = config_field(
+        1e-3, "base learning rate at lr_scaling.base_batch_size.", "a number > 0"
+    )
+    weight_decay: float = config_field(0.0, "weight decay of the optimizer.", "a number >= 0")
+    lr_scaling: LRScaling = config_field(
         LRScaling(), "how the learning rate follows the global batch.", "a mapping"
     )
-    warmup_steps: int = _field(0, "optimizer steps of linear warm-up from 0.", "an integer >= 0")
-    lr_schedule: Literal["constant", "cosine", "linear"] = _field(
+    warmup_steps: int = config_field(
+        0, "optimizer steps of linear warm-up from 0.", "an integer >= 0"
+    )
+    lr_schedule: Literal["constant", "cosine", "linear"] = config_field(
         "constant",
         "decay after warm-up, to 0 at the run's last step.",
         '"constant", "cosine" or "linear"',
     )
-    precision: Precision = _field("fp32", f"{describe(PRECISIONS)}.", one_of(PRECISIONS))
-    max_grad_norm: float | None = _field(
+    precision: Precision = config_field("fp32", f"{describe(PRECISIONS)}.", one_of(PRECISIONS))
+    max_grad_norm: float | None = config_field(
         None, "clip the total gradient norm per step; unset: no clipping.", "a number > 0 or null"
     )
-    seed: int = _field(0, "seed of the model, the data order and every RNG.", "an integer >= 0")
-    eval_every: int = _field(
+    seed: int = config_field(
+        0, "seed of the model, the data order and every RNG.", "an integer >= 0"
+    )
+    eval_every: int = config_field(
         0, "evaluate every N steps (and always at the end); 0: at the end only.", "an integer >= 0"
     )
-    checkpoint_every: int = _field(
+    checkpoint_every: int = config_field(
         100,
         "checkpoint every N steps (and always at the end); 0: at the end only.",
         "an integer >= 0",
     )
-    keep_checkpoints: int = _field(3, "how many recent checkpoints to keep.", _POSITIVE)
-    on_nonfinite: Literal["skip", "stop"] = _field(
+    keep_checkpoints: int = config_field(3, "how many recent checkpoints to keep.", POSITIVE)
+    on_nonfinite: Literal["skip", "stop"] = config_field(
         "skip",
         "a non-finite loss or gradient: skip the step (counted, logged), or stop the run after "
         "max_nonfinite_in_row such steps in a row.",
         '"skip" or "stop"',
     )
-    max_nonfinite_in_row: int = _field(
-        3, "with on_nonfinite stop: non-finite steps in a row that stop the run.", _POSITIVE
+    max_nonfinite_in_row: int = config_field(
+        3, "with on_nonfinite stop: non-finite steps in a row that stop the run.", POSITIVE
     )
-    batch_size_schedule: list[tuple[int, int]] | Literal["adaptive"] | None = _field(
+    batch_size_schedule: list[tuple[int, int]] | Literal["adaptive"] | None = config_field(
         None,
         "[[step, global_batch_size], ...]: the global batch from each step on (0-based); the "
         "first stage is global_batch_size unless one starts at step 0. adaptive: the global "
@@ -195,57 +130,59 @@ class Config(_Model):
         "max_global_batch_size (needs noise_scale and epochs; see docs/training.md).",
         'a list of [step >= 0, global_batch_size >= 1] pairs, or "adaptive"',
     )
-    min_global_batch_size: int | None = _field(
+    min_global_batch_size: int | None = config_field(
         None,
         "batch_size_schedule adaptive: the smallest global batch; unset: global_batch_size.",
-        _POSITIVE,
+        POSITIVE,
     )
-    max_global_batch_size: int | None = _field(
+    max_global_batch_size: int | None = config_field(
         None,
         "batch_size_schedule adaptive: the largest global batch (required there).",
-        _POSITIVE,
+        POSITIVE,
     )
-    adapt_every: int = _field(
-        50, "batch_size_schedule adaptive: steps between decisions on the global batch.", _POSITIVE
+    adapt_every: int = config_field(
+        50, "batch_size_schedule adaptive: steps between decisions on the global batch.", POSITIVE
     )
-    drop_last: bool = _field(False, "drop the short last global batch of each epoch.", "a boolean")
-    num_workers: int = _field(0, "DataLoader worker processes.", "an integer >= 0")
-    device: Literal["auto", "cpu", "cuda"] = _field(
+    drop_last: bool = config_field(
+        False, "drop the short last global batch of each epoch.", "a boolean"
+    )
+    num_workers: int = config_field(0, "DataLoader worker processes.", "an integer >= 0")
+    device: Literal["auto", "cpu", "cuda"] = config_field(
         "auto", "auto: this rank's GPU when there is one, else the CPU.", '"auto", "cpu" or "cuda"'
     )
-    parallelism: Parallelism = _field(
+    parallelism: Parallelism = config_field(
         "ddp",
         f"how more than one process trains: {describe(PARALLELISMS)}; one process runs the "
         "model unsharded either way (see docs/sharded.md).",
         one_of(PARALLELISMS),
     )
-    gradient_sync: GradientSync = _field(
+    gradient_sync: GradientSync = config_field(
         "auto",
         f"when ranks reduce the gradient: {describe(GRADIENT_SYNCS)}.",
         one_of(GRADIENT_SYNCS),
     )
-    batchnorm: BatchNormPolicy = _field(
+    batchnorm: BatchNormPolicy = config_field(
         "keep",
         "what to do with BatchNorm layers (they break split equivalence): "
         f"{describe(BATCHNORM_POLICIES)}; see docs/batchnorm.md.",
         one_of(BATCHNORM_POLICIES),
     )
-    trackers: list[TrackerName] = _field(
+    trackers: list[TrackerName] = config_field(
         ["tensorboard"],
         "where the per-step figures go besides metrics.jsonl (always written), all offline in "
         f"the run directory: {describe(TRACKERS)}.",
         f"a list of {one_of(TRACKERS)}",
     )
-    noise_scale: bool = _field(
+    noise_scale: bool = config_field(
         False,
         "estimate the gradient noise scale (critical batch size) every step; unset: on with "
         "batch_size_schedule adaptive or lr_scaling.rule adascale.",
         "a boolean",
     )
-    noise_smoothing_steps: int = _field(
-        200, "noise_scale: the moving-average window of the estimate, in steps.", _POSITIVE
+    noise_smoothing_steps: int = config_field(
+        200, "noise_scale: the moving-average window of the estimate, in steps.", POSITIVE
     )
-    stop_signals: list[str] = _field(
+    stop_signals: list[str] = config_field(
         ["SIGTERM", "SIGINT"],
         "signals that stop the run at the end of the current step, after a checkpoint of it, "
         "with exit code 128 + the signal's number (a second SIGINT aborts at once); add SIGUSR1 "
@@ -253,36 +190,36 @@ class Config(_Model):
         'a list of signal names such as "SIGTERM", "SIGINT", "SIGUSR1"',
     )
     # Global batches in tokens (docs/tokens.md): checked together in _token_fields.
-    global_batch_tokens: int | None = _field(
+    global_batch_tokens: int | None = config_field(
         None,
         "input tokens of one optimizer step over every rank, instead of global_batch_size: each "
         "global batch is the next samples of the epoch order until their tokens reach it. "
         "batch_size_schedule stages and lr_scaling.base_batch_size then count tokens too.",
-        _POSITIVE,
+        POSITIVE,
     )
-    micro_batch_tokens: int | Auto | None = _field(
+    micro_batch_tokens: int | Auto | None = config_field(
         None,
         "with global_batch_tokens: padded tokens (rows x longest row) per forward/backward on "
         "one rank; auto: the most that fit memory_budget; unset: a rank's share in one "
         "micro-batch.",
-        f'{_POSITIVE} or "auto"',
+        f'{POSITIVE} or "auto"',
     )
-    packing: bool = _field(
+    packing: bool = config_field(
         False,
         "with global_batch_tokens: several sequences share a row, positions and attention kept "
         "within each (the recipe needs collate_packed).",
         "a boolean",
     )
-    min_global_batch_tokens: int | None = _field(
+    min_global_batch_tokens: int | None = config_field(
         None,
         "batch_size_schedule adaptive in tokens: the smallest global batch; unset: "
         "global_batch_tokens.",
-        _POSITIVE,
+        POSITIVE,
     )
-    max_global_batch_tokens: int | None = _field(
+    max_global_batch_tokens: int | None = config_field(
         None,
         "batch_size_schedule adaptive in tokens: the largest global batch (required there).",
-        _POSITIVE,
+        POSITIVE,
     )
 
     @field_validator("global_batch_tokens", "min_global_batch_tokens", "max_global_batch_tokens")
