@@ -415,3 +415,27 @@ def format_memory(rows: Sequence[MemoryRow], global_batch_size: int = 256) -> st
             f"| {row.micro_batch_size / global_batch_size:.3f} |"
         )
     return "\n".join(lines)
+
+
+def quick_report(
+    *, smoke: bool, steps: int, micro_batch_size: int, gradient_accumulation_steps: int
+) -> str:
+    """What `bigbatch bench` prints: engine overhead, DDP all-reduces, activation memory."""
+    steps, warmup = (3, 1) if smoke else (steps, 5)
+    row = measure_overhead(
+        steps=steps,
+        warmup=warmup,
+        micro_batch_size=micro_batch_size,
+        gradient_accumulation_steps=gradient_accumulation_steps,
+    )
+    size = sum(p.numel() for p in mlp(256).parameters()) / 1e6
+    return "\n".join(
+        [
+            "Engine overhead: Accumulator.step vs the hand-written loop\n",
+            format_rows([row]),
+            f"\nDDP: 2 gloo processes on this machine, MLP {size:.2f}M, micro-batch 16 per rank\n",
+            format_ddp(measure_ddp((1, 4), steps=2 if smoke else 5)),
+            "\nMemory: digits, global batch 256, tensors saved for backward (the memory probe)\n",
+            format_memory(measure_memory()),
+        ]
+    )

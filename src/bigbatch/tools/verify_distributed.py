@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import copy
 import math
+import sys
 from collections.abc import Callable
 from typing import Any
 
@@ -200,3 +201,41 @@ def verify_distributed(
         breaking_layers=tuple(breaking_layers(model)),
         world_size=world_size,
     )
+
+
+def verify_configuration(
+    recipe: Recipe,
+    world_size: int,
+    *,
+    global_batch_size: int,
+    micro_batch_size: int | None,
+    gradient_accumulation_steps: int | None,
+    parallelism: str,
+    gradient_sync: str,
+    **settings: Any,
+) -> Any:
+    """`verify` on one process, `verify_distributed` over the ranks (what `bigbatch verify`
+    runs): the micro-batch given, or derived from the accumulation steps."""
+    from bigbatch.tools.verify import verify
+
+    micro = micro_batch_size
+    if micro is None and gradient_accumulation_steps is not None:
+        micro = plan(
+            global_batch_size, world_size, gradient_accumulation_steps=gradient_accumulation_steps
+        ).micro_batch_size
+    settings.update(global_batch_size=global_batch_size, micro_batch_size=micro)
+    if world_size > 1:
+        return verify_distributed(
+            recipe,
+            parallelism=parallelism,  # type: ignore[arg-type]
+            gradient_sync=gradient_sync,  # type: ignore[arg-type]
+            **settings,
+        )
+    if parallelism == "fsdp":
+        print(
+            "bigbatch verify: warning: parallelism fsdp shards over several processes and this "
+            "is one: checking one process, unsharded (to check the sharded configuration: "
+            "torchrun --standalone --nproc_per_node=2 -m bigbatch verify ...)",
+            file=sys.stderr,
+        )
+    return verify(recipe, **settings)
