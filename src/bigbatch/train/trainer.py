@@ -36,6 +36,7 @@ from bigbatch.tools.autobatch import choose_micro_batch_size
 from bigbatch.train import checkpoint, environment, evaluation, resume, rundir
 from bigbatch.train import metrics as run_metrics
 from bigbatch.train import report as run_report
+from bigbatch.train.checkpointer import Checkpointer
 from bigbatch.train.config import Config
 from bigbatch.train.configfile import config_to_yaml, with_recipe_defaults
 from bigbatch.train.early_warning import EarlyWarning
@@ -161,6 +162,7 @@ class Trainer:
         self._total_steps = 0
         self._saved_step: int | None = None  # the step of the latest checkpoint written
         self._restored: checkpoint.Checkpoint | None = None
+        self._checkpointer: Checkpointer | None = None  # built by _fit, with its participants
         self._session_start, self._wall_time_before = time.perf_counter(), 0.0
 
     def _shard(
@@ -297,6 +299,7 @@ class Trainer:
         # Training draws (dropout, ...) from a stream of its own per rank, reproducible on resume.
         environment.seed_everything(self.config.seed + 1_000_003 * self.rank)
         state = TrainState()
+        self._checkpointer = self._build_checkpointer(loader, state)
         restored = self._restore(loader, state) if resume else None
         total = self._total_steps = self._checked_total(restored, loader.step)
         if restored is not None and self.batches.finished(loader.step, loader.sampler, total):
@@ -578,43 +581,35 @@ class Trainer:
 
     # -- checkpoints, the run directory and the summary ----------------------------------------
 
-    def _save_checkpoint(self, loader: WindowLoader | TokenWindowLoader, state: TrainState) -> None:
-        rng = checkpoint.gather_rng_states(self.world_size)
-        self._saved_step = loader.step
-        if not distributed.is_main_process() and not self.sharded:
-            return
-        assert self.run_dir is not None
-        state.wall_time_s = self._wall_time_before + time.perf_counter() - self._session_start
-        training_state = {
-            "optimizer": {"sharded": True} if self.sharded else self.optimizer.state_dict(),
-            "accumulator": self.accumulator.state_dict(),
-            "data": loader.state_dict(),
-            "rng": rng,
-            "plan": self.plan_for(self.batch_size_at(max(0, loader.step - 1))).to_dict(),
-            "micro_batch_size": self.batches.micro_batch_size,
-            "micro_batch_tokens": getattr(self.batches, "micro_batch_tokens", None),
-            "config": self.config.model_dump(mode="json"),
-            "counters": state.state_dict(),
-            "world_size": self.world_size,
-            "total_steps": self._total_steps,
-            "early_warning": self.early_warning.state_dict(),
-            "adaptive": self.batches.adaptive.state_dict()
-            if self.batches.adaptive is not None
-            else None,
-        }
-        if self.sharded:  # every rank writes its shard
-            checkpoint.save_sharded_checkpoint(
-                self.run_dir / "checkpoints",
-                loader.step,
-                self.module,
-                self.optimizer,
-                training_state,
-                keep=self.config.keep_checkpoints,
-            )
-            return
-        checkpoint.save_run_checkpoint(
-            self.run_dir, loader.step, self.module, training_state, self.config.keep_checkpoints
+    def _build_checkpointer(
+        self, loader: WindowLoader | TokenWindowLoader, state: TrainState
+    ) -> Checkpointer:
+        """The checkpointer of this run and everything with state, in restore order."""
+        checkpointer = Checkpointer(
+            (self.run_dir or Path(".")) / "checkpoints",
+            model=self.module,
+            optimizer=self.optimizer,
+            sharded=self.sharded,
+            keep=self.config.keep_checkpoints,
         )
+        checkpointer.register("accumulator", self.accumulator)
+        checkpointer.register("data", loader)
+        checkpointer.register("counters", state)
+        checkpointer.register("early_warning", self.early_warning)
+        checkpointer.register("planner", _PlannerState(self.batches, self.config))
+        return checkpointer
+
+    def _save_checkpoint(self, loader: WindowLoader | TokenWindowLoader, state: TrainState) -> None:
+        """The checkpoint of the step just done (call on every rank)."""
+        assert self.run_dir is not None and self._checkpointer is not None
+        self._saved_step = loader.step
+        state.wall_time_s = self._wall_time_before + time.perf_counter() - self._session_start
+        extra = {
+            "plan": self.plan_for(self.batch_size_at(max(0, loader.step - 1))).to_dict(),
+            "config": self.config.model_dump(mode="json"),
+            "total_steps": self._total_steps,
+        }
+        self._checkpointer.save(loader.step, extra)
 
     def _restore(self, loader: WindowLoader | TokenWindowLoader, state: TrainState) -> int | None:
         """Load the newest valid checkpoint into everything; returns its step (None: none)."""
@@ -622,27 +617,9 @@ class Trainer:
         found = self._restored = resume.load(self.run_dir, self.config, self.module, num_samples)
         if found is None:
             return None
-        saved = found.training_state
-        if found.sharded:
-            checkpoint.load_sharded_state(found.path, self.module, self.optimizer)
-        else:
-            self.module.load_state_dict(found.model_state)
-            self.optimizer.load_state_dict(saved["optimizer"])
-        self.accumulator.load_state_dict(saved["accumulator"])
-        loader.load_state_dict(saved["data"])
-        state.load_state_dict(saved["counters"])
+        assert self._checkpointer is not None
+        self._checkpointer.restore(found)  # loader and state are registered participants
         self._wall_time_before, self._saved_step = state.wall_time_s, found.step
-        if isinstance(self.batches, TokenBatchPlanner):
-            if self.config.micro_batch_tokens == "auto":  # no second memory probe
-                self.batches.micro_batch_tokens = int(saved["micro_batch_tokens"])
-        elif self.config.micro_batch_size == "auto":
-            self.batches.micro_batch_size = int(saved["micro_batch_size"])  # no second memory probe
-        if saved.get("early_warning"):
-            self.early_warning.load_state_dict(saved["early_warning"])
-        if self.batches.adaptive is not None and saved.get("adaptive"):
-            self.batches.adaptive.load_state_dict(saved["adaptive"])
-        rank, world_size = self.rank, self.world_size
-        checkpoint.restore_rng_states(saved["rng"], rank, world_size, saved.get("world_size"))
         logger.info("resumed from %s at step %d", found.path, found.step)
         return found.step
 
@@ -728,6 +705,36 @@ def fit(
         shard_units=recipe.shard_units,
     )
     return trainer.fit(resume=resume, overwrite=overwrite)
+
+
+class _PlannerState:
+    """The batch planner's probed micro-batch and adaptive stages as a checkpoint participant
+    (`BatchPlanner` and `TokenBatchPlanner` have no state_dict of their own yet).
+
+    Restored: a probed (auto) micro-batch, so that a resume runs no second memory probe, and
+    the adaptive controller's stages.
+    """
+
+    def __init__(self, planner: BatchPlanner | TokenBatchPlanner, config: Config) -> None:
+        self.planner, self.config = planner, config
+
+    def state_dict(self) -> dict[str, Any]:
+        adaptive = self.planner.adaptive
+        return {
+            "micro_batch_size": self.planner.micro_batch_size,
+            "micro_batch_tokens": getattr(self.planner, "micro_batch_tokens", None),
+            "adaptive": adaptive.state_dict() if adaptive is not None else None,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        planner = self.planner
+        if isinstance(planner, TokenBatchPlanner):
+            if self.config.micro_batch_tokens == "auto":
+                planner.micro_batch_tokens = int(state["micro_batch_tokens"])
+        elif self.config.micro_batch_size == "auto":
+            planner.micro_batch_size = int(state["micro_batch_size"])
+        if planner.adaptive is not None and state.get("adaptive"):
+            planner.adaptive.load_state_dict(state["adaptive"])
 
 
 _POLICY_MARK = "_bigbatch_batchnorm_policy"
