@@ -15,6 +15,7 @@ import json
 import logging
 import pickle
 import shutil
+import struct
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -71,6 +72,8 @@ _LOAD_ERRORS = (
     EOFError,
     RuntimeError,
     AttributeError,
+    IndexError,
+    struct.error,
     pickle.UnpicklingError,
     safetensors.SafetensorError,
 )

@@ -230,7 +230,13 @@ def check_shards(shards: Path, metadata: Any) -> None:
             data = handle.read(info.length)
         if len(data) != info.length:
             raise ValueError(f"{SHARDS_DIR}/{info.relative_path} is truncated")
-        value = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+        try:
+            value = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+        except Exception as error:  # noqa: BLE001 - any parser error of damaged bytes
+            raise ValueError(
+                f"{SHARDS_DIR}/{info.relative_path}: the item of {index.fqn} does not load "
+                f"weights-only ({type(error).__name__}: {str(error)[:120]})"
+            ) from error
         expected = metadata.state_dict_metadata.get(index.fqn)
         if isinstance(expected, TensorStorageMetadata):
             sizes = {tuple(chunk.offsets): tuple(chunk.sizes) for chunk in expected.chunks}
