@@ -83,6 +83,8 @@ class Trainer:
             before the root; None: `bigbatch.core.sharding.default_shard_units`.
     """
 
+    _checkpointer: Checkpointer | None = None  # built by _fit, with the run's participants
+
     def __init__(
         self,
         model: torch.nn.Module,
@@ -162,7 +164,6 @@ class Trainer:
         self._total_steps = 0
         self._saved_step: int | None = None  # the step of the latest checkpoint written
         self._restored: checkpoint.Checkpoint | None = None
-        self._checkpointer: Checkpointer | None = None  # built by _fit, with its participants
         self._session_start, self._wall_time_before = time.perf_counter(), 0.0
 
     def _shard(
