@@ -75,7 +75,8 @@ def test_a_registered_participant_round_trips(tmp_path, sharded):
     found = load_latest_checkpoint(tmp_path)
     assert found is not None and found.training_state["total_steps"] == 9
     restoring.restore(found)
-    assert torch.equal(fresh.seen, tally.seen) and (fresh.calls, fresh.note) == (5, "after two steps")
+    assert torch.equal(fresh.seen, tally.seen)
+    assert (fresh.calls, fresh.note) == (5, "after two steps")
     for name, value in saving.model.state_dict().items():
         assert torch.equal(restoring.model.state_dict()[name], value), name
     expected = saving.optimizer.state_dict()["state"]

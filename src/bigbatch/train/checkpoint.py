@@ -275,13 +275,15 @@ def _agree(error: BaseException | None, result: Any) -> Any:
     if distributed.is_initialized() and dist.get_world_size() > 1:
         outcomes = [None] * dist.get_world_size()  # type: ignore[list-item]
         dist.all_gather_object(outcomes, mine)
+    storage = [message for message, is_storage, _ in outcomes if is_storage]
+    if storage and not isinstance(error, StorageError):
+        # A rank that could not write explains the others' failures (DCP's, on every rank).
+        raise StorageError(storage[0]) from error
     if error is not None:
         raise error
-    failed = [(rank, outcome) for rank, outcome in enumerate(outcomes) if outcome[0] is not None]
+    failed = [(rank, outcome[0]) for rank, outcome in enumerate(outcomes) if outcome[0] is not None]
     if failed:
-        rank, (message, storage, _) = failed[0]
-        if storage:
-            raise StorageError(message)
+        rank, message = failed[0]
         raise UsageError(f"rank {rank} could not save the checkpoint: {message}")
     return outcomes[0][2]
 

@@ -11,8 +11,11 @@ and every item is loaded with ``weights_only=True``.
 
 from __future__ import annotations
 
+import contextlib
 import io
+import os
 import pickle
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -153,10 +156,20 @@ class ShardedWeights:
         from torch.distributed.checkpoint.state_dict import get_state_dict
 
         model_state, optimizer_state = get_state_dict(model, optimizer)
-        dcp.save(
-            {"model": model_state, "optimizer": optimizer_state},
-            storage_writer=dcp.FileSystemWriter(str(directory / SHARDS_DIR)),
-        )
+        failed_writes: list[OSError] = []
+        try:
+            dcp.save(
+                {"model": model_state, "optimizer": optimizer_state},
+                storage_writer=_recording_writer(directory / SHARDS_DIR, failed_writes),
+            )
+        except BaseException as error:
+            if not failed_writes:
+                raise
+            # torch.save inside DCP reports a failed write (a full disk) as its own RuntimeError:
+            # the I/O error underneath is the one to report.
+            cause = failed_writes[0]
+            cause.strerror = f"{cause.strerror or cause} (rank {distributed.get_rank()})"
+            raise cause from error
 
     def read(self, path: Path) -> dict[str, torch.Tensor]:
         from torch.distributed.checkpoint.metadata import TensorStorageMetadata
@@ -246,6 +259,39 @@ def check_shards(shards: Path, metadata: Any) -> None:
                     f"{SHARDS_DIR}/{info.relative_path} holds no tensor of shape {size} for "
                     f"{index.fqn}"
                 )
+
+
+class _WriteRecorder:
+    """A file for DCP's writer that keeps the OSError of a failed write."""
+
+    def __init__(self, stream: Any, failed_writes: list[OSError]) -> None:
+        self._stream, self._failed_writes = stream, failed_writes
+
+    def write(self, data: Any) -> int:
+        try:
+            return int(self._stream.write(data))
+        except OSError as error:
+            self._failed_writes.append(error)
+            raise
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._stream, name)
+
+
+def _recording_writer(shards: Path, failed_writes: list[OSError]) -> Any:
+    """DCP's file writer, keeping the I/O errors that torch.save turns into RuntimeErrors."""
+    from torch.distributed.checkpoint import FileSystemWriter
+    from torch.distributed.checkpoint.filesystem import FileSystem
+
+    class RecordingFileSystem(FileSystem):
+        @contextlib.contextmanager
+        def create_stream(self, path: str | os.PathLike[str], mode: str) -> Iterator[Any]:
+            with super().create_stream(path, mode) as stream:
+                yield _WriteRecorder(stream, failed_writes) if "w" in mode else stream
+
+    writer = FileSystemWriter(str(shards))
+    writer.fs = RecordingFileSystem()
+    return writer
 
 
 def _safe_reader(shards: Path) -> Any:
