@@ -106,7 +106,7 @@ class Checkpoint:
 def save(
     directory: Path,
     step: int,
-    training_state: dict[str, Any],
+    training_state: Callable[[], dict[str, Any]],
     write_weights: Callable[[Path], None],
     *,
     sharded: bool = False,
@@ -123,8 +123,9 @@ def save(
     Args:
         directory: where the ``step-*`` directories live (created if missing).
         step: optimizer steps completed.
-        training_state: rank 0's is written; tensors, numbers, strings, bools, None, lists, tuples
-            and dicts only, so that it loads with ``weights_only=True``.
+        training_state: builds the training state, called on rank 0 only (inside the first
+            phase, so that its failure reaches every rank); tensors, numbers, strings, bools,
+            None, lists, tuples and dicts only, so that it loads with ``weights_only=True``.
         write_weights: writes the model (and optimizer) into the temporary directory.
         sharded: recorded in ``meta.json``: which `checkpoint_weights` format reads it back.
         keep: how many checkpoints to keep (the newest by step); None keeps all.
@@ -143,10 +144,16 @@ def save(
     intact = f"; the earlier checkpoints are intact (newest: {newest[-1].name})" if newest else ""
     phase = _Phases(f"write checkpoint {final}", intact)
     main = distributed.is_main_process()
-    tmp = directory / phase.on_main(lambda: _prepare(directory, final, training_state))
+    state: dict[str, Any] = {}  # rank 0's
+
+    def prepare() -> str:
+        state.update(training_state())
+        return _prepare(directory, final, state)
+
+    tmp = directory / phase.on_main(prepare)
     try:
         phase.everywhere(lambda: write_weights(tmp))
-        phase.on_main(lambda: _finish(tmp, final, step, training_state, sharded))
+        phase.on_main(lambda: _finish(tmp, final, step, state, sharded))
     except BaseException:
         if main:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -173,7 +180,7 @@ def save_checkpoint(
         if distributed.is_main_process():
             write_safetensors(tmp / MODEL_FILE, model_state)
 
-    return save(directory, step, training_state, write, keep=keep)
+    return save(directory, step, lambda: training_state, write, keep=keep)
 
 
 def _prepare(directory: Path, final: Path, training_state: dict[str, Any]) -> str:

@@ -132,13 +132,10 @@ class Checkpointer:
             StorageError: one line on every rank when any rank could not write.
         """
         rng = gather_rng_states(self.world_size)  # a collective: every rank's generators
-        training_state: dict[str, Any] = {}
-        if distributed.is_main_process():  # only rank 0's training state is written
-            training_state = self._training_state(extra or {}, rng)
         return checkpoint.save(
             self.directory,
             step,
-            training_state,
+            lambda: self._training_state(extra or {}, rng),  # on rank 0, which writes it
             lambda tmp: self.weights.write(tmp, self.model, self.optimizer),
             sharded=self.weights.sharded,
             keep=self.keep,
