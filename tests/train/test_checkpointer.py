@@ -159,13 +159,20 @@ def save_with_a_failing_rank(rank: int, world_size: int, directory: str, sharded
         file_limit(2_000)
     if how == "not a directory on rank 0" and rank == 0:
         checkpointer.directory = Path(directory) / "step-00000001" / "meta.json" / "x"
+    if how == "a participant fails on rank 0" and rank == 0:
+        checkpointer.register("broken", Broken())
     try:
         checkpointer.save(2)
-    except StorageError as error:
-        return str(error)
+    except Exception as error:  # noqa: BLE001 - the outcome is what the test checks
+        return f"{type(error).__name__}: {error}"
     finally:
         file_limit(None)
     return None
+
+
+class Broken(Tally):
+    def state_dict(self) -> dict[str, Any]:
+        raise RuntimeError("a bug in a participant")
 
 
 @pytest.mark.slow
@@ -176,12 +183,17 @@ def save_with_a_failing_rank(rank: int, world_size: int, directory: str, sharded
         (True, "full disk on rank 1", "File too large (rank 1)"),
         (True, "not a directory on rank 0", "Not a directory"),
         (False, "not a directory on rank 0", "Not a directory"),
+        (True, "a participant fails on rank 0", "a bug in a participant"),
     ],
 )
 def test_a_storage_error_on_one_rank_is_one_line_on_every_rank(tmp_path, sharded, how, reason):
     messages = run_processes(save_with_a_failing_rank, 2, str(tmp_path), sharded, how)
-    assert all(message is not None for message in messages), messages
-    assert messages[0] == messages[1] or how.startswith("not a directory")
+    if how == "a participant fails on rank 0":  # its own error there, one line on the other
+        assert messages[0] == "RuntimeError: a bug in a participant"
+        assert messages[1].startswith("UsageError: rank 0 could not save the checkpoint")
+    else:
+        assert all(message.startswith("StorageError: ") for message in messages), messages
+        assert messages[0] == messages[1]  # the same line on every rank
     for message in messages:
         assert len(message.splitlines()) == 1 and reason in message, message
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith("step")] == ["step-00000001"]

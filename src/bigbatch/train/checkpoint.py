@@ -277,7 +277,12 @@ def dcp_failures(error: BaseException) -> dict[int, BaseException]:
 
 def _agree(error: BaseException | None, result: Any) -> Any:
     """Every rank's outcome to every rank: raise if any failed, else return rank 0's result."""
-    mine = (None if error is None else str(error), isinstance(error, StorageError), result)
+    message = None
+    if isinstance(error, StorageError):
+        message = str(error)
+    elif error is not None:  # the first line only: DCP's exceptions hold every rank's traceback
+        message = f"{type(error).__name__}: {(str(error).strip().splitlines() or [''])[0][:300]}"
+    mine = (message, isinstance(error, StorageError), result)
     outcomes = [mine]
     if distributed.is_initialized() and dist.get_world_size() > 1:
         outcomes = [None] * dist.get_world_size()  # type: ignore[list-item]
