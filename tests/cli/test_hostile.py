@@ -260,12 +260,14 @@ def build(config):
 
 @pytest.mark.slow
 @pytest.mark.timeout(300)
-def test_a_full_disk_while_saving_and_on_resume_is_one_line(tmp_path):
+@pytest.mark.parametrize("parallelism", ["ddp", "fsdp"], ids=["plain", "sharded"])
+def test_a_full_disk_while_saving_and_on_resume_is_one_line(tmp_path, parallelism):
     (tmp_path / "fills.py").write_text(RECIPE)
     out = tmp_path / "run"
     settings = [
         "--set", "recipe=fills:build", "--set", "global_batch_size=64", "--set", "max_steps=8",
         "--set", "eval_every=0", "--set", "checkpoint_every=2", "--no-progress",
+        "--set", f"parallelism={parallelism}",  # fsdp: DCP's shards, on one process too
     ]  # fmt: skip
     # 4 micro-batches a step: the disk is full from step 3 on, after the checkpoint of step 2.
     full = {"FULL_AFTER_MICRO_BATCHES": "9"}

@@ -12,14 +12,9 @@ import numpy as np
 import pytest
 import torch
 
-from bigbatch.train import checkpoint
-from bigbatch.train.checkpoint import (
-    capture_rng_state,
-    list_checkpoints,
-    load_latest_checkpoint,
-    restore_rng_state,
-    save_checkpoint,
-)
+from bigbatch.train import checkpoint_files
+from bigbatch.train.checkpoint import list_checkpoints, load_latest_checkpoint, save_checkpoint
+from bigbatch.train.checkpoint_rng import capture_rng_state, restore_rng_state
 from tests import models
 
 
@@ -160,7 +155,7 @@ def test_saving_a_step_twice_replaces_it(tmp_path):
 
 
 def test_saving_a_step_twice_without_atomic_exchange(tmp_path, monkeypatch):
-    monkeypatch.setattr(checkpoint, "_exchange", lambda first, second: False)
+    monkeypatch.setattr(checkpoint_files, "_exchange", lambda first, second: False)
     save_steps(tmp_path, [1, 2])
     save_checkpoint(tmp_path, 2, {"w": torch.full((3,), -1.0)}, {"again": True})
     assert sorted(p.name for p in tmp_path.iterdir()) == ["step-00000001", "step-00000002"]
@@ -268,7 +263,7 @@ def test_failed_save_leaves_previous_checkpoints(tmp_path, monkeypatch):
     def crash(*args, **kwargs):
         raise OSError("disk went away")
 
-    monkeypatch.setattr(checkpoint.os, "replace", crash)
+    monkeypatch.setattr(checkpoint_files.os, "replace", crash)
     with pytest.raises(OSError, match="disk went away"):
         save_steps(tmp_path, [2], keep=1)
     monkeypatch.undo()

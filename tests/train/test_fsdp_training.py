@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -108,14 +109,24 @@ def test_fsdp_on_two_processes_equals_one_and_checkpoints_reshard(tmp_path):
             _close(_weights(resumed), reference)
 
 
-def test_a_damaged_shard_makes_the_previous_checkpoint_the_one(tmp_path):
+@pytest.mark.parametrize("fix_checksum", [False, True], ids=["checksum", "loader"])
+def test_a_damaged_shard_makes_the_previous_checkpoint_the_one(tmp_path, fix_checksum):
     out = tmp_path / "run"
-    _train(out, 1, 2)  # one process writes the sharded format too
-    shards = out / "checkpoints" / "step-00000002" / "shards"
-    shard = next(p for p in shards.iterdir() if p.suffix == ".distcp")
-    shard.write_bytes(shard.read_bytes()[:-3] + b"xyz")
+    _train(out, 1, 2, settings=("--set", "checkpoint_every=1"))  # one process: sharded format too
+    saved = out / "checkpoints" / "step-00000002"
+    shard = next(p for p in (saved / "shards").iterdir() if p.suffix == ".distcp")
+    damaged = shard.read_bytes()[:-3] + b"xyz"
+    if fix_checksum:  # garbage whose checksum meta.json records: only the loader can tell
+        damaged = b"\x80garbage" * (len(damaged) // 8)
+        meta = json.loads((saved / "meta.json").read_text())
+        meta["sha256"][f"shards/{shard.name}"] = hashlib.sha256(damaged).hexdigest()
+        (saved / "meta.json").write_text(json.dumps(meta))
+    shard.write_bytes(damaged)
     log = _train(out, 1, 3, resume=True)
-    assert "skipping checkpoint" in log and "does not match its sha256" in log
+    reason = "does not load weights-only" if fix_checksum else "does not match its sha256"
+    assert "skipping checkpoint" in log and reason in log
+    assert "UnpicklingError" not in log.replace("does not load weights-only (Unpickling", "")
+    assert "resumed from" in log and "step-00000001 at step 1" in log
 
 
 def test_micro_batch_auto_plans_per_rank_in_lockstep_as_bigbatch_plan_projects(tmp_path):

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import shutil
 from pathlib import Path
 
@@ -19,6 +20,8 @@ import torch
 from safetensors.torch import load_file
 
 from bigbatch.cli import main
+from bigbatch.train import resume
+from bigbatch.train.checkpoint import load_latest_checkpoint
 from bigbatch.train.configfile import validate
 from bigbatch.train.trainer import Trainer
 from bigbatch.units import UsageError
@@ -198,6 +201,7 @@ def rewrite_state(checkpoint: Path, change) -> None:
 
 
 def test_valid_checksums_but_unusable_contents_fall_back_and_are_set_aside(tmp_path, caplog):
+    caplog.set_level(logging.INFO)  # "resumed from" is an INFO line, whatever ran before
     tiny_run(tmp_path / "reference", 6)
     out = tmp_path / "run"
     tiny_run(out, 4)  # checkpoints of steps 2, 3 and 4
@@ -238,3 +242,28 @@ def test_weights_that_do_not_fit_the_model_are_refused(tmp_path):
         trainer.fit(resume=True)
     with pytest.raises(UsageError, match="--resume continues"):
         trainer.fit(resume=True, overwrite=True)
+
+
+def test_a_checkpoint_of_format_1_still_resumes_exactly(tmp_path, caplog):
+    """Format 1 kept the planner's values at the top of the training state: upgraded on load."""
+    caplog.set_level(logging.INFO)
+    tiny_run(tmp_path / "reference", 6)
+    out = tmp_path / "run"
+    tiny_run(out, 3)
+    newest = out / "checkpoints" / "step-00000003"
+
+    def as_format_1(state: dict) -> None:
+        state.update(state.pop("planner"))
+
+    rewrite_state(newest, as_format_1)
+    meta = json.loads((newest / "meta.json").read_text())
+    (newest / "meta.json").write_text(json.dumps({**meta, "format_version": 1}))
+    found = load_latest_checkpoint(out / "checkpoints")
+    assert found is not None and found.format_version == 1
+    assert resume.upgrade(found).training_state["planner"]["micro_batch_size"] == 4
+    (out / "final.safetensors").unlink()
+    tiny_run(out, 6, resume=True)
+    assert "skipping checkpoint" not in caplog.text and "step-00000003 at step 3" in caplog.text
+    expected = load_file(tmp_path / "reference" / "final.safetensors")
+    actual = load_file(out / "final.safetensors")
+    assert all(torch.equal(expected[name], actual[name]) for name in expected)

@@ -8,11 +8,15 @@ checkpointer, not something the loop carries.
 from __future__ import annotations
 
 from collections.abc import Callable
+from pathlib import Path
+from typing import Any
 
 import torch
 
 from bigbatch.train import environment
 from bigbatch.train import metrics as run_metrics
+from bigbatch.train.checkpoint import checkpoint_name
+from bigbatch.train.checkpointer import Checkpointer
 from bigbatch.train.early_warning import EarlyWarning
 from bigbatch.train.loop import StepReport
 from bigbatch.train.preemption import StopSignals
@@ -76,15 +80,41 @@ class EvaluationHook:
 
 
 class CheckpointHook:
-    """Saves a checkpoint every ``every`` steps (the end of the run saves on its own)."""
+    """The run's checkpoints: every ``every`` steps (not at the last one), and on demand at the
+    end of the run or when it stops. Call on every rank (sharded saves write on each).
 
-    def __init__(self, every: int, save: Callable[[int], object]) -> None:
-        self.every, self.save = every, save
+    Args:
+        checkpointer: saves the weights, the optimizer, every participant and the RNG.
+        every: steps between checkpoints; 0: only at the end.
+        extra: ``extra(step)``, what the checkpoint of a step records besides the participants.
+    """
+
+    def __init__(
+        self,
+        checkpointer: Checkpointer,
+        every: int,
+        extra: Callable[[int], dict[str, Any]],
+        *,
+        saved_step: int | None = None,
+    ) -> None:
+        self.checkpointer, self.every, self.extra = checkpointer, every, extra
+        self.saved_step = saved_step  # the step of the newest checkpoint written or restored
 
     def after_step(self, report: StepReport) -> int | None:
         if self.every and not report.finished and report.steps_done % self.every == 0:
             self.save(report.steps_done)
         return None
+
+    def save(self, step: int) -> Path:
+        """The checkpoint of ``step`` (steps done), written now."""
+        self.saved_step = step
+        return self.checkpointer.save(step, self.extra(step))
+
+    def save_unless_saved(self, step: int) -> Path:
+        """The checkpoint of ``step``, written unless it already is."""
+        if self.saved_step != step:
+            return self.save(step)
+        return self.checkpointer.directory / checkpoint_name(step)
 
 
 class StopHook:

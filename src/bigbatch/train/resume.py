@@ -15,6 +15,7 @@ import logging
 import os
 import shutil
 from collections.abc import Mapping
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -80,11 +81,27 @@ def load(
         check_fits(found, module)
 
     found = checkpoint.load_run_checkpoint(run_dir, check)
+    if found is not None:
+        found = upgrade(found)
     if distributed.is_initialized():
         dist.barrier()  # every rank has read the checkpoints before any is set aside
     if found is not None and found.skipped and distributed.is_main_process():
         set_aside(found.skipped)
     return found
+
+
+def upgrade(found: Checkpoint) -> Checkpoint:
+    """A checkpoint of format 1 as format 2 holds it: the planner's values under "planner".
+
+    Every other participant (accumulator, data, counters, early_warning) kept its name.
+    """
+    if found.format_version >= 2:
+        return found
+    state = dict(found.training_state)
+    state["planner"] = {
+        key: state.pop(key, None) for key in ("micro_batch_size", "micro_batch_tokens", "adaptive")
+    }
+    return replace(found, training_state=state, format_version=2)
 
 
 def set_aside(paths: tuple[Path, ...]) -> None:

@@ -32,6 +32,7 @@ from bigbatch.train import checkpoint, environment, evaluation, rundir, setup
 from bigbatch.train import metrics as run_metrics
 from bigbatch.train import report as run_report
 from bigbatch.train import resume as resume_rules
+from bigbatch.train.checkpointer import Checkpointer
 from bigbatch.train.config import Config
 from bigbatch.train.configfile import config_to_yaml, with_recipe_defaults
 from bigbatch.train.early_warning import EarlyWarning
@@ -133,6 +134,7 @@ class Trainer:
         gradient_sync = probe.gradient_sync or config.gradient_sync
         self.accumulator = setup.build_accumulator(prepared, optimizer, config, gradient_sync)
         self.early_warning = EarlyWarning()
+        self._total_steps = 0  # the run's, once known: what its checkpoints record
 
     def fit(self, *, resume: bool = False, overwrite: bool = False) -> RunSummary:
         """Train to the last step; with resume, continue from the newest valid checkpoint.
@@ -157,23 +159,30 @@ class Trainer:
 
     def _fit(self, stop: StopSignals, *, resume: bool, overwrite: bool) -> RunSummary:
         """`fit` inside the lock and the signal handlers."""
-        first_plan = self.planner.start()  # probes memory once if auto
-        if self.config.batchnorm != "freeze":  # the engine warns again per window otherwise
-            batchnorm_policies.warn_small_micro_batches(self.module, first_plan.micro_batch_size)
         writes = self.run_dir is not None and distributed.is_main_process()
         if self.run_dir is not None:
             rundir.prepare_run_dir(self.run_dir, resume=resume, overwrite=overwrite)
             if distributed.is_initialized():
                 dist.barrier()  # every rank has checked the directory before rank 0 writes
+        found = self._newest_checkpoint() if resume else None
+        if found is not None:  # the probed micro setting comes back: no second memory probe
+            self.planner.load_state_dict(found.training_state["planner"])
+        first_plan = self.planner.start()  # probes memory once if auto
+        if self.config.batchnorm != "freeze":  # the engine warns again per window otherwise
+            batchnorm_policies.warn_small_micro_batches(self.module, first_plan.micro_batch_size)
         loader = self._window_loader(stop.signals)
         # Training draws (dropout, ...) from a stream of its own per rank, reproducible on resume.
         environment.seed_everything(self.config.seed + 1_000_003 * self.rank)
         state = TrainState()
-        participants = self._participants(loader, state)
-        restored = self._restore(participants) if resume else None
+        checkpoints = self._checkpoints(loader, state)
+        if found is not None:
+            assert checkpoints is not None
+            checkpoints.checkpointer.restore(found)  # every participant, the weights, the RNG
+            checkpoints.saved_step = found.step
+            logger.info("resumed from %s at step %d", found.path, found.step)
         total = self.planner.total_steps()
-        if restored is not None:
-            resume_rules.warn_if_schedule_moves(restored, self.config, total, loader.step)
+        if found is not None:
+            resume_rules.warn_if_schedule_moves(found, self.config, total, loader.step)
             if self.planner.finished(loader.step, loader, total):
                 return self._already_finished(loader.step, state, first_plan.to_dict(), writes)
         if writes:
@@ -184,18 +193,16 @@ class Trainer:
         metrics_logger = run_metrics.MetricsLogger(
             self.run_dir or Path("."),
             enabled=writes,
-            resume_step=None if restored is None else restored.step,
+            resume_step=None if found is None else found.step,
             trackers=self.config.trackers,
             config=self.config.model_dump(mode="json"),
         )
         bar = run_metrics.ProgressBar(total, initial=loader.step, enabled=self.progress and writes)
         figures = SessionFigures()
-        saver = _Saver(self, participants, total)
-        saver.saved_step = None if restored is None else restored.step
         hooks: list[StepHook] = [
             MetricsHook(metrics_logger, bar, self.early_warning, self.device, self.unit),
             EvaluationHook(self.config.eval_every, self.evaluate, metrics_logger),
-            CheckpointHook(self.config.checkpoint_every if self.run_dir else 0, saver.save),
+            *([checkpoints] if checkpoints is not None else []),
             StopHook(stop),
         ]
         loop = Loop(
@@ -207,14 +214,17 @@ class Trainer:
             self.config,
             self.unit,
         )
+        self._total_steps = total
         try:
             stopped_by = loop.run(loader, total, state, figures, hooks)
             if stopped_by:
-                raise RunStopped(stopped_by, loader.step, total, saver.save_unless_saved())
+                saved = checkpoints.save_unless_saved(loader.step) if checkpoints else None
+                raise RunStopped(stopped_by, loader.step, total, saved)
             eval_metrics = self.evaluate()
             if eval_metrics:
                 metrics_logger.log_eval(loader.step, eval_metrics)
-            saver.save_unless_saved()
+            if checkpoints is not None:
+                checkpoints.save_unless_saved(loader.step)
         finally:
             bar.close()
             metrics_logger.close()
@@ -224,7 +234,7 @@ class Trainer:
             first_plan.to_dict(),
             figures,
             eval_metrics,
-            resumed=None if restored is None else restored.step,
+            resumed=None if found is None else found.step,
         )
         final_state = final_weights(self.module) if self.run_dir is not None else None
         if writes:
@@ -261,38 +271,38 @@ class Trainer:
 
     # -- checkpoints, the run directory and the summary ----------------------------------------
 
-    def _participants(self, loader: Any, state: TrainState) -> dict[str, Any]:
-        """Everything with state that a checkpoint saves and a resume restores."""
-        return {
-            "accumulator": self.accumulator,
-            "data": loader,
-            "counters": state,
-            "early_warning": self.early_warning,
-            "planner": self.planner,
-        }
-
-    def _restore(self, participants: dict[str, Any]) -> checkpoint.Checkpoint | None:
-        """Load the newest valid checkpoint into everything; returns it (None: none)."""
+    def _newest_checkpoint(self) -> checkpoint.Checkpoint | None:
+        """The newest valid checkpoint of this run (call on every rank); None: none."""
         num_samples = len(self.train_dataset)  # type: ignore[arg-type]
-        found = resume_rules.load(self.run_dir, self.config, self.module, num_samples)
-        if found is None:
+        return resume_rules.load(self.run_dir, self.config, self.module, num_samples)
+
+    def _checkpoints(self, loader: WindowLoader, state: TrainState) -> CheckpointHook | None:
+        """The run's checkpoints and everything with state, in restore order; None without a
+        run directory."""
+        if self.run_dir is None:
             return None
-        saved = found.training_state
-        if found.sharded:
-            checkpoint.load_sharded_state(found.path, self.module, self.optimizer)
-        else:
-            self.module.load_state_dict(found.model_state)
-            self.optimizer.load_state_dict(saved["optimizer"])
-        for name, participant in participants.items():
-            if name == "planner":
-                participant.load_state_dict(saved)
-            elif saved.get(name):
-                participant.load_state_dict(saved[name])
-        checkpoint.restore_rng_states(
-            saved["rng"], self.rank, self.world_size, saved.get("world_size")
+        checkpointer = Checkpointer(
+            self.run_dir / "checkpoints",
+            model=self.module,
+            optimizer=self.optimizer,
+            sharded=self.sharded,
+            keep=self.config.keep_checkpoints,
         )
-        logger.info("resumed from %s at step %d", found.path, found.step)
-        return found
+        checkpointer.register("accumulator", self.accumulator)
+        checkpointer.register("data", loader)
+        checkpointer.register("counters", state)
+        checkpointer.register("early_warning", self.early_warning)
+        checkpointer.register("planner", self.planner)
+
+        def extra(step: int) -> dict[str, Any]:
+            planner = self.planner
+            return {
+                "plan": planner.plan_for(planner.at(max(0, step - 1))).to_dict(),
+                "config": self.config.model_dump(mode="json"),
+                "total_steps": self._total_steps,
+            }
+
+        return CheckpointHook(checkpointer, self.config.checkpoint_every, extra)
 
     def _summary(
         self,
@@ -356,62 +366,6 @@ class Trainer:
             device=self.device,
             final_state=final_state,
         )
-
-
-class _Saver:
-    """Checkpoints of the run: every participant's state, the weights and the optimizer."""
-
-    def __init__(self, trainer: Trainer, participants: dict[str, Any], total_steps: int) -> None:
-        self.trainer, self.participants, self.total_steps = trainer, participants, total_steps
-        self.saved_step: int | None = None
-
-    def save(self, step: int) -> Path | None:
-        trainer = self.trainer
-        if trainer.run_dir is None:
-            return None
-        rng = checkpoint.gather_rng_states(trainer.world_size)
-        self.saved_step = step
-        path = trainer.run_dir / "checkpoints" / checkpoint.checkpoint_name(step)
-        if not distributed.is_main_process() and not trainer.sharded:
-            return path
-        planner = trainer.planner
-        training_state: dict[str, Any] = {
-            "optimizer": {"sharded": True} if trainer.sharded else trainer.optimizer.state_dict(),
-            "rng": rng,
-            "plan": planner.plan_for(planner.at(max(0, step - 1))).to_dict(),
-            "config": trainer.config.model_dump(mode="json"),
-            "world_size": trainer.world_size,
-            "total_steps": self.total_steps,
-        }
-        for name, participant in self.participants.items():
-            if name == "planner":
-                training_state.update(participant.state_dict())
-            else:
-                training_state[name] = participant.state_dict()
-        keep = trainer.config.keep_checkpoints
-        if trainer.sharded:  # every rank writes its shard
-            checkpoint.save_sharded_checkpoint(
-                trainer.run_dir / "checkpoints",
-                step,
-                trainer.module,
-                trainer.optimizer,
-                training_state,
-                keep=keep,
-            )
-        else:
-            checkpoint.save_run_checkpoint(
-                trainer.run_dir, step, trainer.module, training_state, keep
-            )
-        return path
-
-    def save_unless_saved(self) -> Path | None:
-        """The checkpoint of the step the run is at (written unless it already is)."""
-        if self.trainer.run_dir is None:
-            return None
-        step = self.participants["data"].step
-        if self.saved_step != step:
-            return self.save(step)
-        return self.trainer.run_dir / "checkpoints" / checkpoint.checkpoint_name(step)
 
 
 def _check_length(config: Config) -> None:

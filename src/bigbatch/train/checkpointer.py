@@ -1,0 +1,187 @@
+"""The checkpointer: the model, the optimizer and every registered Stateful participant, saved and
+restored through the one save path of `bigbatch.train.checkpoint`.
+
+Anything with state registers under a name (``checkpointer.register("data", loader)``, as
+torchtitan's checkpointer takes Stateful objects); its ``state_dict()`` is stored under that name
+in the training state and handed back to its ``load_state_dict`` on resume, so a new participant
+never touches save or restore code. Plain or sharded is a `checkpoint_weights` strategy chosen
+once; the RNG of every rank is saved and this rank's restored (docs/design.md, invariant 5).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Protocol, runtime_checkable
+
+import torch
+
+from bigbatch.core import distributed
+from bigbatch.train import checkpoint
+from bigbatch.train.checkpoint import Checkpoint
+from bigbatch.train.checkpoint_rng import gather_rng_states, restore_rng_states
+from bigbatch.train.checkpoint_weights import weights_format
+from bigbatch.units import UsageError
+
+logger = logging.getLogger(__name__)
+
+RESERVED = frozenset({"optimizer", "rng", "world_size"})
+"""Training-state keys the checkpointer writes itself: no participant or extra may take them."""
+
+
+@runtime_checkable
+class Stateful(Protocol):
+    """What takes part in a checkpoint: its state as tensors, numbers, strings, lists and dicts
+    (what ``torch.load(weights_only=True)`` reads back), and the way back from it."""
+
+    def state_dict(self) -> dict[str, Any]: ...
+
+    def load_state_dict(self, state: dict[str, Any]) -> None: ...
+
+
+class Checkpointer:
+    """Saves and restores a run's checkpoints: model, optimizer, participants and RNG.
+
+    Args:
+        directory: where the ``step-*`` checkpoint directories go (``run_dir/checkpoints``).
+        model: the module whose weights are saved (unwrapped from DDP; FSDP2-sharded when sharded).
+        optimizer: over the model's parameters.
+        sharded: write through `torch.distributed.checkpoint` (each rank its shard) instead of
+            safetensors from rank 0; a checkpoint is read back in the format it was written in.
+        keep: how many checkpoints to keep (the newest); None keeps all.
+
+    World size and rank come from torch.distributed. `save` and `restore` are called on every
+    rank.
+
+    Example:
+        >>> import tempfile
+        >>> model = torch.nn.Linear(2, 1)
+        >>> optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+        >>> class Counter:
+        ...     def __init__(self) -> None:
+        ...         self.count = 0
+        ...     def state_dict(self) -> dict[str, Any]:
+        ...         return {"count": self.count}
+        ...     def load_state_dict(self, state: dict[str, Any]) -> None:
+        ...         self.count = int(state["count"])
+        >>> with tempfile.TemporaryDirectory() as directory:
+        ...     saving = Checkpointer(Path(directory), model=model, optimizer=optimizer)
+        ...     saving.register("counter", counter := Counter())
+        ...     counter.count = 7
+        ...     path = saving.save(3)
+        ...     restoring = Checkpointer(Path(directory), model=model, optimizer=optimizer)
+        ...     restoring.register("counter", again := Counter())
+        ...     found = checkpoint.load_latest_checkpoint(Path(directory))
+        ...     restoring.restore(found)
+        ...     (path.name, again.count)
+        ('step-00000003', 7)
+    """
+
+    def __init__(
+        self,
+        directory: Path,
+        *,
+        model: torch.nn.Module,
+        optimizer: torch.optim.Optimizer,
+        sharded: bool = False,
+        keep: int | None = 3,
+    ) -> None:
+        self.directory = Path(directory)
+        self.model, self.optimizer = model, optimizer
+        self.weights = weights_format(sharded)
+        self.keep = keep
+        self.rank, self.world_size = distributed.get_rank(), distributed.get_world_size()
+        self._participants: dict[str, Stateful] = {}
+
+    @property
+    def participants(self) -> Mapping[str, Stateful]:
+        """The registered participants by name, in registration (and restore) order."""
+        return dict(self._participants)
+
+    def register(self, name: str, participant: Stateful) -> None:
+        """Take part in every checkpoint under ``name``; restored in registration order.
+
+        Raises:
+            TypeError: it has no state_dict / load_state_dict.
+            ValueError: the name is empty, reserved, or taken.
+        """
+        if not isinstance(participant, Stateful):
+            raise TypeError(
+                f"checkpoint participant {name!r} is a {type(participant).__name__} without "
+                "state_dict() and load_state_dict(state): give it both (or wrap it)"
+            )
+        if not isinstance(name, str) or not name or name in RESERVED:
+            raise ValueError(
+                f"checkpoint participant name {name!r}: give a non-empty name other than "
+                f"{', '.join(sorted(RESERVED))}"
+            )
+        if name in self._participants:
+            raise ValueError(f"checkpoint participant {name!r} is registered already")
+        self._participants[name] = participant
+
+    def save(self, step: int, extra: Mapping[str, Any] | None = None) -> Path:
+        """Write the checkpoint of ``step`` (call on every rank); returns its directory.
+
+        Args:
+            step: optimizer steps completed.
+            extra: more values for the training state (config, plan, total_steps, ...), under
+                names no participant takes.
+
+        Raises:
+            StorageError: one line on every rank when any rank could not write.
+        """
+        rng = gather_rng_states(self.world_size)  # a collective: every rank's generators
+        return checkpoint.save(
+            self.directory,
+            step,
+            lambda: self._training_state(extra or {}, rng),  # on rank 0, which writes it
+            lambda tmp: self.weights.write(tmp, self.model, self.optimizer),
+            sharded=self.weights.sharded,
+            keep=self.keep,
+        )
+
+    def _training_state(self, extra: Mapping[str, Any], rng: list[Any]) -> dict[str, Any]:
+        """Every participant's state under its name, beside extra, the optimizer and the RNG."""
+        taken = sorted(extra.keys() & (self._participants.keys() | RESERVED))
+        if taken:
+            raise ValueError(f"checkpoint extra {taken} would overwrite a participant's state")
+        state: dict[str, Any] = dict(extra)
+        for name, participant in self._participants.items():
+            state[name] = participant.state_dict()
+        state.update(self.weights.training_state(self.optimizer))
+        state.update(rng=rng, world_size=self.world_size)
+        return state
+
+    def restore(self, found: Checkpoint) -> None:
+        """Load a validated checkpoint (see `bigbatch.train.resume.load`); call on every rank.
+
+        The model and optimizer in the format the checkpoint was written in (resharded to this
+        run's ranks when sharded), every registered participant whose state it holds, and this
+        rank's RNG (rank 0's, with a warning, when the world size changed).
+
+        Raises:
+            UsageError: the sharded files failed while loading (they changed since they were
+                checked): one line on every rank.
+        """
+        saved = found.training_state
+        try:
+            weights_format(found.sharded).load(
+                found.path, found.model_state, saved, self.model, self.optimizer
+            )
+        except BaseException as error:
+            failures = checkpoint.dcp_failures(error)
+            if not failures:
+                raise
+            rank, cause = min(failures.items(), key=lambda item: item[0])
+            raise UsageError(
+                f"resume: cannot load {found.path}: {type(cause).__name__}: "
+                f"{(str(cause).strip().splitlines() or [''])[0][:200]} (rank {rank}); move it "
+                "aside to resume from the previous checkpoint"
+            ) from None
+        for name, participant in self._participants.items():
+            if name in saved:
+                participant.load_state_dict(saved[name])
+            else:
+                logger.info("resume: %s holds no state of %r: it starts afresh", found.path, name)
+        restore_rng_states(saved["rng"], self.rank, self.world_size, saved.get("world_size"))
