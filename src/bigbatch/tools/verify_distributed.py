@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import copy
 import math
-import sys
 from collections.abc import Callable
 from typing import Any
 
@@ -214,8 +213,9 @@ def verify_configuration(
     gradient_sync: str,
     **settings: Any,
 ) -> Any:
-    """`verify` on one process, `verify_distributed` over the ranks (what `bigbatch verify`
-    runs): the micro-batch given, or derived from the accumulation steps."""
+    """`verify` on one process (parallelism fsdp included: unsharded), `verify_distributed`
+    over the ranks (what `bigbatch verify` runs): the micro-batch given, or derived from the
+    accumulation steps."""
     from bigbatch.tools.verify import verify
 
     micro = micro_batch_size
@@ -230,12 +230,5 @@ def verify_configuration(
             parallelism=parallelism,  # type: ignore[arg-type]
             gradient_sync=gradient_sync,  # type: ignore[arg-type]
             **settings,
-        )
-    if parallelism == "fsdp":
-        print(
-            "bigbatch verify: warning: parallelism fsdp shards over several processes and this "
-            "is one: checking one process, unsharded (to check the sharded configuration: "
-            "torchrun --standalone --nproc_per_node=2 -m bigbatch verify ...)",
-            file=sys.stderr,
         )
     return verify(recipe, **settings)

@@ -180,7 +180,7 @@ class Trainer:
             checkpoints.checkpointer.restore(found)  # every participant, the weights, the RNG
             checkpoints.saved_step = found.step
             logger.info("resumed from %s at step %d", found.path, found.step)
-        total = self.planner.total_steps()
+        total = self._total_steps = self.planner.total_steps()
         if found is not None:
             resume_rules.warn_if_schedule_moves(found, self.config, total, loader.step)
             if self.planner.finished(loader.step, loader, total):
@@ -190,10 +190,29 @@ class Trainer:
             with rundir.storage_errors(f"write {self.run_dir / 'config.yaml'}"):
                 (self.run_dir / "config.yaml").write_text(config_to_yaml(self.config))
         logger.info("plan of the first step:\n%s", first_plan)
+        resumed = None if found is None else found.step
+        summary = self._train(loader, state, checkpoints, stop, resumed, first_plan.to_dict())
+        final_state = final_weights(self.module) if self.run_dir is not None else None
+        if writes:
+            self._finish_run_dir(summary, final_state)
+        return summary
+
+    def _train(
+        self,
+        loader: WindowLoader,
+        state: TrainState,
+        checkpoints: CheckpointHook | None,
+        stop: StopSignals,
+        resumed: int | None,
+        first_plan: dict[str, Any],
+    ) -> RunSummary:
+        """The loop with its hooks, then the last evaluation and checkpoint: what the run did."""
+        writes = self.run_dir is not None and distributed.is_main_process()
+        total = self._total_steps
         metrics_logger = run_metrics.MetricsLogger(
             self.run_dir or Path("."),
             enabled=writes,
-            resume_step=None if found is None else found.step,
+            resume_step=resumed,
             trackers=self.config.trackers,
             config=self.config.model_dump(mode="json"),
         )
@@ -214,7 +233,6 @@ class Trainer:
             self.config,
             self.unit,
         )
-        self._total_steps = total
         try:
             stopped_by = loop.run(loader, total, state, figures, hooks)
             if stopped_by:
@@ -228,18 +246,7 @@ class Trainer:
         finally:
             bar.close()
             metrics_logger.close()
-        summary = self._summary(
-            loader.step,
-            state,
-            first_plan.to_dict(),
-            figures,
-            eval_metrics,
-            resumed=None if found is None else found.step,
-        )
-        final_state = final_weights(self.module) if self.run_dir is not None else None
-        if writes:
-            self._finish_run_dir(summary, final_state)
-        return summary
+        return self._summary(loader.step, state, first_plan, figures, eval_metrics, resumed=resumed)
 
     def _window_loader(self, worker_ignored_signals: Any = ()) -> WindowLoader:
         """This rank's windows from step 0 (data workers leave the stop signals to the main
