@@ -32,8 +32,25 @@ SETTINGS = [
 ]  # fmt: skip
 
 
+TOKEN_SETTINGS = [
+    "--set", "recipe=slow:build_tokens", "--set", "global_batch_tokens=600",
+    "--set", "micro_batch_tokens=200", "--set", "packing=true", "--set", "num_workers=2",
+    "--set", "recipe_options.num_train_samples=2000", "--set", f"max_steps={MAX_STEPS}",
+    "--set", "eval_every=4", "--set", "checkpoint_every=5", "--set", "lr_schedule=cosine",
+    "--set", "warmup_steps=2", "--no-progress",
+]  # fmt: skip
+
+
 def launch(
-    work: Path, out: Path, *extra: str, delay: float = 0.0, rank: int = 0, world: int = 1, port=0
+    work: Path,
+    out: Path,
+    *extra: str,
+    delay: float = 0.0,
+    rank: int = 0,
+    world: int = 1,
+    port=0,
+    settings: list[str] = SETTINGS,
+    new_session: bool = False,
 ) -> subprocess.Popen:
     env = {
         **os.environ,
@@ -49,9 +66,15 @@ def launch(
             MASTER_ADDR="127.0.0.1",
             MASTER_PORT=str(port),
         )
-    command = [sys.executable, "-m", "bigbatch", "train", *SETTINGS, *extra, "--out", str(out)]
+    command = [sys.executable, "-m", "bigbatch", "train", *settings, *extra, "--out", str(out)]
     return subprocess.Popen(
-        command, cwd=work, env=env, text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE
+        command,
+        cwd=work,
+        env=env,
+        text=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        start_new_session=new_session,  # a group of its own, as a terminal's foreground job
     )
 
 
@@ -113,9 +136,11 @@ def reference(work) -> Path:
 
 
 def stop_at_a_random_step(
-    processes: list[subprocess.Popen], out: Path, number: int, target: int = 0
+    processes: list[subprocess.Popen], out: Path, number: int, target: int = 0, group: bool = False
 ) -> tuple[int, float]:
-    """Send the signal to one process once a random step has run; (that step, seconds to exit)."""
+    """Send the signal to one process (with group, to its whole process group, data workers
+    included, as a Ctrl-C in a terminal does) once a random step has run; (that step, seconds
+    to exit)."""
     step = random.randint(2, MAX_STEPS - 3)
     deadline = time.monotonic() + 200
     while len(train_steps(out)) < step:
@@ -123,7 +148,10 @@ def stop_at_a_random_step(
         assert time.monotonic() < deadline, "the run does not progress"
         time.sleep(0.01)
     sent = time.monotonic()
-    processes[target].send_signal(number)
+    if group:
+        os.killpg(processes[target].pid, number)
+    else:
+        processes[target].send_signal(number)
     for process in processes:
         process.wait(timeout=120)
     return step, time.monotonic() - sent
@@ -154,6 +182,30 @@ def test_a_signal_at_a_random_step_then_resume_is_bitwise_equal(
     print(f"{name} after step {step}: exit after {exit_s:.2f} s")
     assert exit_s < 60
     ((code, _, err),) = finish(launch_all(work, out, *extra, "--resume", world=1))
+    assert code == 0, err[-2000:]
+    assert f"resumed from {out / 'checkpoints'}/step-{stopped_at:08d}" in err
+    assert_bitwise_equal(reference, out)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(400)
+def test_a_token_run_with_workers_stopped_by_sigint_resumes_bitwise_equal(work, tmp_path):
+    """The token path gets the sample path's stop handling by construction: its DataLoader
+    workers ignore the stop signals (the Ctrl-C here reaches the whole process group, workers
+    included) and the main process saves at the step boundary."""
+    tokens = {"settings": TOKEN_SETTINGS}
+    reference = tmp_path / "reference"
+    ((code, _, err),) = finish([launch(work, reference, **tokens)])
+    assert code == 0, err[-2000:]
+    out = tmp_path / "stopped"
+    processes = [launch(work, out, delay=0.05, new_session=True, **tokens)]
+    step, _ = stop_at_a_random_step(processes, out, signal.SIGINT, group=True)
+    code, _, err = finish(processes)[0]
+    assert code == 128 + signal.SIGINT, err[-2000:]
+    assert "Traceback" not in err and "KeyboardInterrupt" not in err, err[-2000:]
+    stopped_at = len(train_steps(out))
+    assert stopped_at in (step, step + 1), (step, stopped_at)
+    ((code, _, err),) = finish([launch(work, out, "--resume", **tokens)])
     assert code == 0, err[-2000:]
     assert f"resumed from {out / 'checkpoints'}/step-{stopped_at:08d}" in err
     assert_bitwise_equal(reference, out)
