@@ -1,17 +1,24 @@
-"""The fp32 accumulation buffer: a window's gradients summed in float32, rounded once per step.
+"""Where a window's gradients accumulate on one rank: ``.grad``, or the fp32 accumulation buffer.
 
 With bf16 or fp16 parameters, adding every micro-batch's gradient into ``.grad`` rounds once per
 micro-batch; `Fp32GradientBuffer` adds each into a float32 copy instead and rounds the sum to the
 parameter dtype once, at the step, so that the split does not change the rounding (docs/design.md,
-invariant 1). `choose_accumulation_dtype` resolves ``accumulation_dtype="auto"``.
+invariant 1). `WindowGradients` is what the engine holds: the gradients it scales, rounds and
+clears, with the replication strategy's answers (shards, what else it holds, a buffer's sum over
+ranks). `choose_accumulation_dtype` resolves ``accumulation_dtype="auto"``.
 """
 
 from __future__ import annotations
+
+from typing import TYPE_CHECKING
 
 import torch
 
 from bigbatch.choices import ACCUMULATION_DTYPES, one_of
 from bigbatch.core import distributed
+
+if TYPE_CHECKING:
+    from bigbatch.core.replication import Replication
 
 
 class Fp32GradientBuffer:
@@ -67,6 +74,53 @@ class Fp32GradientBuffer:
     def clear(self) -> None:
         """Drop the window's sums (a step's end, or a window redone)."""
         self.tensors = None
+
+
+class WindowGradients:
+    """This rank's gradients of the window: in ``.grad``, or summed in an fp32 buffer.
+
+    Args:
+        parameters: the trained parameters.
+        replication: the model's replication strategy; its ``accumulation_dtype`` says whether
+            an fp32 buffer is used.
+    """
+
+    def __init__(self, parameters: list[torch.nn.Parameter], replication: Replication) -> None:
+        self._parameters = parameters
+        self._replication = replication
+        fp32 = replication.accumulation_dtype == "fp32"
+        self.buffer = Fp32GradientBuffer(parameters) if fp32 else None
+
+    def after_backward(self) -> None:
+        """After each micro-step's backward: move its gradient into the buffer, if there is one."""
+        if self.buffer is not None:
+            self.buffer.add_gradients()
+
+    def after_window(self) -> None:
+        """After the window's last backward: sum the buffer over ranks where the strategy says."""
+        if self.buffer is not None:
+            self._replication.reduce_buffer(self.buffer)
+
+    def tensors(self) -> list[torch.Tensor]:
+        """The accumulated gradients to scale and clip: the buffer's, else this rank's ``.grad``
+        (its shards under FSDP2)."""
+        if self.buffer is not None and self.buffer.tensors is not None:
+            return self.buffer.tensors
+        return self._replication.local_gradients(self._parameters)
+
+    def round_to_parameters(self) -> None:
+        """The step's one rounding of the buffer to the parameters' dtype (nothing without one)."""
+        if self.buffer is not None:
+            self.buffer.round_to_parameters()
+
+    def clear(self) -> None:
+        """Drop every gradient of the window: ``.grad``, the buffer and what the strategy holds."""
+        # What zero_grad(set_to_none=True) does, over the list already held (no module walk).
+        for parameter in self._parameters:
+            parameter.grad = None
+        if self.buffer is not None:
+            self.buffer.clear()
+        self._replication.clear()
 
 
 def choose_accumulation_dtype(

@@ -1,14 +1,9 @@
-"""One exact optimizer step over a window of micro-batches: run the window, reduce, scale, apply.
+"""One exact optimizer step per window: run the window, reduce, scale, apply (invariant 1).
 
-`Accumulator.step(window, loss_fn)` runs forward and backward on every micro-batch of this rank's
-window, backpropagating *unnormalised* loss sums; sums the window's totals (loss, items) over ranks
-in one small all-reduce, read to the host once with the gradient norm; scales the accumulated
-gradients once by gradient_ranks / (items of the whole window on every rank), folded with the
-clipping into one pass; and applies one optimizer step. The applied gradient is then that of (sum
-of every item's loss) / (number of items), whatever the split (docs/design.md, invariant 1).
-Everything that depends on how the model is replicated -- one process, DDP, FSDP2 -- is asked of
-the `bigbatch.core.replication` strategy chosen once at construction; the fp32 accumulation buffer
-is `bigbatch.core.accumulation`. The engine knows nothing of configs, files or the CLI.
+`Accumulator.step` backpropagates every micro-batch's *unnormalised* loss sum, sums the window's
+totals over ranks in one small all-reduce read once with the gradient norm, and scales the
+gradients once by gradient_ranks / (items on every rank) before one optimizer step. What depends
+on the replication (one process, DDP, FSDP2) is asked of the `replication` strategy chosen once.
 """
 
 from __future__ import annotations
@@ -25,7 +20,7 @@ import torch
 from bigbatch.choices import AccumulationDtype, GradientSync, Precision
 from bigbatch.core import batchnorm as batchnorm_policies
 from bigbatch.core import recovery, replication
-from bigbatch.core.accumulation import Fp32GradientBuffer
+from bigbatch.core.accumulation import WindowGradients
 from bigbatch.core.loss import LossFn
 from bigbatch.core.microsteps import MicroSteps
 from bigbatch.core.noise import NoiseScale
@@ -149,9 +144,7 @@ class Accumulator:
         )
         self.gradient_sync = self._replication.gradient_sync
         self.accumulation_dtype = self._replication.accumulation_dtype
-        self._buffer = (
-            Fp32GradientBuffer(self._parameters) if self.accumulation_dtype == "fp32" else None
-        )
+        self._gradients = WindowGradients(self._parameters, self._replication)
         self._scaling = LossScaling(precision, self.device.type, grad_scaler)
         self.grad_scaler = self._scaling.grad_scaler
         # Set after an out-of-memory error: later windows are re-split to at most this size.
@@ -189,7 +182,7 @@ class Accumulator:
         learning_rate = float(self.optimizer.param_groups[0]["lr"])
         spans_ranks, world_size = self._replication.spans_ranks, self._replication.world_size
         self._scaling.start(micro_batches, self.device, is_ddp=spans_ranks, world_size=world_size)
-        self._clear_gradients()  # gradients left by code run between steps must not count
+        self._gradients.clear()  # gradients left by code run between steps must not count
         try:
             micro_batches, read = self._run_window(micro_batches, loss_fn)  # window and reduce
             loss, num_items, grad_norm, skip_reason = self._scale_and_apply(read)
@@ -197,7 +190,7 @@ class Accumulator:
             self._statistics.abort_window()  # e.g. loss_fn raised: rewind what the window changed
             raise
         finally:
-            self._clear_gradients()  # on every way out: no gradient memory held between steps
+            self._gradients.clear()  # on every way out: no gradient memory held between steps
         if skip_reason is not None:
             logger.warning("optimizer step skipped: %s", skip_reason)
         return StepResult(
@@ -220,19 +213,18 @@ class Accumulator:
             if self.max_micro_batch_size is not None:
                 micro_batches = recovery.resplit(micro_batches, self.max_micro_batch_size)
             self._statistics.begin_window()  # also rewinds a window that ran out of memory
-            # self._backward is looked up per window: tools/test_rank_memory.py wraps it.
+            # self._backward is looked up per window: a wrapper set on the instance sees it all.
             window = self._micro_steps.run(
-                micro_batches, loss_fn, self._backward, self._clear_gradients
+                micro_batches, loss_fn, self._backward, self._gradients.clear
             )
-            if self._buffer is not None:
-                self._replication.reduce_buffer(self._buffer)
+            self._gradients.after_window()
             # Alone, this rank knows it ran out of memory without a collective or a read; over
             # ranks the all-reduce tells every rank whether any did, so all redo the window alike.
             if not window.out_of_memory or self._replication.spans_ranks:
                 read = self._reduce(local_totals(*window, device=self.device))
                 if not read.totals.num_out_of_memory:
                     return micro_batches, read
-            self._clear_gradients()
+            self._gradients.clear()
             self.max_micro_batch_size = recovery.halved_micro_batch_size(
                 micro_batches, self.device, agree_over_ranks=self._replication.spans_ranks
             )
@@ -240,15 +232,8 @@ class Accumulator:
     def _backward(self, loss_sum: torch.Tensor, count: float | torch.Tensor) -> None:
         self._statistics.begin_micro_step()
         self._scaling.backward(loss_sum)
-        if self._buffer is not None:
-            self._buffer.add_gradients()
+        self._gradients.after_backward()
         self._statistics.end_micro_step(count)
-
-    def _gradients(self) -> list[torch.Tensor]:
-        """The accumulated gradients: the fp32 buffer's, else this rank's ``.grad`` (shards)."""
-        if self._buffer is not None and self._buffer.tensors is not None:
-            return self._buffer.tensors
-        return self._replication.local_gradients(self._parameters)
 
     def _reduce(self, totals: torch.Tensor) -> WindowRead:
         # After the last backward, hence after DDP's gradient sync: the same norm on every rank,
@@ -257,7 +242,7 @@ class Accumulator:
         return reduce_and_read(
             totals,
             self._statistics.items,
-            self._scaling.total_norm(self._gradients(), self.device),
+            self._scaling.total_norm(self._gradients.tensors(), self.device),
             backward_scale=(
                 self._scaling.backward_scale(self.device) if self._statistics.items else 1.0
             ),
@@ -266,11 +251,13 @@ class Accumulator:
         )
 
     def _scale_and_apply(self, read: WindowRead) -> tuple[float, int, float, str | None]:
-        """Normalise and apply the window's gradients: (loss, items, gradient norm, skip reason).
+        """Normalise, clip, unscale and apply the window's gradients, once per step: the loss,
+        the items, the gradient norm before clipping and why the step was skipped (or None).
 
-        The scale is the one normalisation: gradient_ranks undoes an average over ranks (DDP's),
-        the fp16 loss divisor undoes the division before backward, and 1 / global items turns
-        the summed per-item gradients into their mean over the whole global batch.
+        ``scale`` is the one normalisation: gradient_ranks undoes an average over ranks (DDP's),
+        the fp16 loss divisor undoes the division before backward, and 1 / global items makes
+        the summed per-item gradients their mean over the whole global batch. It is folded with
+        the clipping into one pass over the gradients; the norm was read with the totals.
         """
         if read.totals.num_invalid_counts:
             raise ValueError("loss_fn returned a negative or non-integer num_items")
@@ -281,31 +268,15 @@ class Accumulator:
             self._statistics.abort_window()
             return math.nan, num_items, math.nan, "no loss items"
         loss = read.totals.loss_sum / num_items
-        # Invariant 1: gradient = (sum of every item's loss gradient) / (items on every rank).
+        # Invariant 1: the applied gradient is sum(per-item loss gradients) / items on every rank.
         scale = self._replication.gradient_ranks * loss_divisor / num_items
-        grad_norm, skip_reason = self._apply(loss, read.grad_norm, scale)
-        if skip_reason is None:
-            self._statistics.end_window(read.sums, num_items=num_items, grad_norm=grad_norm)
-        else:
-            self._statistics.abort_window()
-        return loss, num_items, grad_norm, skip_reason
-
-    def _apply(
-        self, loss: float, summed_grad_norm: float, scale: float
-    ) -> tuple[float, str | None]:
-        """Scale, clip, round, unscale and apply the accumulated gradients: once per step.
-
-        The scale is folded with the clipping into one pass over the gradients; the norm was
-        taken before the step's host read.
-        """
-        grad_norm = summed_grad_norm * scale
+        grad_norm = read.grad_norm * scale
         if self.max_grad_norm is not None and math.isfinite(grad_norm):
             scale *= min(1.0, self.max_grad_norm / (grad_norm + 1e-6))  # torch's clip coefficient
-        gradients = self._gradients()
+        gradients = self._gradients.tensors()
         if gradients and math.isfinite(grad_norm):
             torch._foreach_mul_(gradients, scale)
-        if self._buffer is not None:
-            self._buffer.round_to_parameters()  # the one rounding to the parameters' dtype
+        self._gradients.round_to_parameters()  # fp32 buffer: the one rounding to the param dtype
         self._scaling.unscale_(self.optimizer)
         skip_reason = None
         if not (math.isfinite(grad_norm) and math.isfinite(loss)):
@@ -316,15 +287,11 @@ class Accumulator:
                 self.lr_scheduler.step()
         # Sharded: a rank may hold only finite shards of a non-finite gradient; back off alike.
         self._scaling.update(back_off=self._replication.sharded and not math.isfinite(grad_norm))
-        return grad_norm, skip_reason
-
-    def _clear_gradients(self) -> None:
-        # What zero_grad(set_to_none=True) does, over the list already held (no module walk).
-        for parameter in self._parameters:
-            parameter.grad = None
-        if self._buffer is not None:
-            self._buffer.clear()
-        self._replication.clear()
+        if skip_reason is None:
+            self._statistics.end_window(read.sums, num_items=num_items, grad_norm=grad_norm)
+        else:
+            self._statistics.abort_window()
+        return loss, num_items, grad_norm, skip_reason
 
     def noise_scale(self) -> NoiseScale | None:
         """The current smoothed noise scale, or None when it is not measured."""
