@@ -10,8 +10,8 @@ import torch
 
 import bigbatch
 from tests import models
-from tests.distributed_helpers import run_processes
 from tests.core.test_noise import DELTA, assert_close_to, regression_model, sample
+from tests.distributed_helpers import run_processes
 
 
 def regression_loss(model, batch):

@@ -14,8 +14,8 @@ import torch
 
 import bigbatch
 from bigbatch.core import sharding
-from tests.distributed_helpers import run_processes
 from tests.core.test_sharded import SPLITS, loss_fn, make_model, windows
+from tests.distributed_helpers import run_processes
 
 STEPS = 2
 
