@@ -180,8 +180,10 @@ class Accumulator:
             )
         self._statistics.warn_about_batchnorm_once(micro_batches)
         learning_rate = float(self.optimizer.param_groups[0]["lr"])
-        spans_ranks, world_size = self._replication.spans_ranks, self._replication.world_size
-        self._scaling.start(micro_batches, self.device, is_ddp=spans_ranks, world_size=world_size)
+        over_ranks, world_size = self._replication.spans_ranks, self._replication.world_size
+        self._scaling.start(
+            micro_batches, self.device, over_ranks=over_ranks, world_size=world_size
+        )
         self._gradients.clear()  # gradients left by code run between steps must not count
         try:
             micro_batches, read = self._run_window(micro_batches, loss_fn)  # window and reduce
@@ -246,7 +248,7 @@ class Accumulator:
             backward_scale=(
                 self._scaling.backward_scale(self.device) if self._statistics.items else 1.0
             ),
-            is_ddp=self._replication.spans_ranks,
+            over_ranks=self._replication.spans_ranks,
             sharded_norm=self._replication.sharded,
         )
 
