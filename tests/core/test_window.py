@@ -38,7 +38,7 @@ def test_one_read_hands_each_statistic_its_own_sums():
         [on_host, on_device],  # type: ignore[list-item]
         torch.tensor(5.0),
         backward_scale=1.0,
-        is_ddp=False,
+        over_ranks=False,
     )
     assert read.totals == WindowTotals(6.0, 3.0, 0.0, 0.0)
     assert read.grad_norm == 5.0

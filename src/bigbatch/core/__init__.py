@@ -1,8 +1,10 @@
 """The exact step and what it needs, usable inside anyone's training loop.
 
 `engine.Accumulator.step(window, loss_fn)` applies one optimizer step whose gradient is that of
-(sum of every item's loss) / (number of items), whatever the split; around it: reading the loss
-(`loss`), the window's totals and statistics (`window`), mixed precision (`precision`),
+(sum of every item's loss) / (number of items), whatever the split; around it: the replication
+strategies, local, DDP and FSDP2 (`replication`), a window's micro-steps (`microsteps`), the fp32
+accumulation buffer (`accumulation`), the step's optional statistics (`statistics`), reading the
+loss (`loss`), the window's totals and statistics (`window`), mixed precision (`precision`),
 out-of-memory re-split (`recovery`), nested batches (`batches`), ranks and collectives
 (`distributed`), the gradient noise scale (`noise`) and the BatchNorm policies (`batchnorm`,
 `syncnorm`, `runningstats`).

@@ -54,7 +54,7 @@ class LossScaling:
         self.divisor: float | None = None
 
     def start(
-        self, micro_batches: list[Any], device: torch.device, *, is_ddp: bool, world_size: int
+        self, micro_batches: list[Any], device: torch.device, *, over_ranks: bool, world_size: int
     ) -> None:
         """Before the first fp16 backward: samples per rank stand in for the unknown items.
 
@@ -63,7 +63,7 @@ class LossScaling:
         if self.grad_scaler is None or self.divisor is not None:
             return
         rows = float(sum(map(batches.num_rows, micro_batches)))
-        if is_ddp:  # once per run, so every rank divides alike
+        if over_ranks:  # once per run, so every rank divides alike
             rows = float(distributed.all_reduce_sum(torch.tensor(rows, device=device)))
         self.divisor = max(rows / world_size, 1.0)
 

@@ -143,7 +143,7 @@ def reduce_and_read(
     grad_norm: torch.Tensor,
     *,
     backward_scale: float | torch.Tensor,
-    is_ddp: bool,
+    over_ranks: bool,
     sharded_norm: bool = False,
 ) -> WindowRead:
     """Sum the totals and every statistic's sums over ranks in one small all-reduce, then read the
@@ -154,7 +154,7 @@ def reduce_and_read(
         statistics: the window's statistics, those with `host_sums` first.
         grad_norm: a scalar on the device (already the same on every rank, unless sharded_norm).
         backward_scale: what the loss sums were multiplied by before backward.
-        is_ddp: sum over ranks (False: one process, no collective).
+        over_ranks: sum over ranks (False: one process, no collective).
         sharded_norm: grad_norm is the norm of this rank's shard of the gradient (FSDP): its
             square joins the all-reduce, and the read norm is the root of the sum.
     """
@@ -163,7 +163,7 @@ def reduce_and_read(
     if sharded_norm:
         parts.append(norm.square())
     merged = torch.cat(parts) if len(parts) > 1 else totals
-    if is_ddp:
+    if over_ranks:
         distributed.all_reduce_sum(merged)  # the one small collective of the step
     num_host = NUM_TOTALS + sum(
         part.numel() for part, s in zip(parts[1:], statistics) if s.host_sums
