@@ -22,6 +22,7 @@ import pytest
 
 PACKAGE_DIR = Path(__file__).resolve().parents[1] / "src" / "bigbatch"
 MAX_FUNCTION_LINES = 80
+MAX_MODULE_LINES = 450
 # The top level: __init__, __main__ and at most four loose modules.
 MAX_LOOSE_MODULES = 4
 
@@ -209,6 +210,13 @@ def test_functions_are_under_the_line_limit(relative: Path) -> None:
         if node.end_lineno is not None and node.end_lineno - node.lineno + 1 > MAX_FUNCTION_LINES
     }
     assert not too_long, f"{relative}: functions over {MAX_FUNCTION_LINES} lines {too_long}"
+
+
+@pytest.mark.parametrize("relative", module_files(), ids=lambda path: path.as_posix())
+def test_modules_are_under_the_line_limit(relative: Path) -> None:
+    """One concept a module: a module past the limit holds two (docs/design.md, layers)."""
+    lines = len((PACKAGE_DIR / relative).read_text(encoding="utf-8").splitlines())
+    assert lines <= MAX_MODULE_LINES, f"{relative}: {lines} lines, over {MAX_MODULE_LINES}"
 
 
 @pytest.mark.parametrize("relative", module_files(), ids=lambda path: path.as_posix())
