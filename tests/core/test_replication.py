@@ -154,6 +154,7 @@ def _answers(rank: int, world: int) -> dict[str, object]:
     return answers
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(300)
 def test_ddp_and_fsdp2_are_chosen_and_answer_over_two_processes():
     results = run_processes(_answers, 2)

@@ -76,6 +76,7 @@ def test_the_first_step_survives_a_checkpoint():
     assert older.first_loss == (1, 2.0)
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(300)
 def test_digits_at_lr_5_warns_at_step_2_and_prints_it_once(tmp_path):
     """A real `bigbatch train` in its own process: what its stderr shows, every channel at once."""
