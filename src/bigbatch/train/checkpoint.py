@@ -15,8 +15,7 @@ import json
 import logging
 import pickle
 import shutil
-import struct
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -51,8 +50,9 @@ __all__ = [
     "checkpoint_name",
     "full_model_state",
     "list_checkpoints",
+    "Scan",
     "load_latest_checkpoint",
-    "load_run_checkpoint",
+    "scan",
     "save",
     "save_checkpoint",
 ]
@@ -62,21 +62,6 @@ FORMAT_VERSION = 2
 READABLE_VERSIONS = (1, 2)
 STATE_FILE = "state.pt"
 META_FILE = "meta.json"
-# What a damaged checkpoint can raise while it is read: I/O errors, JSON and pickle errors, the
-# weights_only unpickler's refusals, safetensors' header errors, and our own checks (ValueError).
-_LOAD_ERRORS = (
-    OSError,
-    ValueError,
-    KeyError,
-    TypeError,
-    EOFError,
-    RuntimeError,
-    AttributeError,
-    IndexError,
-    struct.error,
-    pickle.UnpicklingError,
-    safetensors.SafetensorError,
-)
 
 
 @dataclass(frozen=True)
@@ -281,7 +266,7 @@ def _agree(error: BaseException | None, result: Any) -> Any:
     if isinstance(error, StorageError):
         message = str(error)
     elif error is not None:  # the first line only: DCP's exceptions hold every rank's traceback
-        message = f"{type(error).__name__}: {(str(error).strip().splitlines() or [''])[0][:300]}"
+        message = one_line(error)
     mine = (message, isinstance(error, StorageError), result)
     outcomes = [mine]
     if distributed.is_initialized() and dist.get_world_size() > 1:
@@ -300,50 +285,107 @@ def _agree(error: BaseException | None, result: Any) -> Any:
     return outcomes[0][2]
 
 
+@dataclass(frozen=True)
+class Scan:
+    """What `scan` found: the newest checkpoint that passed every check on every rank (or
+    None), and the newer ones that failed on some rank, newest first, each with its reason."""
+
+    found: Checkpoint | None
+    damaged: tuple[tuple[Path, str], ...] = ()
+
+
 def load_latest_checkpoint(
     directory: Path, check: Callable[[Checkpoint], None] | None = None
 ) -> Checkpoint | None:
-    """The newest checkpoint under ``directory`` that passes every check, or None.
+    """The newest checkpoint under ``directory`` that passes every check, or None (see `scan`)."""
+    return scan(directory, check).found
+
+
+def scan(
+    directory: Path,
+    check: Callable[[Checkpoint], None] | None = None,
+    damaged: Mapping[Path, str] | None = None,
+) -> Scan:
+    """The newest checkpoint under ``directory`` that passes every check on every rank.
 
     A checkpoint whose ``meta.json`` is missing or unparsable, whose checksums differ, whose
-    files fail to load, or that ``check`` refuses (it raises, e.g. KeyError for a missing key) is
-    reported with a warning naming its path and the reason, and the previous one is tried; a
-    `UsageError` from ``check`` is not damage and propagates. Temporary directories of
-    interrupted saves are ignored. The training state is read with ``weights_only=True``, the
-    weights with safetensors and every shard's item weights-only, so no code from the files runs.
-    Every rank reads the same files and so reaches the same verdict.
+    files fail to load, or that ``check`` refuses with any error but a `UsageError` (e.g. KeyError
+    for a missing key) is damaged: reported with a warning naming its path and the reason, and
+    the previous one tried. Call on every rank: the ranks take the candidates from rank 0's
+    listing and agree on each one, so a checkpoint that fails on one rank only is damaged on
+    every rank, and a `UsageError` on any rank is raised on every rank. Temporary directories of
+    interrupted saves are ignored; ``damaged`` names checkpoints known to be damaged (they failed
+    to restore), with why. The training state is read with ``weights_only=True``, the weights
+    with safetensors and every shard's item weights-only, so no code from the files runs.
     """
-    skipped: list[Path] = []
-    for path in reversed(list_checkpoints(directory)):
+    directory, known = Path(directory), dict(damaged or {})
+    names = _from_rank_0(lambda: [path.name for path in list_checkpoints(directory)])
+    skipped: list[tuple[Path, str]] = []
+    for path in (directory / name for name in reversed(names)):
+        if path in known:
+            skipped.append((path, known[path]))
+            continue
+        found, error = None, None
         try:
             found = _load(path)
             if check is not None:
                 check(found)
-            return replace(found, path=path, skipped=tuple(skipped))
-        except UsageError:
-            raise
-        except _LOAD_ERRORS as error:
-            skipped.append(path)
-            reason = (str(error).strip().splitlines() or [""])[0][:300]
-            logger.warning(
-                "skipping checkpoint %s: %s: %s (trying the previous one)",
-                path,
-                type(error).__name__,
-                reason,
-            )
-    return None
+        except Exception as caught:  # noqa: BLE001 - any failure of a candidate is damage
+            error = caught
+        reason = agree_on_candidate(error)
+        if reason is None:
+            assert found is not None
+            found = replace(found, path=path, skipped=tuple(p for p, _ in skipped))
+            return Scan(found, tuple(skipped))
+        skipped.append((path, reason))
+        logger.warning("skipping checkpoint %s: %s (trying the previous one)", path, reason)
+    return Scan(None, tuple(skipped))
 
 
-def load_run_checkpoint(
-    run_dir: Path | None, check: Callable[[Checkpoint], None] | None = None
-) -> Checkpoint | None:
-    """The newest valid checkpoint of a run directory, or None (with a warning)."""
-    found = None
-    if run_dir is not None:
-        found = load_latest_checkpoint(run_dir / "checkpoints", check)
-    if found is None:
-        logger.warning("resume: no valid checkpoint under %s: starting at step 0", run_dir)
-    return found
+def agree_on_candidate(error: BaseException | None, reason: str | None = None) -> str | None:
+    """Every rank's outcome with one checkpoint: None when it is good on every rank, else why
+    it is damaged (the first failing rank's ``reason``, by default its error in one line, the
+    rank named when others succeeded). Call on every rank.
+
+    Raises:
+        UsageError: on every rank, when any rank refused it as a usage error (another run's).
+    """
+    mine = None
+    if error is not None:
+        usage = isinstance(error, UsageError)
+        mine = (usage, str(error) if usage else reason or one_line(error))
+    outcomes = _on_every_rank(mine)
+    usages = [outcome[1] for outcome in outcomes if outcome is not None and outcome[0]]
+    if usages:
+        raise error if isinstance(error, UsageError) else UsageError(usages[0])
+    failed = [(rank, outcome[1]) for rank, outcome in enumerate(outcomes) if outcome is not None]
+    if not failed:
+        return None
+    rank, reason = failed[0]
+    return reason if len(failed) == len(outcomes) else f"{reason} (rank {rank})"
+
+
+def one_line(error: BaseException) -> str:
+    """``Type: the first line of the message`` (at most 300 characters of it)."""
+    return f"{type(error).__name__}: {(str(error).strip().splitlines() or [''])[0][:300]}"
+
+
+def _on_every_rank(value: Any) -> list[Any]:
+    """Every rank's ``value``, by rank (a collective when distributed over several ranks)."""
+    if not (distributed.is_initialized() and dist.get_world_size() > 1):
+        return [value]
+    values = [None] * dist.get_world_size()
+    dist.all_gather_object(values, value)
+    return values
+
+
+def _from_rank_0(work: Callable[[], Any]) -> Any:
+    """``work()`` on rank 0, its result on every rank."""
+    if not (distributed.is_initialized() and dist.get_world_size() > 1):
+        return work()
+    value = [work() if distributed.is_main_process() else None]
+    dist.broadcast_object_list(value, src=0)
+    return value[0]
 
 
 def _load(path: Path) -> Checkpoint:

@@ -158,30 +158,47 @@ class Checkpointer:
 
         The model and optimizer in the format the checkpoint was written in (resharded to this
         run's ranks when sharded), every registered participant whose state it holds, and this
-        rank's RNG (rank 0's, with a warning, when the world size changed).
+        rank's RNG (rank 0's, with a warning, when the world size changed). The ranks agree on
+        the outcome, so a failure on one rank is the same error on every rank.
 
         Raises:
-            UsageError: the sharded files failed while loading (they changed since they were
-                checked): one line on every rank.
+            DamagedCheckpoint: it failed to load on some rank (its files changed since they were
+                checked, a participant refused its state): one line on every rank; the caller
+                sets it aside and tries the previous one (`bigbatch.train.resume`).
         """
-        saved = found.training_state
+        error, reason = None, None
         try:
-            weights_format(found.sharded).load(
-                found.path, found.model_state, saved, self.model, self.optimizer
-            )
-        except BaseException as error:
-            failures = checkpoint.dcp_failures(error)
-            if not failures:
-                raise
-            rank, cause = min(failures.items(), key=lambda item: item[0])
-            raise UsageError(
-                f"resume: cannot load {found.path}: {type(cause).__name__}: "
-                f"{(str(cause).strip().splitlines() or [''])[0][:200]} (rank {rank}); move it "
-                "aside to resume from the previous checkpoint"
-            ) from None
+            self._restore(found)
+        except Exception as caught:  # noqa: BLE001 - every rank must hear of it
+            error = caught
+            failures = checkpoint.dcp_failures(caught)  # every rank's failure, the same everywhere
+            if failures:
+                rank, cause = min(failures.items(), key=lambda item: item[0])
+                reason = f"{checkpoint.one_line(cause)} (rank {rank})"
+        reason = checkpoint.agree_on_candidate(error, reason)
+        if reason is not None:
+            raise DamagedCheckpoint(found.path, reason) from error
+
+    def _restore(self, found: Checkpoint) -> None:
+        saved = found.training_state
+        weights_format(found.sharded).load(
+            found.path, found.model_state, saved, self.model, self.optimizer
+        )
         for name, participant in self._participants.items():
             if name in saved:
                 participant.load_state_dict(saved[name])
             else:
                 logger.info("resume: %s holds no state of %r: it starts afresh", found.path, name)
         restore_rng_states(saved["rng"], self.rank, self.world_size, saved.get("world_size"))
+
+
+class DamagedCheckpoint(UsageError):
+    """A checkpoint that passed its checks but failed to restore on some rank (every rank
+    raises it alike): set it aside and use the previous one."""
+
+    def __init__(self, path: Path, reason: str) -> None:
+        super().__init__(
+            f"resume: cannot restore {path}: {reason}; move it aside to resume from the previous "
+            "checkpoint"
+        )
+        self.path, self.reason = path, reason

@@ -6,7 +6,9 @@ precision, BatchNorm policy, ...) must match, or the resume is refused naming ea
 the fields that only change how it runs (`HOW_IT_RUNS`: micro-batch, devices, workers, intervals,
 a longer run) may change, and a length that moves the learning-rate decay is said in a warning.
 A checkpoint whose files check out but whose contents do not (a missing key, a data position past
-the dataset) counts as damaged, so the previous one is used (docs/design.md, invariant 5).
+the dataset) counts as damaged, so the previous one is used (docs/design.md, invariant 5). A resume
+that finds no valid checkpoint in a directory that holds a run refuses, changing nothing
+(invariant 6).
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ from __future__ import annotations
 import logging
 import os
 import shutil
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -24,10 +26,11 @@ import torch.distributed as dist
 
 from bigbatch.core import distributed
 from bigbatch.data.sampler import GlobalBatchSampler
-from bigbatch.train import checkpoint
+from bigbatch.train import checkpoint, rundir
 from bigbatch.train.checkpoint import Checkpoint
 from bigbatch.train.config import Config
 from bigbatch.train.configfile import flatten
+from bigbatch.train.metrics import METRICS_FILE, read_metrics
 from bigbatch.train.schedules import lr_factor
 from bigbatch.train.state import TrainState
 from bigbatch.units import UsageError, shorten
@@ -66,13 +69,21 @@ _UNSET = "(unset)"
 
 
 def load(
-    run_dir: Path | None, config: Config, module: torch.nn.Module, num_samples: int
+    run_dir: Path | None,
+    config: Config,
+    module: torch.nn.Module,
+    num_samples: int,
+    damaged: Mapping[Path, str] | None = None,
 ) -> Checkpoint | None:
     """The newest checkpoint of the run directory that this run may continue from, or None.
 
     Call on every rank. A checkpoint of a run with other settings, or whose weights do not fit
     the model, is refused (UsageError); one whose contents are unusable counts as damaged, like
-    a truncated one: the previous one is used, and the damaged ones are set aside.
+    a truncated one, and so do those in ``damaged`` (they failed to restore): the previous one
+    is used. Nothing is set aside here (`set_aside_everywhere`, once one has restored).
+
+    Raises:
+        UsageError: no valid checkpoint, but the directory holds a run (`refuse_to_restart`).
     """
 
     def check(found: Checkpoint) -> None:
@@ -80,14 +91,89 @@ def load(
         check_same_run(found, config)
         check_fits(found, module)
 
-    found = checkpoint.load_run_checkpoint(run_dir, check)
-    if found is not None:
-        found = upgrade(found)
+    scanned = checkpoint.Scan(None)
+    if run_dir is not None:
+        scanned = checkpoint.scan(run_dir / "checkpoints", check, damaged)
+    if scanned.found is None:
+        if run_dir is not None:
+            refuse_to_restart(run_dir, scanned.damaged)
+        logger.warning("resume: no valid checkpoint under %s: starting at step 0", run_dir)
+        return None
+    return upgrade(scanned.found)
+
+
+def refuse_to_restart(run_dir: Path, damaged: Sequence[tuple[Path, str]]) -> None:
+    """A resume that found no valid checkpoint in a directory that holds a run refuses.
+
+    Starting at step 0 would replace the run's ``metrics.jsonl``, report and weights: its history
+    would be lost to the command meant to continue it (docs/design.md, invariant 6). Nothing in
+    the directory changes, the damaged checkpoints are not even set aside: the user may restore
+    one. Rank 0 decides from what it reads; every rank raises the same line.
+
+    Raises:
+        UsageError: naming what the directory holds and the choices.
+    """
+    message: list[str | None] = [None]
+    if distributed.is_main_process():
+        remains = checkpoint_remains(run_dir / "checkpoints", damaged) + other_remains(run_dir)
+        if remains:
+            lead = "" if damaged else "no checkpoint, but "
+            message[0] = (
+                f"resume: no valid checkpoint in {run_dir}, which holds a run: {lead}"
+                f"{'; '.join(remains)}. Nothing was changed: pass --overwrite to start afresh "
+                f"(deleting that run), or restore a checkpoint into {run_dir / 'checkpoints'} "
+                "and resume again"
+            )
     if distributed.is_initialized():
-        dist.barrier()  # every rank has read the checkpoints before any is set aside
-    if found is not None and found.skipped and distributed.is_main_process():
-        set_aside(found.skipped)
+        dist.broadcast_object_list(message, src=0)
+    if message[0] is not None:
+        raise UsageError(message[0])
+
+
+def checkpoint_remains(directory: Path, damaged: Sequence[tuple[Path, str]]) -> list[str]:
+    """The damaged checkpoints with why, and what else ``directory`` holds (set aside ones,
+    temporaries of interrupted saves), for a refusal."""
+    found = []
+    if damaged:
+        count = len(damaged)
+        shown = ", ".join(f"{path.name} ({_clip(reason)})" for path, reason in damaged[:3])
+        more = f", and {count - 3} more" if count > 3 else ""
+        every = "all damaged" if count > 1 else "damaged"
+        found.append(f"{count} checkpoint{'s' if count > 1 else ''}, {every}: {shown}{more}")
+    named = {path.name for path, _ in damaged}
+    others = sorted(p.name for p in directory.iterdir()) if directory.is_dir() else []
+    others = [name for name in others if name not in named]
+    if others:
+        more = f", and {len(others) - 3} more" if len(others) > 3 else ""
+        found.append(f"checkpoints/ holds {', '.join(others[:3])}{more}")
     return found
+
+
+def other_remains(run_dir: Path) -> list[str]:
+    """What of a run ``run_dir`` holds besides its checkpoints, e.g. ``["metrics.jsonl up to
+    step 12", "config.yaml"]`` (the lock file alone is no run; nor is an empty folder)."""
+    found = []
+    for name in (*rundir.RUN_FILES, *rundir.RUN_DIRS):
+        path = run_dir / name
+        if name == "checkpoints" or not path.exists():
+            continue
+        if path.is_dir() and not any(path.iterdir()):
+            continue
+        found.append(_last_step(path) if name == METRICS_FILE else name)
+    return found
+
+
+def _last_step(metrics: Path) -> str:
+    """``metrics.jsonl up to step 12``."""
+    try:
+        steps = [int(record["step"]) for record in read_metrics(metrics, "train")]
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return f"{METRICS_FILE} (unreadable)"
+    return f"{METRICS_FILE} up to step {max(steps)}" if steps else f"{METRICS_FILE} (no step)"
+
+
+def _clip(reason: str, limit: int = 70) -> str:
+    return reason if len(reason) <= limit else reason[: limit - 3] + "..."
 
 
 def upgrade(found: Checkpoint) -> Checkpoint:
@@ -102,6 +188,14 @@ def upgrade(found: Checkpoint) -> Checkpoint:
         key: state.pop(key, None) for key in ("micro_batch_size", "micro_batch_tokens", "adaptive")
     }
     return replace(found, training_state=state, format_version=2)
+
+
+def set_aside_everywhere(paths: tuple[Path, ...]) -> None:
+    """`set_aside` on rank 0 once every rank is done with the checkpoints; call on every rank."""
+    if distributed.is_initialized():
+        dist.barrier()
+    if paths and distributed.is_main_process():
+        set_aside(paths)
 
 
 def set_aside(paths: tuple[Path, ...]) -> None:

@@ -32,7 +32,7 @@ from bigbatch.train import checkpoint, environment, evaluation, rundir, setup
 from bigbatch.train import metrics as run_metrics
 from bigbatch.train import report as run_report
 from bigbatch.train import resume as resume_rules
-from bigbatch.train.checkpointer import Checkpointer
+from bigbatch.train.checkpointer import Checkpointer, DamagedCheckpoint
 from bigbatch.train.config import Config
 from bigbatch.train.configfile import config_to_yaml, with_recipe_defaults
 from bigbatch.train.early_warning import EarlyWarning
@@ -164,22 +164,9 @@ class Trainer:
             rundir.prepare_run_dir(self.run_dir, resume=resume, overwrite=overwrite)
             if distributed.is_initialized():
                 dist.barrier()  # every rank has checked the directory before rank 0 writes
-        found = self._newest_checkpoint() if resume else None
-        if found is not None:  # the probed micro setting comes back: no second memory probe
-            self.planner.load_state_dict(found.training_state["planner"])
-        first_plan = self.planner.start()  # probes memory once if auto
+        found, first_plan, loader, state, checkpoints = self._start(stop, resume)
         if self.config.batchnorm != "freeze":  # the engine warns again per window otherwise
             batchnorm_policies.warn_small_micro_batches(self.module, first_plan.micro_batch_size)
-        loader = self._window_loader(stop.signals)
-        # Training draws (dropout, ...) from a stream of its own per rank, reproducible on resume.
-        environment.seed_everything(self.config.seed + 1_000_003 * self.rank)
-        state = TrainState()
-        checkpoints = self._checkpoints(loader, state)
-        if found is not None:
-            assert checkpoints is not None
-            checkpoints.checkpointer.restore(found)  # every participant, the weights, the RNG
-            checkpoints.saved_step = found.step
-            logger.info("resumed from %s at step %d", found.path, found.step)
         total = self._total_steps = self.planner.total_steps()
         if found is not None:
             resume_rules.warn_if_schedule_moves(found, self.config, total, loader.step)
@@ -278,10 +265,39 @@ class Trainer:
 
     # -- checkpoints, the run directory and the summary ----------------------------------------
 
-    def _newest_checkpoint(self) -> checkpoint.Checkpoint | None:
+    def _start(
+        self, stop: StopSignals, resume: bool
+    ) -> tuple[checkpoint.Checkpoint | None, Any, WindowLoader, TrainState, CheckpointHook | None]:
+        """The run's parts, restored from the newest checkpoint that restores on every rank (one
+        that fails to is damaged: the previous one is tried); call on every rank."""
+        damaged: dict[Path, str] = {}  # those that failed to restore
+        while True:
+            found = self._newest_checkpoint(damaged) if resume else None
+            if found is not None:  # the probed micro setting comes back: no second memory probe
+                self.planner.load_state_dict(found.training_state["planner"])
+            first_plan = self.planner.start()  # probes memory once if auto
+            loader = self._window_loader(stop.signals)
+            # Training draws (dropout, ...) from a per-rank stream, reproducible on resume.
+            environment.seed_everything(self.config.seed + 1_000_003 * self.rank)
+            state = TrainState()
+            checkpoints = self._checkpoints(loader, state)
+            if found is None or checkpoints is None:
+                return found, first_plan, loader, state, checkpoints
+            try:
+                checkpoints.checkpointer.restore(found)  # every participant, the weights, the RNG
+            except DamagedCheckpoint as error:
+                logger.warning("cannot restore %s: %s", found.path, error.reason)
+                damaged[found.path] = error.reason
+                continue
+            resume_rules.set_aside_everywhere(found.skipped)
+            checkpoints.saved_step = found.step
+            logger.info("resumed from %s at step %d", found.path, found.step)
+            return found, first_plan, loader, state, checkpoints
+
+    def _newest_checkpoint(self, damaged: dict[Path, str]) -> checkpoint.Checkpoint | None:
         """The newest valid checkpoint of this run (call on every rank); None: none."""
         num_samples = len(self.train_dataset)  # type: ignore[arg-type]
-        return resume_rules.load(self.run_dir, self.config, self.module, num_samples)
+        return resume_rules.load(self.run_dir, self.config, self.module, num_samples, damaged)
 
     def _checkpoints(self, loader: WindowLoader, state: TrainState) -> CheckpointHook | None:
         """The run's checkpoints and everything with state, in restore order; None without a
