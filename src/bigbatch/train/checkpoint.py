@@ -403,8 +403,8 @@ def _load(path: Path) -> Checkpoint:
         actual = files.sha256(path / name)
         if actual != expected:
             raise ValueError(
-                f"{name} does not match its sha256 in {META_FILE} (file {actual[:12]}..., "
-                f"recorded {str(expected)[:12]}...): truncated or modified"
+                f"{name} does not match its sha256 in {META_FILE}, truncated or modified (file "
+                f"{actual[:12]}..., recorded {str(expected)[:12]}...)"
             )
     model_state = weights_format(sharded).read(path)
     try:

@@ -111,49 +111,57 @@ def refuse_to_restart(run_dir: Path, damaged: Sequence[tuple[Path, str]]) -> Non
     one. Rank 0 decides from what it reads; every rank raises the same line.
 
     Raises:
-        UsageError: naming what the directory holds and the choices.
+        UsageError: one line (at most 400 characters) naming what the directory holds, then the
+            choices.
     """
     message: list[str | None] = [None]
     if distributed.is_main_process():
-        remains = checkpoint_remains(run_dir / "checkpoints", damaged) + other_remains(run_dir)
+        checkpoints, extra = checkpoint_remains(run_dir / "checkpoints", damaged)
+        others = other_remains(run_dir) + extra
+        remains = [checkpoints] if checkpoints else []
+        if others:
+            remains.append(("" if damaged else "no checkpoint, but ") + ", ".join(others))
         if remains:
-            lead = "" if damaged else "no checkpoint, but "
-            message[0] = (
-                f"resume: no valid checkpoint in {run_dir}, which holds a run: {lead}"
-                f"{'; '.join(remains)}. Nothing was changed: pass --overwrite to start afresh "
-                f"(deleting that run), or restore a checkpoint into {run_dir / 'checkpoints'} "
-                "and resume again"
+            head = f"resume: no valid checkpoint in {run_dir}, which holds a run: "
+            tail = (
+                ". Nothing was changed. Pass --overwrite to start afresh (it deletes that run), "
+                f"or restore a checkpoint into {run_dir / 'checkpoints'} and resume again"
             )
+            room = max(40, 400 - len(head) - len(tail))
+            message[0] = head + _clip("; ".join(remains), room) + tail
     if distributed.is_initialized():
         dist.broadcast_object_list(message, src=0)
     if message[0] is not None:
         raise UsageError(message[0])
 
 
-def checkpoint_remains(directory: Path, damaged: Sequence[tuple[Path, str]]) -> list[str]:
-    """The damaged checkpoints with why, and what else ``directory`` holds (set aside ones,
-    temporaries of interrupted saves), for a refusal."""
-    found = []
+def checkpoint_remains(
+    directory: Path, damaged: Sequence[tuple[Path, str]]
+) -> tuple[str, list[str]]:
+    """The damaged checkpoints with why (grouped by reason; "" when none), and what else
+    ``directory`` holds (set aside ones, temporaries of interrupted saves), for a refusal."""
+    found = ""
     if damaged:
+        reasons: dict[str, list[str]] = {}
+        for path, reason in damaged:
+            short = reason.split(" (", 1)[0]  # without the details that differ (checksums)
+            reasons.setdefault(_clip(short, 100), []).append(path.name)
+        shown = ", ".join(f"{', '.join(names)} ({reason})" for reason, names in reasons.items())
         count = len(damaged)
-        shown = ", ".join(f"{path.name} ({_clip(reason)})" for path, reason in damaged[:3])
-        more = f", and {count - 3} more" if count > 3 else ""
         every = "all damaged" if count > 1 else "damaged"
-        found.append(f"{count} checkpoint{'s' if count > 1 else ''}, {every}: {shown}{more}")
+        found = f"{count} checkpoint{'s' if count > 1 else ''}, {every}: {shown}"
     named = {path.name for path, _ in damaged}
     others = sorted(p.name for p in directory.iterdir()) if directory.is_dir() else []
     others = [name for name in others if name not in named]
-    if others:
-        more = f", and {len(others) - 3} more" if len(others) > 3 else ""
-        found.append(f"checkpoints/ holds {', '.join(others[:3])}{more}")
-    return found
+    more = f" and {len(others) - 3} more" if len(others) > 3 else ""
+    return found, [f"checkpoints/ holds {', '.join(others[:3])}{more}"] if others else []
 
 
 def other_remains(run_dir: Path) -> list[str]:
     """What of a run ``run_dir`` holds besides its checkpoints, e.g. ``["metrics.jsonl up to
     step 12", "config.yaml"]`` (the lock file alone is no run; nor is an empty folder)."""
     found = []
-    for name in (*rundir.RUN_FILES, *rundir.RUN_DIRS):
+    for name in dict.fromkeys((METRICS_FILE, *rundir.RUN_FILES, *rundir.RUN_DIRS)):
         path = run_dir / name
         if name == "checkpoints" or not path.exists():
             continue

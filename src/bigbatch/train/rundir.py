@@ -120,12 +120,14 @@ class RunLock:
 
     Held from `acquire` to `release` (or the end of the process, however it ends, so a killed run
     never blocks its own resume). The file keeps the holder's pid for the message of the run
-    that is refused. Only rank 0 locks; the others learn the outcome from it.
+    that is refused; a run that ends in a `UsageError` removes the file if it created it (a
+    refused resume changes nothing). Only rank 0 locks; the others learn the outcome from it.
     """
 
     def __init__(self, run_dir: Path) -> None:
         self.path = Path(run_dir) / LOCK_FILE
         self._fd: int | None = None
+        self._created = False
 
     def acquire(self) -> None:
         """Take the lock, or raise UsageError naming the directory and the holder's pid."""
@@ -139,12 +141,16 @@ class RunLock:
         """None when the lock is ours, else the refusal."""
         with storage_errors(f"create the lock file {self.path}"):
             self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._created = not self.path.exists()
             fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
         if fcntl is None:
             os.close(fd)
             return None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            if not _names(fd, self.path):  # a refused run removed the file we opened: again
+                os.close(fd)
+                return self._try_lock()
         except OSError as error:
             holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "?"
             os.close(fd)
@@ -161,9 +167,13 @@ class RunLock:
         self._fd = fd
         return None
 
-    def release(self) -> None:
-        """Let the next run in (safe to call twice; the file stays, holding no lock)."""
+    def release(self, *, refused: bool = False) -> None:
+        """Let the next run in (safe to call twice). The file stays, holding no lock, but for
+        a refused run that created it: that one leaves the directory as it found it."""
         if self._fd is not None:
+            if refused and self._created:
+                with contextlib.suppress(OSError):
+                    self.path.unlink()  # before the flock goes: no run holds a lock on it
             os.close(self._fd)  # closing the descriptor releases the flock
             self._fd = None
 
@@ -177,7 +187,15 @@ class RunLock:
         error: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        self.release()
+        self.release(refused=isinstance(error, UsageError))
+
+
+def _names(fd: int, path: Path) -> bool:
+    """Whether ``path`` still names the file open as ``fd``."""
+    try:
+        return os.stat(path).st_ino == os.fstat(fd).st_ino
+    except FileNotFoundError:
+        return False
 
 
 def _deduplicated(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
