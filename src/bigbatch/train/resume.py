@@ -125,7 +125,7 @@ def refuse_to_restart(run_dir: Path, damaged: Sequence[tuple[Path, str]]) -> Non
             head = f"resume: no valid checkpoint in {run_dir}, which holds a run: "
             tail = (
                 ". Nothing was changed. Pass --overwrite to start afresh (it deletes that run), "
-                f"or restore a checkpoint into {run_dir / 'checkpoints'} and resume again"
+                "or restore a checkpoint into its checkpoints/ and resume again"
             )
             room = max(40, 400 - len(head) - len(tail))
             message[0] = head + _clip("; ".join(remains), room) + tail

@@ -127,7 +127,7 @@ class RunLock:
     def __init__(self, run_dir: Path) -> None:
         self.path = Path(run_dir) / LOCK_FILE
         self._fd: int | None = None
-        self._created = False
+        self._created, self._previous = False, b""
 
     def acquire(self) -> None:
         """Take the lock, or raise UsageError naming the directory and the holder's pid."""
@@ -162,18 +162,22 @@ class RunLock:
                 )
             logger.warning("%s cannot be locked (%s): the run goes on unlocked", self.path, error)
             return None
+        self._previous = os.pread(fd, 4096, 0)  # the last holder's pid, back if refused
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
         self._fd = fd
         return None
 
     def release(self, *, refused: bool = False) -> None:
-        """Let the next run in (safe to call twice). The file stays, holding no lock, but for
-        a refused run that created it: that one leaves the directory as it found it."""
+        """Let the next run in (safe to call twice). The file stays, holding no lock; a refused
+        run leaves it as it found it (removed if it created it, else the last holder's pid)."""
         if self._fd is not None:
-            if refused and self._created:
-                with contextlib.suppress(OSError):
-                    self.path.unlink()  # before the flock goes: no run holds a lock on it
+            with contextlib.suppress(OSError):  # before the flock goes: nobody else writes it
+                if refused and self._created:
+                    self.path.unlink()
+                elif refused:
+                    os.ftruncate(self._fd, 0)
+                    os.pwrite(self._fd, self._previous, 0)
             os.close(self._fd)  # closing the descriptor releases the flock
             self._fd = None
 
