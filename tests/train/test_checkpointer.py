@@ -1,6 +1,7 @@
 """The checkpointer: registered participants round-trip; plain and sharded saves share one path,
 its one-line storage errors on every rank (1 process and 2 gloo processes, never a hang), and a
-damaged shard whose checksum was rewritten falls back to the previous checkpoint."""
+damaged shard whose checksum was rewritten falls back to the previous checkpoint, and so do shards
+that fail to load after their check (the same line on every rank)."""
 
 from __future__ import annotations
 
@@ -15,8 +16,8 @@ from typing import Any
 import pytest
 import torch
 
-from bigbatch.train.checkpoint import list_checkpoints, load_latest_checkpoint
-from bigbatch.train.checkpointer import Checkpointer
+from bigbatch.train.checkpoint import list_checkpoints, load_latest_checkpoint, scan
+from bigbatch.train.checkpointer import Checkpointer, DamagedCheckpoint
 from bigbatch.train.rundir import StorageError
 from tests import models
 from tests.distributed_helpers import run_processes
@@ -241,3 +242,43 @@ def test_shard_metadata_with_arbitrary_objects_is_refused_not_executed(tmp_path,
     assert "never unpickled" in caplog.text
     assert not marker.exists()
     assert [p.name for p in list_checkpoints(tmp_path)] == ["step-00000001", "step-00000002"]
+
+
+def restore_after_the_shards_changed(rank: int, world_size: int, directory: str):
+    """Steps 1 and 2 saved sharded; step 2 validated on every rank, then its shards damaged
+    before the restore: each rank's outcome, then the previous checkpoint restored."""
+    torch.manual_seed(0)
+    checkpointer, tally = make_checkpointer(Path(directory), True)
+    checkpointer.save(1)
+    tally.calls = 2
+    checkpointer.save(2)
+    found = load_latest_checkpoint(Path(directory))
+    assert found is not None and found.step == 2
+    torch.distributed.barrier()
+    if rank == 0:
+        for shard in (found.path / "shards").glob("*.distcp"):
+            shard.write_bytes(shard.read_bytes()[:-40])
+    torch.distributed.barrier()
+    restoring, fresh = make_checkpointer(Path(directory), True, seed=5, steps=0)
+    try:
+        restoring.restore(found)
+        outcome = None
+    except DamagedCheckpoint as error:
+        outcome = (str(error), error.reason)
+    assert outcome is not None
+    again = scan(Path(directory), damaged={found.path: outcome[1]})
+    assert again.found is not None and again.found.step == 1
+    assert again.damaged == ((found.path, outcome[1]),)
+    restoring.restore(again.found)
+    return outcome[0], fresh.calls
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_shards_that_fail_to_load_after_their_check_are_damaged_on_every_rank(tmp_path):
+    outcomes = run_processes(restore_after_the_shards_changed, 2, str(tmp_path))
+    assert outcomes[0][0] == outcomes[1][0]  # the same line on every rank
+    message = outcomes[0][0]
+    assert message.startswith(f"resume: cannot restore {tmp_path / 'step-00000002'}: ")
+    assert len(message.splitlines()) == 1 and "(rank " in message, message
+    assert [calls for _, calls in outcomes] == [0, 0]  # step 1's state, restored

@@ -169,9 +169,11 @@ class Checkpointer:
         error, reason = None, None
         try:
             self._restore(found)
-        except Exception as caught:  # noqa: BLE001 - every rank must hear of it
-            error = caught
+        except BaseException as caught:  # noqa: BLE001 - DCP's CheckpointException is one
             failures = checkpoint.dcp_failures(caught)  # every rank's failure, the same everywhere
+            if not (failures or isinstance(caught, Exception)):
+                raise  # KeyboardInterrupt, SystemExit
+            error = caught
             if failures:
                 rank, cause = min(failures.items(), key=lambda item: item[0])
                 reason = f"{checkpoint.one_line(cause)} (rank {rank})"
