@@ -103,8 +103,9 @@ def test_every_checkpoint_damaged_is_refused_and_none_is_set_aside(
     assert code == 2
     line = refusal(err)
     assert (
-        "3 checkpoints, all damaged: step-00000003, step-00000002, step-00000001 (ValueError: "
-        "model.safetensors does not match its sha256 in meta.json, truncated or modified)"
+        "3 checkpoints, all damaged: step-00000003, step-00000002, step-00000001 "
+        "(model.safetensors does not match its sha256 in meta.json, truncated or modified); "
+        "metrics.jsonl up to step 3"
     ) in line, line
     assert line.endswith(CHOICES)
     assert snapshot(out) == before  # byte for byte; no .damaged, no lock file

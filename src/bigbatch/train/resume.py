@@ -128,7 +128,7 @@ def refuse_to_restart(run_dir: Path, damaged: Sequence[tuple[Path, str]]) -> Non
                 "or restore a checkpoint into its checkpoints/ and resume again"
             )
             room = max(40, 400 - len(head) - len(tail))
-            message[0] = head + _clip("; ".join(remains), room) + tail
+            message[0] = head + _first_items("; ".join(remains), room) + tail
     if distributed.is_initialized():
         dist.broadcast_object_list(message, src=0)
     if message[0] is not None:
@@ -144,7 +144,8 @@ def checkpoint_remains(
     if damaged:
         reasons: dict[str, list[str]] = {}
         for path, reason in damaged:
-            short = reason.split(" (", 1)[0]  # without the details that differ (checksums)
+            # Without the error's type and the details that differ (checksums): room for more.
+            short = reason.split(" (", 1)[0].split(": ", 1)[-1]
             reasons.setdefault(_clip(short, 100), []).append(path.name)
         shown = ", ".join(f"{', '.join(names)} ({reason})" for reason, names in reasons.items())
         count = len(damaged)
@@ -178,6 +179,14 @@ def _last_step(metrics: Path) -> str:
     except (OSError, ValueError, KeyError, TypeError, AttributeError):
         return f"{METRICS_FILE} (unreadable)"
     return f"{METRICS_FILE} up to step {max(steps)}" if steps else f"{METRICS_FILE} (no step)"
+
+
+def _first_items(text: str, limit: int) -> str:
+    """As many of the comma- or semicolon-separated items of ``text`` as fit ``limit``."""
+    if len(text) <= limit:
+        return text
+    cut = max(text.rfind(", ", 0, limit - 9), text.rfind("; ", 0, limit - 9))
+    return (text[:cut] if cut > 0 else text[: limit - 12] + "...") + " and more"
 
 
 def _clip(reason: str, limit: int = 70) -> str:
