@@ -297,7 +297,8 @@ class Scan:
 def load_latest_checkpoint(
     directory: Path, check: Callable[[Checkpoint], None] | None = None
 ) -> Checkpoint | None:
-    """The newest checkpoint under ``directory`` that passes every check, or None (see `scan`)."""
+    """The newest checkpoint under ``directory`` that passes every check, or None: `scan`'s
+    (call it on every rank when distributed: the ranks agree on each candidate)."""
     return scan(directory, check).found
 
 
@@ -309,14 +310,12 @@ def scan(
     """The newest checkpoint under ``directory`` that passes every check on every rank.
 
     A checkpoint whose ``meta.json`` is missing or unparsable, whose checksums differ, whose
-    files fail to load, or that ``check`` refuses with any error but a `UsageError` (e.g. KeyError
-    for a missing key) is damaged: reported with a warning naming its path and the reason, and
-    the previous one tried. Call on every rank: the ranks take the candidates from rank 0's
-    listing and agree on each one, so a checkpoint that fails on one rank only is damaged on
-    every rank, and a `UsageError` on any rank is raised on every rank. Temporary directories of
-    interrupted saves are ignored; ``damaged`` names checkpoints known to be damaged (they failed
-    to restore), with why. The training state is read with ``weights_only=True``, the weights
-    with safetensors and every shard's item weights-only, so no code from the files runs.
+    files fail to load, that ``check`` refuses with any error but a `UsageError` (e.g. KeyError
+    for a missing key), or that ``damaged`` names (with why: it failed to restore) is damaged:
+    reported with a warning, and the previous one tried. Call on every rank: the ranks take rank
+    0's listing and agree on each candidate, so one that fails on one rank is damaged on all, and
+    a `UsageError` anywhere is raised everywhere. Temporaries of interrupted saves are ignored.
+    No code from the files runs: ``weights_only=True``, safetensors, shards item by item.
     """
     directory, known = Path(directory), dict(damaged or {})
     names = _from_rank_0(lambda: [path.name for path in list_checkpoints(directory)])
@@ -343,13 +342,10 @@ def scan(
 
 
 def agree_on_candidate(error: BaseException | None, reason: str | None = None) -> str | None:
-    """Every rank's outcome with one checkpoint: None when it is good on every rank, else why
-    it is damaged (the first failing rank's ``reason``, by default its error in one line, the
-    rank named when others succeeded). Call on every rank.
-
-    Raises:
-        UsageError: on every rank, when any rank refused it as a usage error (another run's).
-    """
+    """Every rank's outcome with one checkpoint (call on every rank): None when it is good on
+    every rank, else why it is damaged (the first failing rank's ``reason``, by default its
+    error in one line, the rank named when others succeeded). A `UsageError` on any rank (another
+    run's checkpoint) is raised on every rank."""
     mine = None
     if error is not None:
         usage = isinstance(error, UsageError)
