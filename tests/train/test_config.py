@@ -69,7 +69,29 @@ BAD = {
         ["micro_batch_size=-3"],
         'config: micro_batch_size: must be a positive integer or "auto", got -3',
     ),
-    "word for number": (["lr=fast"], 'config: lr: must be a number > 0, got "fast"'),
+    "word for number": (["lr=fast"], 'config: lr: must be a number > 0, at most 1e6, got "fast"'),
+    "boolean lr": (["lr=true"], "config: lr: must be a number > 0, at most 1e6, got true"),
+    "boolean count": (["global_batch_size=true"], "global_batch_size: must be a positive integer"),
+    "boolean seed": (["seed=false"], "config: seed: must be an integer >= 0, got false"),
+    "boolean auto": (
+        ["micro_batch_size=true"],
+        'micro_batch_size: must be a positive integer or "a',
+    ),
+    "boolean stage": (["batch_size_schedule=[[0, true]]"], "batch_size_schedule: must be"),
+    "boolean base": (["lr_scaling.base_batch_size=true"], "lr_scaling.base_batch_size: must be"),
+    "lr beyond float32": (
+        ["lr=1.0e+300"],
+        "config: lr: must be a number > 0, at most 1e6, got 1e+300",
+    ),
+    "lr nan": (["lr=.nan"], "config: lr: must be"),
+    "weight decay": (
+        ["weight_decay=1.0e+7"],
+        "config: weight_decay: must be a number >= 0, at most",
+    ),
+    "clip norm": (
+        ["max_grad_norm=1.0e+39"],
+        "config: max_grad_norm: must be a number > 0, at most",
+    ),
     "nested enum": (
         ["lr_scaling.rule=cubic"],
         'config: lr_scaling.rule: must be "linear", "sqrt", "none" or "adascale", got "cubic"',
@@ -91,6 +113,12 @@ def test_bad_values_give_one_line(overrides, expected):
     assert "\n" not in message
     assert message.startswith("config:")
     assert expected in message
+
+
+def test_numbers_within_bounds_are_kept():
+    config = load_config(None, ["lr=1e6", "weight_decay=0", "max_grad_norm=3.0e+38", "seed=7"])
+    assert (config.lr, config.weight_decay, config.max_grad_norm, config.seed) == (1e6, 0, 3e38, 7)
+    assert load_config(None, ["lr=1e-3", "micro_batch_size=auto"]).lr == 1e-3
 
 
 def test_missing_file_and_malformed_yaml(tmp_path):

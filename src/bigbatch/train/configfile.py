@@ -190,7 +190,9 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     try:
         value = load_yaml(raw) if raw.strip() else None
     except YamlRefused as error:
-        raise UsageError(f"config: --set {shorten(key.strip())}: the value {error.reason}") from None
+        raise UsageError(
+            f"config: --set {shorten(key.strip())}: the value {error.reason}"
+        ) from None
     except (yaml.YAMLError, ValueError):
         # Not YAML (an unbalanced bracket), or an integer too long for Python to read (over 4300
         # digits): keep the text, and validation names the field.

@@ -80,7 +80,9 @@ class BoundedLoader(yaml.SafeLoader):
             if key in first_line:
                 text = key_node.value if len(key_node.value) <= 60 else key_node.value[:57] + "..."
                 lines = f" (lines {first_line[key]} and {line})" if first_line[key] != line else ""
-                raise YamlRefused(f"key {text!r} appears twice{lines}; keep one", key_node.start_mark)
+                raise YamlRefused(
+                    f"key {text!r} appears twice{lines}; keep one", key_node.start_mark
+                )
             first_line[key] = line
         return node
 
