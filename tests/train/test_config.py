@@ -17,6 +17,7 @@ from bigbatch.train.configfile import (
     validate,
     with_recipe_defaults,
 )
+from bigbatch.train.yamlloader import MAX_DEPTH, MAX_VALUES, YamlRefused, load_yaml
 
 
 def test_yaml_then_overrides(tmp_path):
@@ -119,6 +120,56 @@ def test_numbers_within_bounds_are_kept():
     config = load_config(None, ["lr=1e6", "weight_decay=0", "max_grad_norm=3.0e+38", "seed=7"])
     assert (config.lr, config.weight_decay, config.max_grad_norm, config.seed) == (1e6, 0, 3e38, 7)
     assert load_config(None, ["lr=1e-3", "micro_batch_size=auto"]).lr == 1e-3
+
+
+def test_yaml_reads_as_safe_load_does_within_bounds():
+    text = "a: &b {x: 1, y: [1, 2]}\nc: {<<: *b, x: 3}\nd: *b\n1: one\n"
+    assert load_yaml(text) == yaml.safe_load(text)  # anchors, aliases and merges still work
+    assert load_yaml("- " * (MAX_DEPTH - 1) + "x") == yaml.safe_load("- " * (MAX_DEPTH - 1) + "x")
+
+
+def test_yaml_values_are_counted_with_aliases_expanded(monkeypatch):
+    monkeypatch.setattr("bigbatch.train.yamlloader.MAX_VALUES", 10)
+    assert load_yaml("[1, 2, 3, 4, 5, 6, 7, 8, 9]") == list(range(1, 10))  # 10 with the list
+    with pytest.raises(YamlRefused, match="more than 10 values"):
+        load_yaml("[1, 2, 3, 4, 5, 6, 7, 8, 9, 10]")
+    with pytest.raises(YamlRefused, match="more than 10 values once its aliases are expanded"):
+        load_yaml("a: &a [1, 2, 3]\nb: [*a, *a]")  # 1 + a: 1 + 4, b: 1 + (1 + 4 + 4) = 16
+
+
+@pytest.mark.parametrize(
+    ("text", "line", "reason"),
+    [
+        ("lr: 1\nseed: 2\nlr: 3\n", 3, "key 'lr' appears twice (lines 1 and 3); keep one"),
+        ("{1: a, 0x1: b}", 1, "key '0x1' appears twice; keep one"),  # the same integer
+        ("a: {x: 1}\nb:\n  x: 1\n  y: 2\n  x: 3\n", 5, "key 'x' appears twice (lines 3 and 5)"),
+        ("- " * MAX_DEPTH + "x", 1, f"nested deeper than {MAX_DEPTH} levels"),
+        ("a: &a [*a]", 1, "alias *a refers to a value that contains it"),
+        (
+            "a: &a [1, 2, 3, 4, 5, 6, 7, 8, 9]\n"
+            + "\n".join(
+                f"b{i}: &b{i} [" + ", ".join([f"*{'a' if i == 0 else f'b{i - 1}'}"] * 9) + "]"
+                for i in range(6)
+            ),
+            6,
+            f"more than {MAX_VALUES:,} values once its aliases are expanded",
+        ),
+    ],
+    ids=["key twice", "same number twice", "nested key twice", "deep", "recursive", "bomb"],
+)
+def test_yaml_past_the_bounds_is_refused(text, line, reason):
+    with pytest.raises(YamlRefused) as caught:
+        load_yaml(text)
+    assert reason in caught.value.reason and caught.value.line == line
+
+
+def test_a_yaml_refusal_names_the_file_line_or_the_set_key(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text("seed: 1\nrecipe_options: {a: 1, a: 2}\n")
+    with pytest.raises(ValueError, match=r"run.yaml' line 2: key 'a' appears twice; keep one$"):
+        load_config(path)
+    with pytest.raises(ValueError, match=r"^config: --set 'recipe_options.x': the value nested"):
+        load_config(None, ["recipe_options.x=" + "[" * 1000 + "]" * 1000])
 
 
 def test_missing_file_and_malformed_yaml(tmp_path):
