@@ -12,7 +12,6 @@ from __future__ import annotations
 from typing import Any
 
 import yaml
-from yaml.error import Mark
 from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
 
 MAX_DEPTH = 32
@@ -26,7 +25,7 @@ _MERGE = "tag:yaml.org,2002:merge"
 class YamlRefused(Exception):
     """A YAML document past bigbatch's bounds: the reason, and the 1-based line where."""
 
-    def __init__(self, reason: str, mark: Mark | None) -> None:
+    def __init__(self, reason: str, mark: Any) -> None:  # a yaml Mark, or None
         super().__init__(reason)
         self.reason = reason
         self.line = mark.line + 1 if mark is not None else None
@@ -40,7 +39,7 @@ class BoundedLoader(yaml.SafeLoader):
         self._depth = 0
         self._values: dict[int, int] = {}  # id(node) -> values it holds, aliases expanded
 
-    def compose_node(self, parent: Node | None, index: Any) -> Node:
+    def compose_node(self, parent: Node | None, index: Any) -> Node | None:
         event = self.peek_event()
         if self._depth >= MAX_DEPTH:
             raise YamlRefused(f"nested deeper than {MAX_DEPTH} levels", event.start_mark)
@@ -69,7 +68,7 @@ class BoundedLoader(yaml.SafeLoader):
         self._values[id(node)] = count
         return node
 
-    def compose_mapping_node(self, anchor: str | None) -> MappingNode:
+    def compose_mapping_node(self, anchor: Any) -> MappingNode:
         node: MappingNode = super().compose_mapping_node(anchor)
         first_line: dict[Any, int] = {}
         for key_node, _ in node.value:
