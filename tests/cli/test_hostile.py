@@ -65,6 +65,8 @@ def files(tmp_path: Path) -> dict[str, str]:
     aliased.write_text("train_micro_batch_size_per_gpu: 8\nmicro_batch_size: 8\n")
     digits = tmp_path / "digits.yaml"
     digits.write_text(f"global_batch_size: {HUGE}\n")
+    twice = tmp_path / "twice.yaml"
+    twice.write_text("lr: 0.01\nseed: 3\nlr: 0.02\n")
     sparse = tmp_path / "huge.yaml"
     with open(sparse, "wb") as handle:
         handle.truncate(20 * 2**20)  # 20 MiB of nothing, without using the disk
@@ -75,8 +77,19 @@ def files(tmp_path: Path) -> dict[str, str]:
         "aliased": str(aliased),
         "sparse": str(sparse),
         "digits": str(digits),
+        "twice": str(twice),
     }
 
+
+# 10 levels of anchors, each 10 aliases of the one before: 10**10 values once expanded.
+BOMB = (
+    "recipe_options.y=[&a0 [x, x, x, x, x, x, x, x, x, x], "
+    + ", ".join(f"&a{i} [{', '.join([f'*a{i - 1}'] * 10)}]" for i in range(1, 10))
+    + "]"
+)
+DEEP = "recipe_options.x=" + "[" * 5000 + "]" * 5000
+TOKENS = ["train", "--set", "recipe=tinylm", "--set", "recipe_options.num_train_samples=500"]
+TOKENS += ["--set", "warmup_steps=0"]
 
 # (id, argv with {placeholders}, fragments the one line must hold)
 CASES = [
@@ -168,6 +181,79 @@ CASES = [
         ["larger than the recipe's training set"],
     ),
     ("bench steps 0", ["bench", "--steps", "0"], ["--steps"]),
+    # Round two (issue 23): keys twice, booleans, overflowing floats, names, recipes, tokens.
+    ("config key twice", ["train", "{twice}"], ["key 'lr' appears twice (lines 1 and 3)"]),
+    ("--set key twice", ["train", "--set", "recipe_options={{a: 1, a: 2}}"], ["'a' appears twice"]),
+    (
+        "--set alias bomb",
+        ["train", "--set", BOMB],
+        ["recipe_options", "100,000 values"],
+    ),
+    ("--set 5000 deep", ["train", "--set", DEEP], ["recipe_options.x", "deeper than 32"]),
+    ("lr true", ["train", "--set", "lr=true"], ["lr: must be a number > 0", "got true"]),
+    (
+        "global batch true",
+        ["train", "--set", "global_batch_size=true"],
+        ["global_batch_size: must be a positive integer, got true"],
+    ),
+    ("seed false", ["train", "--set", "seed=false"], ["seed", "got false"]),
+    ("micro true", ["train", "--set", "micro_batch_size=true"], ["micro_batch_size", "got true"]),
+    ("lr 1.0e300", ["train", "--set", "lr=1.0e300"], ["lr", "at most 1e6"]),
+    ("lr 1.0e+300", ["train", "--set", "lr=1.0e+300"], ["lr", "at most 1e6", "1e+300"]),
+    ("weight_decay 1e300", ["train", "--set", "weight_decay=1.0e+300"], ["weight_decay"]),
+    ("max_grad_norm 1e39", ["train", "--set", "max_grad_norm=1.0e+39"], ["max_grad_norm"]),
+    (
+        "out name of 300 characters",
+        ["train", "--out", "{tmp}/" + "o" * 300],
+        ["--out", "a name in the path has 300 bytes"],
+    ),
+    ("out path of 6000 characters", ["train", "--out", "{tmp}" + "/o" * 3000], ["--out"]),
+    (
+        "recipe os:system",
+        ["train", "--set", "recipe=os:system"],
+        ["cannot be called with the config", "takes the config mapping and returns a bigbatch"],
+    ),
+    (
+        "recipe bigbatch:plan",
+        ["train", "--set", "recipe=bigbatch:plan"],
+        ["returns Plan, not a Recipe", "'module:function'"],
+    ),
+    (
+        "recipe returns None",
+        ["train", "--set", "recipe=builtins:id"],
+        ["returned int, not a Recipe"],
+    ),
+    (
+        "digits option",
+        ["train", "--set", "recipe_options.max_digits=3"],
+        ["recipe_options for digits: unknown key 'max_digits'"],
+    ),
+    (
+        "tinylm option typo",
+        ["train", "--set", "recipe=tinylm", "--set", "recipe_options.max_digitz=3"],
+        ["unknown key 'max_digitz' (did you mean 'max_digits'?)"],
+    ),
+    (
+        "global batch tokens 10**12",
+        [*TOKENS, "--set", f"global_batch_tokens={10**12}"],
+        ["global_batch_tokens: a global batch of 1000000000000 tokens", "tokens in 500 samples"],
+    ),
+    (
+        "schedule in tokens 10**12",
+        [
+            *TOKENS,
+            "--set",
+            "global_batch_tokens=100",
+            "--set",
+            f"batch_size_schedule=[[2, {10**12}]]",
+        ],
+        ["batch_size_schedule", "tokens in 500 samples"],
+    ),
+    (
+        "micro batch tokens 10**12",
+        [*TOKENS, "--set", "global_batch_tokens=100", "--set", f"micro_batch_tokens={10**12}"],
+        ["micro_batch_tokens 1000000000000", "500 samples x"],
+    ),
 ]
 
 
@@ -235,6 +321,34 @@ def test_huge_sizes_in_bounded_memory(tmp_path, argv, fragment):
     done, elapsed = bigbatch(*argv, limit=_limited(memory_bytes=4 * 2**30))
     assert_refused(done.returncode, done.stderr, fragment)
     assert elapsed < 120, f"took {elapsed:.0f} s"
+
+
+def _bomb_yaml() -> str:
+    lines = ["recipe_options:", "  a0: &a0 [lol, lol, lol, lol, lol, lol, lol, lol, lol, lol]"]
+    lines += [f"  a{i}: &a{i} [{', '.join([f'*a{i - 1}'] * 10)}]" for i in range(1, 10)]
+    return "\n".join(lines) + "\n"
+
+
+YAML_FILES = {  # a file's text, and what the one line says
+    "alias bomb": (_bomb_yaml(), "line 6: holds more than 100,000 values"),
+    "5000 deep": ("recipe_options:\n  x: " + "[" * 5000 + "]" * 5000 + "\n", "deeper than 32"),
+    "5000 deep, block style": ("- " * 5000 + "x\n", "deeper than 32"),
+    "7 MB": ("recipe_options:\n" + "".join(f"  k{i}: v{i}\n" for i in range(700_000)), "bytes"),
+    "recursive alias": ("recipe_options: &a\n  x: *a\n", "alias *a refers to a value"),
+}
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize(("text", "fragment"), YAML_FILES.values(), ids=YAML_FILES.keys())
+def test_hostile_yaml_in_bounded_time_and_memory(tmp_path, text, fragment):
+    """Each refused at once, in one line, under 3 GB, within 30 s (before: minutes and 3.5 GB, a
+    RecursionError, or 136 s and 1.09 GB)."""
+    path = tmp_path / "hostile.yaml"
+    path.write_text(text)
+    argv = ["train", str(path), "--out", str(tmp_path / "run"), "--no-progress"]
+    done, elapsed = bigbatch(*argv, limit=_limited(memory_bytes=3 * 10**9))
+    assert_refused(done.returncode, done.stderr, fragment)
+    assert elapsed < 30, f"took {elapsed:.0f} s"
 
 
 RECIPE = """

@@ -110,7 +110,17 @@ def test_errors_keep_their_unit_names():
         SampleUnit(5).check_global_batch(6, drop_last=True)
     with pytest.raises(ValueError, match="batch_size_schedule: a global batch of 6"):
         SampleUnit(5).check_schedule(6, "batch_size_schedule")
-    TokenUnit([3]).check_schedule(10**9, "global_batch_tokens")  # a short batch of the rest
+    TokenUnit([3, 4]).check_schedule(7, "global_batch_tokens")  # the whole set: one step
+    with pytest.raises(ValueError, match=r"global_batch_tokens: a global batch of 8 tokens is la"):
+        TokenUnit([3, 4]).check_schedule(8, "global_batch_tokens")
+    with pytest.raises(ValueError, match=r"\(7 tokens in 2 samples\): use at most 7"):
+        TokenUnit([3, 4]).check_schedule(10**12, "batch_size_schedule")
+
+
+def test_micro_batch_tokens_beyond_the_padded_set_is_refused():
+    TokenUnit([3, 4], micro_batch_tokens=8).check_schedule(7, "global_batch_tokens")  # 2 x 4
+    with pytest.raises(ValueError, match=r"micro_batch_tokens 9 .* = 8; 7 tokens unpadded"):
+        TokenUnit([3, 4], micro_batch_tokens=9).check_schedule(7, "global_batch_tokens")
 
 
 @settings(max_examples=30, deadline=None)

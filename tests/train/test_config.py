@@ -17,6 +17,7 @@ from bigbatch.train.configfile import (
     validate,
     with_recipe_defaults,
 )
+from bigbatch.train.yamlloader import MAX_DEPTH, MAX_VALUES, YamlRefused, load_yaml
 
 
 def test_yaml_then_overrides(tmp_path):
@@ -69,7 +70,29 @@ BAD = {
         ["micro_batch_size=-3"],
         'config: micro_batch_size: must be a positive integer or "auto", got -3',
     ),
-    "word for number": (["lr=fast"], 'config: lr: must be a number > 0, got "fast"'),
+    "word for number": (["lr=fast"], 'config: lr: must be a number > 0, at most 1e6, got "fast"'),
+    "boolean lr": (["lr=true"], "config: lr: must be a number > 0, at most 1e6, got true"),
+    "boolean count": (["global_batch_size=true"], "global_batch_size: must be a positive integer"),
+    "boolean seed": (["seed=false"], "config: seed: must be an integer >= 0, got false"),
+    "boolean auto": (
+        ["micro_batch_size=true"],
+        'micro_batch_size: must be a positive integer or "a',
+    ),
+    "boolean stage": (["batch_size_schedule=[[0, true]]"], "batch_size_schedule: must be"),
+    "boolean base": (["lr_scaling.base_batch_size=true"], "lr_scaling.base_batch_size: must be"),
+    "lr beyond float32": (
+        ["lr=1.0e+300"],
+        "config: lr: must be a number > 0, at most 1e6, got 1e+300",
+    ),
+    "lr nan": (["lr=.nan"], "config: lr: must be"),
+    "weight decay": (
+        ["weight_decay=1.0e+7"],
+        "config: weight_decay: must be a number >= 0, at most",
+    ),
+    "clip norm": (
+        ["max_grad_norm=1.0e+39"],
+        "config: max_grad_norm: must be a number > 0, at most",
+    ),
     "nested enum": (
         ["lr_scaling.rule=cubic"],
         'config: lr_scaling.rule: must be "linear", "sqrt", "none" or "adascale", got "cubic"',
@@ -91,6 +114,62 @@ def test_bad_values_give_one_line(overrides, expected):
     assert "\n" not in message
     assert message.startswith("config:")
     assert expected in message
+
+
+def test_numbers_within_bounds_are_kept():
+    config = load_config(None, ["lr=1e6", "weight_decay=0", "max_grad_norm=3.0e+38", "seed=7"])
+    assert (config.lr, config.weight_decay, config.max_grad_norm, config.seed) == (1e6, 0, 3e38, 7)
+    assert load_config(None, ["lr=1e-3", "micro_batch_size=auto"]).lr == 1e-3
+
+
+def test_yaml_reads_as_safe_load_does_within_bounds():
+    text = "a: &b {x: 1, y: [1, 2]}\nc: {<<: *b, x: 3}\nd: *b\n1: one\n"
+    assert load_yaml(text) == yaml.safe_load(text)  # anchors, aliases and merges still work
+    assert load_yaml("- " * (MAX_DEPTH - 1) + "x") == yaml.safe_load("- " * (MAX_DEPTH - 1) + "x")
+
+
+def test_yaml_values_are_counted_with_aliases_expanded(monkeypatch):
+    monkeypatch.setattr("bigbatch.train.yamlloader.MAX_VALUES", 10)
+    assert load_yaml("[1, 2, 3, 4, 5, 6, 7, 8, 9]") == list(range(1, 10))  # 10 with the list
+    with pytest.raises(YamlRefused, match="more than 10 values"):
+        load_yaml("[1, 2, 3, 4, 5, 6, 7, 8, 9, 10]")
+    with pytest.raises(YamlRefused, match="more than 10 values once its aliases are expanded"):
+        load_yaml("a: &a [1, 2, 3]\nb: [*a, *a]")  # 1 + a: 1 + 4, b: 1 + (1 + 4 + 4) = 16
+
+
+@pytest.mark.parametrize(
+    ("text", "line", "reason"),
+    [
+        ("lr: 1\nseed: 2\nlr: 3\n", 3, "key 'lr' appears twice (lines 1 and 3); keep one"),
+        ("{1: a, 0x1: b}", 1, "key '0x1' appears twice; keep one"),  # the same integer
+        ("a: {x: 1}\nb:\n  x: 1\n  y: 2\n  x: 3\n", 5, "key 'x' appears twice (lines 3 and 5)"),
+        ("- " * MAX_DEPTH + "x", 1, f"nested deeper than {MAX_DEPTH} levels"),
+        ("a: &a [*a]", 1, "alias *a refers to a value that contains it"),
+        (
+            "a: &a [1, 2, 3, 4, 5, 6, 7, 8, 9]\n"
+            + "\n".join(
+                f"b{i}: &b{i} [" + ", ".join([f"*{'a' if i == 0 else f'b{i - 1}'}"] * 9) + "]"
+                for i in range(6)
+            ),
+            6,
+            f"more than {MAX_VALUES:,} values once its aliases are expanded",
+        ),
+    ],
+    ids=["key twice", "same number twice", "nested key twice", "deep", "recursive", "bomb"],
+)
+def test_yaml_past_the_bounds_is_refused(text, line, reason):
+    with pytest.raises(YamlRefused) as caught:
+        load_yaml(text)
+    assert reason in caught.value.reason and caught.value.line == line
+
+
+def test_a_yaml_refusal_names_the_file_line_or_the_set_key(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text("seed: 1\nrecipe_options: {a: 1, a: 2}\n")
+    with pytest.raises(ValueError, match=r"run.yaml' line 2: key 'a' appears twice; keep one$"):
+        load_config(path)
+    with pytest.raises(ValueError, match=r"^config: --set 'recipe_options.x': the value nested"):
+        load_config(None, ["recipe_options.x=" + "[" * 1000 + "]" * 1000])
 
 
 def test_missing_file_and_malformed_yaml(tmp_path):

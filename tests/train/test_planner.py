@@ -77,7 +77,7 @@ def test_the_probe_runs_once_and_the_unit_follows_the_config():
     planner.plan_for(128), planner.state_dict(), planner.micro_batch_size  # noqa: B018
     assert probe.calls == ["samples"]
     assert planner.adaptive is not None and planner.adaptive.granularity == 8 * 2
-    tokens = BatchPlanner(validate(TOKENS), 2, Sequences([10, 30, 20]), probe=Probe(60))
+    tokens = BatchPlanner(validate(TOKENS), 2, Sequences([10, 30, 20] * 5), probe=Probe(60))
     assert tokens.unit.name == "tokens" and tokens.first_global_batch == 300
     assert tokens.start().micro_batch_size == 60 // 30  # rows of the longest sample
 

@@ -120,7 +120,8 @@ class BatchUnit(Protocol):
         """Refuse a global batch that is not a positive integer, or one drop_last always drops."""
 
     def check_schedule(self, largest: int, field: str) -> None:
-        """Refuse a schedule whose largest global batch cannot be taken from the dataset."""
+        """Refuse a schedule whose largest global batch cannot be taken from the dataset, and a
+        micro setting no micro-batch can reach."""
 
     def count_steps(
         self, epochs: int, stages: Sequence[tuple[int, int]], *, seed: int, drop_last: bool
@@ -310,7 +311,29 @@ class TokenUnit:
             )
 
     def check_schedule(self, largest: int, field: str) -> None:
-        """Any budget can be taken: a large one is a short global batch of the rest."""
+        if largest > self.num_tokens:
+            # Every step would be a short global batch of the whole set, in one micro-batch
+            # when micro_batch_tokens is unset.
+            raise UsageError(
+                f"{field}: a global batch of {largest} tokens is larger than the training set "
+                f"({self.num_tokens} tokens in {self.num_samples} samples): use at most "
+                f"{self.num_tokens}"
+            )
+        self._check_micro()
+
+    def _check_micro(self) -> None:
+        """Refuse a micro_batch_tokens that no micro-batch of this set can ever reach."""
+        micro_batch_tokens = self.micro
+        padded = self.num_samples * self.longest  # every sample of the set, each a full row
+        if micro_batch_tokens is not None and micro_batch_tokens > padded:
+            # As a micro_batch_size above a rank's share: no micro-batch can ever be that large.
+            raise UsageError(
+                f"micro_batch_tokens {micro_batch_tokens} is more than the whole training set "
+                f"padded to its longest sample ({self.num_samples} samples x {self.longest} "
+                f"tokens = {padded}; "
+                f"{self.num_tokens} tokens unpadded): no micro-batch is ever that large; use at "
+                f"most {padded}, or leave it unset for a rank's share in one micro-batch"
+            )
 
     def count_steps(
         self, epochs: int, stages: Sequence[tuple[int, int]], *, seed: int, drop_last: bool

@@ -7,10 +7,12 @@ and its own `recipe_options`) and must not download anything.
 
 from __future__ import annotations
 
+import difflib
 import importlib
+import inspect
 import os
 import sys
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -140,11 +142,59 @@ def _current_directory_on_path() -> None:
         sys.path.insert(0, here)
 
 
+RECIPE_IS = (
+    "a recipe is a 'module:function' whose function takes the config mapping and returns a "
+    "bigbatch.recipes.Recipe"
+)
+
+
 def build(spec: str, config: Mapping[str, Any]) -> Recipe:
-    """Build a recipe by name or `module:function` with the resolved config."""
-    recipe = resolve(spec)(config)
+    """Build a recipe by name or `module:function` with the resolved config.
+
+    Raises:
+        UsageTypeError: the function is no recipe builder: it is annotated to return something
+            else, cannot be called with the config alone, or returns something else. A
+            TypeError raised inside the function itself propagates with its traceback.
+    """
+    function = resolve(spec)
+    name = f"{getattr(function, '__module__', '?')}.{getattr(function, '__qualname__', '?')}"
+    returns = _return_annotation(function)
+    if isinstance(returns, type) and returns is not object and not issubclass(returns, Recipe):
+        raise UsageTypeError(
+            f"recipe {shorten(spec)}: {name} returns {returns.__name__}, not a Recipe; {RECIPE_IS}"
+        )
+    try:
+        recipe = function(config)
+    except TypeError as error:
+        if error.__traceback__ is not None and error.__traceback__.tb_next is not None:
+            raise  # raised inside the function: its own file and line matter
+        raise UsageTypeError(
+            f"recipe {shorten(spec)}: {name} cannot be called with the config ({error}); "
+            f"{RECIPE_IS}"
+        ) from None
     if not isinstance(recipe, Recipe):
         raise UsageTypeError(
-            f"recipe {spec!r} must return a bigbatch.recipes.Recipe, got {type(recipe).__name__}"
+            f"recipe {shorten(spec)}: {name} returned {type(recipe).__name__}, not a Recipe; "
+            f"{RECIPE_IS}"
         )
     return recipe
+
+
+def _return_annotation(function: Callable[..., Any]) -> Any:
+    """The function's return annotation, evaluated; None when it has none or it cannot be read."""
+    try:
+        returns = inspect.signature(function, eval_str=True).return_annotation
+    except Exception:  # no signature (some builtins), or an annotation that does not evaluate
+        return None
+    return None if returns is inspect.Signature.empty else returns
+
+
+def check_options(recipe: str, given: Mapping[str, Any], known: Sequence[str]) -> None:
+    """Refuse a recipe_options key the recipe does not know, with the closest known one."""
+    for key in sorted(set(given) - set(known), key=str):
+        close = difflib.get_close_matches(str(key), list(known), n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        allowed = f"allowed: {', '.join(sorted(known))}" if known else f"{recipe} takes no options"
+        raise UsageError(
+            f"recipe_options for {recipe}: unknown key {shorten(str(key))}{hint}; {allowed}"
+        )

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import TensorDataset
 
-from bigbatch.recipes import Recipe
+from bigbatch.recipes import Recipe, check_options
 from bigbatch.units import UsageError
 
 SPLIT_SEED = 0
@@ -118,6 +118,7 @@ def _dtype(model: torch.nn.Module) -> torch.dtype:
 
 
 def _build(config: Mapping[str, Any], *, batchnorm: bool) -> Recipe:
+    check_options("digits-bn" if batchnorm else "digits", config.get("recipe_options") or {}, [])
     with torch.random.fork_rng(devices=[]):  # seeded, without touching the caller's RNG
         torch.manual_seed(int(config.get("seed", 0) or 0))
         model = ConvNet(batchnorm=batchnorm)

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset
 
-from bigbatch.recipes import Recipe
+from bigbatch.recipes import Recipe, check_options
 from bigbatch.units import UsageError, shorten
 
 PLUS, EQUALS, END, PAD = 10, 11, 12, 13
@@ -263,12 +263,7 @@ def eval_fn(
 def _options(config: Mapping[str, Any]) -> dict[str, int]:
     """The recipe's options: defaults, overridden by config["recipe_options"], validated."""
     given = dict(config.get("recipe_options") or {})
-    unknown = sorted(set(given) - set(OPTIONS))
-    if unknown:
-        raise UsageError(
-            f"recipe_options for tinylm: unknown key {unknown[0]!r}; allowed: "
-            f"{', '.join(sorted(OPTIONS))}"
-        )
+    check_options("tinylm", given, list(OPTIONS))
     options = {**OPTIONS, **given}
     for key, value in options.items():
         if (

@@ -29,7 +29,18 @@ from bigbatch.choices import (
     describe,
     one_of,
 )
-from bigbatch.train.fields import POSITIVE, Auto, LRScaling, StrictModel, config_field, parse_bytes
+from bigbatch.train.fields import (
+    POSITIVE,
+    Auto,
+    GradientNorm,
+    Int,
+    LRScaling,
+    NonNegativeRate,
+    PositiveRate,
+    StrictModel,
+    config_field,
+    parse_bytes,
+)
 
 __all__ = ["Auto", "Config", "LRScaling", "parse_bytes"]
 
@@ -48,24 +59,24 @@ class Config(StrictModel):
     recipe_options: dict[str, Any] = config_field(
         {}, "options passed to the recipe's build function.", "a mapping"
     )
-    global_batch_size: int | None = config_field(
+    global_batch_size: Int | None = config_field(
         None,
         "items of one optimizer step over every rank; unset: the recipe's.",
         POSITIVE,
     )
-    micro_batch_size: int | Auto | None = config_field(
+    micro_batch_size: Int | Auto | None = config_field(
         None,
         "items per forward/backward on one rank; auto: chosen by probing memory, see optimize; "
         "unset: the recipe's, else derived from gradient_accumulation_steps, else the rank's "
         "whole share.",
         f'{POSITIVE} or "auto"',
     )
-    gradient_accumulation_steps: int | Auto = config_field(
+    gradient_accumulation_steps: Int | Auto = config_field(
         "auto",
         "micro-batches per rank per step; auto: derived from the global and micro-batch sizes.",
         f'{POSITIVE} or "auto"',
     )
-    memory_budget: int | str = config_field(
+    memory_budget: Int | str = config_field(
         "auto",
         'device memory a micro-batch may use, in bytes or as "20GiB" / "512MiB"; auto: what the '
         "device has free.",
@@ -76,20 +87,22 @@ class Config(StrictModel):
         f"what micro_batch_size auto chooses: {describe(OPTIMIZE_GOALS)}.",
         one_of(OPTIMIZE_GOALS),
     )
-    max_steps: int | None = config_field(
+    max_steps: Int | None = config_field(
         None, "optimizer steps to train (exclusive with epochs).", POSITIVE
     )
-    epochs: int | None = config_field(
+    epochs: Int | None = config_field(
         None, "passes over the training set (exclusive with max_steps).", POSITIVE
     )
-    lr: float = config_field(
-        1e-3, "base learning rate at lr_scaling.base_batch_size.", "a number > 0"
+    lr: PositiveRate = config_field(
+        1e-3, "base learning rate at lr_scaling.base_batch_size.", "a number > 0, at most 1e6"
     )
-    weight_decay: float = config_field(0.0, "weight decay of the optimizer.", "a number >= 0")
+    weight_decay: NonNegativeRate = config_field(
+        0.0, "weight decay of the optimizer.", "a number >= 0, at most 1e6"
+    )
     lr_scaling: LRScaling = config_field(
         LRScaling(), "how the learning rate follows the global batch.", "a mapping"
     )
-    warmup_steps: int = config_field(
+    warmup_steps: Int = config_field(
         0, "optimizer steps of linear warm-up from 0.", "an integer >= 0"
     )
     lr_schedule: Literal["constant", "cosine", "linear"] = config_field(
@@ -98,31 +111,33 @@ class Config(StrictModel):
         '"constant", "cosine" or "linear"',
     )
     precision: Precision = config_field("fp32", f"{describe(PRECISIONS)}.", one_of(PRECISIONS))
-    max_grad_norm: float | None = config_field(
-        None, "clip the total gradient norm per step; unset: no clipping.", "a number > 0 or null"
+    max_grad_norm: GradientNorm | None = config_field(
+        None,
+        "clip the total gradient norm per step; unset: no clipping.",
+        "a number > 0, at most 3.4e38 (float32's largest), or null",
     )
-    seed: int = config_field(
+    seed: Int = config_field(
         0, "seed of the model, the data order and every RNG.", "an integer >= 0"
     )
-    eval_every: int = config_field(
+    eval_every: Int = config_field(
         0, "evaluate every N steps (and always at the end); 0: at the end only.", "an integer >= 0"
     )
-    checkpoint_every: int = config_field(
+    checkpoint_every: Int = config_field(
         100,
         "checkpoint every N steps (and always at the end); 0: at the end only.",
         "an integer >= 0",
     )
-    keep_checkpoints: int = config_field(3, "how many recent checkpoints to keep.", POSITIVE)
+    keep_checkpoints: Int = config_field(3, "how many recent checkpoints to keep.", POSITIVE)
     on_nonfinite: Literal["skip", "stop"] = config_field(
         "skip",
         "a non-finite loss or gradient: skip the step (counted, logged), or stop the run after "
         "max_nonfinite_in_row such steps in a row.",
         '"skip" or "stop"',
     )
-    max_nonfinite_in_row: int = config_field(
+    max_nonfinite_in_row: Int = config_field(
         3, "with on_nonfinite stop: non-finite steps in a row that stop the run.", POSITIVE
     )
-    batch_size_schedule: list[tuple[int, int]] | Literal["adaptive"] | None = config_field(
+    batch_size_schedule: list[tuple[Int, Int]] | Literal["adaptive"] | None = config_field(
         None,
         "[[step, global_batch_size], ...]: the global batch from each step on (0-based); the "
         "first stage is global_batch_size unless one starts at step 0. adaptive: the global "
@@ -130,23 +145,23 @@ class Config(StrictModel):
         "max_global_batch_size (needs noise_scale and epochs; see docs/training.md).",
         'a list of [step >= 0, global_batch_size >= 1] pairs, or "adaptive"',
     )
-    min_global_batch_size: int | None = config_field(
+    min_global_batch_size: Int | None = config_field(
         None,
         "batch_size_schedule adaptive: the smallest global batch; unset: global_batch_size.",
         POSITIVE,
     )
-    max_global_batch_size: int | None = config_field(
+    max_global_batch_size: Int | None = config_field(
         None,
         "batch_size_schedule adaptive: the largest global batch (required there).",
         POSITIVE,
     )
-    adapt_every: int = config_field(
+    adapt_every: Int = config_field(
         50, "batch_size_schedule adaptive: steps between decisions on the global batch.", POSITIVE
     )
     drop_last: bool = config_field(
         False, "drop the short last global batch of each epoch.", "a boolean"
     )
-    num_workers: int = config_field(0, "DataLoader worker processes.", "an integer >= 0")
+    num_workers: Int = config_field(0, "DataLoader worker processes.", "an integer >= 0")
     device: Literal["auto", "cpu", "cuda"] = config_field(
         "auto", "auto: this rank's GPU when there is one, else the CPU.", '"auto", "cpu" or "cuda"'
     )
@@ -179,7 +194,7 @@ class Config(StrictModel):
         "batch_size_schedule adaptive or lr_scaling.rule adascale.",
         "a boolean",
     )
-    noise_smoothing_steps: int = config_field(
+    noise_smoothing_steps: Int = config_field(
         200, "noise_scale: the moving-average window of the estimate, in steps.", POSITIVE
     )
     stop_signals: list[str] = config_field(
@@ -190,14 +205,14 @@ class Config(StrictModel):
         'a list of signal names such as "SIGTERM", "SIGINT", "SIGUSR1"',
     )
     # Global batches in tokens (docs/tokens.md): checked together in _token_fields.
-    global_batch_tokens: int | None = config_field(
+    global_batch_tokens: Int | None = config_field(
         None,
         "input tokens of one optimizer step over every rank, instead of global_batch_size: each "
         "global batch is the next samples of the epoch order until their tokens reach it. "
         "batch_size_schedule stages and lr_scaling.base_batch_size then count tokens too.",
         POSITIVE,
     )
-    micro_batch_tokens: int | Auto | None = config_field(
+    micro_batch_tokens: Int | Auto | None = config_field(
         None,
         "with global_batch_tokens: padded tokens (rows x longest row) per forward/backward on "
         "one rank; auto: the most that fit memory_budget; unset: a rank's share in one "
@@ -210,13 +225,13 @@ class Config(StrictModel):
         "within each (the recipe needs collate_packed).",
         "a boolean",
     )
-    min_global_batch_tokens: int | None = config_field(
+    min_global_batch_tokens: Int | None = config_field(
         None,
         "batch_size_schedule adaptive in tokens: the smallest global batch; unset: "
         "global_batch_tokens.",
         POSITIVE,
     )
-    max_global_batch_tokens: int | None = config_field(
+    max_global_batch_tokens: Int | None = config_field(
         None,
         "batch_size_schedule adaptive in tokens: the largest global batch (required there).",
         POSITIVE,
@@ -265,27 +280,6 @@ class Config(StrictModel):
     def _non_negative(cls, value: int) -> int:
         if value < 0:
             raise ValueError("negative")
-        return value
-
-    @field_validator("lr")
-    @classmethod
-    def _positive_number(cls, value: float) -> float:
-        if not value > 0 or value == float("inf"):
-            raise ValueError("not positive")
-        return value
-
-    @field_validator("weight_decay")
-    @classmethod
-    def _non_negative_number(cls, value: float) -> float:
-        if not value >= 0 or value == float("inf"):
-            raise ValueError("negative")
-        return value
-
-    @field_validator("max_grad_norm")
-    @classmethod
-    def _positive_norm(cls, value: float | None) -> float | None:
-        if value is not None and (not value > 0 or value == float("inf")):
-            raise ValueError("not positive")
         return value
 
     @field_validator("memory_budget", mode="before")

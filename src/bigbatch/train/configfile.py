@@ -17,10 +17,12 @@ import yaml
 from pydantic import ValidationError
 
 from bigbatch.train.config import Config
+from bigbatch.train.yamlloader import YamlRefused, load_yaml
 from bigbatch.units import UsageError, shorten
 
-MAX_CONFIG_BYTES = 10 * 2**20
-"""A config larger than this (10 MiB) is refused: it is a small YAML file, not data."""
+MAX_CONFIG_BYTES = 256 * 2**10
+"""A config larger than this (256 KiB) is refused: it is a small YAML file, not data (reading a
+MiB of YAML takes seconds)."""
 
 # Names users know from other frameworks -> the field they mean (same value).
 ALIASES: dict[str, str] = {
@@ -186,7 +188,11 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     if not sep or not key.strip() or any(not part for part in key.strip().split(".")):
         raise UsageError(f"config: --set expects key=value such as lr=1e-3, got {shorten(text)}")
     try:
-        value = yaml.safe_load(raw) if raw.strip() else None
+        value = load_yaml(raw) if raw.strip() else None
+    except YamlRefused as error:
+        raise UsageError(
+            f"config: --set {shorten(key.strip())}: the value {error.reason}"
+        ) from None
     except (yaml.YAMLError, ValueError):
         # Not YAML (an unbalanced bracket), or an integer too long for Python to read (over 4300
         # digits): keep the text, and validation names the field.
@@ -205,7 +211,10 @@ def _read_yaml(path: Path) -> dict[str, Any]:
             raise UsageError(f"config: {name} is not a regular file; give a YAML file")
         size = path.stat().st_size
         if size > MAX_CONFIG_BYTES:
-            raise UsageError(f"config: {name} holds {size:,} bytes; a config is a small YAML file")
+            raise UsageError(
+                f"config: {name} holds {size:,} bytes; a config is a small YAML file (at most "
+                f"{MAX_CONFIG_BYTES:,} bytes)"
+            )
         text = path.read_text(encoding="utf-8")
     except UnicodeDecodeError as error:
         raise UsageError(
@@ -214,7 +223,10 @@ def _read_yaml(path: Path) -> dict[str, Any]:
     except OSError as error:  # unreadable, or a name too long for the file system
         raise UsageError(f"config: cannot read {name}: {error.strerror}") from None
     try:
-        data = yaml.safe_load(text)
+        data = load_yaml(text)
+    except YamlRefused as error:
+        where = f" line {error.line}" if error.line is not None else ""
+        raise UsageError(f"config: {name}{where}: {error.reason}") from None
     except yaml.YAMLError as error:
         mark = getattr(error, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""

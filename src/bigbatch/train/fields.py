@@ -2,15 +2,17 @@
 
 `config_field` gives a field its description (the single source for docs/configuration.md) and the
 values it allows (for one-line error messages); `StrictModel` forbids unknown keys and counts beyond
-2**63 - 1; `parse_bytes` reads a memory size; `LRScaling` is the learning-rate scaling section.
+2**63 - 1; `Int` and `Float` refuse a boolean (YAML's true is no number); `parse_bytes` reads a
+memory size; `LRScaling` is the learning-rate scaling section.
 The schema itself, `Config`, lives in `bigbatch.train.config`.
 """
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from collections.abc import Callable
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, field_validator
 from pydantic_core import PydanticCustomError
 
 from bigbatch.choices import LR_SCALING_RULES, LrScalingRule, describe, one_of
@@ -19,6 +21,45 @@ from bigbatch.units import MAX_COUNT, parse_memory_size
 Auto = Literal["auto"]
 
 POSITIVE = "a positive integer"
+
+MAX_RATE = 1e6
+"""The largest lr and weight_decay: far above any that trains, and small enough that the
+optimizer's float32 arithmetic holds it after lr scaling and Adam's bias correction."""
+FLOAT32_MAX = 3.4028234663852886e38
+"""The largest float32: a max_grad_norm above it can never clip a float32 gradient."""
+
+
+def _not_a_boolean(value: Any) -> Any:
+    """Pydantic reads true as 1 for a number; a config never means that."""
+    if isinstance(value, bool):
+        raise ValueError("a boolean is not a number")
+    return value
+
+
+Int = Annotated[int, BeforeValidator(_not_a_boolean)]
+"""An integer field: an int (or a whole float or a numeric string, as pydantic reads them), never a
+boolean."""
+Float = Annotated[float, BeforeValidator(_not_a_boolean)]
+"""A number field: an int, a float or a numeric string such as "1e-3", never a boolean."""
+
+
+def _within(low: float, high: float, *, low_allowed: bool) -> Callable[[float], float]:
+    """A check that a number lies in [low, high] (or (low, high]); nan never does."""
+
+    def check(value: float) -> float:
+        if not (low <= value if low_allowed else low < value) or not value <= high:
+            raise ValueError("out of range")
+        return value
+
+    return check
+
+
+PositiveRate = Annotated[Float, AfterValidator(_within(0, MAX_RATE, low_allowed=False))]
+"""lr: in (0, 1e6]."""
+NonNegativeRate = Annotated[Float, AfterValidator(_within(0, MAX_RATE, low_allowed=True))]
+"""weight_decay: in [0, 1e6]."""
+GradientNorm = Annotated[Float, AfterValidator(_within(0, FLOAT32_MAX, low_allowed=False))]
+"""max_grad_norm: in (0, float32's largest]."""
 
 
 def config_field(default: Any, description: str, allowed: str) -> Any:
@@ -71,7 +112,7 @@ class LRScaling(StrictModel):
         "scale s = global / base_batch_size, G2 the squared gradient norm; it needs noise_scale.",
         one_of(LR_SCALING_RULES),
     )
-    base_batch_size: int | Auto = config_field(
+    base_batch_size: Int | Auto = config_field(
         "auto",
         "the global batch at which `lr` applies; auto: the run's first global batch, so a "
         "batch-size schedule scales the lr from there.",

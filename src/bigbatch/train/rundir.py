@@ -42,15 +42,38 @@ RUN_DIRS = ("checkpoints", "tensorboard")
 
 
 def check_run_dir(run_dir: Path | str) -> Path:
-    """The run directory as a Path; an empty name or an existing file is refused in one line."""
+    """The run directory as a Path; an empty name, a name the file system refuses (a part longer
+    than its limit, a null byte) or an existing file is refused in one line."""
     if not str(run_dir).strip():
         raise UsageError("--out: the run directory is an empty name; give a directory")
     path = Path(run_dir)
-    if path.exists() and not path.is_dir():
+    name = shorten(str(path), limit=200)
+    if "\0" in str(path):
+        raise UsageError(f"--out {name}: a null byte cannot be part of a directory name")
+    longest = max((len(os.fsencode(part)) for part in path.parts), default=0)
+    if longest > _name_max(path):
         raise UsageError(
-            f"--out {shorten(str(path), limit=200)} is a file, not a directory; give a directory"
+            f"--out {name}: a name in the path has {longest} bytes; the file system allows "
+            f"{_name_max(path)}: choose a shorter --out"
         )
+    try:
+        is_file = path.exists() and not path.is_dir()
+    except OSError as error:  # a path too long for the file system, say
+        raise UsageError(f"--out {name}: not a usable directory name ({error.strerror})") from None
+    if is_file:
+        raise UsageError(f"--out {name} is a file, not a directory; give a directory")
     return path
+
+
+def _name_max(path: Path) -> int:
+    """The longest name, in bytes, that the file system of the path's nearest existing parent
+    takes (255 where it cannot say)."""
+    for parent in path.absolute().parents:
+        try:
+            return int(os.pathconf(parent, "PC_NAME_MAX"))
+        except (OSError, ValueError, AttributeError):  # missing, or no pathconf (Windows)
+            continue
+    return 255
 
 
 def prepare_run_dir(run_dir: Path, *, resume: bool, overwrite: bool) -> None:
