@@ -62,7 +62,6 @@ def written(run_dir: Path) -> dict[str, int]:
 
 RUN_DEFINING = [
     ("recipe=digits-bn", "recipe 'digits' -> 'digits-bn'"),
-    ("recipe_options={depth: 2}", "recipe_options.depth (unset) -> 2"),
     ("global_batch_size=32", "global_batch_size 64 -> 32"),
     ("batch_size_schedule=[[0, 64], [3, 32]]", "batch_size_schedule None -> [[0, 64], [3, 32]]"),
     ("seed=1", "seed 0 -> 1"),
@@ -93,6 +92,19 @@ def test_a_changed_run_defining_field_is_refused_naming_it(capsys, two_steps, se
     assert named in lines[0] and "step-00000002" in lines[0], lines[0]
     assert "Traceback" not in err
     assert written(two_steps) == before  # refused before anything is written
+
+
+def test_an_option_the_recipe_does_not_take_is_refused_before_the_resume(capsys, two_steps):
+    # recipe_options that differ are named like any field (resume.run_differences' doctest);
+    # digits takes no options at all, so the recipe refuses this one first.
+    before = written(two_steps)
+    code, _, err = train(
+        capsys, two_steps, "--set", "recipe_options={depth: 2}", "--resume", steps=4
+    )
+    lines = [line for line in err.splitlines() if line.startswith("bigbatch")]
+    assert code == 2 and len(lines) == 1, err[-2000:]
+    assert "recipe_options for digits: unknown key 'depth'" in lines[0], lines[0]
+    assert written(two_steps) == before
 
 
 def test_every_difference_is_named_at_once(capsys, two_steps):
