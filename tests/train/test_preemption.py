@@ -376,3 +376,26 @@ def test_sigterm_during_the_last_step_finishes_the_run_and_exits_143(work, tmp_p
     assert train_steps(out) == list(range(1, MAX_STEPS + 1))
     assert (out / "report.md").exists() and (out / "final.safetensors").exists()
     assert (out / "checkpoints" / f"step-{MAX_STEPS:08d}").is_dir()
+
+
+WATCH = """
+import os, signal, sys, threading
+from bigbatch.train.preemption import LauncherWatch
+
+received = threading.Event()
+signal.signal(signal.SIGTERM, lambda number, frame: received.set())
+watch = LauncherWatch(interval_s=0.05)
+watch.parent = -1  # as if the launcher seen at start had gone: the parent is another process now
+watch.start()
+sys.exit(0 if received.wait(30) else 1)
+"""
+
+
+@pytest.mark.timeout(120)
+def test_the_launcher_watch_sends_sigterm_once_the_parent_changed():
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
+    result = subprocess.run(
+        [sys.executable, "-c", WATCH], env=env, capture_output=True, text=True, timeout=90
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "its launcher (pid -1) is gone: stopping as on SIGTERM" in result.stderr

@@ -32,7 +32,7 @@ Handler = Callable[[int, FrameType | None], Any] | int | None
 
 
 class RunStopped(Exception):
-    """The run stopped on a signal; everything it trained is in a checkpoint.
+    """The run stopped on a signal at a step boundary; what it trained is in a checkpoint.
 
     Attributes:
         signal_number: the signal that asked for the stop.
