@@ -21,7 +21,7 @@ import torch
 from safetensors.torch import load_file
 
 from tests.distributed_helpers import free_port
-from tests.slow_recipe import SLOW_RECIPE
+from tests.slow_recipe import REAPER, SIGNAL_BEFORE_TRAINING, SLOW_RECIPE
 
 ROOT = Path(__file__).resolve().parents[2]
 MAX_STEPS = 12
@@ -252,3 +252,150 @@ def test_a_second_ctrl_c_aborts_at_once(work, tmp_path):
     assert time.monotonic() - sent < 5
     assert "Ctrl-C again aborts at once" in process.stderr.read()  # type: ignore[union-attr]
     assert not (out / "checkpoints").exists() or not any((out / "checkpoints").iterdir())
+
+
+def torchrun(work: Path, out: Path, *extra: str, delay: float = 0.0, reaped: bool = False):
+    """`torchrun --nproc_per_node=2 -m bigbatch train` (under `REAPER` with reaped)."""
+    env = {**os.environ, "PYTHONPATH": f"{ROOT / 'src'}{os.pathsep}{work}", "OMP_NUM_THREADS": "1"}
+    env.update(STEP_DELAY=str(delay), PYTHONUNBUFFERED="1")
+    command = [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+        "-m", "bigbatch", "train", *SETTINGS, *extra, "--out", str(out),
+    ]  # fmt: skip
+    if reaped:
+        command = [sys.executable, "-c", REAPER, *command]
+    return subprocess.Popen(command, cwd=work, env=env, text=True, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE)  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def torchrun_reference(work) -> Path:
+    """The run left alone, under torchrun with 2 processes."""
+    out = work / "torchrun-reference"
+    process = torchrun(work, out)
+    _, err = process.communicate(timeout=240)
+    assert process.returncode == 0, err[-3000:]
+    return out
+
+
+def signal_the_launcher(
+    work: Path, out: Path, number: int
+) -> tuple[int, dict[int, int], str, float]:
+    """Run under torchrun (and `REAPER`), send the launcher the signal at a random step; (that
+    step, {pid: exit code} with the launcher's first, everything printed, seconds until every
+    process ended)."""
+    process = torchrun(work, out, delay=0.1, reaped=True)
+    assert process.stdout is not None
+    launcher = int(process.stdout.readline())
+    step = random.randint(2, MAX_STEPS - 3)
+    deadline = time.monotonic() + 200
+    while len(train_steps(out)) < step:
+        assert process.poll() is None and time.monotonic() < deadline, "no progress"
+        time.sleep(0.01)
+    sent = time.monotonic()
+    os.kill(launcher, number)
+    stdout, err = process.communicate(timeout=120)
+    codes = dict(tuple(map(int, line.split())) for line in stdout.splitlines())
+    return step, {launcher: codes.pop(launcher), **codes}, err, time.monotonic() - sent
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(500)
+def test_sigterm_to_torchrun_stops_its_workers_then_resume_is_bitwise_equal(
+    work, torchrun_reference, tmp_path
+):
+    out = tmp_path / "stopped"
+    step, codes, err, _ = signal_the_launcher(work, out, signal.SIGTERM)
+    assert list(codes.values()) == [1], err[-3000:]  # torchrun's own: it reaps its workers
+    assert "SignalException: Process" in err and "got signal: 15" in err  # torchrun's traceback
+    stopped_at = len(train_steps(out))
+    assert stopped_at in (step, step + 1), (step, stopped_at)
+    assert f"bigbatch train: stopped by SIGTERM after step {stopped_at} of {MAX_STEPS}" in err
+    assert "continue with the same launch command plus --out" in err
+    assert (out / "checkpoints" / f"step-{stopped_at:08d}").is_dir()
+    process = torchrun(work, out, "--resume")
+    _, err = process.communicate(timeout=240)
+    assert process.returncode == 0, err[-3000:]
+    assert_bitwise_equal(torchrun_reference, out)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(500)
+@pytest.mark.skipif(sys.platform != "linux", reason="the test's reaper needs Linux's prctl")
+def test_sigkill_to_torchrun_stops_its_orphaned_workers_with_a_checkpoint(
+    work, torchrun_reference, tmp_path
+):
+    out = tmp_path / "stopped"
+    step, codes, err, exit_s = signal_the_launcher(work, out, signal.SIGKILL)
+    launcher_code, *worker_codes = codes.values()
+    assert launcher_code == -signal.SIGKILL and worker_codes == [143, 143], err[-3000:]
+    assert err.count("its launcher (pid") == 2  # each worker noticed
+    stopped_at = len(train_steps(out))
+    assert stopped_at < MAX_STEPS and (out / "checkpoints" / f"step-{stopped_at:08d}").is_dir()
+    assert f"stopped by SIGTERM after step {stopped_at} of {MAX_STEPS}" in err
+    print(f"SIGKILL to torchrun after step {step}: its workers ended after {exit_s:.1f} s")
+    assert exit_s < 60  # a look at the parent a second, the step in progress, a checkpoint
+    process = torchrun(work, out, "--resume")  # the lock went with the workers: not "in use"
+    _, err = process.communicate(timeout=240)
+    assert process.returncode == 0, err[-3000:]
+    assert_bitwise_equal(torchrun_reference, out)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_sigterm_before_the_first_step_exits_143_with_nothing_trained(work, reference, tmp_path):
+    out = tmp_path / "stopped"
+    env = {**os.environ, "PYTHONPATH": f"{ROOT / 'src'}", "OMP_NUM_THREADS": "1"}
+    command = [sys.executable, "-c", SIGNAL_BEFORE_TRAINING, "train", *SETTINGS, "--out", str(out)]
+    result = subprocess.run(command, cwd=work, env=env, capture_output=True, text=True, timeout=240)
+    assert result.returncode == 143, result.stderr[-2000:]
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith(
+        f"bigbatch train: stopped by SIGTERM before step 1 of {MAX_STEPS}: nothing trained, "
+        "nothing saved; continue with: bigbatch train"
+    ), last
+    assert train_steps(out) == [] and not list((out / "checkpoints").glob("step-*"))
+    ((code, _, err),) = finish(launch_all(work, out, "--resume", world=1))
+    assert code == 0, err[-2000:]
+    assert_bitwise_equal(reference, out)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_sigterm_during_the_last_step_finishes_the_run_and_exits_143(work, tmp_path, monkeypatch):
+    out = tmp_path / "signalled"
+    monkeypatch.setenv("SIGNAL_AT_CALL", str(4 * (MAX_STEPS - 1) + 2))  # inside the last step
+    ((code, stdout, err),) = finish([launch(work, out, "--set", "eval_every=0")])
+    assert code == 143, err[-2000:]
+    assert f"done: {MAX_STEPS} steps" in stdout  # the summary of a finished run
+    last = err.strip().splitlines()[-1]
+    assert last.startswith(
+        f"bigbatch train: SIGTERM received during the last step: the run finished all "
+        f"{MAX_STEPS} steps"
+    ), last
+    assert train_steps(out) == list(range(1, MAX_STEPS + 1))
+    assert (out / "report.md").exists() and (out / "final.safetensors").exists()
+    assert (out / "checkpoints" / f"step-{MAX_STEPS:08d}").is_dir()
+
+
+WATCH = """
+import os, signal, sys, threading
+from bigbatch.train.preemption import LauncherWatch
+
+received = threading.Event()
+signal.signal(signal.SIGTERM, lambda number, frame: received.set())
+watch = LauncherWatch(interval_s=0.05)
+watch.parent = -1  # as if the launcher seen at start had gone: the parent is another process now
+watch.start()
+sys.exit(0 if received.wait(30) else 1)
+"""
+
+
+@pytest.mark.timeout(120)
+def test_the_launcher_watch_sends_sigterm_once_the_parent_changed():
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
+    result = subprocess.run(
+        [sys.executable, "-c", WATCH], env=env, capture_output=True, text=True, timeout=90
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "its launcher (pid -1) is gone: stopping as on SIGTERM" in result.stderr

@@ -74,6 +74,8 @@ def train_command(args: argparse.Namespace) -> int:
     except RunStopped as stopped:
         every_rank_here = True
         if distributed.is_main_process():
+            if stopped.summary is not None:  # the signal came during the last step
+                print(_format_summary(stopped.summary))
             print(f"bigbatch train: {stopped}; {_resume_hint(args, stopped)}", file=sys.stderr)
         return stopped.exit_code
     finally:
@@ -120,9 +122,11 @@ def token_plan_command(args: argparse.Namespace) -> int:
 
 def _resume_hint(args: argparse.Namespace, stopped: Any) -> str:
     """How to continue a stopped run: the same command with --resume (and its --out)."""
-    if stopped.checkpoint is None:
+    if stopped.moment == "end":
+        return f"exit {stopped.exit_code} as a stop by a signal, nothing to resume"
+    if stopped.run_dir is None:
         return "no run directory, nothing to resume"
-    run_dir = str(stopped.checkpoint.parent.parent)
+    run_dir = str(stopped.run_dir)
     from bigbatch.core import distributed
 
     if distributed.launched_by_torchrun():

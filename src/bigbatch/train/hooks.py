@@ -124,6 +124,7 @@ class StopHook:
         self.stop = stop
 
     def after_step(self, report: StepReport) -> int | None:
+        # The last step: the run finishes first; `Trainer._fit` asks once its files are written.
         if report.finished or not self.stop.active:
             return None
         return self.stop.agreed() or None

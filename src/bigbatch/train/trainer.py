@@ -182,6 +182,10 @@ class Trainer:
         final_state = final_weights(self.module) if self.run_dir is not None else None
         if writes:
             self._finish_run_dir(summary, final_state)
+        if stop.active and (late := stop.agreed()):  # during the last step: finished, then stop
+            raise RunStopped(
+                late, loader.step, total, None, moment="end", run_dir=self.run_dir, summary=summary
+            )
         return summary
 
     def _train(
@@ -221,6 +225,10 @@ class Trainer:
             self.unit,
         )
         try:
+            if stop.active and (early := stop.agreed()):  # before the first step: nothing trained
+                raise RunStopped(
+                    early, loader.step, total, None, moment="start", run_dir=self.run_dir
+                )
             stopped_by = loop.run(loader, total, state, figures, hooks)
             if stopped_by:
                 saved = checkpoints.save_unless_saved(loader.step) if checkpoints else None
