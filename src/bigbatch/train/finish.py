@@ -59,6 +59,22 @@ def summarize(
     return run_report.whole_run(summary, run_metrics.read_metrics(metrics_file))
 
 
+def noise_scale_summary(
+    noise: Any, planner: Any, steps: int, items_per_unit: float, unit: str
+) -> dict[str, Any]:
+    """B versus the measured critical batch, for the report and the printed summary ({} when the
+    noise scale is not measured)."""
+    if noise is None:
+        return {}
+    return run_report.noise_scale_summary(
+        noise.critical_batch_size,
+        planner.at(max(0, steps - 1)),
+        items_per_unit,
+        adaptive=planner.adaptive is not None,
+        unit=unit,
+    )
+
+
 def final_weights(module: torch.nn.Module) -> dict[str, torch.Tensor] | None:
     """Under FSDP the full weights, gathered once onto rank 0 (a collective: call on every
     rank); None otherwise (rank 0 has them)."""

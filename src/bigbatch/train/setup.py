@@ -206,3 +206,14 @@ class MicroBatchProbe:
         )
         self.gradient_sync = choice.gradient_sync
         return choice.value
+
+
+def check_run_length(config: Config) -> None:
+    """A run needs its global batch and its length, from the config or the recipe."""
+    if config.global_batch_size is None and config.global_batch_tokens is None:
+        raise UsageError(
+            "global_batch_size: not set by the config nor the recipe; set it (or "
+            "global_batch_tokens)"
+        )
+    if config.max_steps is None and config.epochs is None:
+        raise UsageError("max_steps: set max_steps or epochs (neither is set)")

@@ -30,13 +30,12 @@ from bigbatch.data.loader import WindowLoader
 from bigbatch.recipes import EvalFn
 from bigbatch.train import checkpoint, environment, evaluation, rundir, setup
 from bigbatch.train import metrics as run_metrics
-from bigbatch.train import report as run_report
 from bigbatch.train import resume as resume_rules
 from bigbatch.train.checkpointer import Checkpointer, DamagedCheckpoint
 from bigbatch.train.config import Config
 from bigbatch.train.configfile import config_to_yaml, with_recipe_defaults
 from bigbatch.train.early_warning import EarlyWarning
-from bigbatch.train.finish import final_weights, finish_run_dir, summarize
+from bigbatch.train.finish import final_weights, finish_run_dir, noise_scale_summary, summarize
 from bigbatch.train.hooks import CheckpointHook, EvaluationHook, MetricsHook, StopHook
 from bigbatch.train.loop import Loop, NonFiniteError, StepHook
 from bigbatch.train.planner import BatchPlanner
@@ -95,7 +94,7 @@ class Trainer:
         collate_packed: Callable[[list[list[Any]]], Any] | None = None,
         shard_units: setup.ShardUnits | None = None,
     ) -> None:
-        _check_length(config)
+        setup.check_run_length(config)
         environment.check_num_workers(config.num_workers)
         self.config = config
         self.loss_fn, self.eval_fn, self.collate_fn = loss_fn, eval_fn, collate_fn
@@ -345,16 +344,13 @@ class Trainer:
         *,
         resumed: int | None,
     ) -> RunSummary:
-        noise = self.accumulator.noise_scale()
-        noise_summary = {}
-        if noise is not None:
-            noise_summary = run_report.noise_scale_summary(
-                noise.critical_batch_size,
-                self.planner.at(max(0, steps - 1)),
-                state.progress(self.unit)[1],
-                adaptive=self.planner.adaptive is not None,
-                unit=self.unit,
-            )
+        noise_summary = noise_scale_summary(
+            self.accumulator.noise_scale(),
+            self.planner,
+            steps,
+            state.progress(self.unit)[1],
+            self.unit,
+        )
         return summarize(
             steps=steps,
             state=state,
@@ -397,16 +393,6 @@ class Trainer:
             device=self.device,
             final_state=final_state,
         )
-
-
-def _check_length(config: Config) -> None:
-    if config.global_batch_size is None and config.global_batch_tokens is None:
-        raise UsageError(
-            "global_batch_size: not set by the config nor the recipe; set it (or "
-            "global_batch_tokens)"
-        )
-    if config.max_steps is None and config.epochs is None:
-        raise UsageError("max_steps: set max_steps or epochs (neither is set)")
 
 
 def fit(
