@@ -2,9 +2,10 @@
 or raced; tests write them into their directory as a module the config names: `slow:build`
 (digits, in samples) and `slow:build_tokens` (tinylm, for global batches in tokens). With
 SIGNAL_AT_CALL=n, the n-th call of loss_fn sends its own process SIGTERM (a signal inside a
-chosen step). `SIGNAL_BEFORE_TRAINING` runs `bigbatch` with a SIGTERM to itself just before the
-trainer's first step, and `REAPER` runs a command as a child subreaper (Linux) and prints the exit
-code of every process it reaps, the launcher's orphaned workers included."""
+chosen step); with STARTED_FILE=path, its first call creates that file (the first step runs).
+`SIGNAL_BEFORE_TRAINING` runs `bigbatch` with a SIGTERM to itself just before the trainer's
+first step, and `REAPER` runs a command as a child subreaper (Linux) and prints the exit code of
+every process it reaps, the launcher's orphaned workers included."""
 
 SLOW_RECIPE = """
 import os, signal, time
@@ -19,9 +20,12 @@ def build_tokens(config):
 def slowed(recipe):
     plain, delay = recipe.loss_fn, float(os.environ.get("STEP_DELAY", "0"))
     signal_at, calls = int(os.environ.get("SIGNAL_AT_CALL", "0")), [0]
+    started = os.environ.get("STARTED_FILE")
 
     def loss_fn(model, batch):
         calls[0] += 1
+        if calls[0] == 1 and started:
+            open(started, "w").close()
         if calls[0] == signal_at:
             os.kill(os.getpid(), signal.SIGTERM)
         time.sleep(delay)

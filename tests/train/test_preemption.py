@@ -236,10 +236,14 @@ def test_sigterm_to_one_of_two_ranks_stops_both_then_resume_is_bitwise_equal(wor
 @pytest.mark.slow
 @pytest.mark.timeout(300)
 def test_a_second_ctrl_c_aborts_at_once(work, tmp_path):
-    out = tmp_path / "run"
-    (process,) = launch_all(work, out, world=1, delay=2.0)  # a step takes 8 s
+    out, started = tmp_path / "run", tmp_path / "started"
+    os.environ["STARTED_FILE"] = str(started)  # launch() passes the environment on
+    try:
+        (process,) = launch_all(work, out, world=1, delay=2.0)  # a step takes 8 s
+    finally:
+        del os.environ["STARTED_FILE"]
     deadline = time.monotonic() + 200
-    while not (out / "metrics.jsonl").exists():  # the loop starts: the handlers are in place
+    while not started.exists():  # the first step runs: the handlers are in place
         assert process.poll() is None, process.stderr.read()  # type: ignore[union-attr]
         assert time.monotonic() < deadline
         time.sleep(0.05)

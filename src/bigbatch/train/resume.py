@@ -103,7 +103,9 @@ def load(
 
 
 def refuse_to_restart(run_dir: Path, damaged: Sequence[tuple[Path, str]]) -> None:
-    """A resume that found no valid checkpoint in a directory that holds a run refuses.
+    """A resume that found no valid checkpoint in a directory that holds a run refuses: any
+    checkpoint (damaged, set aside or a temporary), a metrics.jsonl with trained steps, final
+    weights or a report.
 
     Starting at step 0 would replace the run's ``metrics.jsonl``, report and weights: its history
     would be lost to the command meant to continue it (docs/design.md, invariant 6). Nothing in
@@ -121,7 +123,7 @@ def refuse_to_restart(run_dir: Path, damaged: Sequence[tuple[Path, str]]) -> Non
         remains = [checkpoints] if checkpoints else []
         if others:
             remains.append(("" if damaged else "no checkpoint, but ") + ", ".join(others))
-        if remains:
+        if remains and (checkpoints or extra or any(map(_is_history, others))):
             head = f"resume: no valid checkpoint in {run_dir}, which holds a run: "
             tail = (
                 ". Nothing was changed. Pass --overwrite to start afresh (it deletes that run), "
@@ -170,6 +172,14 @@ def other_remains(run_dir: Path) -> list[str]:
             continue
         found.append(_last_step(path) if name == METRICS_FILE else name)
     return found
+
+
+def _is_history(remain: str) -> bool:
+    """What a fresh start would lose: trained steps, final weights, a report. A run stopped
+    before its first step leaves only its config, an empty metrics.jsonl and tensorboard/: that
+    directory starts afresh under --resume."""
+    trained = remain.startswith(METRICS_FILE) and not remain.endswith("(no step)")
+    return trained or remain in (rundir.FINAL_WEIGHTS, "report.md")
 
 
 def _last_step(metrics: Path) -> str:
