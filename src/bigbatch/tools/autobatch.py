@@ -8,7 +8,6 @@ a recipe and plans the global batch; `format_choice` prints why.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any
 
@@ -20,6 +19,7 @@ from bigbatch.data.loader import first_samples
 from bigbatch.planning import Plan, plan
 from bigbatch.tools.choice import MicroBatchChoice, choose_micro_batch
 from bigbatch.tools.memory import Batch
+from bigbatch.tools.micro_setting import share_in_rows
 from bigbatch.tools.projection import Agree, ShardUnits
 from bigbatch.tools.rank_memory import Layout, format_rank_memory
 from bigbatch.units import UsageError, UsageTypeError, format_bytes
@@ -104,7 +104,7 @@ def plan_for_budget(
         module,
         recipe.loss_fn,
         first_samples(recipe.train_dataset, recipe.collate_fn),
-        max_micro_batch_size=math.ceil(global_batch_size / world_size),
+        max_micro_batch_size=share_in_rows(global_batch_size, world_size),
         memory_budget_bytes=memory_budget,
         optimize=optimize,
         optimizer=recipe.build_optimizer(module, lr=float(recipe.defaults.get("lr", 1e-3))),

@@ -10,7 +10,6 @@ token run's global batches become: the first step's split and padding over an ep
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any
 
@@ -23,7 +22,7 @@ from bigbatch.data.sampler import GlobalBatchSampler
 from bigbatch.planning import TokenBudget, TokenPlan, TokenUnit, plan_tokens, sample_lengths
 from bigbatch.tools.choice import MicroBatchChoice, choose_micro_batch
 from bigbatch.tools.memory import Batch
-from bigbatch.tools.micro_setting import probe_rows
+from bigbatch.tools.micro_setting import probe_rows, share_in_rows
 from bigbatch.tools.projection import Agree, ShardUnits
 from bigbatch.tools.rank_memory import Layout, format_rank_memory
 from bigbatch.units import UsageError, format_bytes
@@ -123,7 +122,7 @@ def _probed(
         recipe.loss_fn,
         make_rows,
         row_tokens=longest,
-        max_rows=max(1, math.ceil(global_batch_tokens / world_size) // longest),
+        max_rows=share_in_rows(global_batch_tokens, world_size, longest),
         memory_budget_bytes=memory_budget,
         optimize=optimize,
         optimizer=recipe.build_optimizer(module, lr=float(recipe.defaults.get("lr", 1e-3))),

@@ -10,6 +10,7 @@ first samples, or rows of its longest sample (packed or not) for a run in tokens
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Callable
 from typing import Any
 
@@ -83,6 +84,18 @@ def planned_layout(
         "layout": Layout("fsdp" if sharded else "ddp", world_size, gradient_sync),
         "agree": distributed.agree_on_largest if sharded and world_size > 1 else None,
     }
+
+
+def share_in_rows(global_batch: int, world_size: int, row_tokens: int | None = None) -> int:
+    """The most rows a micro-batch may hold: a rank's share of the global batch, ceil(global /
+    world_size), in rows of ``row_tokens`` tokens for a global batch in tokens (at least one).
+
+    Example:
+        >>> share_in_rows(10, 4), share_in_rows(1000, 2, row_tokens=12)
+        (3, 41)
+    """
+    share = math.ceil(global_batch / world_size)
+    return share if row_tokens is None else max(1, share // row_tokens)
 
 
 def probe_micro_setting(

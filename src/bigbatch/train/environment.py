@@ -2,8 +2,7 @@
 
 `resolve_device` turns the config's `device` into this rank's device, `seed_everything` seeds
 python's, numpy's and torch's generators, and `peak_memory_bytes` reads the run's peak memory
-(the CUDA allocator's, or the process's resident peak elsewhere). `planned_layout` tells the
-memory probe how the ranks hold the model.
+(the CUDA allocator's, or the process's resident peak elsewhere).
 """
 
 from __future__ import annotations
@@ -11,17 +10,16 @@ from __future__ import annotations
 import os
 import random
 import resource
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
 from bigbatch.core import distributed
-from bigbatch.tools.micro_setting import planned_layout as tools_planned_layout
 from bigbatch.units import UsageError
 
 if TYPE_CHECKING:
-    from bigbatch.train.config import Config
+    pass
 
 WORKERS_PER_CPU = 4
 """num_workers above this many per CPU of the machine is refused (each worker is a process)."""
@@ -64,13 +62,3 @@ def describe_device(device: torch.device) -> str:
     if device.type == "cuda":
         return f"{device} ({torch.cuda.get_device_name(device)})"
     return f"{device.type} ({torch.get_num_threads()} threads)"
-
-
-def planned_layout(config: Config, model: torch.nn.Module, world_size: int) -> dict[str, Any]:
-    """The memory probe's `layout` and `agree` arguments for this run.
-
-    The budget is one rank's: under DDP beside its gradient buckets, under FSDP2 beside its
-    shards and, with gradient_sync auto, in both sync modes. A sharded model is probed by every
-    rank in lockstep (each forward all-gathers), with every measurement agreed over ranks.
-    """
-    return tools_planned_layout(model, world_size, config.gradient_sync)

@@ -9,7 +9,6 @@ parameters. `build_accumulator` builds the engine from the config. Nothing here 
 from __future__ import annotations
 
 import logging
-import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, cast
@@ -23,8 +22,12 @@ from bigbatch.core import batchnorm as batchnorm_policies
 from bigbatch.core import distributed, sharding
 from bigbatch.core.engine import Accumulator, LossFn
 from bigbatch.planning.unit import BatchUnit, SampleUnit, TokenUnit
-from bigbatch.tools.micro_setting import probe_micro_setting, probe_rows
-from bigbatch.train import environment
+from bigbatch.tools.micro_setting import (
+    planned_layout,
+    probe_micro_setting,
+    probe_rows,
+    share_in_rows,
+)
 from bigbatch.train.config import Config
 from bigbatch.units import UsageError
 
@@ -187,22 +190,20 @@ class MicroBatchProbe:
         )
         if row_tokens is None:
             first = cast(SampleUnit, unit).first_global_batch
-            assert first is not None
-            max_rows = math.ceil(first / world_size)
         else:
-            assert config.global_batch_tokens is not None
-            max_rows = max(1, math.ceil(config.global_batch_tokens / world_size) // row_tokens)
+            first = config.global_batch_tokens
+        assert first is not None
         choice = probe_micro_setting(
             self.prepared.module,
             self.loss_fn,
             make_rows,
             row_tokens=row_tokens,
-            max_rows=max_rows,
+            max_rows=share_in_rows(first, world_size, row_tokens),
             memory_budget=config.memory_budget,
             optimize=config.optimize,
             optimizer=self.optimizer,
             device=self.prepared.device,
-            **environment.planned_layout(config, self.prepared.model, world_size),
+            **planned_layout(self.prepared.model, world_size, config.gradient_sync),
         )
         self.gradient_sync = choice.gradient_sync
         return choice.value

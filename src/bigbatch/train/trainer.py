@@ -135,6 +135,11 @@ class Trainer:
         self.early_warning = EarlyWarning()
         self._total_steps = 0  # the run's, once known: what its checkpoints record
 
+    @property
+    def _writes(self) -> bool:
+        """This process writes the run's files: rank 0 of a run with a directory."""
+        return self.run_dir is not None and distributed.is_main_process()
+
     def fit(self, *, resume: bool = False, overwrite: bool = False) -> RunSummary:
         """Train to the last step; with resume, continue from the newest valid checkpoint.
 
@@ -158,7 +163,7 @@ class Trainer:
 
     def _fit(self, stop: StopSignals, *, resume: bool, overwrite: bool) -> RunSummary:
         """`fit` inside the lock and the signal handlers."""
-        writes = self.run_dir is not None and distributed.is_main_process()
+        writes = self._writes
         if self.run_dir is not None:
             rundir.prepare_run_dir(self.run_dir, resume=resume, overwrite=overwrite)
             if distributed.is_initialized():
@@ -170,7 +175,7 @@ class Trainer:
         if found is not None:
             resume_rules.warn_if_schedule_moves(found, self.config, total, loader.step)
             if self.planner.finished(loader.step, loader, total):
-                return self._already_finished(loader.step, state, first_plan.to_dict(), writes)
+                return self._already_finished(loader.step, state, first_plan.to_dict())
         if writes:
             assert self.run_dir is not None
             with rundir.storage_errors(f"write {self.run_dir / 'config.yaml'}"):
@@ -197,7 +202,7 @@ class Trainer:
         first_plan: dict[str, Any],
     ) -> RunSummary:
         """The loop with its hooks, then the last evaluation and checkpoint: what the run did."""
-        writes = self.run_dir is not None and distributed.is_main_process()
+        writes = self._writes
         total = self._total_steps
         metrics_logger = run_metrics.MetricsLogger(
             self.run_dir or Path("."),
@@ -264,7 +269,7 @@ class Trainer:
             self.loss_fn,
             self.eval_fn,
             self.eval_dataset,
-            micro_batch_size=self.planner.plan_for(self.first_global).micro_batch_size,
+            micro_batch_size=self.planner.micro_batch_size,
             precision=self.config.precision,
             collate_fn=self.collate_fn,
             equal_forwards=sharding.is_fsdp(self.module),
@@ -366,7 +371,7 @@ class Trainer:
         )
 
     def _already_finished(
-        self, steps: int, state: TrainState, first_plan: dict[str, Any], writes: bool
+        self, steps: int, state: TrainState, first_plan: dict[str, Any]
     ) -> RunSummary:
         """Resuming a finished run: nothing to train or evaluate again; the report stays."""
         assert self.run_dir is not None
@@ -377,7 +382,7 @@ class Trainer:
             dist.broadcast_object_list(missing, src=0)
         if missing[0]:
             final_state = final_weights(self.module)  # a collective under FSDP
-            if writes:  # it stopped between its last checkpoint and the end
+            if self._writes:  # it stopped between its last checkpoint and the end
                 self._finish_run_dir(summary, final_state)
         return summary
 
