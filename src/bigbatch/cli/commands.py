@@ -48,12 +48,13 @@ def train_command(args: argparse.Namespace) -> int:
 
     if args.print_config:
         return _print_config(_resolved_config(args)[0])
-    if args.resume and args.out is None:
-        raise UsageError("--resume needs --out DIR: the run directory to continue")
-    if args.resume and args.overwrite:
-        raise UsageError(
-            "--resume continues the run in --out and --overwrite deletes it: give one of them"
-        )
+    for flag in ("resume", "autoresume"):
+        if getattr(args, flag) and args.out is None:
+            raise UsageError(f"--{flag} needs --out DIR: the run directory to continue")
+        if getattr(args, flag) and args.overwrite:
+            raise UsageError(
+                f"--{flag} continues the run in --out and --overwrite deletes it: give one of them"
+            )
     out_dir = None if args.out is None else check_run_dir(args.out)
     config = load_config(args.config, args.set)
     every_rank_here = False  # a finished run or an agreed stop: every rank ends here alike
@@ -61,7 +62,8 @@ def train_command(args: argparse.Namespace) -> int:
         summary = fit(
             config,
             out_dir=out_dir,
-            resume=args.resume,
+            # --resume already starts a directory with nothing trained in it at step 0.
+            resume=args.resume or args.autoresume,
             overwrite=args.overwrite,
             progress=not args.no_progress,
         )
@@ -130,6 +132,8 @@ def _resume_hint(args: argparse.Namespace, stopped: Any) -> str:
     from bigbatch.core import distributed
 
     if distributed.launched_by_torchrun():
+        if args.autoresume:
+            return "the same launch command continues it (it has --autoresume)"
         return f"continue with the same launch command plus --out {shlex.quote(run_dir)} --resume"
     command = ["bigbatch", "train", *([args.config] if args.config else [])]
     for setting in args.set:

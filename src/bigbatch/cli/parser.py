@@ -148,6 +148,12 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--out", help="run directory (default runs/<recipe>-<time>)")
     train.add_argument("--resume", action="store_true", help="continue the run in --out")
     train.add_argument(
+        "--autoresume",
+        action="store_true",
+        help="continue the run in --out from its newest checkpoint if it has one, else start it "
+        "(for torchrun's restarts: docs/elastic.md)",
+    )
+    train.add_argument(
         "--overwrite", action="store_true", help="replace the run in --out (its files only)"
     )
     train.add_argument("--no-progress", action="store_true", help="no progress bar")

@@ -68,7 +68,22 @@ def setup_process_group(timeout_s: float = 600.0, backend: str | None = None) ->
         torch.cuda.set_device(local_device())
     dist.init_process_group(backend=backend, timeout=datetime.timedelta(seconds=timeout_s))
     logger.info("process group %s: rank %d of %d", backend, get_rank(), get_world_size())
+    if is_main_process() and _restarts_share_a_store():
+        logger.warning(
+            "torchrun may restart the workers (--max-restarts %s) and they share its rendezvous "
+            "store across restarts: a restarted worker can read an address the last workers "
+            "left there and fail to connect, spending a restart; launch torchrun with "
+            "TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 (a fresh store every round)",
+            os.environ["TORCHELASTIC_MAX_RESTARTS"],
+        )
     return True
+
+
+def _restarts_share_a_store() -> bool:
+    """True under a torchrun that restarts workers over a store shared across its rounds."""
+    restarts = os.environ.get("TORCHELASTIC_MAX_RESTARTS", "0")
+    shared = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
+    return shared and restarts.isdigit() and int(restarts) > 0
 
 
 def barrier() -> None:

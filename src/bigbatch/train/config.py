@@ -204,6 +204,13 @@ class Config(StrictModel):
         "for SLURM's --signal; [] leaves every signal's default action.",
         'a list of signal names such as "SIGTERM", "SIGINT", "SIGUSR1"',
     )
+    collective_timeout: Int = config_field(
+        600,
+        "seconds a rank waits in one collective before it fails: the bound on how long a lost "
+        "rank holds the others (then torchrun restarts them); too short fails a checkpoint save "
+        "or an evaluation the other ranks wait for (docs/elastic.md).",
+        "an integer number of seconds in [1, 604800] (a week)",
+    )
     # Global batches in tokens (docs/tokens.md): checked together in _token_fields.
     global_batch_tokens: Int | None = config_field(
         None,
@@ -266,6 +273,13 @@ class Config(StrictModel):
     def _positive(cls, value: int | None) -> int | None:
         if value is not None and value <= 0:
             raise ValueError("not positive")
+        return value
+
+    @field_validator("collective_timeout")
+    @classmethod
+    def _within_a_week(cls, value: int) -> int:
+        if not 1 <= value <= 604_800:
+            raise ValueError("out of range")
         return value
 
     @field_validator("micro_batch_size", "gradient_accumulation_steps")

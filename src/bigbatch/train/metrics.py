@@ -10,6 +10,7 @@ every object here is built with ``enabled=False`` and does nothing. The end-of-r
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import logging
 import math
@@ -19,6 +20,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
+import numpy as np
 from tqdm.auto import tqdm
 
 from bigbatch.core.engine import StepResult
@@ -271,8 +273,12 @@ def step_record(
     budget (``global_batch_tokens``), the step's input and padded tokens, and its micro-steps.
     The critical batch is measured in loss items: ``critical_batch_samples`` divides it by the
     run's loss items per sample, ``critical_batch_tokens`` (tokens) by its items per token.
+    ``world_size`` and ``sample_digest`` audit the step: its samples, whatever the split
+    (docs/design.md, invariant 8).
     """
     record: dict[str, Any] = {
+        "world_size": window.plan.world_size,
+        "sample_digest": sample_digest(window.indices),
         "loss": result.loss,
         "lr": learning_rate,
         "grad_norm": result.grad_norm,
@@ -307,3 +313,16 @@ def step_record(
         if noise is not None and noise.critical_batch_size is not None:
             record["critical_batch_tokens"] = noise.critical_batch_size / state.items_per_token
     return record
+
+
+def sample_digest(indices: Sequence[int] | np.ndarray) -> str:
+    """The SHA-256 (hex) of a step's dataset indices, sorted ascending, in decimal, joined by
+    commas: the same for every world size and split of that global batch, so two runs can be
+    compared step by step (docs/elastic.md).
+
+    >>> sample_digest([3, 1, 2]) == hashlib.sha256(b"1,2,3").hexdigest()
+    True
+    """
+    ascending = np.sort(np.asarray(indices, dtype=np.int64)).tolist()
+    text = ",".join(map(str, ascending))
+    return hashlib.sha256(text.encode("ascii")).hexdigest()

@@ -55,6 +55,7 @@ HOW_IT_RUNS = frozenset(
         "on_nonfinite",
         "max_nonfinite_in_row",
         "stop_signals",
+        "collective_timeout",
         "max_steps",
         "epochs",
     }

@@ -87,9 +87,16 @@ def prepare_run_dir(run_dir: Path, *, resume: bool, overwrite: bool) -> None:
         return
     if not overwrite:
         state = "finished" if (run_dir / FINAL_WEIGHTS).exists() else "earlier"
+        restart = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+        elastic = (
+            f" (this is torchrun's restart {restart}: launch with --autoresume so that every "
+            "restart continues the run)"
+            if restart not in ("", "0")
+            else ""
+        )
         raise UsageError(
             f"run directory {str(run_dir)!r} holds an {state} run ({', '.join(existing)}): pass "
-            "--resume to continue it, --overwrite to replace it, or choose another --out"
+            f"--resume to continue it, --overwrite to replace it, or choose another --out{elastic}"
         )
     if distributed.is_main_process():
         for name in existing:

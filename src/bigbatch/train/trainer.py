@@ -414,7 +414,7 @@ def fit(
     ``runs/<recipe>-<time>`` (pass out_dir to resume). The batchnorm policy is applied before
     the optimizer is built.
     """
-    distributed.setup_process_group()
+    distributed.setup_process_group(timeout_s=config.collective_timeout)
     environment.seed_everything(config.seed)  # the model's initialisation, the same on every rank
     recipe = recipes.build(config.recipe, config.model_dump())
     config = with_recipe_defaults(config, recipe.defaults)
