@@ -77,3 +77,15 @@ def test_collective_timeout_is_the_process_groups(tmp_path, monkeypatch):
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
+
+
+def test_a_torchrun_restart_without_autoresume_is_refused_with_the_fix(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(["train", *TINY, "--set", "max_steps=1", "--out", str(out)]) == 0
+    capsys.readouterr()
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("TORCHELASTIC_RESTART_COUNT", "2")
+        assert main(["train", *TINY, "--set", "max_steps=1", "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "holds a finished run" in err and "torchrun's restart 2" in err
+    assert "launch with --autoresume" in err and len(err.strip().splitlines()) == 1

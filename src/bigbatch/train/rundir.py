@@ -86,7 +86,7 @@ def prepare_run_dir(run_dir: Path, *, resume: bool, overwrite: bool) -> None:
     if resume or not existing:
         return
     if not overwrite:
-        state = "finished" if (run_dir / FINAL_WEIGHTS).exists() else "earlier"
+        state = "a finished" if (run_dir / FINAL_WEIGHTS).exists() else "an earlier"
         restart = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
         elastic = (
             f" (this is torchrun's restart {restart}: launch with --autoresume so that every "
@@ -95,7 +95,7 @@ def prepare_run_dir(run_dir: Path, *, resume: bool, overwrite: bool) -> None:
             else ""
         )
         raise UsageError(
-            f"run directory {str(run_dir)!r} holds an {state} run ({', '.join(existing)}): pass "
+            f"run directory {str(run_dir)!r} holds {state} run ({', '.join(existing)}): pass "
             f"--resume to continue it, --overwrite to replace it, or choose another --out{elastic}"
         )
     if distributed.is_main_process():
