@@ -18,7 +18,7 @@ to the first step written by 2 processes, and from the join to the first step wr
 Both include torchrun's restart, the rendezvous round (`last_call_timeout`, 5 s here), starting
 Python and torch, building the recipe and restoring the checkpoint.
 
-    python benchmarks/elastic.py            # writes benchmarks/results/elastic.md (~10 min)
+    python benchmarks/elastic.py            # writes benchmarks/results/elastic.md (~15 min)
     python benchmarks/elastic.py --smoke    # 14 steps, the agent case only, writes nothing
 """
 
