@@ -89,3 +89,11 @@ def test_a_torchrun_restart_without_autoresume_is_refused_with_the_fix(tmp_path,
     err = capsys.readouterr().err
     assert "holds a finished run" in err and "torchrun's restart 2" in err
     assert "launch with --autoresume" in err and len(err.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("value", ["0", "604801", "2.5", "true", "ten"])
+def test_collective_timeout_outside_a_week_of_whole_seconds_is_refused(value, capsys):
+    assert main(["train", "--set", f"collective_timeout={value}"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "collective_timeout" in err
+    assert "in [1, 604800] (a week)" in err

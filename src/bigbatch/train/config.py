@@ -38,6 +38,7 @@ from bigbatch.train.fields import (
     NonNegativeRate,
     PositiveRate,
     StrictModel,
+    TimeoutSeconds,
     config_field,
     parse_bytes,
 )
@@ -204,7 +205,7 @@ class Config(StrictModel):
         "for SLURM's --signal; [] leaves every signal's default action.",
         'a list of signal names such as "SIGTERM", "SIGINT", "SIGUSR1"',
     )
-    collective_timeout: Int = config_field(
+    collective_timeout: TimeoutSeconds = config_field(
         600,
         "seconds a rank waits in one collective before it fails: the bound on how long a lost "
         "rank holds the others (then torchrun restarts them); too short fails a checkpoint save "
@@ -273,13 +274,6 @@ class Config(StrictModel):
     def _positive(cls, value: int | None) -> int | None:
         if value is not None and value <= 0:
             raise ValueError("not positive")
-        return value
-
-    @field_validator("collective_timeout")
-    @classmethod
-    def _within_a_week(cls, value: int) -> int:
-        if not 1 <= value <= 604_800:
-            raise ValueError("out of range")
         return value
 
     @field_validator("micro_batch_size", "gradient_accumulation_steps")

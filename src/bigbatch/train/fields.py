@@ -60,6 +60,8 @@ NonNegativeRate = Annotated[Float, AfterValidator(_within(0, MAX_RATE, low_allow
 """weight_decay: in [0, 1e6]."""
 GradientNorm = Annotated[Float, AfterValidator(_within(0, FLOAT32_MAX, low_allowed=False))]
 """max_grad_norm: in (0, float32's largest]."""
+TimeoutSeconds = Annotated[Int, AfterValidator(_within(1, 7 * 24 * 3600, low_allowed=True))]
+"""collective_timeout: whole seconds in [1, a week]."""
 
 
 def config_field(default: Any, description: str, allowed: str) -> Any:
