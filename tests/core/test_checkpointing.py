@@ -261,11 +261,12 @@ def test_dropout_draws_the_same_masks_in_the_recompute():
     assert checkpointed.blocks[0].calls == 2 * plain.blocks[0].calls
 
 
-def test_bf16_autocast_on_cpu_gives_the_same_step():
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_autocast_on_cpu_gives_the_same_step(precision):
     plain, checkpointed = Net(), Net()
     apply_activation_checkpointing(checkpointed, "every_2")
-    train(plain, precision="bf16")
-    train(checkpointed, precision="bf16")
+    train(plain, precision=precision)
+    train(checkpointed, precision=precision)
     # Recomputed under the same autocast state: the same bf16 kernels on the same inputs.
     for name, value in weights(plain).items():
         assert torch.equal(weights(checkpointed)[name], value), name
@@ -327,6 +328,8 @@ def test_hugging_face_models_checkpoint_through_their_own_method(policy, layers)
     assert summary.num_candidates == 2
     apply_activation_checkpointing(model, "none")
     assert not model.is_activation_checkpointing and checkpointed_units(model) == []
+    model.activation_checkpointing_enable()  # by the user: bigbatch sees it
+    assert checkpointed_units(model) == list(blocks)
 
 
 def test_the_example_in_the_docs_prints_what_they_say():
