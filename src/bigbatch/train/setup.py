@@ -145,7 +145,8 @@ def prepare_model(
     )
     kept = checkpointing.keep_given() if config.activation_checkpointing == "none" else None
     summary = kept or checkpointing.apply(*resolve_checkpointing(config))
-    logger.info("activation_checkpointing %s", summary.describe())
+    if summary.policy != "none" or summary.reason:  # the default, none, goes without saying
+        logger.info("activation_checkpointing %s", summary.describe())
     model = _shard(model, optimizer, config, device, world_size, shard_units)
     module = distributed.unwrap(model).to(device)
     runner: torch.nn.Module = model if distributed.is_ddp(model) else module
