@@ -90,14 +90,38 @@ def train_one(
     }
 
 
-def train_all(rank: int, world_size: int) -> list[dict]:
-    return [train_one(rank, world_size, *config) for config in CONFIGS]
+def train_sync_batchnorm(rank: int, world_size: int, policy: str) -> dict:
+    """DDP with batchnorm sync (statistics over both ranks, collectives in every forward, and
+    so in every recompute): the state after the steps, running statistics included."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    from bigbatch.core import batchnorm
+
+    module = batchnorm.apply_policy(Net(batchnorm=True).double(), "sync", world_size=world_size)
+    wrapped = apply_activation_checkpointing(module, policy)
+    model = DistributedDataParallel(module)
+    accumulator = Accumulator(model, torch.optim.SGD(model.parameters(), lr=LR))
+    for step in range(STEPS):
+        # Micro-batches of 2 or more rows: BatchNorm needs two values per channel in training.
+        accumulator.step([b for b in window(rank, step) if len(b[0]) > 1], loss_fn)
+    return {
+        "state": {k: v.detach().clone() for k, v in module.state_dict().items()},
+        "calls": module.blocks[0].calls,
+        "wrapped": len(wrapped),
+    }
+
+
+def train_all(rank: int, world_size: int) -> tuple[list[dict], list[dict]]:
+    trained = [train_one(rank, world_size, *config) for config in CONFIGS]
+    synced = [train_sync_batchnorm(rank, world_size, policy) for policy in ("none", "full")]
+    return trained, synced
 
 
 @pytest.mark.slow
 @pytest.mark.timeout(300)
 def test_ddp_and_fsdp2_with_checkpointing_match_the_full_batch_reference():
-    results = run_processes(train_all, 2)
+    both = run_processes(train_all, 2)
+    results = [trained for trained, _ in both]
     global_batches = [global_batch(step) for step in range(STEPS)]
     expected = full_batch_sgd(Net().double(), global_batches, per_item_losses, LR)
     for index, (parallelism, policy, _, _) in enumerate(CONFIGS):
@@ -121,3 +145,8 @@ def test_ddp_and_fsdp2_with_checkpointing_match_the_full_batch_reference():
             noise = result["noise"]
             assert noise.gradient_sq_norm == pytest.approx(plain.gradient_sq_norm, rel=1e-10)
             assert noise.trace_covariance == pytest.approx(plain.trace_covariance, rel=1e-10)
+    for _, (plain, checkpointed) in both:
+        # batchnorm sync: the same weights and running statistics as without checkpointing.
+        assert checkpointed["wrapped"] == 5 and checkpointed["calls"] == 2 * plain["calls"] > 0
+        for name, value in plain["state"].items():
+            assert torch.allclose(checkpointed["state"][name], value, rtol=1e-12, atol=0), name
