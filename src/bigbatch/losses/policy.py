@@ -149,7 +149,7 @@ def _check(
             f"advantages must be one per sequence {tuple(logps.shape[:1])} or one per token "
             f"{tuple(logps.shape)}, got shape {tuple(advantages.shape)}"
         )
-    bounds = clip_range if isinstance(clip_range, tuple) else (clip_range, clip_range)
+    bounds = tuple(clip_range) if isinstance(clip_range, (tuple, list)) else (clip_range,) * 2
     if len(bounds) != 2 or not all(
         isinstance(b, (int, float)) and not isinstance(b, bool) and b >= 0 for b in bounds
     ):
