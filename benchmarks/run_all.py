@@ -20,6 +20,7 @@ HERE = Path(__file__).parent
 SCRIPTS = (
     "overhead",
     "alternatives",
+    "hf_trainer",
     "ddp",
     "memory",
     "plan_quality",
