@@ -21,6 +21,7 @@ SCRIPTS = (
     "overhead",
     "alternatives",
     "hf_trainer",
+    "trl_losses",
     "ddp",
     "memory",
     "plan_quality",

@@ -146,6 +146,8 @@ def train_one_dpo_step(model, pairs, *, exact: bool) -> torch.nn.Module:
     return model
 
 
+@pytest.mark.slow
+@pytest.mark.timeout(300)
 def test_dpo_trainer_with_the_mixin_is_exact_on_a_short_last_window() -> None:
     """TRL's DPOTrainer divides each micro-batch's pair mean by the accumulation steps: the lone
     pair of the last micro-batch weighs twice as much as the others (a 4-micro-batch window of
