@@ -164,10 +164,10 @@ def dpo_row(model: torch.nn.Module, accumulation: int) -> list[str]:
     reference = dpo_reference(model, pairs)
     from trl.trainer.dpo_trainer import DataCollatorForPreference
 
-    from bigbatch.integrations.trl import dpo_loss_fn
+    from bigbatch.integrations.trl import dpo_loss_fn, preference_pairs
 
     collate = DataCollatorForPreference(pad_token_id=PAD)
-    window = [collate(pairs[i : i + PAIRS_PER_MICRO_BATCH]) for i in range(0, count, 2)]
+    window = [preference_pairs(collate(pairs[i : i + 2])) for i in range(0, count, 2)]
     trained = copy.deepcopy(model)
     optimizer = torch.optim.SGD(trained.parameters(), lr=1.0)
     bigbatch.Accumulator(trained, optimizer).step(window, dpo_loss_fn(BETA_DPO, ref_model=model))

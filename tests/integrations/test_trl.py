@@ -16,10 +16,12 @@ import torch
 import torch.nn.functional as F
 
 import bigbatch
+from bigbatch.core.batches import split
 from bigbatch.integrations.trl import (
     ExactPreferenceMixin,
     dpo_loss_fn,
     policy_gradient_loss_fn,
+    preference_pairs,
 )
 from tests import hf_models
 
@@ -42,7 +44,7 @@ def tokenizer():
     )
 
 
-def preference_pairs(count: int, seed: int = 0) -> list[dict[str, list[int]]]:
+def random_pairs(count: int, seed: int = 0) -> list[dict[str, list[int]]]:
     """Prompts of 1-4 tokens, responses of 1-8 tokens ending in <eos>: lengths differ widely."""
     generator = torch.Generator().manual_seed(seed)
 
@@ -155,7 +157,7 @@ def test_dpo_trainer_with_the_mixin_is_exact_on_a_short_last_window() -> None:
     float32 of TRL's fused log-prob kernel (it computes in float32 whatever the model's dtype,
     so 1e-6 is its floor here, not the 1e-10 of bigbatch's own loss functions below)."""
     model = hf_models.gpt2()
-    pairs = preference_pairs(7)
+    pairs = random_pairs(7)
     reference = dpo_reference_gradient(model, model, pairs, "sigmoid")
     exact = applied_gradient(model, train_one_dpo_step(model, pairs, exact=True))
     trl_own = applied_gradient(model, train_one_dpo_step(model, pairs, exact=False))
@@ -163,28 +165,52 @@ def test_dpo_trainer_with_the_mixin_is_exact_on_a_short_last_window() -> None:
     assert relative_error(trl_own, reference) > 1e-2
 
 
-def collate_preferences(pairs) -> dict[str, torch.Tensor]:
+def collate(pairs) -> dict[str, torch.Tensor]:
     from trl.trainer.dpo_trainer import DataCollatorForPreference
 
     return DataCollatorForPreference(pad_token_id=PAD)(pairs)
 
 
 @pytest.mark.parametrize("kind", ["sigmoid", "ipo", "hinge"])
-def test_dpo_loss_fn_over_uneven_micro_batches_is_the_full_batch(kind: str) -> None:
+@pytest.mark.parametrize("reference_from", ["ref_model", "precomputed"])
+def test_dpo_loss_fn_over_uneven_micro_batches_is_the_full_batch(
+    kind: str, reference_from: str
+) -> None:
+    """Micro-batches of 3, 1 and 3 pairs, the last re-split by the engine into 2 and 1 (as an
+    out-of-memory retry would): one row per pair keeps every pair whole."""
     model, ref_model = hf_models.gpt2(seed=0), hf_models.gpt2(seed=1)
-    pairs = preference_pairs(7, seed=2)
-    window = [collate_preferences(pairs[a:b]) for a, b in ((0, 3), (3, 4), (4, 6), (6, 7))]
+    pairs = random_pairs(7, seed=2)
+    window = [preference_pairs(collate(pairs[a:b])) for a, b in ((0, 3), (3, 4), (4, 7))]
+    window[2:] = split(window[2], [2, 1])
+    if reference_from == "precomputed":  # as DPOConfig(precompute_ref_log_probs=True) adds them
+        for micro_batch, (a, b) in zip(window, ((0, 3), (3, 4), (4, 6), (6, 7))):
+            with torch.no_grad():
+                for side in ("chosen", "rejected"):
+                    micro_batch[f"ref_{side}_logps"] = torch.stack(
+                        [
+                            response_logp(ref_model, p["prompt_ids"], p[f"{side}_ids"])
+                            for p in pairs[a:b]
+                        ]
+                    )
+        ref_model = None
     trained = copy.deepcopy(model)
     optimizer = torch.optim.SGD(trained.parameters(), lr=1.0)
     bigbatch.Accumulator(trained, optimizer).step(window, dpo_loss_fn(BETA, kind, ref_model))
-    reference = dpo_reference_gradient(model, ref_model, pairs, kind)
+    reference = dpo_reference_gradient(model, hf_models.gpt2(seed=1), pairs, kind)
     assert relative_error(applied_gradient(model, trained), reference) < 1e-10
 
 
 def test_dpo_loss_fn_without_reference_log_probs_says_what_it_needs() -> None:
-    batch = collate_preferences(preference_pairs(2))
+    batch = preference_pairs(collate(random_pairs(2)))
     with pytest.raises(ValueError, match="ref_chosen_logps and ref_rejected_logps"):
         dpo_loss_fn()(hf_models.gpt2(), batch)
+
+
+def test_dpo_loss_fn_refuses_the_stacked_layout_that_a_split_would_mispair() -> None:
+    with pytest.raises(ValueError, match=r"one row per pair.*preference_pairs"):
+        dpo_loss_fn()(hf_models.gpt2(), collate(random_pairs(2)))
+    with pytest.raises(ValueError, match="missing completion_mask"):
+        preference_pairs({"input_ids": torch.zeros(2, 3), "attention_mask": torch.ones(2, 3)})
 
 
 def generation_batch(rows: int, seed: int = 0) -> dict[str, torch.Tensor]:

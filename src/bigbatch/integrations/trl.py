@@ -7,9 +7,10 @@ pairs, which the short last window of an epoch does not. `ExactPreferenceMixin`,
 micro-batch's loss into its pair sum over that count (docs/design.md, invariant 1).
 
 For a loop of your own (a GRPO-style loop, or DPO without the Trainer), `dpo_loss_fn` and
-`policy_gradient_loss_fn` read TRL's batch layouts -- `DataCollatorForPreference`'s rows and
-`GRPOTrainer`'s generation batch -- and return ``(loss_sum, num_items)`` through
-`bigbatch.losses`, for `Accumulator.step`. Nothing of `trl` is imported here.
+`policy_gradient_loss_fn` read TRL's batch layouts -- `DataCollatorForPreference`'s pairs (one
+row per pair, by `preference_pairs`) and `GRPOTrainer`'s generation batch -- and return
+``(loss_sum, num_items)`` through `bigbatch.losses`, for `Accumulator.step`. Nothing of `trl`
+is imported here.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 
 from bigbatch.losses import Normalization, PreferenceKind, dpo_loss, policy_gradient_loss
 
@@ -26,10 +28,13 @@ __all__ = [
     "completion_logps",
     "dpo_loss_fn",
     "policy_gradient_loss_fn",
+    "preference_pairs",
 ]
 
 Batch = Mapping[str, Any]
 LossFn = Callable[[torch.nn.Module, Batch], tuple[torch.Tensor, Any]]
+PAIRED_KEYS = ("input_ids", "attention_mask", "completion_mask")
+"""The preference collator's tensors that stack the chosen rows over the rejected ones."""
 
 
 def completion_logps(
@@ -56,36 +61,64 @@ def completion_logps(
     return log_probs.gather(-1, targets).squeeze(-1)
 
 
+def preference_pairs(batch: Batch) -> dict[str, torch.Tensor]:
+    """TRL's preference micro-batch as one row per pair, which bigbatch may split and re-split.
+
+    `DataCollatorForPreference` stacks the chosen completions over the rejected ones (2 x pairs
+    rows) and adds the reference log-probs with one entry per pair. Cut by rows, as the engine
+    cuts micro-batches (uneven splits, out-of-memory re-splits), that layout would pair the wrong
+    rows; here the halves sit side by side: ``chosen_input_ids``, ``rejected_input_ids`` (and the
+    same for ``attention_mask`` and ``completion_mask``), ``ref_chosen_logps`` and
+    ``ref_rejected_logps`` where the batch has them, every tensor with one row per pair.
+    """
+    missing = [key for key in PAIRED_KEYS if key not in batch]
+    if missing:
+        raise ValueError(
+            f"a preference batch needs {', '.join(PAIRED_KEYS)} (DataCollatorForPreference's "
+            f"output), missing {', '.join(missing)}"
+        )
+    pairs: dict[str, torch.Tensor] = {}
+    for key in PAIRED_KEYS:
+        pairs[f"chosen_{key}"], pairs[f"rejected_{key}"] = batch[key].chunk(2)
+    for key in ("ref_chosen_logps", "ref_rejected_logps"):
+        if key in batch:
+            pairs[key] = batch[key]
+    return pairs
+
+
 def dpo_loss_fn(
     beta: float = 0.1,
     kind: PreferenceKind = "sigmoid",
     ref_model: torch.nn.Module | None = None,
 ) -> LossFn:
-    """A loss function for `Accumulator.step` on TRL's preference micro-batches.
+    """A loss function for `Accumulator.step` on TRL's preference pairs.
 
-    A micro-batch is what `trl.trainer.dpo_trainer.DataCollatorForPreference` makes (its first
-    half of rows the chosen, its second half the rejected completions, ``completion_mask`` on
-    the completion tokens), with ``ref_chosen_logps`` and ``ref_rejected_logps`` as
-    `DPOConfig(precompute_ref_log_probs=True)` adds them, or else a `ref_model` to compute them.
-    Each response's log-probability is the sum over its completion tokens (for ``"ipo"`` their
-    mean, as TRL does); the loss is `bigbatch.losses.dpo_loss`, one item per pair.
+    A micro-batch is `preference_pairs` of what `DataCollatorForPreference` makes, with
+    ``ref_chosen_logps`` and ``ref_rejected_logps`` as `DPOConfig(precompute_ref_log_probs=True)`
+    adds them, or else a `ref_model` to compute them. Each response's log-probability is the sum
+    over its completion tokens (for ``"ipo"`` their mean, as TRL does); the loss is
+    `bigbatch.losses.dpo_loss`, one item per pair.
     """
 
     def loss_fn(model: torch.nn.Module, batch: Batch) -> tuple[torch.Tensor, int]:
-        logps, lengths = _response_logps(model, batch)
+        if "chosen_input_ids" not in batch:
+            raise ValueError(
+                "dpo_loss_fn takes one row per pair, so that any split keeps each pair whole: "
+                "pass preference_pairs(batch) of the collated batch"
+            )
+        (chosen, rejected), lengths = _response_logps(model, batch)
         if "ref_chosen_logps" in batch:
             ref_chosen, ref_rejected = batch["ref_chosen_logps"], batch["ref_rejected_logps"]
         elif ref_model is not None:
             with torch.no_grad():
-                ref_chosen, ref_rejected = _response_logps(ref_model, batch)[0].chunk(2)
+                (ref_chosen, ref_rejected), _ = _response_logps(ref_model, batch)
         else:
             raise ValueError(
                 "dpo_loss_fn needs the reference log-probs: a batch with ref_chosen_logps and "
                 "ref_rejected_logps (DPOConfig(precompute_ref_log_probs=True)) or ref_model="
             )
-        chosen, rejected = logps.chunk(2)
         if kind == "ipo":  # TRL scores IPO by the per-token mean of each response
-            chosen_lengths, rejected_lengths = lengths.chunk(2)
+            chosen_lengths, rejected_lengths = lengths
             chosen, ref_chosen = chosen / chosen_lengths, ref_chosen / chosen_lengths
             rejected, ref_rejected = rejected / rejected_lengths, ref_rejected / rejected_lengths
         return dpo_loss(chosen, rejected, ref_chosen, ref_rejected, beta=beta, kind=kind)
@@ -93,14 +126,26 @@ def dpo_loss_fn(
     return loss_fn
 
 
-def _response_logps(model: torch.nn.Module, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
-    """Each row's summed completion log-prob and its completion length (at least 1)."""
-    input_ids = batch["input_ids"]
-    token_logps = completion_logps(
-        model, input_ids, batch["attention_mask"], input_ids.shape[1] - 1
-    )
-    mask = batch["completion_mask"][:, 1:].to(token_logps.dtype)
-    return (token_logps * mask).sum(dim=1), mask.sum(dim=1).clamp(min=1)
+def _response_logps(
+    model: torch.nn.Module, pairs: Batch
+) -> tuple[tuple[torch.Tensor, ...], tuple[torch.Tensor, ...]]:
+    """(chosen, rejected) summed completion log-probs and completion lengths (at least 1).
+
+    Both responses of every pair go through one forward, as TRL runs them."""
+    width = max(pairs["chosen_input_ids"].shape[1], pairs["rejected_input_ids"].shape[1])
+    rows = {
+        key: torch.cat(
+            [
+                F.pad(pairs[f"{side}_{key}"], (0, width - pairs[f"{side}_{key}"].shape[1]))
+                for side in ("chosen", "rejected")
+            ]
+        )  # fmt: skip
+        for key in PAIRED_KEYS
+    }
+    token_logps = completion_logps(model, rows["input_ids"], rows["attention_mask"], width - 1)
+    mask = rows["completion_mask"][:, 1:].to(token_logps.dtype)
+    logps, lengths = (token_logps * mask).sum(dim=1), mask.sum(dim=1).clamp(min=1)
+    return logps.chunk(2), lengths.chunk(2)
 
 
 def policy_gradient_loss_fn(
