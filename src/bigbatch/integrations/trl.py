@@ -132,20 +132,24 @@ def _response_logps(
     """(chosen, rejected) summed completion log-probs and completion lengths (at least 1).
 
     Both responses of every pair go through one forward, as TRL runs them."""
-    width = max(pairs["chosen_input_ids"].shape[1], pairs["rejected_input_ids"].shape[1])
-    rows = {
-        key: torch.cat(
-            [
-                F.pad(pairs[f"{side}_{key}"], (0, width - pairs[f"{side}_{key}"].shape[1]))
-                for side in ("chosen", "rejected")
-            ]
-        )  # fmt: skip
-        for key in PAIRED_KEYS
-    }
+    rows = {key: _stacked(pairs, key) for key in PAIRED_KEYS}
+    width = rows["input_ids"].shape[1]
     token_logps = completion_logps(model, rows["input_ids"], rows["attention_mask"], width - 1)
     mask = rows["completion_mask"][:, 1:].to(token_logps.dtype)
     logps, lengths = (token_logps * mask).sum(dim=1), mask.sum(dim=1).clamp(min=1)
     return logps.chunk(2), lengths.chunk(2)
+
+
+def _stacked(pairs: Batch, key: str) -> torch.Tensor:
+    """The chosen rows over the rejected rows, right-padded with zeros to one width."""
+    chosen, rejected = pairs[f"chosen_{key}"], pairs[f"rejected_{key}"]
+    width = max(chosen.shape[1], rejected.shape[1])
+    return torch.cat(
+        [
+            F.pad(chosen, (0, width - chosen.shape[1])),
+            F.pad(rejected, (0, width - rejected.shape[1])),
+        ]
+    )
 
 
 def policy_gradient_loss_fn(
