@@ -180,6 +180,8 @@ def test_a_violation_through_an_init_is_caught() -> None:
         "core: bigbatch.core -> bigbatch.data.loader",
         "recipes: bigbatch.recipes.digits -> bigbatch.core -> bigbatch.data.loader",
     ]
+    at_the_top = {"bigbatch.losses.policy": {"bigbatch.train.config"}}  # core, though at the top
+    assert layer_violations(at_the_top) == ["core: bigbatch.losses.policy -> bigbatch.train.config"]
     graph = import_graph()  # and the graph reader sees __init__ files on the way
     assert "bigbatch.core" in graph["bigbatch.data.loader"]
 
