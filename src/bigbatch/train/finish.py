@@ -14,7 +14,7 @@ import torch
 from safetensors.torch import save_file, save_model
 
 from bigbatch.core import sharding
-from bigbatch.train import checkpoint, environment, rundir
+from bigbatch.train import checkpoint, curves, environment, rundir
 from bigbatch.train import metrics as run_metrics
 from bigbatch.train import report as run_report
 from bigbatch.train.state import RunSummary, SessionFigures, TrainState
@@ -97,7 +97,7 @@ def finish_run_dir(
     save_final_weights(run_dir, module, final_state)
     records = run_metrics.read_metrics(run_dir / run_metrics.METRICS_FILE)
     with rundir.storage_errors(f"write the report in {run_dir}"):
-        plot = run_report.plot_run(records, run_dir / rundir.PLOT_FILE)
+        plot = curves.plot_run(records, run_dir / rundir.PLOT_FILE)
         run_report.write_report(
             run_dir,
             summary.to_dict(),

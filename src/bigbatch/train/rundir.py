@@ -21,6 +21,7 @@ from types import TracebackType
 
 import safetensors
 
+from bigbatch.train.trackers import MLFLOW_DATABASE, MLFLOW_RUN_FILE
 from bigbatch.units import UsageError, shorten
 
 try:
@@ -35,7 +36,15 @@ LOCK_FILE = ".bigbatch.lock"
 FINAL_WEIGHTS = "final.safetensors"
 PLOT_FILE = "curves.png"
 # What a run writes, and all that --overwrite deletes.
-RUN_FILES = (FINAL_WEIGHTS, "metrics.jsonl", "config.yaml", "report.md", PLOT_FILE)
+RUN_FILES = (
+    FINAL_WEIGHTS,
+    "metrics.jsonl",
+    "config.yaml",
+    "report.md",
+    PLOT_FILE,
+    MLFLOW_DATABASE,
+    MLFLOW_RUN_FILE,
+)
 RUN_DIRS = ("checkpoints", "tensorboard")
 
 
