@@ -83,7 +83,7 @@ def _checked_train_input(args: argparse.Namespace) -> tuple[Any, Any]:
     flags, --out, the config, the packages it needs, a run already in --out (nothing written)."""
     from bigbatch.train.configfile import load_config
     from bigbatch.train.packages import check_packages
-    from bigbatch.train.rundir import check_reuse, check_run_dir
+    from bigbatch.train.rundir import LOCK_FILE, check_reuse, check_run_dir
 
     if args.resume and args.out is None:
         raise UsageError("--resume needs --out DIR: the run directory to continue")
@@ -94,7 +94,9 @@ def _checked_train_input(args: argparse.Namespace) -> tuple[Any, Any]:
     out_dir = None if args.out is None else check_run_dir(args.out)
     config = load_config(args.config, args.set)
     check_packages(config)
-    if out_dir is not None:  # checked again under the run's lock
+    # Checked again under the run's lock; a lock file there (a run under way, or a killed one's)
+    # leaves the answer to the lock, which tells the two apart.
+    if out_dir is not None and not (out_dir / LOCK_FILE).exists():
         check_reuse(out_dir, resume=args.resume, overwrite=args.overwrite)
     return config, out_dir
 

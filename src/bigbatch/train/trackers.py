@@ -154,6 +154,18 @@ class TensorBoardTracker:
             self._quiet.uninstall()
 
 
+def _read_run_file(run_file: Path) -> dict[str, Any]:
+    """What ``mlflow_run.json`` says; {} when it is missing or damaged (a new MLflow run)."""
+    try:
+        known = json.loads(run_file.read_text())
+    except FileNotFoundError:
+        return {}
+    except (OSError, ValueError) as error:
+        logger.warning("%s cannot be read (%s): a new MLflow run starts", run_file, error)
+        return {}
+    return known if isinstance(known, dict) and "run_id" in known else {}
+
+
 def resolve_mlflow_uri(setting: str, run_dir: Path) -> str:
     """Where the MLflow tracker logs: the config's ``mlflow_tracking_uri`` unless "auto", else
     ``MLFLOW_TRACKING_URI``, else the run's own SQLite store ``sqlite:///<run dir>/mlflow.db``.
@@ -187,7 +199,7 @@ class MLflowTracker:
         directory = Path(run_dir).resolve()
         self._client = MlflowClient(tracking_uri=tracking_uri)
         run_file = directory / MLFLOW_RUN_FILE
-        known = json.loads(run_file.read_text()) if resume and run_file.exists() else {}
+        known = _read_run_file(run_file) if resume else {}
         if known.get("tracking_uri") == tracking_uri:
             self._run_id = str(known["run_id"])
             self._client.update_run(self._run_id, status="RUNNING")
