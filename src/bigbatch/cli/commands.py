@@ -10,10 +10,14 @@ import argparse
 import json
 import shlex
 import sys
-from typing import Any
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from bigbatch.planning import plan
 from bigbatch.units import UsageError, parse_memory_size
+
+if TYPE_CHECKING:
+    from bigbatch.train.config import Config
 
 
 def _resolved_config(args: argparse.Namespace) -> tuple[Any, Any]:
@@ -78,7 +82,7 @@ def train_command(args: argparse.Namespace) -> int:
     return 0
 
 
-def _checked_train_input(args: argparse.Namespace) -> tuple[Any, Any]:
+def _checked_train_input(args: argparse.Namespace) -> tuple[Config, Path | None]:
     """The config and the run directory of `train`, every check that needs no torch passed:
     flags, --out, the config, the packages it needs, a run already in --out (nothing written)."""
     from bigbatch.train.configfile import load_config
