@@ -47,7 +47,8 @@ LR_SCALING_RULES: dict[str, str] = {
 TrackerName = Literal["tensorboard", "mlflow", "wandb"]
 TRACKERS: dict[str, str] = {
     "tensorboard": "event files under tensorboard/ (scalars, the config as text and hparams)",
-    "mlflow": "an MLflow file store under mlruns/ (pip install 'bigbatch[mlflow]')",
+    "mlflow": "an MLflow run in mlflow.db (MLflow's SQLite store) or at mlflow_tracking_uri "
+    "(pip install 'bigbatch[mlflow]')",
     "wandb": "a Weights & Biases offline run under wandb/ (pip install 'bigbatch[wandb]')",
 }
 

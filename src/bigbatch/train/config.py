@@ -41,6 +41,7 @@ from bigbatch.train.fields import (
     NonNegativeRate,
     PositiveRate,
     StrictModel,
+    Text,
     config_field,
     parse_bytes,
 )
@@ -193,9 +194,15 @@ class Config(StrictModel):
     )
     trackers: list[TrackerName] = config_field(
         ["tensorboard"],
-        "where the per-step figures go besides metrics.jsonl (always written), all offline in "
-        f"the run directory: {describe(TRACKERS)}.",
+        "where the per-step figures go besides metrics.jsonl (always written), offline in the "
+        f"run directory unless mlflow_tracking_uri names a server: {describe(TRACKERS)}.",
         f"a list of {one_of(TRACKERS)}",
+    )
+    mlflow_tracking_uri: Text = config_field(
+        "auto",
+        "where the mlflow tracker logs: a tracking server (http://host:5000) or a database URI; "
+        "auto: the MLFLOW_TRACKING_URI environment variable, else sqlite:///<run dir>/mlflow.db.",
+        'an MLflow tracking URI such as "http://host:5000", or "auto"',
     )
     noise_scale: bool = config_field(
         False,

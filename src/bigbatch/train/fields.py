@@ -61,6 +61,15 @@ def _within(low: float, high: float, *, low_allowed: bool) -> Callable[[float], 
     return check
 
 
+def _not_blank(value: str) -> str:
+    if not value.strip():
+        raise ValueError("empty")
+    return value
+
+
+Text = Annotated[str, AfterValidator(_not_blank)]
+"""A string field that is not empty nor blank."""
+
 PositiveRate = Annotated[Float, AfterValidator(_within(0, MAX_RATE, low_allowed=False))]
 """lr: in (0, 1e6]."""
 NonNegativeRate = Annotated[Float, AfterValidator(_within(0, MAX_RATE, low_allowed=True))]

@@ -44,6 +44,7 @@ HOW_IT_RUNS = frozenset(
         "micro_batch_tokens",
         "packing",
         "trackers",
+        "mlflow_tracking_uri",
         "memory_budget",
         "optimize",
         "device",

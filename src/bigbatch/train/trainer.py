@@ -28,7 +28,7 @@ from bigbatch.core import distributed, sharding
 from bigbatch.core.engine import LossFn
 from bigbatch.data.loader import WindowLoader
 from bigbatch.recipes import EvalFn
-from bigbatch.train import checkpoint, environment, evaluation, rundir, setup
+from bigbatch.train import checkpoint, environment, evaluation, packages, rundir, setup
 from bigbatch.train import metrics as run_metrics
 from bigbatch.train import resume as resume_rules
 from bigbatch.train.checkpointer import Checkpointer, DamagedCheckpoint
@@ -157,6 +157,7 @@ class Trainer:
             )
         with contextlib.ExitStack() as stack:
             if self.run_dir is not None:
+                packages.check_trackers(self.config)  # before the lock: nothing written on refusal
                 stack.enter_context(rundir.RunLock(self.run_dir))
             stop = stack.enter_context(StopSignals(self.config.stop_signals))
             return self._fit(stop, resume=resume, overwrite=overwrite)
