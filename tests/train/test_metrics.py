@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import time
 
 import pytest
@@ -140,26 +141,49 @@ def test_tensorboard_gets_the_config_as_text(tmp_path):
     assert "| lr_scaling.rule | sqrt |" in text and "| seed | 3 |" in text
 
 
-def test_mlflow_run_is_read_back_by_mlflow_and_continued_on_resume(tmp_path, monkeypatch):
+def test_mlflow_runs_are_read_back_with_mlflows_defaults(tmp_path, monkeypatch):
+    """A plain client on the run's own SQLite store reads the run back (no file-store switch); a
+    resumed run continues its MLflow run; MLFLOW_TRACKING_URI, and above it the config's
+    mlflow_tracking_uri, send the run elsewhere (one database here, as a server would be)."""
     mlflow = pytest.importorskip("mlflow")
-    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")
-    with MetricsLogger(tmp_path, trackers=("mlflow",), config=CONFIG) as metrics:
+    pytest.importorskip("sqlalchemy")
+    monkeypatch.delenv("MLFLOW_ALLOW_FILE_STORE", raising=False)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    own = tmp_path / "own"
+    with MetricsLogger(own, trackers=("mlflow",), config=CONFIG) as metrics:
         for step in (1, 2, 3):
             metrics.log_step(step, {"loss": 1.0 / step, "skipped": False})
         metrics.log_eval(3, {"accuracy": 0.75})
-    with MetricsLogger(tmp_path, resume_step=2, trackers=("mlflow",), config=CONFIG) as metrics:
+    with MetricsLogger(own, resume_step=2, trackers=("mlflow",), config=CONFIG) as metrics:
         metrics.log_step(3, {"loss": 0.25})
-    client = mlflow.MlflowClient(tracking_uri=(tmp_path / "mlruns").resolve().as_uri())
+    database = f"sqlite:///{own.resolve()}/mlflow.db"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", database)
+    with MetricsLogger(tmp_path / "by_environment", trackers=("mlflow",), config=CONFIG) as m:
+        m.log_step(1, {"loss": 2.0})
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path.resolve()}/no/such/dir.db")
+    by_config = {**CONFIG, "mlflow_tracking_uri": database}
+    with MetricsLogger(tmp_path / "by_config", trackers=("mlflow",), config=by_config) as m:
+        m.log_step(1, {"loss": 3.0})
+
+    assert "MLFLOW_ALLOW_FILE_STORE" not in os.environ
+    assert sorted(path.name for path in tmp_path.rglob("*.db")) == ["mlflow.db"]
+    client = mlflow.MlflowClient(database)
     experiment = client.get_experiment_by_name("bigbatch")
-    runs = client.search_runs([experiment.experiment_id])
-    assert len(runs) == 1  # the resumed run logged into the same MLflow run
-    run = runs[0]
+    # Artifacts, were any logged, would stay in the run directory, not the working directory.
+    assert experiment.artifact_location == (own.resolve() / "mlartifacts").as_uri()
+    runs = {run.info.run_name: run for run in client.search_runs([experiment.experiment_id])}
+    assert sorted(runs) == ["by_config", "by_environment", "own"]  # own: resumed, not doubled
+    run = runs["own"]
     assert run.data.params["lr_scaling.rule"] == "sqrt" and run.data.params["seed"] == "3"
     history = client.get_metric_history(run.info.run_id, "train/loss")
     assert [(m.step, m.value) for m in history] == [(1, 1.0), (2, 0.5), (3, 1 / 3), (3, 0.25)]
     accuracy = client.get_metric_history(run.info.run_id, "eval/accuracy")
     assert [(m.step, m.value) for m in accuracy] == [(3, 0.75)]
     assert run.info.status == "FINISHED"
+    for name, loss in (("by_environment", 2.0), ("by_config", 3.0)):
+        assert runs[name].data.tags["bigbatch.run_dir"] == str((tmp_path / name).resolve())
+        history = client.get_metric_history(runs[name].info.run_id, "train/loss")
+        assert [m.value for m in history] == [loss]
 
 
 def read_wandb_records(run_file):

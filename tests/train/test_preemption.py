@@ -117,6 +117,7 @@ def assert_bitwise_equal(expected_dir: Path, actual_dir: Path) -> None:
     assert train_steps(actual_dir) == list(range(1, MAX_STEPS + 1))  # one train line per step
     evals = [json.loads(line) for line in (actual_dir / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in evals if r["kind"] == "eval"] == [4, 8, 12]
+    assert not (actual_dir / ".bigbatch.lock").exists()  # the lock goes with the run
 
 
 @pytest.fixture(scope="module")
@@ -179,6 +180,7 @@ def test_a_signal_at_a_random_step_then_resume_is_bitwise_equal(
     stopped_at = len(train_steps(out))
     assert stopped_at in (step, step + 1), (step, stopped_at)  # the step in progress, no more
     assert (out / "checkpoints" / f"step-{stopped_at:08d}").is_dir()
+    assert not (out / ".bigbatch.lock").exists()  # a stopped run takes its lock file along
     print(f"{name} after step {step}: exit after {exit_s:.2f} s")
     assert exit_s < 60
     ((code, _, err),) = finish(launch_all(work, out, *extra, "--resume", world=1))

@@ -5,13 +5,8 @@ from __future__ import annotations
 import math
 
 import bigbatch
-from bigbatch.train.report import (
-    format_summary,
-    plot_panels,
-    plot_run,
-    summarize_metrics,
-    write_report,
-)
+from bigbatch.train.curves import plot_panels, plot_run
+from bigbatch.train.report import format_summary, summarize_metrics, write_report
 
 
 def sample_metrics() -> list[dict]:

@@ -1,4 +1,6 @@
-"""One run per directory: a second run is refused naming the holder's pid; a killed run's lock goes.
+"""One run per directory: a second run is refused naming the holder's pid; a killed run's lock goes;
+the lock file goes with the run that held it, and a run that locked a file being removed locks the
+file at the path instead.
 
 The concurrent case runs two command lines on one directory, the second with --overwrite (the one
 that would delete the first run's files); the first must end exactly as a run in a directory of
@@ -36,6 +38,54 @@ def test_a_second_lock_is_refused_naming_the_holder(tmp_path):
         assert "\n" not in message
     with RunLock(tmp_path / "run"):  # released: the next run gets it
         pass
+
+
+def test_the_lock_file_goes_when_the_run_ends_however_it_ends(tmp_path):
+    run_dir = tmp_path / "run"
+    with RunLock(run_dir):  # a run that ends normally
+        (run_dir / "metrics.jsonl").write_text("")
+    assert sorted(path.name for path in run_dir.iterdir()) == ["metrics.jsonl"]
+    with pytest.raises(RuntimeError), RunLock(run_dir):  # an error, a stop signal's RunStopped
+        raise RuntimeError("the user's code failed")
+    assert not (run_dir / LOCK_FILE).exists()
+
+
+def test_a_refused_run_leaves_the_directory_as_it_found_it(tmp_path):
+    with pytest.raises(UsageError), RunLock(tmp_path / "new" / "run"):
+        raise UsageError("refused")
+    assert not (tmp_path / "new").exists()
+    (tmp_path / "killed").mkdir()
+    (tmp_path / "killed" / LOCK_FILE).write_text("12345\n")  # a run killed with SIGKILL
+    with pytest.raises(UsageError), RunLock(tmp_path / "killed"):
+        raise UsageError("refused")
+    assert (tmp_path / "killed" / LOCK_FILE).read_text() == "12345\n"
+
+
+def test_a_lock_on_a_file_its_holder_removed_moves_to_the_file_at_the_path(tmp_path, monkeypatch):
+    """The race of the unlink: B opens the lock file, A ends (removes it, releases the flock),
+    B's flock then succeeds on a file no longer at the path; B must lock the one there now, so
+    that a third run C is refused while B runs."""
+    first = RunLock(tmp_path)
+    first.acquire()
+    real_open, interleaved = os.open, []
+
+    def open_then_the_holder_ends(*args, **kwargs):
+        fd = real_open(*args, **kwargs)
+        if not interleaved:
+            interleaved.append(fd)
+            first.release()
+        return fd
+
+    monkeypatch.setattr(os, "open", open_then_the_holder_ends)
+    second = RunLock(tmp_path)
+    second.acquire()
+    monkeypatch.setattr(os, "open", real_open)
+    assert interleaved  # the holder ended between the second's open and its flock
+    assert (tmp_path / LOCK_FILE).read_text().strip() == str(os.getpid())
+    with pytest.raises(UsageError, match="is in use by another bigbatch run"):
+        RunLock(tmp_path).acquire()
+    second.release()
+    assert not (tmp_path / LOCK_FILE).exists()
 
 
 @pytest.mark.slow
@@ -97,6 +147,7 @@ def test_two_runs_on_one_directory_one_refused_the_other_exact(tmp_path):
     assert first.poll() is None, "the first run ended before the others were refused"
     _, err = first.communicate(timeout=240)
     assert first.returncode == 0, err[-2000:]
+    assert not (shared / LOCK_FILE).exists() and not (tmp_path / "alone" / LOCK_FILE).exists()
     expected = load_file(tmp_path / "alone" / "final.safetensors")
     actual = load_file(shared / "final.safetensors")
     assert all(torch.equal(expected[name], actual[name]) for name in expected)

@@ -10,18 +10,25 @@ import argparse
 import json
 import shlex
 import sys
-from typing import Any
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from bigbatch.planning import plan
 from bigbatch.units import UsageError, parse_memory_size
 
+if TYPE_CHECKING:
+    from bigbatch.train.config import Config
+
 
 def _resolved_config(args: argparse.Namespace) -> tuple[Any, Any]:
     """The config from YAML and --set, with the recipe's defaults filled in, and the recipe."""
-    from bigbatch import recipes
     from bigbatch.train.configfile import load_config, with_recipe_defaults
+    from bigbatch.train.packages import check_recipe
 
     config = load_config(args.config, args.set)
+    check_recipe(config)
+    from bigbatch import recipes  # torch, once the config is known to be good
+
     recipe = recipes.build(config.recipe, config.model_dump())
     return with_recipe_defaults(config, recipe.defaults), recipe
 
@@ -41,22 +48,13 @@ def _format_summary(summary: Any) -> str:
 
 
 def train_command(args: argparse.Namespace) -> int:
-    from bigbatch.core import distributed
-    from bigbatch.train.configfile import load_config
-    from bigbatch.train.rundir import check_run_dir
-    from bigbatch.train.trainer import NonFiniteError, RunStopped, fit
-
     if args.print_config:
         return _print_config(_resolved_config(args)[0])
-    for flag in ("resume", "autoresume"):
-        if getattr(args, flag) and args.out is None:
-            raise UsageError(f"--{flag} needs --out DIR: the run directory to continue")
-        if getattr(args, flag) and args.overwrite:
-            raise UsageError(
-                f"--{flag} continues the run in --out and --overwrite deletes it: give one of them"
-            )
-    out_dir = None if args.out is None else check_run_dir(args.out)
-    config = load_config(args.config, args.set)
+    config, out_dir = _checked_train_input(args)
+    # Every check that needs no torch has passed: now the run's imports.
+    from bigbatch.core import distributed
+    from bigbatch.train.trainer import NonFiniteError, RunStopped, fit
+
     every_rank_here = False  # a finished run or an agreed stop: every rank ends here alike
     try:
         summary = fit(
@@ -83,6 +81,30 @@ def train_command(args: argparse.Namespace) -> int:
     finally:
         distributed.teardown_process_group(wait_for_all=every_rank_here)
     return 0
+
+
+def _checked_train_input(args: argparse.Namespace) -> tuple[Config, Path | None]:
+    """The config and the run directory of `train`, every check that needs no torch passed:
+    flags, --out, the config, the packages it needs, a run already in --out (nothing written)."""
+    from bigbatch.train.configfile import load_config
+    from bigbatch.train.packages import check_packages
+    from bigbatch.train.rundir import LOCK_FILE, check_reuse, check_run_dir
+
+    for flag in ("resume", "autoresume"):
+        if getattr(args, flag) and args.out is None:
+            raise UsageError(f"--{flag} needs --out DIR: the run directory to continue")
+        if getattr(args, flag) and args.overwrite:
+            raise UsageError(
+                f"--{flag} continues the run in --out and --overwrite deletes it: give one of them"
+            )
+    out_dir = None if args.out is None else check_run_dir(args.out)
+    config = load_config(args.config, args.set)
+    check_packages(config)
+    # Checked again under the run's lock; a lock file there (a run under way, or a killed one's)
+    # leaves the answer to the lock, which tells the two apart.
+    if out_dir is not None and not (out_dir / LOCK_FILE).exists():
+        check_reuse(out_dir, resume=args.resume or args.autoresume, overwrite=args.overwrite)
+    return config, out_dir
 
 
 def token_plan_command(args: argparse.Namespace) -> int:
@@ -186,10 +208,10 @@ def plan_command(args: argparse.Namespace) -> int:
 
 
 def verify_command(args: argparse.Namespace) -> int:
+    config, recipe = _resolved_config(args)
     from bigbatch.core import distributed
     from bigbatch.tools.verify import format_report
 
-    config, recipe = _resolved_config(args)
     if args.print_config:
         return _print_config(config)
     if config.global_batch_tokens is not None:

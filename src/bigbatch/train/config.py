@@ -7,12 +7,13 @@ Reading YAML, `--set` overrides and HF / DeepSpeed aliases live in `bigbatch.tra
 
 from __future__ import annotations
 
-import signal
 from typing import Any, Literal
 
 from pydantic import field_validator, model_validator
 
 from bigbatch.choices import (
+    ACTIVATION_CHECKPOINTING,
+    ACTIVATION_CHECKPOINTING_ALLOWED,
     BATCHNORM_POLICIES,
     DEFAULT_OPTIMIZE,
     GRADIENT_SYNCS,
@@ -32,21 +33,21 @@ from bigbatch.choices import (
 from bigbatch.train.fields import (
     POSITIVE,
     Auto,
+    CheckpointingPolicy,
     GradientNorm,
     Int,
     LRScaling,
     NonNegativeRate,
     PositiveRate,
+    StopSignalNames,
     StrictModel,
+    Text,
     TimeoutSeconds,
     config_field,
     parse_bytes,
 )
 
 __all__ = ["Auto", "Config", "LRScaling", "parse_bytes"]
-
-# Signals that cannot be caught, or that mean a crash rather than a request to stop.
-_UNSTOPPABLE = {"SIGKILL", "SIGSTOP", "SIGSEGV", "SIGBUS", "SIGFPE", "SIGILL", "SIGABRT", "SIGCHLD"}
 
 
 class Config(StrictModel):
@@ -177,6 +178,12 @@ class Config(StrictModel):
         f"when ranks reduce the gradient: {describe(GRADIENT_SYNCS)}.",
         one_of(GRADIENT_SYNCS),
     )
+    activation_checkpointing: CheckpointingPolicy = config_field(
+        "none",
+        "recompute activations in backward instead of keeping them, unit by unit (the blocks "
+        f"parallelism fsdp shards): {describe(ACTIVATION_CHECKPOINTING)}; see docs/memory.md.",
+        ACTIVATION_CHECKPOINTING_ALLOWED,
+    )
     batchnorm: BatchNormPolicy = config_field(
         "keep",
         "what to do with BatchNorm layers (they break split equivalence): "
@@ -185,9 +192,15 @@ class Config(StrictModel):
     )
     trackers: list[TrackerName] = config_field(
         ["tensorboard"],
-        "where the per-step figures go besides metrics.jsonl (always written), all offline in "
-        f"the run directory: {describe(TRACKERS)}.",
+        "where the per-step figures go besides metrics.jsonl (always written), offline in the "
+        f"run directory unless mlflow_tracking_uri names a server: {describe(TRACKERS)}.",
         f"a list of {one_of(TRACKERS)}",
+    )
+    mlflow_tracking_uri: Text = config_field(
+        "auto",
+        "where the mlflow tracker logs: a tracking server (http://host:5000) or a database URI; "
+        "auto: the MLFLOW_TRACKING_URI environment variable, else sqlite:///<run dir>/mlflow.db.",
+        'an MLflow tracking URI such as "http://host:5000", or "auto"',
     )
     noise_scale: bool = config_field(
         False,
@@ -198,7 +211,7 @@ class Config(StrictModel):
     noise_smoothing_steps: Int = config_field(
         200, "noise_scale: the moving-average window of the estimate, in steps.", POSITIVE
     )
-    stop_signals: list[str] = config_field(
+    stop_signals: StopSignalNames = config_field(
         ["SIGTERM", "SIGINT"],
         "signals that stop the run at the end of the current step, after a checkpoint of it, "
         "with exit code 128 + the signal's number (a second SIGINT aborts at once); add SIGUSR1 "
@@ -310,14 +323,6 @@ class Config(StrictModel):
         if steps != sorted(set(steps)):
             raise ValueError("steps not increasing")
         return value
-
-    @field_validator("stop_signals")
-    @classmethod
-    def _catchable_signals(cls, value: list[str]) -> list[str]:
-        known = {item.name for item in signal.Signals}
-        if any(name not in known or name in _UNSTOPPABLE for name in value):
-            raise ValueError("not a signal that asks a run to stop")
-        return list(dict.fromkeys(value))
 
     @model_validator(mode="before")
     @classmethod

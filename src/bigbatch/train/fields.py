@@ -3,19 +3,28 @@
 `config_field` gives a field its description (the single source for docs/configuration.md) and the
 values it allows (for one-line error messages); `StrictModel` forbids unknown keys and counts beyond
 2**63 - 1; `Int` and `Float` refuse a boolean (YAML's true is no number); `parse_bytes` reads a
-memory size; `LRScaling` is the learning-rate scaling section.
+memory size; `CheckpointingPolicy` an activation checkpointing policy; `TimeoutSeconds` and
+`StopSignalNames` are collective_timeout's and stop_signals' checked values; `LRScaling` is the
+learning-rate scaling section.
 The schema itself, `Config`, lives in `bigbatch.train.config`.
 """
 
 from __future__ import annotations
 
+import signal
 from collections.abc import Callable
 from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, field_validator
 from pydantic_core import PydanticCustomError
 
-from bigbatch.choices import LR_SCALING_RULES, LrScalingRule, describe, one_of
+from bigbatch.choices import (
+    LR_SCALING_RULES,
+    LrScalingRule,
+    describe,
+    one_of,
+    parse_activation_checkpointing,
+)
 from bigbatch.units import MAX_COUNT, parse_memory_size
 
 Auto = Literal["auto"]
@@ -54,6 +63,15 @@ def _within(low: float, high: float, *, low_allowed: bool) -> Callable[[float], 
     return check
 
 
+def _not_blank(value: str) -> str:
+    if not value.strip():
+        raise ValueError("empty")
+    return value
+
+
+Text = Annotated[str, AfterValidator(_not_blank)]
+"""A string field that is not empty nor blank."""
+
 PositiveRate = Annotated[Float, AfterValidator(_within(0, MAX_RATE, low_allowed=False))]
 """lr: in (0, 1e6]."""
 NonNegativeRate = Annotated[Float, AfterValidator(_within(0, MAX_RATE, low_allowed=True))]
@@ -62,6 +80,31 @@ GradientNorm = Annotated[Float, AfterValidator(_within(0, FLOAT32_MAX, low_allow
 """max_grad_norm: in (0, float32's largest]."""
 TimeoutSeconds = Annotated[Int, AfterValidator(_within(1, 7 * 24 * 3600, low_allowed=True))]
 """collective_timeout: whole seconds in [1, a week]."""
+
+# Signals that cannot be caught, or that mean a crash rather than a request to stop.
+_UNSTOPPABLE = {"SIGKILL", "SIGSTOP", "SIGSEGV", "SIGBUS", "SIGFPE", "SIGILL", "SIGABRT", "SIGCHLD"}
+
+
+def _catchable_signals(value: list[str]) -> list[str]:
+    known = {item.name for item in signal.Signals}
+    if any(name not in known or name in _UNSTOPPABLE for name in value):
+        raise ValueError("not a signal that asks a run to stop")
+    return list(dict.fromkeys(value))
+
+
+StopSignalNames = Annotated[list[str], AfterValidator(_catchable_signals)]
+"""stop_signals: names of signals a run can catch as a request to stop, each once."""
+
+
+def _checkpointing_policy(value: Any) -> str:
+    """activation_checkpointing in its one spelling (a policy name: YAML's 2 is no policy)."""
+    if not isinstance(value, str):
+        raise ValueError("not a policy name")
+    return parse_activation_checkpointing(value)
+
+
+CheckpointingPolicy = Annotated[str, BeforeValidator(_checkpointing_policy)]
+"""activation_checkpointing: "none", "full", "every_<k>" (k >= 2), "offload" or "auto"."""
 
 
 def config_field(default: Any, description: str, allowed: str) -> Any:

@@ -11,9 +11,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors.torch import save_file, save_model
 
 from bigbatch.core import sharding
-from bigbatch.train import checkpoint, environment, rundir
+from bigbatch.train import checkpoint, curves, environment, rundir
 from bigbatch.train import metrics as run_metrics
 from bigbatch.train import report as run_report
 from bigbatch.train.state import RunSummary, SessionFigures, TrainState
@@ -32,8 +33,12 @@ def summarize(
     name: str | None,
     resumed: int | None,
     noise_scale: dict[str, Any],
+    checkpointing: str = "",
 ) -> RunSummary:
-    """What the run achieved; a resumed run's figures cover the whole run, every session."""
+    """What the run achieved; a resumed run's figures cover the whole run, every session.
+
+    ``checkpointing``: the activation checkpointing the run applied, described in one line.
+    """
     time_s = max(figures.time_s, 1e-12)
     summary = RunSummary(
         steps=steps,
@@ -49,6 +54,7 @@ def summarize(
         wall_time_s=state.run_time_s,
         recipe=name,
         extra={
+            **({"activation_checkpointing": checkpointing} if checkpointing else {}),
             **noise_scale,
             **figures.token_summary(steps - (resumed or 0), first_global_batch),
         },
@@ -93,10 +99,10 @@ def finish_run_dir(
     final_state: dict[str, torch.Tensor] | None = None,
 ) -> None:
     """final.safetensors, report.md and curves.png (rank 0)."""
-    rundir.save_final_weights(run_dir, module, final_state)
+    save_final_weights(run_dir, module, final_state)
     records = run_metrics.read_metrics(run_dir / run_metrics.METRICS_FILE)
     with rundir.storage_errors(f"write the report in {run_dir}"):
-        plot = run_report.plot_run(records, run_dir / rundir.PLOT_FILE)
+        plot = curves.plot_run(records, run_dir / rundir.PLOT_FILE)
         run_report.write_report(
             run_dir,
             summary.to_dict(),
@@ -105,3 +111,33 @@ def finish_run_dir(
             config=config,
             device=environment.describe_device(device),
         )
+
+
+def save_final_weights(
+    run_dir: Path, module: torch.nn.Module, state: dict[str, torch.Tensor] | None = None
+) -> None:
+    """``final.safetensors``, written to a temporary name first and renamed into place.
+
+    state: the full weights when the module holds shards only (FSDP); None: the module's own.
+    """
+    temporary = run_dir / (rundir.FINAL_WEIGHTS + ".tmp")
+    with rundir.storage_errors(f"write the final weights {run_dir / rundir.FINAL_WEIGHTS}"):
+        if state is None:
+            save_model(module, str(temporary))
+        else:
+            save_file(_deduplicated(state), str(temporary))
+        temporary.replace(run_dir / rundir.FINAL_WEIGHTS)
+
+
+def _deduplicated(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Contiguous tensors, a copy of each one that shares memory with another (tied weights)."""
+    seen: set[int] = set()
+    tensors = {}
+    for name, tensor in state.items():
+        tensor = tensor.detach()
+        pointer = tensor.untyped_storage().data_ptr()
+        tensors[name] = (
+            tensor.clone() if pointer in seen and tensor.numel() else tensor.contiguous()
+        )
+        seen.add(pointer)
+    return tensors

@@ -92,7 +92,12 @@ class MetricsLogger:
                 logger.warning("starting a new %s: the previous one is replaced", self.path)
                 self.path.unlink()
             self._file = open(self.path, "a", encoding="utf-8")  # noqa: SIM115 -- closed in close()
-        self._trackers = open_trackers(trackers, self.path.parent, resume_step=resume_step)
+        self._trackers = open_trackers(
+            trackers,
+            self.path.parent,
+            resume_step=resume_step,
+            mlflow_tracking_uri=(config or {}).get("mlflow_tracking_uri", "auto"),
+        )
         if config is not None and resume_step is None:
             for tracker in self._trackers:
                 tracker.log_config(config)

@@ -1,10 +1,11 @@
 """The run directory: what a run writes there; a run is never overwritten silently.
 
 `RunLock` keeps one run per directory (an ``flock`` held for the run's life, released when the
-process ends, however it ends); `prepare_run_dir` refuses to reuse a directory that holds a run
-unless the caller resumes it or asks to overwrite it (then only that run's own files are deleted);
-`save_final_weights` writes ``final.safetensors`` atomically (docs/design.md, invariant 6);
-`storage_errors` turns a full disk or a read-only directory into one line.
+process ends, however it ends; the lock file goes with the run); `check_reuse` refuses to reuse a
+directory that holds a run unless the caller resumes it or asks to overwrite it, and
+`prepare_run_dir` then deletes only that run's own files (docs/design.md, invariant 6);
+`storage_errors` turns a full disk or a read-only directory into one line. No torch is loaded
+here: the command line checks `--out` before torch loads.
 """
 
 from __future__ import annotations
@@ -19,10 +20,8 @@ from pathlib import Path
 from types import TracebackType
 
 import safetensors
-import torch
-from safetensors.torch import save_file, save_model
 
-from bigbatch.core import distributed
+from bigbatch.train.trackers import MLFLOW_DATABASE, MLFLOW_RUN_FILE
 from bigbatch.units import UsageError, shorten
 
 try:
@@ -37,7 +36,15 @@ LOCK_FILE = ".bigbatch.lock"
 FINAL_WEIGHTS = "final.safetensors"
 PLOT_FILE = "curves.png"
 # What a run writes, and all that --overwrite deletes.
-RUN_FILES = (FINAL_WEIGHTS, "metrics.jsonl", "config.yaml", "report.md", PLOT_FILE)
+RUN_FILES = (
+    FINAL_WEIGHTS,
+    "metrics.jsonl",
+    "config.yaml",
+    "report.md",
+    PLOT_FILE,
+    MLFLOW_DATABASE,
+    MLFLOW_RUN_FILE,
+)
 RUN_DIRS = ("checkpoints", "tensorboard")
 
 
@@ -76,15 +83,16 @@ def _name_max(path: Path) -> int:
     return 255
 
 
-def prepare_run_dir(run_dir: Path, *, resume: bool, overwrite: bool) -> None:
-    """Refuse to reuse a run's directory silently; with overwrite delete only that run's files."""
+def check_reuse(run_dir: Path, *, resume: bool, overwrite: bool) -> list[str]:
+    """The run's files and folders in ``run_dir`` that an overwrite deletes; refuse to reuse a
+    directory holding a run unless resuming it or overwriting it (nothing is written)."""
     if resume and overwrite:
         raise UsageError(
             "--resume continues the run in --out and --overwrite deletes it: give one of them"
         )
     existing = [name for name in (*RUN_FILES, *RUN_DIRS) if (run_dir / name).exists()]
     if resume or not existing:
-        return
+        return []
     if not overwrite:
         state = "a finished" if (run_dir / FINAL_WEIGHTS).exists() else "an earlier"
         restart = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
@@ -98,28 +106,20 @@ def prepare_run_dir(run_dir: Path, *, resume: bool, overwrite: bool) -> None:
             f"run directory {str(run_dir)!r} holds {state} run ({', '.join(existing)}): pass "
             f"--resume to continue it, --overwrite to replace it, or choose another --out{elastic}"
         )
-    if distributed.is_main_process():
+    return existing
+
+
+def prepare_run_dir(run_dir: Path, *, resume: bool, overwrite: bool) -> None:
+    """Refuse to reuse a run's directory silently; with overwrite delete only that run's files."""
+    from bigbatch.core import distributed  # torch: a run is under way
+
+    existing = check_reuse(run_dir, resume=resume, overwrite=overwrite)
+    if existing and distributed.is_main_process():
         for name in existing:
             path = run_dir / name
             with storage_errors(f"delete {path}"):
                 shutil.rmtree(path) if path.is_dir() else path.unlink()
         logger.info("overwrite: removed %s from %s", ", ".join(existing), run_dir)
-
-
-def save_final_weights(
-    run_dir: Path, module: torch.nn.Module, state: dict[str, torch.Tensor] | None = None
-) -> None:
-    """``final.safetensors``, written to a temporary name first and renamed into place.
-
-    state: the full weights when the module holds shards only (FSDP); None: the module's own.
-    """
-    temporary = run_dir / (FINAL_WEIGHTS + ".tmp")
-    with storage_errors(f"write the final weights {run_dir / FINAL_WEIGHTS}"):
-        if state is None:
-            save_model(module, str(temporary))
-        else:
-            save_file(_deduplicated(state), str(temporary))
-        temporary.replace(run_dir / FINAL_WEIGHTS)
 
 
 class StorageError(UsageError, OSError):
@@ -150,37 +150,40 @@ class RunLock:
 
     Held from `acquire` to `release` (or the end of the process, however it ends, so a killed run
     never blocks its own resume). The file keeps the holder's pid for the message of the run
-    that is refused; a run that ends in a `UsageError` removes the file if it created it (a
-    refused resume changes nothing). Only rank 0 locks; the others learn the outcome from it.
+    that is refused, and goes when the run ends: it is removed while the flock is still held, and
+    a run that locked it in between finds that the path no longer names its file and locks the
+    file now there (the lock is always on the file at the path). A run that ends in a
+    `UsageError` leaves the directory as it found it (a refused resume changes nothing): the
+    file of a killed run keeps its pid, the folders the lock created go again when empty. Only
+    rank 0 locks; the others learn the outcome from it.
     """
 
     def __init__(self, run_dir: Path) -> None:
         self.path = Path(run_dir) / LOCK_FILE
         self._fd: int | None = None
         self._created, self._previous = False, b""
+        self._created_dirs: list[Path] = []  # the folders the lock created, the deepest first
 
     def acquire(self) -> None:
         """Take the lock, or raise UsageError naming the directory and the holder's pid."""
+        import torch.distributed as dist  # torch: a run is under way
+
+        from bigbatch.core import distributed
+
         message = [self._try_lock() if distributed.is_main_process() else None]
         if distributed.is_initialized():
-            torch.distributed.broadcast_object_list(message, src=0)
+            dist.broadcast_object_list(message, src=0)
         if message[0] is not None:
             raise UsageError(message[0])
 
     def _try_lock(self) -> str | None:
-        """None when the lock is ours, else the refusal."""
-        with storage_errors(f"create the lock file {self.path}"):
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            self._created = not self.path.exists()
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        """None when the lock is ours (or locking is not available), else the refusal."""
         if fcntl is None:
-            os.close(fd)
             return None
+        with storage_errors(f"create the lock file {self.path}"):
+            fd = self._open()
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            if not _names(fd, self.path):  # a refused run removed the file we opened: again
-                os.close(fd)
-                return self._try_lock()
         except OSError as error:
             holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "?"
             os.close(fd)
@@ -191,25 +194,53 @@ class RunLock:
                     "wait for it to end or choose another --out"
                 )
             logger.warning("%s cannot be locked (%s): the run goes on unlocked", self.path, error)
+            if self._created:
+                with contextlib.suppress(OSError):
+                    self.path.unlink()
             return None
-        self._previous = os.pread(fd, 4096, 0)  # the last holder's pid, back if refused
+        if not _names(fd, self.path):  # its run ended and removed it after our open: again
+            os.close(fd)
+            return self._try_lock()
+        self._previous = os.pread(fd, 4096, 0)  # a killed holder's pid, back if refused
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
         self._fd = fd
         return None
 
+    def _open(self) -> int:
+        """The lock file's descriptor, the file and its directory created when missing."""
+        for _ in range(2):
+            with contextlib.suppress(FileNotFoundError):  # a refused run removed its empty dir
+                return self._open_once()
+        return self._open_once()
+
+    def _open_once(self) -> int:
+        missing = []
+        for folder in (self.path.parent, *self.path.parent.parents):
+            if folder.exists():
+                break
+            missing.append(folder)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._created_dirs = self._created_dirs or missing
+        self._created = not self.path.exists()
+        return os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+
     def release(self, *, refused: bool = False) -> None:
-        """Let the next run in (safe to call twice). The file stays, holding no lock; a refused
-        run leaves it as it found it (removed if it created it, else the last holder's pid)."""
-        if self._fd is not None:
-            with contextlib.suppress(OSError):  # before the flock goes: nobody else writes it
-                if refused and self._created:
-                    self.path.unlink()
-                elif refused:
-                    os.ftruncate(self._fd, 0)
-                    os.pwrite(self._fd, self._previous, 0)
-            os.close(self._fd)  # closing the descriptor releases the flock
-            self._fd = None
+        """Remove the lock file and let the next run in (safe to call twice); a refused run
+        leaves the directory as it found it."""
+        if self._fd is None:
+            return
+        with contextlib.suppress(OSError):  # before the flock goes: nobody else writes it
+            if refused and not self._created:
+                os.ftruncate(self._fd, 0)
+                os.pwrite(self._fd, self._previous, 0)
+            else:
+                self.path.unlink()
+        os.close(self._fd)  # closing the descriptor releases the flock
+        self._fd = None
+        for folder in self._created_dirs:  # the deepest first, each only when empty
+            with contextlib.suppress(OSError):
+                folder.rmdir()
 
     def __enter__(self) -> RunLock:
         self.acquire()
@@ -230,17 +261,3 @@ def _names(fd: int, path: Path) -> bool:
         return os.stat(path).st_ino == os.fstat(fd).st_ino
     except FileNotFoundError:
         return False
-
-
-def _deduplicated(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Contiguous tensors, a copy of each one that shares memory with another (tied weights)."""
-    seen: set[int] = set()
-    tensors = {}
-    for name, tensor in state.items():
-        tensor = tensor.detach()
-        pointer = tensor.untyped_storage().data_ptr()
-        tensors[name] = (
-            tensor.clone() if pointer in seen and tensor.numel() else tensor.contiguous()
-        )
-        seen.add(pointer)
-    return tensors

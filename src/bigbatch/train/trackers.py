@@ -1,15 +1,18 @@
-"""Experiment trackers beside metrics.jsonl: TensorBoard, MLflow and Weights & Biases, all offline.
+"""Experiment trackers beside metrics.jsonl: TensorBoard, MLflow and Weights & Biases.
 
 ``metrics.jsonl`` is always written (see `bigbatch.train.metrics`); the config's ``trackers`` adds
-any of these, each writing into the run directory with no server and no network: TensorBoard event
-files under ``tensorboard/``, an MLflow file store under ``mlruns/``, a W&B offline run under
-``wandb/`` (``wandb sync`` uploads it later). Every tracker receives the resolved config once and
-the same per-step figures, keyed by optimizer step. A resumed run continues the same tracker run.
-Closing is bounded in time, so a stuck writer never holds the process at exit.
+any of these: TensorBoard event files under ``tensorboard/``, an MLflow run in the run's own SQLite
+store ``mlflow.db`` (MLflow's recommended local store; or on the tracking server of
+``mlflow_tracking_uri`` / ``MLFLOW_TRACKING_URI``), a W&B offline run under ``wandb/`` (``wandb
+sync`` uploads it later). Every tracker receives the resolved config once and the same per-step
+figures, keyed by optimizer step. A resumed run continues the same tracker run. Closing is bounded
+in time, so a stuck writer never holds the process at exit. Which packages a tracker needs is
+`bigbatch.train.packages`'s to check, before anything is written.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import os
@@ -21,14 +24,17 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from bigbatch.train.configfile import flatten
+from bigbatch.train.packages import EXTRAS
 from bigbatch.units import UsageError
 
 logger = logging.getLogger(__name__)
 
 CLOSE_TIMEOUT_S = 10.0
 """How long closing one tracker may take before the run ends without waiting."""
-# The extra that installs each tracker's library.
-_EXTRAS = {"tensorboard": "full", "mlflow": "mlflow", "wandb": "wandb"}
+MLFLOW_DATABASE = "mlflow.db"
+"""The run's own MLflow store (SQLite), in the run directory, unless a tracking URI is given."""
+MLFLOW_RUN_FILE = "mlflow_run.json"
+"""The tracking URI and id of the run's MLflow run, so that a resumed run logs into it."""
 
 
 class Tracker(Protocol):
@@ -44,8 +50,15 @@ class Tracker(Protocol):
         """Flush and close."""
 
 
-def open_trackers(names: Sequence[str], run_dir: Path, *, resume_step: int | None) -> list[Tracker]:
-    """The trackers the config names, writing under ``run_dir``.
+def open_trackers(
+    names: Sequence[str],
+    run_dir: Path,
+    *,
+    resume_step: int | None,
+    mlflow_tracking_uri: str = "auto",
+) -> list[Tracker]:
+    """The trackers the config names, writing under ``run_dir`` (MLflow: see
+    `mlflow_tracking_uri`).
 
     Raises:
         ValueError: a tracker whose library is not installed (the message names the extra).
@@ -56,7 +69,8 @@ def open_trackers(names: Sequence[str], run_dir: Path, *, resume_step: int | Non
             if name == "tensorboard":
                 trackers.append(TensorBoardTracker(run_dir, resume_step))
             elif name == "mlflow":
-                trackers.append(MLflowTracker(run_dir))
+                uri = resolve_mlflow_uri(mlflow_tracking_uri, run_dir)
+                trackers.append(MLflowTracker(run_dir, uri, resume=resume_step is not None))
             elif name == "wandb":
                 trackers.append(WandbTracker(run_dir, resume=resume_step is not None))
             else:
@@ -67,7 +81,7 @@ def open_trackers(names: Sequence[str], run_dir: Path, *, resume_step: int | Non
                 continue
             raise UsageError(
                 f"trackers: {name} needs {error.name or name}, which is not installed: "
-                f"pip install 'bigbatch[{_EXTRAS[name]}]', or remove {name} from trackers"
+                f"pip install 'bigbatch[{EXTRAS[name]}]', or remove {name} from trackers"
             ) from None
     return trackers
 
@@ -140,36 +154,71 @@ class TensorBoardTracker:
             self._quiet.uninstall()
 
 
-class MLflowTracker:
-    """An MLflow run in a local file store, ``run_dir/mlruns``, experiment ``bigbatch``.
+def _read_run_file(run_file: Path) -> dict[str, Any]:
+    """What ``mlflow_run.json`` says; {} when it is missing or damaged (a new MLflow run)."""
+    try:
+        known = json.loads(run_file.read_text())
+    except FileNotFoundError:
+        return {}
+    except (OSError, ValueError) as error:
+        logger.warning("%s cannot be read (%s): a new MLflow run starts", run_file, error)
+        return {}
+    return known if isinstance(known, dict) and "run_id" in known else {}
 
-    The run's id is kept in ``run_dir/mlruns/bigbatch_run_id`` so that a resumed run logs into
-    the same MLflow run. Read it back with ``mlflow.MlflowClient("file://.../mlruns")``.
+
+def resolve_mlflow_uri(setting: str, run_dir: Path) -> str:
+    """Where the MLflow tracker logs: the config's ``mlflow_tracking_uri`` unless "auto", else
+    ``MLFLOW_TRACKING_URI``, else the run's own SQLite store ``sqlite:///<run dir>/mlflow.db``.
+
+    >>> resolve_mlflow_uri("http://tracking:5000", Path("/runs/a"))
+    'http://tracking:5000'
+    """
+    if setting != "auto":
+        return setting
+    return os.environ.get("MLFLOW_TRACKING_URI") or _own_store(run_dir)
+
+
+def _own_store(run_dir: Path) -> str:
+    """The URI of the run's own SQLite store."""
+    return "sqlite:///" + (Path(run_dir).resolve() / MLFLOW_DATABASE).as_posix()
+
+
+class MLflowTracker:
+    """An MLflow run in experiment ``bigbatch`` at ``tracking_uri``, named after the run directory.
+
+    The URI and the run's id are kept in ``run_dir/mlflow_run.json``, so that a resumed run logs
+    into the same MLflow run (at the same URI). Read it back with MLflow's own defaults, e.g.
+    ``mlflow.MlflowClient("sqlite:///<run dir>/mlflow.db")`` or ``mlflow ui --backend-store-uri
+    sqlite:///<run dir>/mlflow.db``. In the run's own store, artifacts would go to
+    ``run_dir/mlartifacts`` (bigbatch logs none).
     """
 
-    def __init__(self, run_dir: Path) -> None:
-        # MLflow 3 keeps the file store working behind this switch; a database store would need
-        # a server-side install that bigbatch does not ask for.
-        os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
+    def __init__(self, run_dir: Path, tracking_uri: str, *, resume: bool) -> None:
         from mlflow.tracking import MlflowClient
 
-        store = Path(run_dir).resolve() / "mlruns"
-        store.mkdir(parents=True, exist_ok=True)
-        self._client = MlflowClient(tracking_uri=store.as_uri())
-        id_file = store / "bigbatch_run_id"
-        if id_file.exists():
-            self._run_id = id_file.read_text().strip()
+        directory = Path(run_dir).resolve()
+        self._client = MlflowClient(tracking_uri=tracking_uri)
+        run_file = directory / MLFLOW_RUN_FILE
+        known = _read_run_file(run_file) if resume else {}
+        if known.get("tracking_uri") == tracking_uri:
+            self._run_id = str(known["run_id"])
             self._client.update_run(self._run_id, status="RUNNING")
-        else:
-            experiment = self._client.get_experiment_by_name("bigbatch")
-            experiment_id = (
-                experiment.experiment_id
-                if experiment is not None
-                else self._client.create_experiment("bigbatch")
+            return
+        own_store = tracking_uri == _own_store(directory)
+        experiment = self._client.get_experiment_by_name("bigbatch")
+        experiment_id = (
+            experiment.experiment_id
+            if experiment is not None
+            else self._client.create_experiment(
+                "bigbatch",
+                artifact_location=(directory / "mlartifacts").as_uri() if own_store else None,
             )
-            run = self._client.create_run(experiment_id, run_name=Path(run_dir).resolve().name)
-            self._run_id = run.info.run_id
-            id_file.write_text(self._run_id + "\n")
+        )
+        run = self._client.create_run(
+            experiment_id, run_name=directory.name, tags={"bigbatch.run_dir": str(directory)}
+        )
+        self._run_id = run.info.run_id
+        run_file.write_text(json.dumps({"tracking_uri": tracking_uri, "run_id": self._run_id}))
 
     def log_config(self, config: Mapping[str, Any]) -> None:
         from mlflow.entities import Param

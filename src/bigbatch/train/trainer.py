@@ -28,7 +28,7 @@ from bigbatch.core import distributed, sharding
 from bigbatch.core.engine import LossFn
 from bigbatch.data.loader import WindowLoader
 from bigbatch.recipes import EvalFn
-from bigbatch.train import checkpoint, environment, evaluation, rundir, setup
+from bigbatch.train import checkpoint, environment, evaluation, packages, rundir, setup
 from bigbatch.train import metrics as run_metrics
 from bigbatch.train import resume as resume_rules
 from bigbatch.train.checkpointer import Checkpointer, DamagedCheckpoint
@@ -106,7 +106,7 @@ class Trainer:
         device = environment.resolve_device(config.device)
         prepared = setup.prepare_model(model, optimizer, config, device, shard_units)
         self.module, self.model, self.device = prepared.module, prepared.model, device
-        self.sharded = prepared.sharded
+        self.prepared = prepared  # its checkpointing: set up here, perhaps chosen by the probe
         self.optimizer = optimizer
         for group in optimizer.param_groups:
             group.setdefault("initial_lr", float(group["lr"]))
@@ -157,6 +157,7 @@ class Trainer:
             )
         with contextlib.ExitStack() as stack:
             if self.run_dir is not None:
+                packages.check_trackers(self.config)  # before the lock: nothing written on refusal
                 stack.enter_context(rundir.RunLock(self.run_dir))
             stop = stack.enter_context(StopSignals(self.config.stop_signals))
             return self._fit(stop, resume=resume, overwrite=overwrite)
@@ -320,7 +321,7 @@ class Trainer:
             self.run_dir / "checkpoints",
             model=self.module,
             optimizer=self.optimizer,
-            sharded=self.sharded,
+            sharded=self.prepared.sharded,
             keep=self.config.keep_checkpoints,
         )
         checkpointer.register("accumulator", self.accumulator)
@@ -368,6 +369,7 @@ class Trainer:
             name=self.name,
             resumed=resumed,
             noise_scale=noise_summary,
+            checkpointing=self.prepared.checkpointing.summary.describe(),
         )
 
     def _already_finished(
