@@ -2,7 +2,8 @@
 or raced; tests write them into their directory as a module the config names: `slow:build`
 (digits, in samples) and `slow:build_tokens` (tinylm, for global batches in tokens). With
 SIGNAL_AT_CALL=n, the n-th call of loss_fn sends its own process SIGTERM (a signal inside a
-chosen step); with STARTED_FILE=path, its first call creates that file (the first step runs).
+chosen step); with STARTED_FILE=path, its first call creates that file (the first step runs);
+with HOLD_FILE=path, every call waits while that file exists (a run held mid-step until a test lets go).
 `SIGNAL_BEFORE_TRAINING` runs `bigbatch` with a SIGTERM to itself just before the trainer's
 first step, and `REAPER` runs a command as a child subreaper (Linux) and prints the exit code of
 every process it reaps, the launcher's orphaned workers included."""
@@ -20,7 +21,7 @@ def build_tokens(config):
 def slowed(recipe):
     plain, delay = recipe.loss_fn, float(os.environ.get("STEP_DELAY", "0"))
     signal_at, calls = int(os.environ.get("SIGNAL_AT_CALL", "0")), [0]
-    started = os.environ.get("STARTED_FILE")
+    started, hold = os.environ.get("STARTED_FILE"), os.environ.get("HOLD_FILE")
 
     def loss_fn(model, batch):
         calls[0] += 1
@@ -29,6 +30,8 @@ def slowed(recipe):
         if calls[0] == signal_at:
             os.kill(os.getpid(), signal.SIGTERM)
         time.sleep(delay)
+        while hold and os.path.exists(hold):
+            time.sleep(0.05)
         return plain(model, batch)
 
     recipe.loss_fn = loss_fn

@@ -127,10 +127,14 @@ def test_two_runs_on_one_directory_one_refused_the_other_exact(tmp_path):
     reference = subprocess.run(command(tmp_path / "alone"), env=env, timeout=240, **run)
     assert reference.returncode == 0, reference.stderr[-2000:]
     shared = tmp_path / "shared"
-    # 4 micro-batches of 0.2 s a step: the first run trains for 24 s or more.
-    first = subprocess.Popen(command(shared), env={**env, "STEP_DELAY": "0.2"}, **run)
+    # The first run holds in its first step until the others were refused, however slow they start.
+    hold = tmp_path / "hold"
+    hold.touch()
+    started = tmp_path / "started"
+    held = {"HOLD_FILE": str(hold), "STARTED_FILE": str(started)}
+    first = subprocess.Popen(command(shared), env={**env, **held}, **run)
     deadline = time.monotonic() + 200
-    while not (shared / "metrics.jsonl").exists():  # it holds the lock and trains
+    while not started.exists():  # it holds the lock and trains
         assert first.poll() is None, first.stderr.read()  # type: ignore[union-attr]
         assert time.monotonic() < deadline
         time.sleep(0.02)
@@ -145,6 +149,7 @@ def test_two_runs_on_one_directory_one_refused_the_other_exact(tmp_path):
         assert f"run directory {str(shared)!r} is in use" in lines[0]
         assert f"pid {first.pid}" in lines[0]
     assert first.poll() is None, "the first run ended before the others were refused"
+    hold.unlink()
     _, err = first.communicate(timeout=240)
     assert first.returncode == 0, err[-2000:]
     assert not (shared / LOCK_FILE).exists() and not (tmp_path / "alone" / LOCK_FILE).exists()
