@@ -128,6 +128,13 @@ class Config(StrictModel):
         "an integer >= 0",
     )
     keep_checkpoints: Int = config_field(3, "how many recent checkpoints to keep.", POSITIVE)
+    checkpoint_async: bool = config_field(
+        True,
+        "write the checkpoints of checkpoint_every in a background thread (the state is copied "
+        "to CPU memory at the step boundary); those at a stop signal and at the end are written "
+        "before the run goes on.",
+        "a boolean",
+    )
     on_nonfinite: Literal["skip", "stop"] = config_field(
         "skip",
         "a non-finite loss or gradient: skip the step (counted, logged), or stop the run after "
