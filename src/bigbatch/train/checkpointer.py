@@ -54,7 +54,9 @@ class Checkpointer:
         keep: how many checkpoints to keep (the newest); None keeps all.
 
     World size and rank come from torch.distributed. `save` and `restore` are called on every
-    rank.
+    rank. `save` writes the checkpoint before it returns; `save_in_background` copies it into
+    CPU memory and writes it in a thread (`bigbatch.train.checkpoint_async`), its outcome told by
+    `poll` at a later step boundary, `wait`, or the next save.
 
     Example:
         >>> import tempfile
