@@ -9,7 +9,8 @@ boundary to the end of the next on rank 0 (data, the step, metrics and the check
 the boundary, everything the run waits for), read by wrapping the last hook; the first steps of
 each run are left out (warm-up). Each arm runs once per round, the arms in turn, and the table
 gives each arm's median step time over every round and its cost relative to no checkpoints.
-Checkpoints go to a temporary directory on the disk of the current directory (fsync included).
+Checkpoints go to the system's temporary directory, fsynced (on a tmpfs fsync costs nothing:
+set TMPDIR to a directory on the disk that checkpoints go to).
 
     python benchmarks/checkpoint_cost.py            # writes benchmarks/results/checkpoint_cost.md
     python benchmarks/checkpoint_cost.py --smoke    # 1 round of a few steps, writes nothing
@@ -157,7 +158,7 @@ def main() -> None:
     sizes = SMOKE if args.smoke else FULL
     torch.set_num_threads(1)
     start = time.perf_counter()
-    with tempfile.TemporaryDirectory(prefix="checkpoint-cost-", dir=".") as where:
+    with tempfile.TemporaryDirectory(prefix="checkpoint-cost-") as where:
         times = measure(sizes, Path(where))
     note = (
         f"tinylm recipe defaults, {sizes.steps} steps per run ({sizes.warmup_steps} left out), "

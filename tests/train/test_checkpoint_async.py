@@ -27,7 +27,7 @@ from bigbatch.train.rundir import StorageError
 from bigbatch.train.trainer import Trainer
 from tests import models
 from tests.distributed_helpers import run_processes
-from tests.train.test_checkpointer import file_limit, make_checkpointer
+from tests.train.test_checkpointer import Tally, file_limit, make_checkpointer
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -233,11 +233,28 @@ def test_a_kill_before_the_rename_leaves_the_previous_checkpoint(tmp_path):
     assert restored(tmp_path, False)["tally"]["calls"] == 1
 
 
+def fsdp_checkpointer(directory: Path, world_size: int) -> tuple[Checkpointer, Tally]:
+    """An MLP sharded with FSDP2 over every rank after 2 AdamW steps, and its checkpointer."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    model = models.mlp()
+    fully_shard(model, mesh=init_device_mesh("cpu", (world_size,)))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=0.01)
+    x, y = models.regression_data(16)
+    for _ in range(2):
+        optimizer.zero_grad()
+        models.mse_per_sample(model, x, y).mean().backward()
+        optimizer.step()
+    checkpointer = Checkpointer(directory, model=model, optimizer=optimizer, sharded=True)
+    checkpointer.register("tally", tally := Tally())
+    return checkpointer, tally
+
+
 def background_saves_on_two_ranks(rank: int, world_size: int, directory: str) -> str | None:
-    """Step 1 saved sharded in the background and synchronously; then step 2 in the background
-    with rank 1's disk full: each rank's error."""
-    torch.manual_seed(0)
-    checkpointer, tally = make_checkpointer(Path(directory) / "sync", True)
+    """An FSDP2 model's step 1 saved synchronously and in the background (its shards changed
+    meanwhile); then step 2 in the background with rank 1's disk full: each rank's error."""
+    checkpointer, tally = fsdp_checkpointer(Path(directory) / "sync", world_size)
     checkpointer.save(1)
     checkpointer.directory = Path(directory) / "background"
     release = gate_the_writer(checkpointer)
