@@ -129,11 +129,7 @@ class Config(StrictModel):
     )
     keep_checkpoints: Int = config_field(3, "how many recent checkpoints to keep.", POSITIVE)
     checkpoint_async: bool = config_field(
-        True,
-        "write the checkpoints of checkpoint_every in a background thread (the state is copied "
-        "to CPU memory at the step boundary); those at a stop signal and at the end are written "
-        "before the run goes on.",
-        "a boolean",
+        True, "write the checkpoints of checkpoint_every in a background thread.", "a boolean"
     )
     on_nonfinite: Literal["skip", "stop"] = config_field(
         "skip",
