@@ -31,6 +31,7 @@ SCRIPTS = (
     "token_batches",
     "sharded",
     "elastic",
+    "checkpoint_cost",
 )
 
 

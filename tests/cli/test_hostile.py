@@ -382,8 +382,10 @@ def test_a_full_disk_while_saving_and_on_resume_is_one_line(tmp_path, parallelis
         "--set", "recipe=fills:build", "--set", "global_batch_size=64", "--set", "max_steps=8",
         "--set", "eval_every=0", "--set", "checkpoint_every=2", "--no-progress",
         "--set", f"parallelism={parallelism}",  # fsdp: DCP's shards, on one process too
+        "--set", "checkpoint_async=false",  # in the background: tests/train/test_checkpoint_async
     ]  # fmt: skip
-    # 4 micro-batches a step: the disk is full from step 3 on, after the checkpoint of step 2.
+    # 4 micro-batches a step: the disk is full from step 3 on, after the checkpoint of step 2
+    # (written at its step boundary: a background write of it would meet the full disk).
     full = {"FULL_AFTER_MICRO_BATCHES": "9"}
     done, _ = bigbatch("train", *settings, "--out", str(out), cwd=tmp_path, env=full)
     assert_ends_in_one_line(done.returncode, done.stderr, "cannot write checkpoint", "too large")

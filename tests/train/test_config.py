@@ -103,6 +103,10 @@ BAD = {
     "both lengths": (["max_steps=3", "epochs=1"], "set max_steps or epochs, not both"),
     "schedule order": (["batch_size_schedule=[[5, 8], [0, 16]]"], "batch_size_schedule: must"),
     "no equals": (["lr"], "--set expects key=value"),
+    "checkpoint_async": (
+        ["checkpoint_async=maybe"],
+        'config: checkpoint_async: must be a boolean, got "maybe"',
+    ),
 }
 
 

@@ -20,12 +20,11 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-import safetensors
 import torch
-import torch.distributed as dist
 
 from bigbatch.core import distributed
 from bigbatch.train import checkpoint_files as files
+from bigbatch.train.checkpoint_agreement import Phases, agree_on_candidate, from_rank_0
 from bigbatch.train.checkpoint_files import checkpoint_name, list_checkpoints
 from bigbatch.train.checkpoint_weights import (
     MODEL_FILE,
@@ -35,8 +34,6 @@ from bigbatch.train.checkpoint_weights import (
     weights_format,
     write_safetensors,
 )
-from bigbatch.train.rundir import StorageError, storage_errors
-from bigbatch.units import UsageError
 
 logger = logging.getLogger(__name__)
 
@@ -119,26 +116,23 @@ def save(
         StorageError: on every rank, one line, when any rank could not write (full disk, quota,
             read-only directory); the temporary directory is removed.
     """
-    if isinstance(step, bool) or not isinstance(step, int) or step < 0:
-        raise ValueError(f"step must be an integer >= 0, got {step!r}")
-    if keep is not None and (isinstance(keep, bool) or not isinstance(keep, int) or keep < 1):
-        raise ValueError(f"keep must be an integer >= 1 or None (keep all), got {keep!r}")
+    check_arguments(step, keep)
     directory = Path(directory)
     final = directory / checkpoint_name(step)
     newest = list_checkpoints(directory)
     intact = f"; the earlier checkpoints are intact (newest: {newest[-1].name})" if newest else ""
-    phase = _Phases(f"write checkpoint {final}", intact)
+    phase = Phases(f"write checkpoint {final}", intact)
     main = distributed.is_main_process()
     state: dict[str, Any] = {}  # rank 0's
 
     def prepare() -> str:
         state.update(training_state())
-        return _prepare(directory, final, state)
+        return prepare_temporary(directory, final, state)
 
     tmp = directory / phase.on_main(prepare)
     try:
         phase.everywhere(lambda: write_weights(tmp))
-        phase.on_main(lambda: _finish(tmp, final, step, state, sharded))
+        phase.on_main(lambda: finish_checkpoint(tmp, final, step, state, sharded))
     except BaseException:
         if main:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -148,6 +142,14 @@ def save(
         if keep is not None:
             files.prune(directory, keep, final)
     return final
+
+
+def check_arguments(step: Any, keep: Any) -> None:
+    """Refuse a step or a ``keep`` that `save` cannot take (a ValueError naming it)."""
+    if isinstance(step, bool) or not isinstance(step, int) or step < 0:
+        raise ValueError(f"step must be an integer >= 0, got {step!r}")
+    if keep is not None and (isinstance(keep, bool) or not isinstance(keep, int) or keep < 1):
+        raise ValueError(f"keep must be an integer >= 1 or None (keep all), got {keep!r}")
 
 
 def save_checkpoint(
@@ -168,7 +170,7 @@ def save_checkpoint(
     return save(directory, step, lambda: training_state, write, keep=keep)
 
 
-def _prepare(directory: Path, final: Path, training_state: dict[str, Any]) -> str:
+def prepare_temporary(directory: Path, final: Path, training_state: dict[str, Any]) -> str:
     """Rank 0: refuse an unloadable state, then create the temporary directory; its name."""
     files.check_weights_only(training_state, "training_state")
     directory.mkdir(parents=True, exist_ok=True)
@@ -178,7 +180,7 @@ def _prepare(directory: Path, final: Path, training_state: dict[str, Any]) -> st
     return name
 
 
-def _finish(
+def finish_checkpoint(
     tmp: Path, final: Path, step: int, training_state: dict[str, Any], sharded: bool
 ) -> None:
     """Rank 0: the training state and meta.json beside the weights, then the rename."""
@@ -200,89 +202,6 @@ def _finish(
     files.fsync_dir(tmp)
     files.move_into_place(tmp, final)
     files.fsync_dir(final.parent)
-
-
-class _Phases:
-    """Runs each phase of a save on rank 0 or on every rank, then lets every rank learn whether
-    it failed anywhere: every rank reaches every agreement, so none waits in a collective for a
-    rank that gave up (a rank that dies or hangs is bounded by the process group's timeout, and
-    torchrun ends the others when one exits). A storage error becomes the same line everywhere.
-    """
-
-    def __init__(self, action: str, hint: str) -> None:
-        self.action, self.hint = action, hint
-
-    def on_main(self, work: Callable[[], Any]) -> Any:
-        """``work`` on rank 0; its result on every rank."""
-        return self._run(work, distributed.is_main_process())
-
-    def everywhere(self, work: Callable[[], Any]) -> Any:
-        """``work`` on every rank; rank 0's result on every rank."""
-        return self._run(work, True)
-
-    def _run(self, work: Callable[[], Any], here: bool) -> Any:
-        result, error = None, None
-        if here:
-            try:
-                with storage_errors(self.action, self.hint):
-                    result = _with_storage_cause(work)
-            except BaseException as caught:  # noqa: BLE001 - every rank must hear of it
-                error = caught
-        return _agree(error, result)
-
-
-def _with_storage_cause(work: Callable[[], Any]) -> Any:
-    """``work()``; DCP's CheckpointException (every rank's failures, with tracebacks) becomes
-    the I/O error underneath, which `storage_errors` turns into one line."""
-    try:
-        return work()
-    except BaseException as error:
-        failures = dcp_failures(error)
-        for rank, cause in sorted(failures.items()):
-            if isinstance(cause, OSError | safetensors.SafetensorError):
-                if isinstance(cause, OSError):
-                    cause.strerror = f"{cause.strerror or cause} (rank {rank})"
-                raise cause from None
-        raise
-
-
-def dcp_failures(error: BaseException) -> dict[int, BaseException]:
-    """The per-rank exceptions inside a (possibly nested) DCP CheckpointException, else {}."""
-    if type(error).__name__ != "CheckpointException":  # cheap test before importing DCP
-        return {}
-    from torch.distributed.checkpoint.api import CheckpointException
-
-    if not isinstance(error, CheckpointException):
-        return {}
-    found: dict[int, BaseException] = {}
-    for rank, (cause, _) in error.failures.items():
-        found.update(dcp_failures(cause) or {rank: cause})
-    return found
-
-
-def _agree(error: BaseException | None, result: Any) -> Any:
-    """Every rank's outcome to every rank: raise if any failed, else return rank 0's result."""
-    message = None
-    if isinstance(error, StorageError):
-        message = str(error)
-    elif error is not None:  # the first line only: DCP's exceptions hold every rank's traceback
-        message = one_line(error)
-    mine = (message, isinstance(error, StorageError), result)
-    outcomes = [mine]
-    if distributed.is_initialized() and dist.get_world_size() > 1:
-        outcomes = [None] * dist.get_world_size()  # type: ignore[list-item]
-        dist.all_gather_object(outcomes, mine)
-    storage = [message for message, is_storage, _ in outcomes if is_storage]
-    if storage and not isinstance(error, StorageError):
-        # A rank that could not write explains the others' failures (DCP's, on every rank).
-        raise StorageError(storage[0]) from error
-    if error is not None:
-        raise error
-    failed = [(rank, outcome[0]) for rank, outcome in enumerate(outcomes) if outcome[0] is not None]
-    if failed:
-        rank, message = failed[0]
-        raise UsageError(f"rank {rank} could not save the checkpoint: {message}")
-    return outcomes[0][2]
 
 
 @dataclass(frozen=True)
@@ -318,7 +237,7 @@ def scan(
     No code from the files runs: ``weights_only=True``, safetensors, shards item by item.
     """
     directory, known = Path(directory), dict(damaged or {})
-    names = _from_rank_0(lambda: [path.name for path in list_checkpoints(directory)])
+    names = from_rank_0(lambda: [path.name for path in list_checkpoints(directory)])
     skipped: list[tuple[Path, str]] = []
     for path in (directory / name for name in reversed(names)):
         if path in known:
@@ -339,49 +258,6 @@ def scan(
         skipped.append((path, reason))
         logger.warning("skipping checkpoint %s: %s (trying the previous one)", path, reason)
     return Scan(None, tuple(skipped))
-
-
-def agree_on_candidate(error: BaseException | None, reason: str | None = None) -> str | None:
-    """Every rank's outcome with one checkpoint (call on every rank): None when it is good on
-    every rank, else why it is damaged (the first failing rank's ``reason``, by default its
-    error in one line, the rank named when others succeeded). A `UsageError` on any rank (another
-    run's checkpoint) is raised on every rank."""
-    mine = None
-    if error is not None:
-        usage = isinstance(error, UsageError)
-        mine = (usage, str(error) if usage else reason or one_line(error))
-    outcomes = _on_every_rank(mine)
-    usages = [outcome[1] for outcome in outcomes if outcome is not None and outcome[0]]
-    if usages:
-        raise error if isinstance(error, UsageError) else UsageError(usages[0])
-    failed = [(rank, outcome[1]) for rank, outcome in enumerate(outcomes) if outcome is not None]
-    if not failed:
-        return None
-    rank, reason = failed[0]
-    return reason if len(failed) == len(outcomes) else f"{reason} (rank {rank})"
-
-
-def one_line(error: BaseException) -> str:
-    """``Type: the first line of the message`` (at most 300 characters of it)."""
-    return f"{type(error).__name__}: {(str(error).strip().splitlines() or [''])[0][:300]}"
-
-
-def _on_every_rank(value: Any) -> list[Any]:
-    """Every rank's ``value``, by rank (a collective when distributed over several ranks)."""
-    if not (distributed.is_initialized() and dist.get_world_size() > 1):
-        return [value]
-    values = [None] * dist.get_world_size()
-    dist.all_gather_object(values, value)
-    return values
-
-
-def _from_rank_0(work: Callable[[], Any]) -> Any:
-    """``work()`` on rank 0, its result on every rank."""
-    if not (distributed.is_initialized() and dist.get_world_size() > 1):
-        return work()
-    value = [work() if distributed.is_main_process() else None]
-    dist.broadcast_object_list(value, src=0)
-    return value[0]
 
 
 def _load(path: Path) -> Checkpoint:

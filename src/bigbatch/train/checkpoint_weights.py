@@ -15,7 +15,7 @@ import contextlib
 import io
 import os
 import pickle
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -66,6 +66,17 @@ class Weights(Protocol):
         """Write the weights (and optimizer) into the temporary checkpoint directory; every rank."""
         ...
 
+    def stage(self, model: torch.nn.Module, optimizer: Any) -> Any:
+        """A copy in CPU memory of what `write` writes, which training may no longer change;
+        every rank (rank 0's alone when only rank 0 writes)."""
+        ...
+
+    def write_staged(self, directory: Path, staged: Any) -> Callable[[], None]:
+        """Start writing ``staged`` into the temporary checkpoint directory; every rank. The
+        returned call finishes the write (run it in a background thread): on return, this
+        rank's files are written, or it raises why not."""
+        ...
+
     def read(self, path: Path) -> dict[str, torch.Tensor]:
         """The weights (or meta tensors of their shapes) for checks; raises if damaged."""
         ...
@@ -99,6 +110,14 @@ class PlainWeights:
         if distributed.is_main_process():
             write_safetensors(directory / MODEL_FILE, model.state_dict())
 
+    def stage(self, model: torch.nn.Module, optimizer: Any) -> Any:
+        return cpu_copy(model.state_dict()) if distributed.is_main_process() else None
+
+    def write_staged(self, directory: Path, staged: Any) -> Callable[[], None]:
+        if not distributed.is_main_process():
+            return lambda: None
+        return lambda: write_safetensors(directory / MODEL_FILE, staged)
+
     def read(self, path: Path) -> dict[str, torch.Tensor]:
         return safetensors.torch.load_file(str(path / MODEL_FILE), device="cpu")
 
@@ -112,6 +131,18 @@ class PlainWeights:
     ) -> None:
         model.load_state_dict(model_state)
         optimizer.load_state_dict(training_state["optimizer"])
+
+
+def cpu_copy(value: Any) -> Any:
+    """``value`` with every tensor copied into fresh CPU memory (dicts, lists and tuples copied
+    along): a snapshot that training, which updates tensors in place, cannot change."""
+    if isinstance(value, torch.Tensor):
+        return value.detach().to("cpu", copy=True)
+    if isinstance(value, dict):  # an OrderedDict stays one
+        return type(value)((key, cpu_copy(item)) for key, item in value.items())
+    if isinstance(value, list | tuple):
+        return type(value)(cpu_copy(item) for item in value)
+    return value  # numbers, strings, None, dtypes: immutable
 
 
 def write_safetensors(path: Path, model_state: dict[str, torch.Tensor]) -> None:
@@ -148,6 +179,9 @@ class ShardedWeights:
 
     sharded: bool = True
 
+    def __init__(self) -> None:
+        self._upload_group: Any = None  # the background uploads' own gloo group, made once
+
     def training_state(self, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
         return {"optimizer": {"sharded": True}}  # the optimizer is in the shards
 
@@ -163,13 +197,45 @@ class ShardedWeights:
                 storage_writer=_recording_writer(directory / SHARDS_DIR, failed_writes),
             )
         except BaseException as error:
-            if not failed_writes:
+            _raise_failed_write(failed_writes, error)
+            raise
+
+    def stage(self, model: torch.nn.Module, optimizer: Any) -> Any:
+        from torch.distributed.checkpoint.staging import DefaultStager, StagingOptions
+        from torch.distributed.checkpoint.state_dict import get_state_dict
+
+        model_state, optimizer_state = get_state_dict(model, optimizer)
+        # Blocking copies into plain CPU memory: no pinned or shared memory, no staging thread.
+        stager = DefaultStager(StagingOptions(False, False, False, False))
+        try:
+            return stager.stage({"model": model_state, "optimizer": optimizer_state})
+        finally:
+            stager.close()
+
+    def write_staged(self, directory: Path, staged: Any) -> Callable[[], None]:
+        """DCP's async_save of the staged copy: its collectives run in DCP's thread over a gloo
+        group of their own, so they never interleave with training's on the default group."""
+        import torch.distributed as dist
+        import torch.distributed.checkpoint as dcp
+
+        if self._upload_group is None and distributed.is_initialized():
+            self._upload_group = dist.new_group(backend="gloo")  # every rank, at the same save
+        failed_writes: list[OSError] = []
+        upload = dcp.async_save(
+            staged,
+            storage_writer=_recording_writer(directory / SHARDS_DIR, failed_writes),
+            process_group=self._upload_group,
+            async_stager=_AlreadyStaged(),
+        )
+
+        def finish() -> None:
+            try:
+                upload.result()  # type: ignore[union-attr]
+            except BaseException as error:
+                _raise_failed_write(failed_writes, error)
                 raise
-            # torch.save inside DCP reports a failed write (a full disk) as its own RuntimeError:
-            # the I/O error underneath is the one to report.
-            cause = failed_writes[0]
-            cause.strerror = f"{cause.strerror or cause} (rank {distributed.get_rank()})"
-            raise cause from error
+
+        return finish
 
     def read(self, path: Path) -> dict[str, torch.Tensor]:
         from torch.distributed.checkpoint.metadata import TensorStorageMetadata
@@ -203,6 +269,32 @@ class ShardedWeights:
             planner=_weights_only_planner(),
         )  # in place
         set_state_dict(model, optimizer, model_state_dict=model_now, optim_state_dict=optimizer_now)
+
+
+def _raise_failed_write(failed_writes: list[OSError], error: BaseException) -> None:
+    """Raise the I/O error underneath ``error`` if a write failed: torch.save inside DCP
+    reports a failed write (a full disk) as its own RuntimeError."""
+    if failed_writes:
+        cause = failed_writes[0]
+        cause.strerror = f"{cause.strerror or cause} (rank {distributed.get_rank()})"
+        raise cause from error
+
+
+class _AlreadyStaged:
+    """The stager for async_save of a copy `ShardedWeights.stage` made already: no second copy.
+    (DCP's AsyncStager protocol, checked structurally.)"""
+
+    _synchronize_after_execute = False
+    should_synchronize_after_execute = False
+
+    def stage(self, state_dict: Any) -> Any:
+        return state_dict
+
+    def synchronize_staging(self) -> None:
+        """Nothing to wait for: the copy is made."""
+
+    def close(self) -> None:
+        """Nothing to release."""
 
 
 class _MetadataUnpickler(pickle.Unpickler):

@@ -20,6 +20,8 @@ import torch
 from bigbatch.core import distributed
 from bigbatch.train import checkpoint
 from bigbatch.train.checkpoint import Checkpoint
+from bigbatch.train.checkpoint_agreement import agree_on_candidate, dcp_failures, one_line
+from bigbatch.train.checkpoint_async import PendingSave, save_in_background
 from bigbatch.train.checkpoint_rng import gather_rng_states, restore_rng_states
 from bigbatch.train.checkpoint_weights import weights_format
 from bigbatch.units import UsageError
@@ -52,7 +54,9 @@ class Checkpointer:
         keep: how many checkpoints to keep (the newest); None keeps all.
 
     World size and rank come from torch.distributed. `save` and `restore` are called on every
-    rank.
+    rank. `save` writes the checkpoint before it returns; `save_in_background` copies it into
+    CPU memory and writes it in a thread (`bigbatch.train.checkpoint_async`), its outcome told by
+    `poll` at a later step boundary, `wait`, or the next save.
 
     Example:
         >>> import tempfile
@@ -93,6 +97,7 @@ class Checkpointer:
         self.keep = keep
         self.rank, self.world_size = distributed.get_rank(), distributed.get_world_size()
         self._participants: dict[str, Stateful] = {}
+        self._pending: PendingSave | None = None  # the save writing in the background
 
     @property
     def participants(self) -> Mapping[str, Stateful]:
@@ -128,9 +133,13 @@ class Checkpointer:
             extra: more values for the training state (config, plan, total_steps, ...), under
                 names no participant takes.
 
+        Waits for a save still writing in the background first.
+
         Raises:
-            StorageError: one line on every rank when any rank could not write.
+            StorageError: one line on every rank when any rank could not write (this save, or
+                the one that was writing in the background).
         """
+        self.wait()
         rng = gather_rng_states(self.world_size)  # a collective: every rank's generators
         return checkpoint.save(
             self.directory,
@@ -140,6 +149,68 @@ class Checkpointer:
             sharded=self.weights.sharded,
             keep=self.keep,
         )
+
+    def save_in_background(self, step: int, extra: Mapping[str, Any] | None = None) -> Path:
+        """Copy the checkpoint of ``step`` into CPU memory now and write it in a background
+        thread (call on every rank); returns the directory it will have once complete.
+
+        At most one save is in flight: this one first waits for the previous one. Its outcome
+        is learned at a later step boundary (`poll`), or by `wait` or the next save.
+
+        Raises:
+            StorageError: one line on every rank when the previous save failed, or this one
+                could not start (copying, the temporary directory).
+        """
+        self.wait()
+        rng = gather_rng_states(self.world_size)  # a collective: every rank's generators
+        self._pending = save_in_background(
+            self.directory,
+            step,
+            lambda: self._training_state(extra or {}, rng),  # on rank 0, copied at once
+            lambda: self.weights.stage(self.model, self.optimizer),
+            self.weights.write_staged,
+            sharded=self.weights.sharded,
+            keep=self.keep,
+        )
+        return self._pending.path
+
+    def poll(self) -> Path | None:
+        """At a step boundary (every rank): the checkpoint the background save completed since
+        the last call, or None (none pending, or still writing). A small all-reduce while a
+        save is pending, none otherwise.
+
+        Raises:
+            StorageError: one line on every rank when the background save failed on any rank.
+        """
+        return self._settle(block=False)
+
+    def wait(self) -> Path | None:
+        """Wait for the background save, if any, on every rank; its checkpoint, or None.
+
+        Raises:
+            StorageError: one line on every rank when it failed on any rank.
+        """
+        return self._settle(block=True)
+
+    def _settle(self, *, block: bool) -> Path | None:
+        pending = self._pending
+        if pending is None:
+            return None
+        try:
+            if not pending.settle(block=block):
+                return None
+        except BaseException:
+            self._pending = None  # its failure is told once
+            raise
+        self._pending = None
+        return pending.path
+
+    def close(self) -> None:
+        """Wait for this rank's part of a background save, with no collective: for a run that
+        ends on an error (a failure of the save is logged, not raised over that error)."""
+        if self._pending is not None:
+            self._pending.wait_here()
+            self._pending = None
 
     def _training_state(self, extra: Mapping[str, Any], rng: list[Any]) -> dict[str, Any]:
         """Every participant's state under its name, beside extra, the optimizer and the RNG."""
@@ -170,14 +241,14 @@ class Checkpointer:
         try:
             self._restore(found)
         except BaseException as caught:  # noqa: BLE001 - DCP's CheckpointException is one
-            failures = checkpoint.dcp_failures(caught)  # every rank's failure, the same everywhere
+            failures = dcp_failures(caught)  # every rank's failure, the same everywhere
             if not (failures or isinstance(caught, Exception)):
                 raise  # KeyboardInterrupt, SystemExit
             error = caught
             if failures:
                 rank, cause = min(failures.items(), key=lambda item: item[0])
-                reason = f"{checkpoint.one_line(cause)} (rank {rank})"
-        reason = checkpoint.agree_on_candidate(error, reason)
+                reason = f"{one_line(cause)} (rank {rank})"
+        reason = agree_on_candidate(error, reason)
         if reason is not None:
             raise DamagedCheckpoint(found.path, reason) from error
 

@@ -130,6 +130,9 @@ class Config(StrictModel):
         "an integer >= 0",
     )
     keep_checkpoints: Int = config_field(3, "how many recent checkpoints to keep.", POSITIVE)
+    checkpoint_async: bool = config_field(
+        True, "write the checkpoints of checkpoint_every in a background thread.", "a boolean"
+    )
     on_nonfinite: Literal["skip", "stop"] = config_field(
         "skip",
         "a non-finite loss or gradient: skip the step (counted, logged), or stop the run after "

@@ -83,10 +83,16 @@ class CheckpointHook:
     """The run's checkpoints: every ``every`` steps (not at the last one), and on demand at the
     end of the run or when it stops. Call on every rank (sharded saves write on each).
 
+    With ``background``, the checkpoints of ``every`` are written in a background thread
+    (`Checkpointer.save_in_background`): each step boundary learns whether the one in flight
+    failed (one line on every rank) and the next waits for it. Those at a stop signal and at
+    the end are complete before the call returns.
+
     Args:
         checkpointer: saves the weights, the optimizer, every participant and the RNG.
         every: steps between checkpoints; 0: only at the end.
         extra: ``extra(step)``, what the checkpoint of a step records besides the participants.
+        background: write the checkpoints of ``every`` in the background.
     """
 
     def __init__(
@@ -96,25 +102,33 @@ class CheckpointHook:
         extra: Callable[[int], dict[str, Any]],
         *,
         saved_step: int | None = None,
+        background: bool = False,
     ) -> None:
         self.checkpointer, self.every, self.extra = checkpointer, every, extra
         self.saved_step = saved_step  # the step of the newest checkpoint written or restored
+        self.background = background
 
     def after_step(self, report: StepReport) -> int | None:
-        if self.every and not report.finished and report.steps_done % self.every == 0:
-            self.save(report.steps_done)
+        self.checkpointer.poll()  # a background save that failed ends the run here
+        step = report.steps_done
+        if self.every and not report.finished and step % self.every == 0:
+            self.saved_step = step
+            saver = self.checkpointer
+            (saver.save_in_background if self.background else saver.save)(step, self.extra(step))
         return None
 
-    def save(self, step: int) -> Path:
-        """The checkpoint of ``step`` (steps done), written now."""
-        self.saved_step = step
-        return self.checkpointer.save(step, self.extra(step))
-
     def save_unless_saved(self, step: int) -> Path:
-        """The checkpoint of ``step``, written unless it already is."""
+        """The checkpoint of ``step``, complete on return: one still writing in the background
+        is waited for, and one not yet written is written now."""
+        self.checkpointer.wait()
         if self.saved_step != step:
-            return self.save(step)
+            self.saved_step = step
+            return self.checkpointer.save(step, self.extra(step))
         return self.checkpointer.directory / checkpoint_name(step)
+
+    def close(self) -> None:
+        """A run ending on an error: wait for this rank's background write (no collective)."""
+        self.checkpointer.close()
 
 
 class StopHook:

@@ -54,6 +54,7 @@ HOW_IT_RUNS = frozenset(
         "eval_every",
         "checkpoint_every",
         "keep_checkpoints",
+        "checkpoint_async",
         "on_nonfinite",
         "max_nonfinite_in_row",
         "stop_signals",

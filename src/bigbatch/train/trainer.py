@@ -246,11 +246,12 @@ class Trainer:
         finally:
             bar.close()
             metrics_logger.close()
+            if checkpoints is not None:
+                checkpoints.close()  # a background write still running ends before the run does
         return self._summary(loader.step, state, first_plan, figures, eval_metrics, resumed=resumed)
 
     def _window_loader(self, worker_ignored_signals: Any = ()) -> WindowLoader:
-        """This rank's windows from step 0 (data workers leave the stop signals to the main
-        process, which stops at a step boundary)."""
+        """This rank's windows from step 0 (data workers leave stop signals to this process)."""
         return self.planner.window_loader(
             self.train_dataset,
             rank=self.rank,
@@ -338,7 +339,8 @@ class Trainer:
                 "total_steps": self._total_steps,
             }
 
-        return CheckpointHook(checkpointer, self.config.checkpoint_every, extra)
+        every, background = self.config.checkpoint_every, self.config.checkpoint_async
+        return CheckpointHook(checkpointer, every, extra, background=background)
 
     def _summary(
         self,

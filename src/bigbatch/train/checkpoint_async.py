@@ -1,0 +1,159 @@
+"""Checkpoints written in the background: the state copied at the step boundary, the files later.
+
+`save_in_background` keeps every guarantee of `bigbatch.train.checkpoint.save` (docs/design.md,
+invariant 5): at the step boundary the ranks copy the training state and the weights into CPU
+memory (what training changes next cannot reach the copy) and rank 0 creates the temporary
+directory; then a thread writes the files, hashes them into ``meta.json``, fsyncs and renames the
+directory into place, and prunes older checkpoints only after that. Plain weights are written by
+rank 0's thread; shards by `torch.distributed.checkpoint.async_save` on every rank. The thread
+runs no collective of the run's process group: its outcome is agreed on by every rank later, at a
+step boundary (`PendingSave.settle`), so a full disk is the same one line on every rank then.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import threading
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from bigbatch.core import distributed
+from bigbatch.train import checkpoint_files as files
+from bigbatch.train.checkpoint import check_arguments, finish_checkpoint, prepare_temporary
+from bigbatch.train.checkpoint_agreement import Phases, agree, with_storage_cause
+from bigbatch.train.checkpoint_files import checkpoint_name, list_checkpoints
+from bigbatch.train.checkpoint_weights import cpu_copy
+from bigbatch.train.rundir import storage_errors
+
+logger = logging.getLogger(__name__)
+
+
+class PendingSave:
+    """A checkpoint whose files a background thread is writing, on this rank.
+
+    Attributes:
+        path: the checkpoint's directory once it is complete.
+        error: why this rank's part failed (None: not failed, or not finished yet).
+    """
+
+    def __init__(self, path: Path, write: Callable[[], None]) -> None:
+        self.path = path
+        self.error: BaseException | None = None
+        self._write = write
+        self._thread = threading.Thread(target=self._run, name="bigbatch-checkpoint")
+        self._thread.start()
+
+    def _run(self) -> None:
+        try:
+            self._write()
+        except BaseException as error:  # noqa: BLE001 - kept for the next step boundary
+            self.error = error
+            logger.warning("checkpoint %s failed in the background: %s", self.path, error)
+
+    @property
+    def done(self) -> bool:
+        """This rank's part is over (written or failed)."""
+        return not self._thread.is_alive()
+
+    def wait_here(self) -> BaseException | None:
+        """Wait for this rank's part, with no collective (for a run ending on an error); its
+        failure, if any (already logged)."""
+        self._thread.join()
+        return self.error
+
+    def settle(self, *, block: bool) -> bool:
+        """Whether the save is over on every rank; call on every rank at the same step boundary.
+
+        One small all-reduce (whether any rank is still writing), and once none is, the
+        agreement on the outcome: a failure anywhere raises on every rank, a storage error as
+        the same one line (`StorageError`). ``block`` first waits for this rank's part.
+        """
+        if block:
+            self._thread.join()
+        if distributed.is_initialized() and distributed.get_world_size() > 1:
+            writing = torch.tensor([0 if self.done else 1], dtype=torch.int64)
+            if int(distributed.all_reduce_max(writing).item()):
+                return False
+        elif not self.done:
+            return False
+        agree(self.error, None)
+        return True
+
+
+def save_in_background(
+    directory: Path,
+    step: int,
+    training_state: Callable[[], dict[str, Any]],
+    stage_weights: Callable[[], Any],
+    write_staged: Callable[[Path, Any], Callable[[], None]],
+    *,
+    sharded: bool = False,
+    keep: int | None = 3,
+) -> PendingSave:
+    """Copy the checkpoint of ``step`` now and write it in the background; every rank.
+
+    Args:
+        directory: where the ``step-*`` directories live (created if missing).
+        step: optimizer steps completed.
+        training_state: builds the training state, on rank 0 only (copied at once).
+        stage_weights: a CPU copy of the weights (and optimizer), on every rank.
+        write_staged: ``write_staged(tmp, staged)`` starts writing the copy into the temporary
+            directory and returns the call that finishes it (run in the background thread).
+        sharded: recorded in ``meta.json``.
+        keep: how many checkpoints to keep (the newest by step); None keeps all.
+
+    Returns:
+        The save under way; `PendingSave.settle` tells every rank its outcome.
+
+    Raises:
+        StorageError: on every rank, one line, when the copy or the temporary directory fails on
+            any rank (what fails later is raised by `PendingSave.settle`).
+    """
+    check_arguments(step, keep)
+    directory = Path(directory)
+    final = directory / checkpoint_name(step)
+    newest = list_checkpoints(directory)
+    intact = f"; the earlier checkpoints are intact (newest: {newest[-1].name})" if newest else ""
+    phase = Phases(f"write checkpoint {final}", intact)
+    main = distributed.is_main_process()
+    state: dict[str, Any] = {}  # rank 0's copy
+    staged: list[Any] = []  # this rank's copy of the weights
+
+    def prepare() -> str:
+        state.update(cpu_copy(training_state()))
+        return prepare_temporary(directory, final, state)
+
+    tmp = directory / phase.on_main(prepare)
+    try:
+        phase.everywhere(lambda: staged.append(stage_weights()))
+        finish_weights: list[Callable[[], None]] = []
+        phase.everywhere(lambda: finish_weights.append(write_staged(tmp, staged.pop())))
+    except BaseException:
+        if main:
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+    def write() -> None:
+        with storage_errors(phase.action, phase.hint):
+            try:
+                with_storage_cause(finish_weights[0])
+                if main:
+                    finish_checkpoint(tmp, final, step, state, sharded)
+            except BaseException:
+                if main:
+                    shutil.rmtree(tmp, ignore_errors=True)
+                raise
+        if main:
+            logger.info("saved checkpoint %s in the background%s", final, _sharded(sharded))
+            if keep is not None:
+                files.prune(directory, keep, final)
+
+    return PendingSave(final, write)
+
+
+def _sharded(sharded: bool) -> str:
+    return " (sharded)" if sharded else ""

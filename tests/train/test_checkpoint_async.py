@@ -1,0 +1,290 @@
+"""Checkpoints written in the background, against the synchronous save path as the reference: the
+same contents although training changes the weights meanwhile, an exact resume from them, a
+failing background write as one line at the next step boundary (also on one of 2 gloo ranks), and
+a process killed before the rename leaving the previous checkpoint to resume from."""
+
+from __future__ import annotations
+
+import errno
+import json
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from bigbatch.train import checkpoint_weights
+from bigbatch.train.checkpoint import list_checkpoints, load_latest_checkpoint
+from bigbatch.train.checkpointer import Checkpointer
+from bigbatch.train.configfile import validate
+from bigbatch.train.metrics import read_metrics
+from bigbatch.train.rundir import StorageError
+from bigbatch.train.trainer import Trainer
+from tests import models
+from tests.distributed_helpers import run_processes
+from tests.train.test_checkpointer import Tally, file_limit, make_checkpointer
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def assert_same(actual: Any, expected: Any, where: str = "state") -> None:
+    """Equal nested contents: every tensor equal in dtype, shape and every bit."""
+    assert type(actual) is type(expected), where
+    if isinstance(expected, torch.Tensor):
+        assert actual.dtype == expected.dtype and torch.equal(actual, expected), where
+    elif isinstance(expected, dict):
+        assert list(actual) == list(expected), where
+        for key in expected:
+            assert_same(actual[key], expected[key], f"{where}[{key!r}]")
+    elif isinstance(expected, list | tuple):
+        assert len(actual) == len(expected), where
+        for index, (one, other) in enumerate(zip(actual, expected, strict=True)):
+            assert_same(one, other, f"{where}[{index}]")
+    else:
+        assert actual == expected, where
+
+
+def gate_the_writer(checkpointer) -> threading.Event:
+    """Hold the background write of ``checkpointer`` until the returned event is set."""
+    release, write_staged = threading.Event(), checkpointer.weights.write_staged
+
+    def held(directory: Path, staged: Any):
+        finish = write_staged(directory, staged)
+        return lambda: (release.wait(timeout=60), finish())
+
+    checkpointer.weights.write_staged = held
+    return release
+
+
+def restored(directory: Path, sharded: bool) -> dict[str, Any]:
+    """A fresh model, optimizer and participant restored from the newest checkpoint."""
+    checkpointer, tally = make_checkpointer(directory, sharded, seed=9, steps=0)
+    found = load_latest_checkpoint(directory)
+    assert found is not None
+    checkpointer.restore(found)
+    return {
+        "model": checkpointer.model.state_dict(),
+        "optimizer": checkpointer.optimizer.state_dict()["state"],
+        "tally": tally.state_dict(),
+    }
+
+
+@pytest.mark.parametrize("sharded", [False, True], ids=["plain", "sharded"])
+def test_a_background_save_holds_what_a_synchronous_one_does(tmp_path, sharded):
+    checkpointer, tally = make_checkpointer(tmp_path / "sync", sharded)
+    tally.seen, tally.calls, tally.note = torch.tensor([4.0, 5.0, 6.0]), 3, "at step 2"
+    checkpointer.save(2, extra={"total_steps": 9})
+    model, optimizer = checkpointer.model, checkpointer.optimizer  # the same objects
+    background = Checkpointer(
+        tmp_path / "background", model=model, optimizer=optimizer, sharded=sharded
+    )
+    background.register("tally", tally)
+    release = gate_the_writer(background)
+    path = background.save_in_background(2, extra={"total_steps": 9})
+    assert not path.exists()  # held: not there before it is complete
+    with torch.no_grad():  # training goes on while the files are written
+        for parameter in checkpointer.model.parameters():
+            parameter.add_(1.0)
+    for moments in checkpointer.optimizer.state.values():
+        moments["exp_avg"].mul_(-3.0)
+    tally.seen.add_(100.0)
+    tally.calls, tally.note = 99, "later"
+    assert background.poll() is None  # still writing: nothing to tell
+    release.set()
+    assert background.wait() == path and path.is_dir()
+
+    sync_found = load_latest_checkpoint(tmp_path / "sync")
+    background_found = load_latest_checkpoint(tmp_path / "background")
+    assert sync_found is not None and background_found is not None
+    assert_same(background_found.training_state, sync_found.training_state)
+    if not sharded:
+        assert_same(background_found.model_state, sync_found.model_state)
+    assert_same(restored(tmp_path / "background", sharded), restored(tmp_path / "sync", sharded))
+
+
+def test_a_failed_background_write_is_one_line_and_the_previous_checkpoint_stays(
+    tmp_path, monkeypatch
+):
+    checkpointer, _ = make_checkpointer(tmp_path, False)
+    checkpointer.save(1)
+
+    def full_disk(path: Path, state: Any) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device", str(path))
+
+    monkeypatch.setattr(checkpoint_weights, "write_safetensors", full_disk)
+    checkpointer.save_in_background(2)
+    with pytest.raises(StorageError) as error:
+        checkpointer.wait()
+    message = str(error.value)
+    assert len(message.splitlines()) == 1 and len(message) < 400, message
+    assert message.startswith(f"cannot write checkpoint {tmp_path / 'step-00000002'}: "), message
+    assert "No space left on device" in message, message
+    assert message.endswith("the earlier checkpoints are intact (newest: step-00000001)")
+    assert [p.name for p in tmp_path.iterdir()] == ["step-00000001"]  # no temporary left
+    assert checkpointer.wait() is None  # told once; nothing pending any more
+
+
+def trained_weights(run_dir: Path, *, background: bool, resume: bool = False) -> dict:
+    """6 AdamW steps with a checkpoint after every one; the final weights."""
+    model = models.mlp()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=0.01)
+    config = dict(global_batch_size=16, micro_batch_size=4, max_steps=6, checkpoint_every=1)
+    config.update(keep_checkpoints=10, checkpoint_async=background, trackers=[])
+    trainer = Trainer(
+        model,
+        optimizer,
+        lambda m, batch: (models.mse_per_sample(m, *batch).sum(), batch[0].shape[0]),
+        torch.utils.data.TensorDataset(*models.regression_data(40)),
+        validate(config),
+        run_dir=run_dir,
+        progress=False,
+    )
+    trainer.fit(resume=resume)
+    return {name: value.clone() for name, value in trainer.module.state_dict().items()}
+
+
+def test_a_run_resumed_from_a_background_checkpoint_is_exact(tmp_path):
+    expected = trained_weights(tmp_path / "sync", background=False)
+    assert_same(trained_weights(tmp_path / "background", background=True), expected)
+    names = [path.name for path in list_checkpoints(tmp_path / "background" / "checkpoints")]
+    assert names == [f"step-{step:08d}" for step in range(1, 7)]
+    # Lose steps 4 to 6 (written in the background, as 1 to 5 were): resume from step 3.
+    shutil.copytree(tmp_path / "background", tmp_path / "resumed")
+    for step in (4, 5, 6):
+        shutil.rmtree(tmp_path / "resumed" / "checkpoints" / f"step-{step:08d}")
+    assert_same(trained_weights(tmp_path / "resumed", background=True, resume=True), expected)
+    steps = [line["step"] for line in read_metrics(tmp_path / "resumed" / "metrics.jsonl", "train")]
+    assert steps == [1, 2, 3, 4, 5, 6]
+
+
+def test_a_failed_background_write_stops_the_run_at_the_next_step_boundary(tmp_path, monkeypatch):
+    calls, write = [], checkpoint_weights.write_safetensors
+
+    def full_from_the_second(path: Path, state: Any) -> None:
+        calls.append(path)
+        if len(calls) >= 2:
+            raise OSError(errno.ENOSPC, "No space left on device", str(path))
+        write(path, state)
+
+    monkeypatch.setattr(checkpoint_weights, "write_safetensors", full_from_the_second)
+    with pytest.raises(StorageError) as error:
+        trained_weights(tmp_path, background=True)
+    message = str(error.value)
+    assert len(message.splitlines()) == 1 and "step-00000002" in message, message
+    assert "No space left on device" in message and "(newest: step-00000001)" in message
+    checkpoints = tmp_path / "checkpoints"
+    assert [p.name for p in checkpoints.iterdir()] == ["step-00000001"]
+    # The write of step 2's checkpoint failed during step 3: the run stopped after it.
+    assert [line["step"] for line in read_metrics(tmp_path / "metrics.jsonl")] == [1, 2, 3]
+
+
+KILLED_BEFORE_THE_RENAME = r"""
+import sys, time
+from pathlib import Path
+import torch
+from bigbatch.train import checkpoint_files
+from tests.train.test_checkpointer import make_checkpointer
+
+checkpointer, tally = make_checkpointer(Path(sys.argv[1]), sys.argv[2] == "sharded")
+tally.calls = 1
+checkpointer.save(1)
+
+def stuck(tmp, final):
+    print("about to rename", flush=True)
+    time.sleep(120)
+
+checkpoint_files.move_into_place = stuck
+tally.calls = 2
+checkpointer.save_in_background(2)
+checkpointer.wait()
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(120)
+def test_a_kill_before_the_rename_leaves_the_previous_checkpoint(tmp_path):
+    """Plain weights: the rename is the same for shards."""
+    process = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            KILLED_BEFORE_THE_RENAME,
+            str(tmp_path),
+            "plain",
+        ],
+        cwd=ROOT,
+        env={"PYTHONPATH": f"{ROOT}:{ROOT / 'src'}", "OMP_NUM_THREADS": "1"},
+        stdout=subprocess.PIPE,
+    )
+    assert process.stdout is not None
+    assert process.stdout.readline() == b"about to rename\n"
+    process.send_signal(signal.SIGKILL)
+    process.wait(timeout=30)
+    temporaries = [p.name for p in tmp_path.iterdir() if ".tmp-" in p.name]
+    assert len(temporaries) == 1 and temporaries[0].startswith("step-00000002")
+    meta = json.loads((tmp_path / temporaries[0] / "meta.json").read_text())
+    assert meta["step"] == 2  # complete but for the rename: still never read
+    assert [p.name for p in list_checkpoints(tmp_path)] == ["step-00000001"]
+    assert restored(tmp_path, False)["tally"]["calls"] == 1
+
+
+def fsdp_checkpointer(directory: Path, world_size: int) -> tuple[Checkpointer, Tally]:
+    """An MLP sharded with FSDP2 over every rank after 2 AdamW steps, and its checkpointer."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    model = models.mlp()
+    fully_shard(model, mesh=init_device_mesh("cpu", (world_size,)))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=0.01)
+    x, y = models.regression_data(16)
+    for _ in range(2):
+        optimizer.zero_grad()
+        models.mse_per_sample(model, x, y).mean().backward()
+        optimizer.step()
+    checkpointer = Checkpointer(directory, model=model, optimizer=optimizer, sharded=True)
+    checkpointer.register("tally", tally := Tally())
+    return checkpointer, tally
+
+
+def background_saves_on_two_ranks(rank: int, world_size: int, directory: str) -> str | None:
+    """An FSDP2 model's step 1 saved synchronously and in the background (its shards changed
+    meanwhile); then step 2 in the background with rank 1's disk full: each rank's error."""
+    checkpointer, tally = fsdp_checkpointer(Path(directory) / "sync", world_size)
+    checkpointer.save(1)
+    checkpointer.directory = Path(directory) / "background"
+    release = gate_the_writer(checkpointer)
+    checkpointer.save_in_background(1)
+    with torch.no_grad():
+        for parameter in checkpointer.model.parameters():
+            parameter.mul_(2.0)
+    tally.calls = 7
+    release.set()
+    checkpointer.wait()
+    if rank == 1:
+        file_limit(2_000)
+    try:
+        checkpointer.save_in_background(2)
+        while checkpointer.poll() is None:  # at step boundaries, until it is over everywhere
+            pass
+    except StorageError as error:
+        return str(error)
+    finally:
+        file_limit(None)
+    return None
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_background_shards_on_two_ranks_and_a_full_disk_on_one(tmp_path):
+    messages = run_processes(background_saves_on_two_ranks, 2, str(tmp_path))
+    assert messages[0] is not None and messages[0] == messages[1]  # one line, every rank
+    assert len(messages[0].splitlines()) == 1 and "File too large (rank 1)" in messages[0]
+    assert "(newest: step-00000001)" in messages[0]
+    background = tmp_path / "background"
+    assert [p.name for p in background.iterdir()] == ["step-00000001"]
+    assert_same(restored(background, True), restored(tmp_path / "sync", True))
