@@ -11,6 +11,7 @@ from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
 from torch.nn.parallel import DistributedDataParallel
 
 import bigbatch
+from bigbatch.core import replication
 from tests import models
 from tests.distributed_helpers import FreedLate, run_processes
 from tests.reference import full_batch_sgd, relative_error
@@ -32,15 +33,20 @@ def global_batches():
     ]
 
 
-def train_rank(rank: int, world_size: int, micro: int) -> dict:
+def train_rank(rank: int, world_size: int, micro: int, bucket_view: bool) -> dict:
     model = models.token_model()
     calls = {"all_reduce": 0}
+    bucket_storages = set()
 
     def counting_hook(state, bucket):
         calls["all_reduce"] += 1
+        bucket_storages.add(bucket.buffer().untyped_storage().data_ptr())
         return default_hooks.allreduce_hook(None, bucket)
 
-    ddp = DistributedDataParallel(model, bucket_cap_mb=1000)
+    if bucket_view:
+        ddp = replication.replicate(model, bucket_cap_mb=1000)
+    else:
+        ddp = DistributedDataParallel(model, bucket_cap_mb=1000)
     ddp.register_comm_hook(None, counting_hook)
     accumulator = bigbatch.Accumulator(ddp, torch.optim.SGD(ddp.parameters(), lr=0.5))
     p = bigbatch.plan(GLOBAL_BATCH, world_size, micro_batch_size=micro)
@@ -57,7 +63,11 @@ def train_rank(rank: int, world_size: int, micro: int) -> dict:
         result = accumulator.step(window, models.token_loss_fn)
         per_step_calls.append(calls["all_reduce"] - before)
         assert not result.skipped
+    gradients = [p.grad for p in model.parameters()]
     return {
+        "grads_in_buckets": [
+            g is not None and g.untyped_storage().data_ptr() in bucket_storages for g in gradients
+        ],
         "weights": {n: p.detach().clone() for n, p in model.named_parameters()},
         "calls": per_step_calls,
         "tokens": tokens_seen,
@@ -69,13 +79,18 @@ def reference_weights():
     return full_batch_sgd(models.token_model(), global_batches(), models.token_item_losses, 0.5)
 
 
-@pytest.mark.parametrize("micro", [2, 1])
-def test_two_processes_match_one_full_batch_with_one_sync_per_step(micro):
-    results = run_processes(train_rank, 2, micro)
+@pytest.mark.parametrize(
+    ("micro", "bucket_view"), [(2, False), (1, False), (1, True)], ids=["2", "1", "1-bucket-view"]
+)
+def test_two_processes_match_one_full_batch_with_one_sync_per_step(micro, bucket_view):
+    results = run_processes(train_rank, 2, micro, bucket_view)
     expected = reference_weights()
     for result in results:
         assert relative_error(result["weights"], expected) < 1e-12
         assert result["calls"] == [1] * STEPS  # one bucket: one all-reduce per optimizer step
+        # gradient_as_bucket_view: after the steps every .grad is still a view into DDP's
+        # bucket (one gradient per rank); without it, each .grad is a tensor of its own
+        assert result["grads_in_buckets"] == [bucket_view] * len(result["grads_in_buckets"])
     # The ranks really held different numbers of loss items.
     assert results[0]["tokens"] != results[1]["tokens"]
     if micro == 1:

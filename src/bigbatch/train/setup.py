@@ -14,12 +14,11 @@ from dataclasses import dataclass
 from typing import Any, cast
 
 import torch
-from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import Dataset
 
 from bigbatch.choices import GradientSync
 from bigbatch.core import batchnorm as batchnorm_policies
-from bigbatch.core import distributed, sharding
+from bigbatch.core import distributed, replication, sharding
 from bigbatch.core.engine import Accumulator, LossFn
 from bigbatch.planning.unit import BatchUnit, SampleUnit, TokenUnit
 from bigbatch.tools.micro_setting import (
@@ -76,7 +75,7 @@ def prepare_model(
     runner: torch.nn.Module = model if distributed.is_ddp(model) else module
     if world_size > 1 and not distributed.is_ddp(model) and not sharding.is_fsdp(model):
         ids = [device.index] if device.type == "cuda" else None
-        runner = DistributedDataParallel(module, device_ids=ids)
+        runner = replication.replicate(module, device_ids=ids)  # one gradient per rank
     sharded = sharding.is_fsdp(model) or config.parallelism == "fsdp"
     return PreparedModel(module, runner, device, sharded)
 
