@@ -34,8 +34,11 @@ def cpus() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
-def settings() -> list[str]:
-    """default, 1 .. CPUs threads spinning, the same waiting passively, and auto."""
+def settings(smoke: bool = False) -> list[str]:
+    """default, 1 and CPUs threads spinning, the same waiting passively, and auto (smoke: the
+    default and auto only)."""
+    if smoke:
+        return ["default", "auto"]
     counts = sorted({1, cpus()})
     return ["default", *map(str, counts), *(f"{n} passive" for n in counts), "auto"]
 
@@ -107,13 +110,15 @@ def measure(setting: str, steps: int, global_batch_size: int) -> tuple[float, in
     return result["step_s"], result["threads"]
 
 
-def measure_all(steps: int, global_batch_size: int, busy: bool) -> dict[str, tuple[float, int]]:
+def measure_all(
+    steps: int, global_batch_size: int, busy: bool, smoke: bool = False
+) -> dict[str, tuple[float, int]]:
     """Every setting, with a spinning process per CPU beside it when busy."""
     spinners = [multiprocessing.Process(target=spin, daemon=True) for _ in range(cpus() * busy)]
     for spinner in spinners:
         spinner.start()
     try:
-        return {setting: measure(setting, steps, global_batch_size) for setting in settings()}
+        return {setting: measure(setting, steps, global_batch_size) for setting in settings(smoke)}
     finally:
         for spinner in spinners:
             spinner.terminate()
@@ -138,7 +143,9 @@ def table(quiet: dict[str, tuple[float, int]], busy: dict[str, tuple[float, int]
 
 
 def main() -> None:
-    parser = argument_parser(__doc__, "1 step of 32 samples per setting, prints the table only")
+    parser = argument_parser(
+        __doc__, "default and auto, 1 step of 32 samples, prints the table only"
+    )
     parser.add_argument("--worker", help="(internal) run one setting and print its median")
     parser.add_argument("--steps", type=int, default=15)
     parser.add_argument("--global-batch-size", type=int, default=256)
@@ -148,8 +155,8 @@ def main() -> None:
         return
     steps, global_batch_size = (1, 32) if args.smoke else (args.steps, args.global_batch_size)
     load = os.getloadavg()[0]
-    quiet = measure_all(steps, global_batch_size, busy=False)
-    busy = measure_all(steps, global_batch_size, busy=True)
+    quiet = measure_all(steps, global_batch_size, busy=False, smoke=args.smoke)
+    busy = measure_all(steps, global_batch_size, busy=True, smoke=args.smoke)
     note = (
         f"digits, global batch {global_batch_size} in micro-batches of 16, AdamW; median of "
         f"{steps} steps after "
