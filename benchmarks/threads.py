@@ -111,18 +111,27 @@ def measure(setting: str, steps: int, global_batch_size: int) -> tuple[float, in
 
 
 def measure_all(
-    steps: int, global_batch_size: int, busy: bool, smoke: bool = False
+    chosen: list[str], steps: int, global_batch_size: int, busy: bool, rounds: int
 ) -> dict[str, tuple[float, int]]:
-    """Every setting, with a spinning process per CPU beside it when busy."""
+    """Each chosen setting, in `rounds` interleaved rounds (the median of the rounds' medians,
+    so that the machine's drift hits every setting alike), with a spinning process per CPU
+    beside it when busy."""
     spinners = [multiprocessing.Process(target=spin, daemon=True) for _ in range(cpus() * busy)]
     for spinner in spinners:
         spinner.start()
+    runs: dict[str, list[tuple[float, int]]] = {setting: [] for setting in chosen}
     try:
-        return {setting: measure(setting, steps, global_batch_size) for setting in settings(smoke)}
+        for _ in range(rounds):
+            for setting in chosen:
+                runs[setting].append(measure(setting, steps, global_batch_size))
     finally:
         for spinner in spinners:
             spinner.terminate()
             spinner.join()
+    return {
+        setting: (statistics.median(s for s, _ in found), found[0][1])
+        for setting, found in runs.items()
+    }
 
 
 def table(quiet: dict[str, tuple[float, int]], busy: dict[str, tuple[float, int]]) -> str:
@@ -149,18 +158,23 @@ def main() -> None:
     parser.add_argument("--worker", help="(internal) run one setting and print its median")
     parser.add_argument("--steps", type=int, default=15)
     parser.add_argument("--global-batch-size", type=int, default=256)
+    parser.add_argument("--rounds", type=int, default=1, help="interleaved rounds per setting")
+    parser.add_argument(
+        "--settings", help=f"comma-separated, some of: {', '.join(settings())} (default: all)"
+    )
     args = parser.parse_args()
     if args.worker:
         worker(args.worker, args.steps, args.global_batch_size)
         return
     steps, global_batch_size = (1, 32) if args.smoke else (args.steps, args.global_batch_size)
     load = os.getloadavg()[0]
-    quiet = measure_all(steps, global_batch_size, busy=False, smoke=args.smoke)
-    busy = measure_all(steps, global_batch_size, busy=True, smoke=args.smoke)
+    chosen = args.settings.split(",") if args.settings else settings(args.smoke)
+    quiet = measure_all(chosen, steps, global_batch_size, busy=False, rounds=args.rounds)
+    busy = measure_all(chosen, steps, global_batch_size, busy=True, rounds=args.rounds)
     note = (
         f"digits, global batch {global_batch_size} in micro-batches of 16, AdamW; median of "
-        f"{steps} steps after "
-        f"a warm-up step, each setting in a fresh process. {cpus()} CPUs ({platform.machine()}), "
+        f"{steps} steps after a warm-up step, each setting in a fresh process, median of "
+        f"{args.rounds} interleaved round(s). {cpus()} CPUs ({platform.machine()}), "
         f"load average {load:.1f} before the quiet runs: above 0.5 the quiet column is not "
         f"quiet (other jobs ran beside it) and its figures are noisy. Busy: {cpus()} spinning "
         "processes beside it. Passive: OMP_WAIT_POLICY=PASSIVE."
