@@ -19,8 +19,13 @@ from bigbatch.train.configfile import load_config
 def test_auto_is_the_usable_cpus_over_the_local_processes(monkeypatch, cpus, local, expected):
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(cpus)), raising=False)
     monkeypatch.setenv("LOCAL_WORLD_SIZE", str(local))
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
     assert threads.resolve_threads("auto") == expected == max(1, cpus // local)
     assert threads.resolve_threads(3) == 3
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")  # the user's (or torchrun's) choice wins
+    assert threads.resolve_threads("auto") == 1
+    monkeypatch.setenv("OMP_NUM_THREADS", "")  # set to nothing: not a choice
+    assert threads.resolve_threads("auto") == expected
 
 
 def test_apply_threads_sets_torch_and_gives_the_count_back():

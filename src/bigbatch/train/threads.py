@@ -44,7 +44,12 @@ def local_processes() -> int:
 
 
 def resolve_threads(threads: int | str) -> int:
-    """The config's ``threads``: a number as given; auto: usable CPUs // local processes (>= 1)."""
-    if threads == "auto":
-        return max(1, usable_cpus() // local_processes())
-    return int(threads)
+    """The config's ``threads``: a number as given; auto: ``OMP_NUM_THREADS`` where it is set to
+    a positive number (the user's choice, or torchrun's 1), else usable CPUs // local processes
+    (at least 1)."""
+    if threads != "auto":
+        return int(threads)
+    chosen = os.environ.get("OMP_NUM_THREADS", "")
+    if chosen.isdigit() and int(chosen) > 0:
+        return int(chosen)
+    return max(1, usable_cpus() // local_processes())
