@@ -7,6 +7,10 @@ optimizer state; `bigbatch.tools.memory.probe`'s accounting of one micro-batch i
 it. On CUDA it is the allocator's peak during the step. Activation memory should fall as
 micro / global.
 
+A second table measures one DDP rank's peak (2 gloo processes on CPU) with and without
+``gradient_as_bucket_view``: the resident-set high-water mark of steps after warm-up, over the
+parameters, in gradients (one gradient, not two).
+
     python benchmarks/memory.py            # writes benchmarks/results/memory.{md,png}
     python benchmarks/memory.py --smoke    # tiny global batch, prints the table only (CI)
 """
@@ -14,8 +18,10 @@ micro / global.
 from __future__ import annotations
 
 import copy
+import os
 import platform
 import sys
+import tempfile
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -23,11 +29,14 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
 from torch.autograd.graph import saved_tensors_hooks
+from torch.nn.parallel import DistributedDataParallel
 
 import bigbatch
 from bigbatch import recipes
-from bigbatch.core import batches
+from bigbatch.core import batches, replication
 from bigbatch.tools.memory import optimizer_state_bytes, probe
 from bigbatch.units import format_bytes
 
@@ -240,6 +249,62 @@ def plot(rows: list[Row], global_batch_size: int, path: Path) -> None:
     save_figure(figure, path)
 
 
+def _resident_bytes(field: str) -> int:
+    """VmRSS (now) or VmHWM (peak since the last reset) of this process, from /proc."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) * 1024
+    raise RuntimeError(f"{field} not in /proc/self/status")
+
+
+def _ddp_rank(rank: int, bucket_view: bool, width: int, folder: str) -> None:
+    """One rank: warm up (DDP rebuilds its buckets after the first step), reset the peak, run two
+    steps of two micro-batches; write (peak - resident before the model - parameters, gradient
+    bytes): gradients, DDP's buckets and the (tiny) activations."""
+    torch.set_num_threads(1)
+    rendezvous = f"file://{os.path.join(folder, 'rendezvous')}"
+    dist.init_process_group("gloo", init_method=rendezvous, rank=rank, world_size=2)
+    torch.manual_seed(0)
+    base = _resident_bytes("VmRSS")
+    # each weight above glibc's mmap threshold, so that a freed gradient leaves the resident set
+    model = torch.nn.Sequential(*(torch.nn.Linear(width, width, bias=False) for _ in range(3)))
+    wrapped = replication.replicate(model) if bucket_view else DistributedDataParallel(model)
+    accumulator = bigbatch.Accumulator(wrapped, torch.optim.SGD(model.parameters(), lr=1e-3))
+    window = [torch.randn(8, width), torch.randn(8, width)]
+
+    def loss_fn(m: torch.nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, int]:
+        return m(x).pow(2).sum(), x.shape[0]
+
+    for _ in range(3):
+        accumulator.step(window, loss_fn)
+    Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current VmRSS
+    for _ in range(2):
+        accumulator.step(window, loss_fn)
+    parameters = sum(p.numel() * p.element_size() for p in model.parameters())
+    held = _resident_bytes("VmHWM") - base - parameters
+    torch.save((held, parameters), os.path.join(folder, f"rank{rank}.pt"))
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+def ddp_gradient_table(width: int) -> str:
+    """Per-rank peak of gradients under DDP, with and without gradient_as_bucket_view."""
+    lines = [
+        "| DDP, 2 ranks | one gradient | peak beyond parameters (per rank) | in gradients |",
+        "| --- | ---: | ---: | ---: |",
+    ]
+    for bucket_view in (False, True):
+        with tempfile.TemporaryDirectory() as folder:
+            mp.spawn(_ddp_rank, args=(bucket_view, width, folder), nprocs=2, join=True)
+            ranks = [torch.load(os.path.join(folder, f"rank{r}.pt")) for r in range(2)]
+        held, gradient = max(ranks)
+        label = "gradient_as_bucket_view" if bucket_view else "default (.grad and buckets)"
+        lines.append(
+            f"| {label} | {format_bytes(gradient)} | {format_bytes(held)} | {held / gradient:.2f} |"
+        )
+    return "\n".join(lines)
+
+
 def main() -> None:
     parser = argument_parser(__doc__, "tiny global batch (CI)")
     parser.add_argument("--global-batch-size", type=int, default=256)
@@ -260,6 +325,17 @@ def main() -> None:
         "that of the window's heaviest micro-batch: tinylm pads per micro-batch, so a short "
         "micro-batch can need less than micro / global of the full batch's activations. "
         f"{platform.machine()}, torch {torch.__version__}."
+    )
+    width = 512 if args.smoke else 4096
+    text += "\n\n" + ddp_gradient_table(width)
+    note += (
+        f"\n\nDDP: 2 gloo processes (1 torch thread each), 3 bias-free Linear({width}, {width}) "
+        "layers, SGD, windows of 2 micro-batches of 8 rows; after 3 warm-up steps the resident "
+        "set's high-water mark is reset (/proc/self/clear_refs) and 2 more steps run. Peak beyond "
+        "parameters = that peak - the resident set before the model was built - the parameters: "
+        "the gradients, DDP's buckets, the activations (a few KiB) and gloo's and the "
+        "allocator's own memory, the same in both rows. bigbatch wraps DDP with "
+        "`gradient_as_bucket_view=True`, which holds one gradient fewer."
     )
     publish(
         "memory",

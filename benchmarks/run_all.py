@@ -1,9 +1,11 @@
 """Run every benchmark script in turn (what `make bench` runs); `--smoke` passes through.
 
 Each script writes its table and plot under benchmarks/results/ (smoke runs print only). A script
-that fails is reported and the others still run; the exit status is 1 if any failed.
+that fails is reported and the others still run; the exit status is 1 if any failed. A progress
+line before and after each script says which one runs, how many are left and the time so far
+(docs/performance.md gives what each script takes).
 
-    python benchmarks/run_all.py            # every figure, about 10 minutes on a 2-core CPU
+    python benchmarks/run_all.py            # every figure (see docs/performance.md for how long)
     python benchmarks/run_all.py --smoke    # every code path in a minute or two
     python benchmarks/run_all.py memory ddp # only some scripts, by name
 """
@@ -32,6 +34,8 @@ SCRIPTS = (
     "sharded",
     "elastic",
     "checkpoint_cost",
+    "threads",
+    "compile",
 )
 
 
@@ -46,12 +50,15 @@ def main() -> int:
     if unknown:
         parser.error(f"unknown benchmark {unknown[0]!r}: choose from {', '.join(SCRIPTS)}")
     failed, durations = [], {}
-    for name in args.names or SCRIPTS:
+    chosen = args.names or SCRIPTS
+    began = time.perf_counter()
+    for index, name in enumerate(chosen, 1):
         script = HERE / f"{name}.py"
+        progress = f"[{index}/{len(chosen)}, {time.perf_counter() - began:.0f} s so far]"
         if not script.exists():
-            print(f"== {name}: {script} is missing, skipped", flush=True)
+            print(f"== {name} {progress}: {script} is missing, skipped", flush=True)
             continue
-        print(f"== {name}", flush=True)
+        print(f"== {name} {progress}", flush=True)
         command = [sys.executable, str(script)] + (["--smoke"] if args.smoke else [])
         start = time.perf_counter()
         code = subprocess.call(command)
@@ -59,6 +66,7 @@ def main() -> int:
         if code != 0:
             failed.append(name)
             print(f"== {name} FAILED (exit {code})", flush=True)
+        print(f"== {name} took {durations[name]:.0f} s", flush=True)
         print(flush=True)
     summary = ", ".join(f"{name} {seconds:.0f} s" for name, seconds in durations.items())
     print(f"== done in {sum(durations.values()):.0f} s ({summary})")

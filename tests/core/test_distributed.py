@@ -11,6 +11,7 @@ from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
 from torch.nn.parallel import DistributedDataParallel
 
 import bigbatch
+from bigbatch.core import replication
 from tests import models
 from tests.distributed_helpers import FreedLate, run_processes
 from tests.reference import full_batch_sgd, relative_error
@@ -32,21 +33,30 @@ def global_batches():
     ]
 
 
-def train_rank(rank: int, world_size: int, micro: int) -> dict:
+def train_rank(
+    rank: int, world_size: int, micro: int, bucket_view: bool, accumulation_dtype: str
+) -> dict:
     model = models.token_model()
     calls = {"all_reduce": 0}
+    bucket_storages = set()
 
     def counting_hook(state, bucket):
         calls["all_reduce"] += 1
+        bucket_storages.add(bucket.buffer().untyped_storage().data_ptr())
         return default_hooks.allreduce_hook(None, bucket)
 
-    ddp = DistributedDataParallel(model, bucket_cap_mb=1000)
+    if bucket_view:
+        ddp = replication.replicate(model, bucket_cap_mb=1000)
+    else:
+        ddp = DistributedDataParallel(model, bucket_cap_mb=1000)
     ddp.register_comm_hook(None, counting_hook)
-    accumulator = bigbatch.Accumulator(ddp, torch.optim.SGD(ddp.parameters(), lr=0.5))
+    accumulator = bigbatch.Accumulator(
+        ddp, torch.optim.SGD(ddp.parameters(), lr=0.5), accumulation_dtype=accumulation_dtype
+    )
     p = bigbatch.plan(GLOBAL_BATCH, world_size, micro_batch_size=micro)
     start = p.rank_offsets()[rank]
     sizes = p.micro_batch_sizes(rank)
-    per_step_calls, tokens_seen = [], []
+    per_step_calls, tokens_seen, grad_storages = [], [], []
     for tokens, labels in global_batches():
         window, offset = [], start
         for size in sizes:
@@ -57,7 +67,15 @@ def train_rank(rank: int, world_size: int, micro: int) -> dict:
         result = accumulator.step(window, models.token_loss_fn)
         per_step_calls.append(calls["all_reduce"] - before)
         assert not result.skipped
+        grad_storages.append(
+            [
+                None if p.grad is None else p.grad.untyped_storage().data_ptr()
+                for p in model.parameters()
+            ]
+        )
     return {
+        "grad_storages": grad_storages,
+        "bucket_storages": bucket_storages,
         "weights": {n: p.detach().clone() for n, p in model.named_parameters()},
         "calls": per_step_calls,
         "tokens": tokens_seen,
@@ -69,13 +87,33 @@ def reference_weights():
     return full_batch_sgd(models.token_model(), global_batches(), models.token_item_losses, 0.5)
 
 
-@pytest.mark.parametrize("micro", [2, 1])
-def test_two_processes_match_one_full_batch_with_one_sync_per_step(micro):
-    results = run_processes(train_rank, 2, micro)
+@pytest.mark.parametrize(
+    ("micro", "bucket_view", "accumulation_dtype"),
+    [(2, False, "param"), (1, False, "param"), (1, True, "param"), (2, True, "fp32")],
+    ids=["2", "1", "1-bucket-view", "2-bucket-view-fp32-buffer"],
+)
+def test_two_processes_match_one_full_batch_with_one_sync_per_step(
+    micro, bucket_view, accumulation_dtype
+):
+    results = run_processes(train_rank, 2, micro, bucket_view, accumulation_dtype)
     expected = reference_weights()
+    # the fp32 buffer sums float64 gradients in float32: float32 rounding
+    tolerance = 1e-12 if accumulation_dtype == "param" else 1e-6
+    # with the buffer, every backward runs under no_sync and the engine all-reduces the buffer
+    calls = [1 if accumulation_dtype == "param" else 0] * STEPS
     for result in results:
-        assert relative_error(result["weights"], expected) < 1e-12
-        assert result["calls"] == [1] * STEPS  # one bucket: one all-reduce per optimizer step
+        assert relative_error(result["weights"], expected) < tolerance
+        assert result["calls"] == calls  # one bucket: one all-reduce per optimizer step
+        if not bucket_view:  # the engine sets .grad to None after a step
+            assert {g for step in result["grad_storages"] for g in step} == {None}
+            continue
+        # gradient_as_bucket_view: after every step each .grad is the same view into DDP's
+        # bucket (one gradient per rank), never set to None or replaced; DDP rebuilds its
+        # buckets once, in the second step's forward
+        first, *later = result["grad_storages"][1:]
+        assert None not in first and all(storages == first for storages in later)
+        if accumulation_dtype == "param":  # the bucket the comm hook all-reduced
+            assert set(first) <= result["bucket_storages"]
     # The ranks really held different numbers of loss items.
     assert results[0]["tokens"] != results[1]["tokens"]
     if micro == 1:

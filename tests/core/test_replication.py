@@ -107,6 +107,7 @@ def _answers(rank: int, world: int) -> dict[str, object]:
     from torch.nn.parallel import DistributedDataParallel
 
     from bigbatch.core import sharding
+    from bigbatch.core.replication import replicate
 
     answers: dict[str, object] = {"unwrapped": choose(_model()).name}
     answers["unwrapped_world"] = choose(_model()).world_size
@@ -114,6 +115,11 @@ def _answers(rank: int, world: int) -> dict[str, object]:
     ddp = choose(model)
     answers["ddp"] = (ddp.name, ddp.world_size, ddp.gradient_ranks, ddp.spans_ranks, ddp.sharded)
     answers["ddp_checks"] = ddp.checks_divergence
+    answers["keeps_gradients"] = (
+        choose(_model()).keeps_gradients,
+        ddp.keeps_gradients,  # DDP without gradient_as_bucket_view: .grad may be set to None
+        choose(replicate(_model())).keeps_gradients,
+    )
     answers["ddp_equal"] = (
         ddp.equal_micro_steps,
         choose(model, gradient_sync="every_micro_batch").equal_micro_steps,
@@ -163,6 +169,7 @@ def test_ddp_and_fsdp2_are_chosen_and_answer_over_two_processes():
     for rank, found in enumerate(results):
         assert (found["unwrapped"], found["unwrapped_world"]) == ("local", 1)
         assert found["ddp"] == ("ddp", 2, 2, True, False) and found["ddp_checks"]
+        assert found["keeps_gradients"] == (False, False, True)
         assert found["ddp_equal"] == (False, True)
         torch.testing.assert_close(found["unsynced"], plain[rank], rtol=1e-12, atol=0)
         torch.testing.assert_close(found["synced"], mean, rtol=1e-12, atol=0)

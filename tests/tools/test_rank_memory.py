@@ -136,7 +136,7 @@ def test_prediction_equals_the_tensors_each_rank_holds(world: int, mode: str) ->
         assert predicted.unsharded_gradient == total
 
 
-def test_ddp_and_one_process_hold_the_whole_model_and_ddp_its_buckets() -> None:
+def test_ddp_and_one_process_hold_the_whole_model_and_one_gradient() -> None:
     model = Model()
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
     sizes = model_sizes(model, optimizer, shard_units)
@@ -144,8 +144,9 @@ def test_ddp_and_one_process_hold_the_whole_model_and_ddp_its_buckets() -> None:
     one = rank_memory(sizes, Layout("fsdp", 1), activation_bytes=100)
     assert (one.parameters, one.gradients, one.optimizer, one.in_flight) == (whole,) * 3 + (0,)
     assert one.total == 3 * whole + 100
+    # DDP runs with gradient_as_bucket_view: its buckets are the gradient, not a second copy
     ddp = rank_memory(sizes, Layout("ddp", 4), activation_bytes=100)
-    assert ddp.in_flight == whole and ddp.total == 4 * whole + 100
+    assert ddp.in_flight == 0 and ddp.total == 3 * whole + 100
     # FSDP's in-flight units: the root's own parameters, two largest units and one gradient.
     block = sum(p.numel() * 4 for p in model.blocks[0].parameters())
     fsdp = rank_memory(sizes, Layout("fsdp", 4, "every_micro_batch"), activation_bytes=0)

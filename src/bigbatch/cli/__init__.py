@@ -15,6 +15,7 @@ import traceback
 from collections.abc import Sequence
 
 from bigbatch.cli.parser import EXIT_USAGE, build_parser
+from bigbatch.train.threads import wait_passively
 from bigbatch.units import UsageError, one_line
 
 __all__ = ["build_parser", "main"]
@@ -51,6 +52,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     Returns the exit code (see the module's docstring). A `UsageError` becomes one line on stderr
     and exit 2; any other exception propagates with its traceback (exit 1 from the interpreter).
     """
+    # OpenMP reads how its threads wait once, when torch loads it: passive unless the user chose.
+    wait_passively()
     args = build_parser().parse_args(argv)
     _setup_logging(args.command)
     try:

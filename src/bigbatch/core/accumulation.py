@@ -26,14 +26,19 @@ class Fp32GradientBuffer:
 
     Args:
         parameters: the trained parameters, in the order the buffers follow.
+        keep_gradients: ``.grad`` is storage someone else owns (DDP's buckets under
+            ``gradient_as_bucket_view``): it is zeroed and written in place, never replaced.
 
     Attributes:
         tensors: one float32 buffer per parameter; None outside a window and before its first
             backward.
     """
 
-    def __init__(self, parameters: list[torch.nn.Parameter]) -> None:
+    def __init__(
+        self, parameters: list[torch.nn.Parameter], *, keep_gradients: bool = False
+    ) -> None:
         self._parameters = parameters
+        self._keep_gradients = keep_gradients
         self.tensors: list[torch.Tensor] | None = None
 
     def add_gradients(self) -> None:
@@ -47,7 +52,10 @@ class Fp32GradientBuffer:
         for buffer, parameter in zip(self.tensors, self._parameters):
             if parameter.grad is not None:
                 buffer.add_(parameter.grad)
-                parameter.grad = None
+                if self._keep_gradients:
+                    parameter.grad.zero_()
+                else:
+                    parameter.grad = None
 
     def average_over_ranks(self, world_size: int) -> None:
         """Sum the buffers over ranks in one all-reduce and divide by world_size: DDP's average,
@@ -63,12 +71,16 @@ class Fp32GradientBuffer:
             offset += buffer.numel()
 
     def round_to_parameters(self) -> None:
-        """The step's one rounding: every ``.grad`` becomes its buffer in the parameter's dtype
-        (the buffers are released)."""
+        """The step's one rounding: every ``.grad`` becomes its buffer in the parameter's dtype,
+        written into the ``.grad`` there is (a bucket view stays one), else a new tensor (the
+        buffers are released)."""
         if self.tensors is None:
             return
         for buffer, parameter in zip(self.tensors, self._parameters):
-            parameter.grad = buffer.to(parameter.dtype)
+            if parameter.grad is None:
+                parameter.grad = buffer.to(parameter.dtype)
+            else:
+                parameter.grad.copy_(buffer)
         self.tensors = None
 
     def clear(self) -> None:
@@ -89,7 +101,8 @@ class WindowGradients:
         self._parameters = parameters
         self._replication = replication
         fp32 = replication.accumulation_dtype == "fp32"
-        self.buffer = Fp32GradientBuffer(parameters) if fp32 else None
+        self._keep = replication.keeps_gradients
+        self.buffer = Fp32GradientBuffer(parameters, keep_gradients=self._keep) if fp32 else None
 
     def after_backward(self) -> None:
         """After each micro-step's backward: move its gradient into the buffer, if there is one."""
@@ -114,10 +127,19 @@ class WindowGradients:
             self.buffer.round_to_parameters()
 
     def clear(self) -> None:
-        """Drop every gradient of the window: ``.grad``, the buffer and what the strategy holds."""
-        # What zero_grad(set_to_none=True) does, over the list already held (no module walk).
-        for parameter in self._parameters:
-            parameter.grad = None
+        """Drop every gradient of the window: ``.grad``, the buffer and what the strategy holds.
+
+        ``.grad`` is set to None (zero_grad(set_to_none=True), over the list already held: no
+        module walk), or zeroed in place where it is a view into DDP's buckets: a new tensor
+        there would be a second gradient until DDP's next sync copies it back.
+        """
+        if self._keep:
+            kept = [p.grad for p in self._parameters if p.grad is not None]
+            if kept:
+                torch._foreach_zero_(kept)
+        else:
+            for parameter in self._parameters:
+                parameter.grad = None
         if self.buffer is not None:
             self.buffer.clear()
         self._replication.clear()

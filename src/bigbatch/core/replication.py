@@ -78,6 +78,13 @@ class Replication:
         return 1
 
     @property
+    def keeps_gradients(self) -> bool:
+        """``.grad`` is a view into storage the mode owns (DDP's buckets under
+        ``gradient_as_bucket_view``): the engine zeroes and writes it in place, never replaces
+        it or sets it to None."""
+        return False
+
+    @property
     def equal_micro_steps(self) -> bool:
         """Every rank must run as many micro-steps: a collective runs in more than the last
         backward (or in every forward)."""
@@ -159,6 +166,10 @@ class DDP(Replication):
     @property
     def gradient_ranks(self) -> int:
         return self.world_size
+
+    @property
+    def keeps_gradients(self) -> bool:
+        return bool(getattr(self.model, "gradient_as_bucket_view", False))
 
     @property
     def equal_micro_steps(self) -> bool:
@@ -257,6 +268,27 @@ def choose(
         gradient_sync=gradient_sync,
         memory_budget_bytes=memory_budget_bytes,
         accumulation_dtype=accumulation_dtype,
+    )
+
+
+def replicate(
+    module: torch.nn.Module, device_ids: list[int] | None = None, **options: Any
+) -> torch.nn.Module:
+    """``module`` wrapped in DistributedDataParallel with ``gradient_as_bucket_view=True``: every
+    ``.grad`` a view into DDP's buckets, so that a rank holds one gradient, not two.
+
+    The gradients are made zeros before wrapping, so that DDP points them into its buckets at
+    once rather than after the first synced backward (which would otherwise hold a gradient
+    of its own beside the buckets for a whole window).
+    """
+    from torch.nn.parallel import DistributedDataParallel
+
+    with torch.no_grad():
+        for parameter in module.parameters():
+            if parameter.requires_grad and parameter.grad is None:
+                parameter.grad = torch.zeros_like(parameter)
+    return DistributedDataParallel(
+        module, device_ids=device_ids, gradient_as_bucket_view=True, **options
     )
 
 

@@ -10,9 +10,10 @@ turns the model's sizes and the probe's activations into what one rank holds for
 - buffers (BatchNorm statistics, ...): whole, FSDP2 does not shard them;
 - activations: the probe's at the micro-batch, the same under every layout (a forward runs on
   whole parameters);
-- in flight: under DDP over N > 1 ranks its gradient buckets (one more gradient); under FSDP2 the
-  root's parameters, the two largest shard units' (one computing, one prefetched) and, with
-  ``every_micro_batch``, the largest unit's gradient before its reduce-scatter;
+- in flight: nothing under DDP (bigbatch wraps it with ``gradient_as_bucket_view``: its buckets
+  are the gradient, not a second copy); under FSDP2 the root's parameters, the two largest
+  shard units' (one computing, one prefetched) and, with ``every_micro_batch``, the largest
+  unit's gradient before its reduce-scatter;
 - unsharded gradient: FSDP2 with ``step_end`` only: a whole gradient, held until the window's
   last backward, whose reduce-scatters turn it into the sharded one unit by unit (so the sharded
   gradient is not held beside it: ``gradients`` is 0 then).
@@ -216,8 +217,6 @@ def rank_memory(
         # holds every unit's anyway (the unsharded gradient).
         unit_gradient = units[0] if units and not step_end else 0
         in_flight = sizes.root_bytes + sum(units[:2]) + unit_gradient
-    elif layout.world_size > 1 and layout.parallelism == "ddp":
-        in_flight = whole_gradient  # DDP's buckets: a second copy of the gradient
     return RankMemory(
         layout=layout,
         parameters=sizes.parameter_bytes(world),

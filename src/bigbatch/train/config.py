@@ -170,6 +170,19 @@ class Config(StrictModel):
     device: Literal["auto", "cpu", "cuda"] = config_field(
         "auto", "auto: this rank's GPU when there is one, else the CPU.", '"auto", "cpu" or "cuda"'
     )
+    threads: Int | Auto = config_field(
+        "auto",
+        "torch's intra-op CPU threads per process; auto: OMP_NUM_THREADS where set, else the "
+        "CPUs this process may use over the processes on this machine (LOCAL_WORLD_SIZE); see "
+        "docs/performance.md.",
+        f'{POSITIVE} or "auto"',
+    )
+    compile: bool = config_field(
+        False,
+        "compile the model with torch.compile (batch dimension dynamic: no recompile for an "
+        "uneven micro-batch); see docs/performance.md.",
+        "a boolean",
+    )
     parallelism: Parallelism = config_field(
         "ddp",
         f"how more than one process trains: {describe(PARALLELISMS)}; one process runs the "
@@ -292,7 +305,7 @@ class Config(StrictModel):
             raise ValueError("not positive")
         return value
 
-    @field_validator("micro_batch_size", "gradient_accumulation_steps")
+    @field_validator("micro_batch_size", "gradient_accumulation_steps", "threads")
     @classmethod
     def _positive_or_auto(cls, value: int | str | None) -> int | str | None:
         if isinstance(value, int) and value <= 0:

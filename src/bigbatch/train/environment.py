@@ -1,8 +1,9 @@
 """What a run needs of the machine: its device, seeded generators, and the memory it used.
 
-`resolve_device` turns the config's `device` into this rank's device, `seed_everything` seeds
-python's, numpy's and torch's generators, and `peak_memory_bytes` reads the run's peak memory
-(the CUDA allocator's, or the process's resident peak elsewhere).
+`resolve_device` turns the config's `device` into this rank's device, `apply_threads` sets torch's
+CPU threads (`bigbatch.train.threads`), `seed_everything` seeds python's, numpy's and torch's
+generators, and `peak_memory_bytes` reads the run's peak memory (the CUDA allocator's, or the
+process's resident peak elsewhere).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import numpy as np
 import torch
 
 from bigbatch.core import distributed
+from bigbatch.train.threads import resolve_threads
 from bigbatch.units import UsageError
 
 if TYPE_CHECKING:
@@ -48,6 +50,15 @@ def resolve_device(name: str) -> torch.device:
     if name == "cuda" and not torch.cuda.is_available():
         raise UsageError("device: 'cuda' was asked for but no CUDA device is available; use auto")
     return torch.device("cpu") if name == "cpu" else distributed.local_device()
+
+
+def apply_threads(threads: int | str) -> int:
+    """Set torch's intra-op threads from the config's ``threads`` (see `resolve_threads`); returns
+    the number set. Passive waiting is the command line's, before torch loads."""
+    count = resolve_threads(threads)
+    if count != torch.get_num_threads():
+        torch.set_num_threads(count)
+    return count
 
 
 def seed_everything(seed: int) -> None:

@@ -16,12 +16,11 @@ from dataclasses import dataclass
 from typing import Any, cast
 
 import torch
-from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import Dataset
 
 from bigbatch.choices import GradientSync
 from bigbatch.core import batchnorm as batchnorm_policies
-from bigbatch.core import distributed, sharding
+from bigbatch.core import compilation, distributed, replication, sharding
 from bigbatch.core.checkpointing import (
     CheckpointingSummary,
     apply_activation_checkpointing,
@@ -149,12 +148,30 @@ def prepare_model(
         logger.info("activation_checkpointing %s", summary.describe())
     model = _shard(model, optimizer, config, device, world_size, shard_units)
     module = distributed.unwrap(model).to(device)
+    if config.compile:
+        _compile(model, module)
     runner: torch.nn.Module = model if distributed.is_ddp(model) else module
     if world_size > 1 and not distributed.is_ddp(model) and not sharding.is_fsdp(model):
         ids = [device.index] if device.type == "cuda" else None
-        runner = DistributedDataParallel(module, device_ids=ids)
+        runner = replication.replicate(module, device_ids=ids)  # one gradient per rank
     sharded = sharding.is_fsdp(model) or config.parallelism == "fsdp"
     return PreparedModel(module, runner, device, sharded, checkpointing)
+
+
+def _compile(model: torch.nn.Module, module: torch.nn.Module) -> None:
+    """compile: true: the module's forward compiled in place, before DDP wraps it."""
+    if sharding.is_fsdp(model) or distributed.is_ddp(model):
+        raise UsageError(
+            "compile: true compiles the model before bigbatch wraps it in DDP; it is not "
+            "available with parallelism fsdp over several ranks or a model wrapped already: "
+            "set compile: false, or call bigbatch.core.compilation.compile_model yourself"
+        )
+    if compilation.is_compiled(module):  # a second run on the same model
+        return
+    compilation.compile_model(module)
+    logger.info(
+        "compile: the model's forward compiled with torch.compile (batch dimension dynamic)"
+    )
 
 
 def _shard(

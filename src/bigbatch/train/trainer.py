@@ -104,6 +104,7 @@ class Trainer:
         self.progress, self.name = progress, name
         self.rank, self.world_size = distributed.get_rank(), distributed.get_world_size()
         device = environment.resolve_device(config.device)
+        environment.apply_threads(config.threads)
         prepared = setup.prepare_model(model, optimizer, config, device, shard_units)
         self.module, self.model, self.device = prepared.module, prepared.model, device
         self.prepared = prepared  # its checkpointing: set up here, perhaps chosen by the probe
