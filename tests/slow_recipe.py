@@ -3,7 +3,8 @@ or raced; tests write them into their directory as a module the config names: `s
 (digits, in samples) and `slow:build_tokens` (tinylm, for global batches in tokens). With
 SIGNAL_AT_CALL=n, the n-th call of loss_fn sends its own process SIGTERM (a signal inside a
 chosen step); with STARTED_FILE=path, its first call creates that file (the first step runs);
-with HOLD_FILE=path, every call waits while that file exists (a run held mid-step until a test lets go).
+with HOLD_FILE=path, every call waits while that file exists (a run held in a step until the
+test lets it go).
 `SIGNAL_BEFORE_TRAINING` runs `bigbatch` with a SIGTERM to itself just before the trainer's
 first step, and `REAPER` runs a command as a child subreaper (Linux) and prints the exit code of
 every process it reaps, the launcher's orphaned workers included."""

@@ -27,7 +27,7 @@ _PUBLIC: dict[str, str] = {
     "BatchSizeSchedule": "bigbatch.train.schedules",
     "scale_learning_rate": "bigbatch.train.schedules",
     "Trainer": "bigbatch.train.trainer",
-    "fit": "bigbatch.train.trainer",
+    "fit": "bigbatch.train.recipe_run",
 }
 # Public subpackages, loaded on first use: ``bigbatch.losses.dpo_loss``.
 _SUBPACKAGES = ("losses",)
@@ -55,8 +55,9 @@ if TYPE_CHECKING:
     from bigbatch.core.loss import LossFn
     from bigbatch.data.loader import WindowLoader
     from bigbatch.data.sampler import GlobalBatchSampler
+    from bigbatch.train.recipe_run import fit
     from bigbatch.train.schedules import BatchSizeSchedule, scale_learning_rate
-    from bigbatch.train.trainer import Trainer, fit
+    from bigbatch.train.trainer import Trainer
 
 
 def __getattr__(name: str) -> Any:

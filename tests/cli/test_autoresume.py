@@ -13,7 +13,7 @@ import torch.distributed as dist
 
 from bigbatch.cli import main
 from bigbatch.train.configfile import load_config
-from bigbatch.train.trainer import fit
+from bigbatch.train.recipe_run import fit
 from tests.distributed_helpers import free_port
 
 TINY = [

@@ -53,7 +53,8 @@ def train_command(args: argparse.Namespace) -> int:
     config, out_dir = _checked_train_input(args)
     # Every check that needs no torch has passed: now the run's imports.
     from bigbatch.core import distributed
-    from bigbatch.train.trainer import NonFiniteError, RunStopped, fit
+    from bigbatch.train.recipe_run import fit
+    from bigbatch.train.trainer import NonFiniteError, RunStopped
 
     every_rank_here = False  # a finished run or an agreed stop: every rank ends here alike
     try:

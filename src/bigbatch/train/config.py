@@ -30,6 +30,7 @@ from bigbatch.choices import (
     describe,
     one_of,
 )
+from bigbatch.train import config_rules
 from bigbatch.train.fields import (
     POSITIVE,
     Auto,
@@ -365,98 +366,11 @@ class Config(StrictModel):
                 "set noise_scale true (got noise_scale false)"
             )
         if self.batch_size_schedule == "adaptive":
-            self._check_adaptive()
+            config_rules.check_adaptive(self)
         return self
 
     @model_validator(mode="after")
     def _token_fields(self) -> Config:
         """A run counts its global batch in samples or in tokens; each field names its unit."""
-        tokens = self.global_batch_tokens
-        if tokens is None:
-            given = [
-                name
-                for name in (
-                    "micro_batch_tokens",
-                    "min_global_batch_tokens",
-                    "max_global_batch_tokens",
-                )
-                if getattr(self, name) is not None
-            ] + (["packing"] if self.packing else [])
-            if given:
-                raise ValueError(
-                    f"{given[0]}: only applies to global batches in tokens: set "
-                    "global_batch_tokens (instead of global_batch_size), or leave it out"
-                )
-            return self
-        samples = {
-            "global_batch_size": self.global_batch_size,
-            "micro_batch_size": self.micro_batch_size,
-            "min_global_batch_size": self.min_global_batch_size,
-            "max_global_batch_size": self.max_global_batch_size,
-        }
-        for name, value in samples.items():
-            if value is not None:
-                raise ValueError(
-                    f"{name}: a run counts its global batch in samples or in tokens, not both: "
-                    f"got {name}={value} and global_batch_tokens={tokens}; keep one "
-                    f"({name.replace('size', 'tokens')} in a token run)"
-                )
-        if isinstance(self.gradient_accumulation_steps, int):
-            raise ValueError(
-                f"gradient_accumulation_steps: with global_batch_tokens each step's micro-steps "
-                f"follow its samples' lengths and micro_batch_tokens; got "
-                f"{self.gradient_accumulation_steps}, leave it auto"
-            )
+        config_rules.check_batch_unit(self)
         return self
-
-    def _check_adaptive(self) -> None:
-        """The adaptive schedule's bounds and needs, each error naming its field."""
-        if not self.noise_scale:
-            raise ValueError(
-                "batch_size_schedule: adaptive follows the measured critical batch size: set "
-                "noise_scale true (got noise_scale false)"
-            )
-        if self.max_steps is not None:
-            raise ValueError(
-                f"batch_size_schedule: adaptive counts progress in samples, so the run's length "
-                f"must be in epochs: set epochs instead of max_steps (got max_steps="
-                f"{self.max_steps})"
-            )
-        if self.global_batch_tokens is not None:
-            self._check_adaptive_tokens()
-            return
-        if self.max_global_batch_size is None:
-            raise ValueError(
-                "max_global_batch_size: batch_size_schedule adaptive needs the largest global "
-                "batch it may use; set max_global_batch_size"
-            )
-        low = self.min_global_batch_size
-        if low is not None and low > self.max_global_batch_size:
-            raise ValueError(
-                f"min_global_batch_size: {low} is above max_global_batch_size "
-                f"{self.max_global_batch_size}; make min <= max"
-            )
-        start = self.global_batch_size
-        if start is not None and not (low or start) <= start <= self.max_global_batch_size:
-            raise ValueError(
-                f"global_batch_size: the adaptive schedule starts at {start}, outside "
-                f"[min_global_batch_size {low or start}, max_global_batch_size "
-                f"{self.max_global_batch_size}]; start within the bounds"
-            )
-
-    def _check_adaptive_tokens(self) -> None:
-        """The adaptive schedule's bounds in tokens."""
-        high, low = self.max_global_batch_tokens, self.min_global_batch_tokens
-        if high is None:
-            raise ValueError(
-                "max_global_batch_tokens: batch_size_schedule adaptive needs the largest global "
-                "batch it may use; set max_global_batch_tokens"
-            )
-        start = self.global_batch_tokens
-        assert start is not None
-        if not (low or start) <= start <= high:
-            raise ValueError(
-                f"global_batch_tokens: the adaptive schedule starts at {start}, outside "
-                f"[min_global_batch_tokens {low or start}, max_global_batch_tokens {high}]; "
-                "start within the bounds"
-            )

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -22,7 +21,6 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import Dataset
 
-from bigbatch import recipes
 from bigbatch.core import batchnorm as batchnorm_policies
 from bigbatch.core import distributed, sharding
 from bigbatch.core.engine import LossFn
@@ -33,7 +31,7 @@ from bigbatch.train import metrics as run_metrics
 from bigbatch.train import resume as resume_rules
 from bigbatch.train.checkpointer import Checkpointer, DamagedCheckpoint
 from bigbatch.train.config import Config
-from bigbatch.train.configfile import config_to_yaml, with_recipe_defaults
+from bigbatch.train.configfile import config_to_yaml
 from bigbatch.train.early_warning import EarlyWarning
 from bigbatch.train.finish import final_weights, finish_run_dir, noise_scale_summary, summarize
 from bigbatch.train.hooks import CheckpointHook, EvaluationHook, MetricsHook, StopHook
@@ -45,7 +43,7 @@ from bigbatch.units import UsageError
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["NonFiniteError", "RunStopped", "RunSummary", "Trainer", "fit"]
+__all__ = ["NonFiniteError", "RunStopped", "RunSummary", "Trainer"]
 
 
 class Trainer:
@@ -403,51 +401,3 @@ class Trainer:
             device=self.device,
             final_state=final_state,
         )
-
-
-def fit(
-    config: Config,
-    *,
-    out_dir: Path | None = None,
-    resume: bool = False,
-    overwrite: bool = False,
-    progress: bool = True,
-) -> RunSummary:
-    """Train the config's recipe: what `bigbatch train` runs, alone or under torchrun.
-
-    The recipe's defaults fill what the config leaves unset; the run directory defaults to
-    ``runs/<recipe>-<time>`` (pass out_dir to resume). The batchnorm policy is applied before
-    the optimizer is built.
-    """
-    distributed.setup_process_group(timeout_s=config.collective_timeout)
-    environment.seed_everything(config.seed)  # the model's initialisation, the same on every rank
-    recipe = recipes.build(config.recipe, config.model_dump())
-    config = with_recipe_defaults(config, recipe.defaults)
-    if out_dir is None:
-        name = [f"runs/{recipe.name}-{time.strftime('%Y%m%d-%H%M%S')}"]
-        if distributed.is_initialized():
-            dist.broadcast_object_list(name, src=0)  # every rank writes to / reads from one place
-        out_dir = Path(name[0])
-    world_size = distributed.get_world_size()
-    device_type = environment.resolve_device(config.device).type
-    model = setup.apply_batchnorm_policy_once(
-        recipe.model, config.batchnorm, world_size, device_type
-    )
-    optimizer = recipe.build_optimizer(model, config.lr, config.weight_decay)
-    trainer = Trainer(
-        model,
-        optimizer,
-        recipe.loss_fn,
-        recipe.train_dataset,
-        config,
-        eval_dataset=recipe.eval_dataset,
-        collate_fn=recipe.collate_fn,
-        eval_fn=recipe.eval_fn,
-        run_dir=out_dir,
-        progress=progress,
-        name=recipe.name,
-        sample_length=recipe.sample_length,
-        collate_packed=recipe.collate_packed,
-        shard_units=recipe.shard_units,
-    )
-    return trainer.fit(resume=resume, overwrite=overwrite)
