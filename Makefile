@@ -8,7 +8,7 @@ PYTHON := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 TORCH_PIN ?= torch==2.13.0
 
-.PHONY: setup demo test test-fast lint bench clean
+.PHONY: setup demo test test-fast lint bench bench-all clean
 
 setup: $(STAMP)
 
@@ -21,10 +21,15 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	$(VENV)/bin/bigbatch train
 
-# The benchmarks: every script under benchmarks/, tables and plots into benchmarks/results/.
+# The benchmarks, tables and plots into benchmarks/results/: `make bench` the quick scripts,
+# `make bench-all` the long ones too (torchrun elastic runs, checkpoint cost, threads, compile).
 bench: $(STAMP)
 	$(PYTHON) -m pip install --quiet --disable-pip-version-check -e '.[full,bench]'
 	$(PYTHON) benchmarks/run_all.py
+
+bench-all: $(STAMP)
+	$(PYTHON) -m pip install --quiet --disable-pip-version-check -e '.[full,bench]'
+	$(PYTHON) benchmarks/run_all.py --all
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check src tests benchmarks

@@ -1,12 +1,17 @@
-"""Run every benchmark script in turn (what `make bench` runs); `--smoke` passes through.
+"""Run the benchmark scripts in turn (what `make bench` runs); `--smoke` passes through.
+
+By default the scripts of a few minutes each; `--all` adds the long ones (LONG: torchrun
+elastic runs, checkpoint cost, threads beside a busy load, compile), which take tens of minutes on
+2 CPU cores.
 
 Each script writes its table and plot under benchmarks/results/ (smoke runs print only). A script
 that fails is reported and the others still run; the exit status is 1 if any failed. A progress
 line before and after each script says which one runs, how many are left and the time so far
 (docs/performance.md gives what each script takes).
 
-    python benchmarks/run_all.py            # every figure (see docs/performance.md for how long)
-    python benchmarks/run_all.py --smoke    # every code path in a minute or two
+    python benchmarks/run_all.py            # the quick figures (docs/performance.md: how long)
+    python benchmarks/run_all.py --all      # every figure, the long scripts too
+    python benchmarks/run_all.py --smoke    # every code path (with --all: the long ones too)
     python benchmarks/run_all.py memory ddp # only some scripts, by name
 """
 
@@ -32,11 +37,9 @@ SCRIPTS = (
     "noise_scale",
     "token_batches",
     "sharded",
-    "elastic",
-    "checkpoint_cost",
-    "threads",
-    "compile",
 )
+LONG = ("elastic", "checkpoint_cost", "threads", "compile")
+EVERY = SCRIPTS + LONG
 
 
 def main() -> int:
@@ -44,13 +47,14 @@ def main() -> int:
         description=__doc__, formatter_class=argparse.RawTextHelpFormatter
     )
     parser.add_argument("--smoke", action="store_true", help="pass --smoke to every script")
-    parser.add_argument("names", nargs="*", help=f"some of {', '.join(SCRIPTS)}; default: all")
+    parser.add_argument("--all", action="store_true", help=f"also {', '.join(LONG)}")
+    parser.add_argument("names", nargs="*", help=f"some of {', '.join(EVERY)}")
     args = parser.parse_args()
-    unknown = sorted(set(args.names) - set(SCRIPTS))
+    unknown = sorted(set(args.names) - set(EVERY))
     if unknown:
-        parser.error(f"unknown benchmark {unknown[0]!r}: choose from {', '.join(SCRIPTS)}")
+        parser.error(f"unknown benchmark {unknown[0]!r}: choose from {', '.join(EVERY)}")
     failed, durations = [], {}
-    chosen = args.names or SCRIPTS
+    chosen = args.names or (EVERY if args.all else SCRIPTS)
     began = time.perf_counter()
     for index, name in enumerate(chosen, 1):
         script = HERE / f"{name}.py"
