@@ -21,6 +21,7 @@ _PUBLIC: dict[str, str] = {
     "Accumulator": "bigbatch.core.engine",
     "LossFn": "bigbatch.core.loss",
     "StepResult": "bigbatch.core.engine",
+    "apply_activation_checkpointing": "bigbatch.core.checkpointing",
     "GlobalBatchSampler": "bigbatch.data.sampler",
     "WindowLoader": "bigbatch.data.loader",
     "BatchSizeSchedule": "bigbatch.train.schedules",
@@ -38,12 +39,14 @@ __all__ = [
     "StepResult",
     "Trainer",
     "WindowLoader",
+    "apply_activation_checkpointing",
     "fit",
     "plan",
     "scale_learning_rate",
 ]
 
 if TYPE_CHECKING:
+    from bigbatch.core.checkpointing import apply_activation_checkpointing
     from bigbatch.core.engine import Accumulator, StepResult
     from bigbatch.core.loss import LossFn
     from bigbatch.data.loader import WindowLoader

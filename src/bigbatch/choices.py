@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from typing import Literal, get_args
 
+from bigbatch.units import UsageError, shorten
+
 Precision = Literal["fp32", "bf16", "fp16"]
 PRECISIONS: dict[str, str] = {
     "fp32": "float32 everywhere",
@@ -76,6 +78,63 @@ ACCUMULATION_DTYPES: dict[str, str] = {
     "round it to the parameter dtype once per step",
     "param": "accumulate in .grad, in the parameters' own dtype",
 }
+
+ACTIVATION_CHECKPOINTING: dict[str, str] = {
+    "none": "keep every activation for backward (no recompute)",
+    "full": "checkpoint every unit: keep only its inputs and recompute its forward in backward",
+    "every_<k>": "checkpoint the first unit and every k-th after it (k >= 2: units 1, k+1, "
+    "2k+1, ...), selective by units",
+    "offload": "no recompute: every unit's saved activations wait in host memory for backward "
+    "(torch.autograd.graph.save_on_cpu; for CUDA, on a CPU it changes nothing)",
+    "auto": "chosen with the micro-batch by the memory probe (micro_batch_size or "
+    "micro_batch_tokens auto); none when the micro setting is given",
+}
+
+
+def parse_activation_checkpointing(value: object, field: str = "activation_checkpointing") -> str:
+    """The policy in its one spelling: ``"none"``, ``"full"``, ``"every_<k>"`` (k >= 2),
+    ``"offload"`` or ``"auto"``; an int k is every k-th unit (1: full).
+
+    Raises:
+        UsageError: anything else, in one line naming the field and what is allowed.
+
+    >>> parse_activation_checkpointing("Every_2"), parse_activation_checkpointing(1)
+    ('every_2', 'full')
+    """
+    text = value.strip().lower() if isinstance(value, str) else None
+    if isinstance(value, int) and not isinstance(value, bool) and value >= 1:
+        return "full" if value == 1 else f"every_{value}"
+    if text in ("none", "full", "offload", "auto"):
+        return text
+    interval = text.removeprefix("every_") if text is not None and text.startswith("every_") else ""
+    digits = interval.isascii() and interval.isdecimal() and len(interval) <= 18
+    if digits and int(interval) >= 2:
+        return f"every_{int(interval)}"
+    raise UsageError(f"{field} must be {ACTIVATION_CHECKPOINTING_ALLOWED}, got {shorten(value)}")
+
+
+ACTIVATION_CHECKPOINTING_ALLOWED = (
+    '"none", "full", "every_<k>" with k >= 2 (e.g. "every_2"), "offload" or "auto"'
+)
+
+
+def checkpoint_interval(policy: str) -> int:
+    """Every how many units a policy recomputes one: 0 for none and offload, 1 for full, k for
+    every_k.
+
+    >>> [checkpoint_interval(p) for p in ("none", "full", "every_3", "offload")]
+    [0, 1, 3, 0]
+    """
+    policy = parse_activation_checkpointing(policy)
+    if policy == "auto":
+        raise UsageError(
+            'activation_checkpointing "auto" is a choice for the memory probe to make: apply '
+            '"none", "full", "every_<k>" or "offload"'
+        )
+    if policy in ("none", "offload"):
+        return 0
+    return 1 if policy == "full" else int(policy.removeprefix("every_"))
+
 
 for _literal, _table in (
     (Precision, PRECISIONS),

@@ -20,7 +20,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from torch.utils.hooks import RemovableHandle
 
 from bigbatch.choices import BATCHNORM_POLICIES, ENGINE_BATCHNORM_POLICIES, BatchNormPolicy
-from bigbatch.core import distributed, runningstats, syncnorm
+from bigbatch.core import checkpointing, distributed, runningstats, syncnorm
 
 logger = logging.getLogger(__name__)
 
@@ -293,7 +293,8 @@ class WindowBatchNormStatistics:
 
     def _record_hook(self, index: int) -> Any:
         def record(module: torch.nn.Module, args: tuple[Any, ...]) -> None:
-            if not (self._open and module.training):
+            # A checkpointed unit's recompute replays a forward already recorded.
+            if not (self._open and module.training) or checkpointing.is_recomputing(module):
                 return
             x = args[0].detach().to(torch.float64)
             dims = [d for d in range(x.dim()) if d != 1]
