@@ -1,11 +1,11 @@
 """The joint choice of activation checkpointing and micro-batch under one memory budget.
 
-`choose_plan` probes each checkpointing candidate (``none``, ``every_2``, ``full``) on a copy of
-the model with that policy applied, through the one micro-batch chooser
+`choose_plan` probes each checkpointing candidate (``none``, ``every_2``, ``full``) with that
+policy applied to the model in turn, through the one micro-batch chooser
 (`bigbatch.tools.choice.choose_micro_batch`: per rank, both sync modes under FSDP2), and `pick`
 chooses among the plans that fit: ``optimize: memory`` the fewest micro-steps (ties: the least
-recompute), ``optimize: throughput`` the most measured items/s. The model itself is never changed
-here: the caller applies the chosen policy.
+recompute), ``optimize: throughput`` the most measured items/s. The model is left checkpointed
+as the chosen policy says.
 
 Where memory is counted rather than read from an allocator (the CPU), the probe sees what
 autograd saves; a checkpointed unit saves only its inputs, then recomputes its forward during its
@@ -17,7 +17,6 @@ checkpoints (`bigbatch.tools.search.with_unseen`).
 from __future__ import annotations
 
 import contextlib
-import copy
 import logging
 import math
 from collections.abc import Callable, Sequence
@@ -29,6 +28,7 @@ from torch.autograd.graph import saved_tensors_hooks
 
 from bigbatch.choices import DEFAULT_OPTIMIZE, Optimize
 from bigbatch.core import batches, sharding
+from bigbatch.core.checkpointing import apply_activation_checkpointing
 from bigbatch.core.engine import LossFn
 from bigbatch.tools import memory
 from bigbatch.tools.choice import MicroBatchChoice, choose_micro_batch
@@ -41,9 +41,6 @@ logger = logging.getLogger(__name__)
 CANDIDATES: tuple[str, ...] = ("none", "every_2", "full")
 """The policies ``activation_checkpointing: auto`` compares, the least recompute first."""
 
-ApplyPolicy = Callable[[torch.nn.Module, str], list[torch.nn.Module]]
-"""``apply_policy(model, policy)``: checkpoint the policy's units in place and return them."""
-Units = Callable[[torch.nn.Module], list[torch.nn.Module]]
 
 
 @dataclass(frozen=True)
@@ -251,63 +248,61 @@ def choose_plan(
     loss_fn: LossFn,
     make_rows: Callable[[int], Batch],
     *,
-    apply_policy: ApplyPolicy,
-    units: Units,
     max_rows: int,
     memory_budget_bytes: int | str | None,
     optimize: Optimize = DEFAULT_OPTIMIZE,
+    units: Sequence[torch.nn.Module] | None = None,
     policies: Sequence[str] = CANDIDATES,
     **choose: Any,
 ) -> JointChoice:
-    """Probe every checkpointing policy's micro-batch and choose the plan (`pick`).
+    """Probe every checkpointing policy's micro-batch, choose the plan (`pick`) and leave the
+    model checkpointed as the chosen policy says.
 
-    Each policy other than ``none`` is applied by ``apply_policy`` to a deep copy of the model
-    (the probe copy; the model is left as it is). ``units(model)``: the units a policy may
-    checkpoint, whose recompute is added where memory is counted (`unit_recompute`). The other
+    Each policy is applied to the model in place in turn
+    (`bigbatch.core.checkpointing.apply_activation_checkpointing`, which replaces the one
+    before) over ``units`` (None: the blocks FSDP2 shards); where memory is counted, the largest
+    unit's recompute is added to the policies that checkpoint (`unit_recompute`). The other
     arguments (``row_tokens``, ``optimizer``, ``device``, ``layout``, ``shard_units``, ...) go
     to `bigbatch.tools.choice.choose_micro_batch` for every policy.
 
     Raises:
-        UsageError: a sharded model (probe copies of FSDP2 shards are not made), or no policy
-            fits the budget.
+        UsageError: no policy fits the budget (the model is left without checkpointing).
     """
-    if sharding.is_fsdp(module):
-        raise UsageError(
-            "activation_checkpointing auto: the probe compares policies on copies of the model, "
-            "and this one is sharded with FSDP2; set activation_checkpointing to none, full or "
-            "every_<k> (bigbatch plan --parallelism fsdp compares them for an unsharded model)"
-        )
+    units = list(units) if units is not None else sharding.default_shard_units(module)
+    apply_activation_checkpointing(module, "none", units)
     device = memory.device_of(module, choose.get("device"))
     counted = device.type != "cuda"  # the CUDA allocator's peak holds the recompute already
     recompute = unit_recompute(
-        module, loss_fn, make_rows, units(module), device=device,
+        module, loss_fn, make_rows, units, device=device,
         autocast_dtype=choose.get("autocast_dtype"),
     ) if counted else None  # fmt: skip
     candidates, choices = [], {}
-    for policy in policies:
-        probed = module if policy == "none" else copy.deepcopy(module)
-        checkpointed = len(apply_policy(probed, policy)) if policy != "none" else 0
-        unseen = recompute if checkpointed and recompute is not None else None
-        try:
-            choice = choose_micro_batch(
-                probed, loss_fn, make_rows, max_rows=max_rows,
-                memory_budget_bytes=memory_budget_bytes, optimize=optimize, unseen=unseen,
-                **choose,
-            )  # fmt: skip
-        except UsageError as error:  # one row does not fit this policy: the others may
-            candidates.append(
-                PlanCandidate(policy, 0, 0, None, 0.0, None, checkpointed, note=str(error))
-            )
-            continue
-        choices[policy] = choice
-        candidates += _candidates(policy, choice, max_rows, checkpointed)
+    try:
+        for policy in policies:
+            checkpointed = len(apply_activation_checkpointing(module, policy, units))
+            unseen = recompute if checkpointed and recompute is not None else None
+            try:
+                choice = choose_micro_batch(
+                    module, loss_fn, make_rows, max_rows=max_rows,
+                    memory_budget_bytes=memory_budget_bytes, optimize=optimize, unseen=unseen,
+                    **choose,
+                )  # fmt: skip
+            except UsageError as error:  # one row does not fit this policy: others may
+                candidates.append(
+                    PlanCandidate(policy, 0, 0, None, 0.0, None, checkpointed, note=str(error))
+                )
+                continue
+            choices[policy] = choice
+            candidates += _candidates(policy, choice, max_rows, checkpointed)
+    finally:
+        apply_activation_checkpointing(module, "none", units)
     chosen, reason = pick(candidates, optimize)
-    joint = JointChoice(
+    apply_activation_checkpointing(module, chosen.activation_checkpointing, units)
+    logger.info("%s", reason)
+    return JointChoice(
         chosen.activation_checkpointing, choices[chosen.activation_checkpointing],
         tuple(candidates), reason,
     )  # fmt: skip
-    logger.info("%s", reason)
-    return joint
 
 
 def _candidates(
