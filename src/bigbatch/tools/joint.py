@@ -42,7 +42,6 @@ CANDIDATES: tuple[str, ...] = ("none", "every_2", "full")
 """The policies ``activation_checkpointing: auto`` compares, the least recompute first."""
 
 
-
 @dataclass(frozen=True)
 class PlanCandidate:
     """One checkpointing policy under one sync mode, at the micro-batch it allows.
