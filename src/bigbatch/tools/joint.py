@@ -9,9 +9,10 @@ as the chosen policy says.
 
 Where memory is counted rather than read from an allocator (the CPU), the probe sees what
 autograd saves; a checkpointed unit saves only its inputs, then recomputes its forward during its
-backward, holding that forward's saved tensors for a while. `unit_recompute` measures that on the
-unchanged model (the largest unit's saved tensors), and it is added to every candidate that
-checkpoints (`bigbatch.tools.search.with_unseen`).
+backward, holding that forward's saved tensors while its backward makes their gradients.
+`unit_recompute` measures the largest unit's saved tensors without checkpointing, and
+`RECOMPUTE_FACTOR` times that is added to every candidate that checkpoints
+(`bigbatch.tools.search.with_unseen`).
 """
 
 from __future__ import annotations
@@ -26,9 +27,9 @@ from typing import Any
 import torch
 from torch.autograd.graph import saved_tensors_hooks
 
-from bigbatch.choices import DEFAULT_OPTIMIZE, Optimize
+from bigbatch.choices import DEFAULT_OPTIMIZE, Optimize, checkpoint_interval
 from bigbatch.core import batches, sharding
-from bigbatch.core.checkpointing import apply_activation_checkpointing
+from bigbatch.core.checkpointing import apply_activation_checkpointing, checkpointed_units
 from bigbatch.core.engine import LossFn
 from bigbatch.tools import memory
 from bigbatch.tools.choice import MicroBatchChoice, choose_micro_batch
@@ -40,6 +41,10 @@ logger = logging.getLogger(__name__)
 
 CANDIDATES: tuple[str, ...] = ("none", "every_2", "full")
 """The policies ``activation_checkpointing: auto`` compares, the least recompute first."""
+RECOMPUTE_FACTOR = 2
+"""A checkpointed unit's backward holds its recomputed saved tensors and, about as large, the
+gradients flowing through them: twice the unit's saved bytes on top of what the probe counts
+(benchmarks/checkpointing.py compares the prediction with every allocation of a whole step)."""
 
 
 @dataclass(frozen=True)
@@ -173,19 +178,24 @@ def unit_recompute(
 ) -> Callable[[int], int]:
     """``recompute(rows)``: the bytes the largest unit's forward saves for backward at rows.
 
-    A checkpointed unit holds these again while its backward runs (its recompute), beside
-    everything the probe counts; measured with one forward (no backward) of the unchanged
-    model per row count, under the probe's saved-tensor accounting.
+    Measured with one forward (no backward) per row count, under the probe's saved-tensor
+    accounting, with the model's checkpointing taken off for the measurement and put back.
     """
     measured: dict[int, int] = {}
     held = [*module.parameters(), *module.buffers()]
 
     def recompute(rows: int) -> int:
         if rows not in measured:
-            batch = batches.to_device(make_rows(rows), device)
-            measured[rows] = _largest_unit_saved_bytes(
-                module, loss_fn, batch, units, held, device, autocast_dtype
-            )
+            policy = [u for u in units if u in checkpointed_units(module)]
+            apply_activation_checkpointing(module, "none", list(units))
+            try:
+                batch = batches.to_device(make_rows(rows), device)
+                measured[rows] = _largest_unit_saved_bytes(
+                    module, loss_fn, batch, units, held, device, autocast_dtype
+                )
+            finally:
+                if policy:  # the same units checkpointed again
+                    apply_activation_checkpointing(module, "full", policy)
         return measured[rows]
 
     return recompute
@@ -279,7 +289,10 @@ def choose_plan(
     try:
         for policy in policies:
             checkpointed = len(apply_activation_checkpointing(module, policy, units))
-            unseen = recompute if checkpointed and recompute is not None else None
+            checkpointed *= checkpoint_interval(policy) > 0  # offload recomputes nothing
+            unseen = None
+            if checkpointed and recompute is not None:
+                unseen = lambda rows: RECOMPUTE_FACTOR * recompute(rows)  # noqa: E731
             try:
                 choice = choose_micro_batch(
                     module, loss_fn, make_rows, max_rows=max_rows,
