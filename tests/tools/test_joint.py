@@ -13,7 +13,7 @@ import math
 import pytest
 import torch
 
-from bigbatch.core.checkpointing import checkpointed_units
+from bigbatch.core.checkpointing import apply_activation_checkpointing, checkpointed_units
 from bigbatch.recipes import tinylm
 from bigbatch.tools.joint import PlanCandidate, choose_plan, pick, unit_recompute
 from bigbatch.units import UsageError
@@ -119,6 +119,9 @@ def test_unit_recompute_is_what_the_largest_unit_saves() -> None:
         # unit 0 saves its input (rows x 6) and output (rows x 20); unit 1: rows x 20, rows x 4
         expected = max(rows * (6 + 20), rows * (20 + 4)) * 8
         assert recompute(rows) == expected
+    apply_activation_checkpointing(model, "every_2", units)  # measured as if not checkpointed
+    assert recompute(7) == 7 * (6 + 20) * 8
+    assert checkpointed_units(model) == [units[0]]  # and put back as it was
     assert all(p.grad is None for p in model.parameters())
 
 
