@@ -8,7 +8,11 @@ so none of them can pass with checkpointing quietly off.
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import io
+import re
+from pathlib import Path
 
 import pytest
 import torch
@@ -323,3 +327,13 @@ def test_hugging_face_models_checkpoint_through_their_own_method(policy, layers)
     assert summary.num_candidates == 2
     apply_activation_checkpointing(model, "none")
     assert not model.is_activation_checkpointing and checkpointed_units(model) == []
+
+
+def test_the_example_in_the_docs_prints_what_they_say():
+    text = (Path(__file__).resolve().parents[2] / "docs" / "memory.md").read_text()
+    section = text.split("**In your own loop**")[1]
+    code, printed = re.findall(r"```(?:python|text)\n(.*?)```", section, re.DOTALL)[:2]
+    output = io.StringIO()
+    with contextlib.redirect_stdout(output):
+        exec(compile(code, "docs/memory.md", "exec"), {"__name__": "docs_example"})
+    assert output.getvalue() == printed

@@ -13,6 +13,8 @@ from typing import Any, Literal
 from pydantic import field_validator, model_validator
 
 from bigbatch.choices import (
+    ACTIVATION_CHECKPOINTING,
+    ACTIVATION_CHECKPOINTING_ALLOWED,
     BATCHNORM_POLICIES,
     DEFAULT_OPTIMIZE,
     GRADIENT_SYNCS,
@@ -32,6 +34,7 @@ from bigbatch.choices import (
 from bigbatch.train.fields import (
     POSITIVE,
     Auto,
+    CheckpointingPolicy,
     GradientNorm,
     Int,
     LRScaling,
@@ -175,6 +178,12 @@ class Config(StrictModel):
         "auto",
         f"when ranks reduce the gradient: {describe(GRADIENT_SYNCS)}.",
         one_of(GRADIENT_SYNCS),
+    )
+    activation_checkpointing: CheckpointingPolicy = config_field(
+        "none",
+        "recompute activations in backward instead of keeping them, unit by unit (the blocks "
+        f"parallelism fsdp shards): {describe(ACTIVATION_CHECKPOINTING)}; see docs/memory.md.",
+        ACTIVATION_CHECKPOINTING_ALLOWED,
     )
     batchnorm: BatchNormPolicy = config_field(
         "keep",

@@ -3,7 +3,8 @@
 `config_field` gives a field its description (the single source for docs/configuration.md) and the
 values it allows (for one-line error messages); `StrictModel` forbids unknown keys and counts beyond
 2**63 - 1; `Int` and `Float` refuse a boolean (YAML's true is no number); `parse_bytes` reads a
-memory size; `LRScaling` is the learning-rate scaling section.
+memory size; `CheckpointingPolicy` an activation checkpointing policy; `LRScaling` is the
+learning-rate scaling section.
 The schema itself, `Config`, lives in `bigbatch.train.config`.
 """
 
@@ -15,7 +16,13 @@ from typing import Annotated, Any, Literal
 from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, field_validator
 from pydantic_core import PydanticCustomError
 
-from bigbatch.choices import LR_SCALING_RULES, LrScalingRule, describe, one_of
+from bigbatch.choices import (
+    LR_SCALING_RULES,
+    LrScalingRule,
+    describe,
+    one_of,
+    parse_activation_checkpointing,
+)
 from bigbatch.units import MAX_COUNT, parse_memory_size
 
 Auto = Literal["auto"]
@@ -60,6 +67,17 @@ NonNegativeRate = Annotated[Float, AfterValidator(_within(0, MAX_RATE, low_allow
 """weight_decay: in [0, 1e6]."""
 GradientNorm = Annotated[Float, AfterValidator(_within(0, FLOAT32_MAX, low_allowed=False))]
 """max_grad_norm: in (0, float32's largest]."""
+
+
+def _checkpointing_policy(value: Any) -> str:
+    """activation_checkpointing in its one spelling (a policy name: YAML's 2 is no policy)."""
+    if not isinstance(value, str):
+        raise ValueError("not a policy name")
+    return parse_activation_checkpointing(value)
+
+
+CheckpointingPolicy = Annotated[str, BeforeValidator(_checkpointing_policy)]
+"""activation_checkpointing: "none", "full", "every_<k>" (k >= 2), "offload" or "auto"."""
 
 
 def config_field(default: Any, description: str, allowed: str) -> Any:

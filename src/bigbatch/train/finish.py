@@ -32,8 +32,12 @@ def summarize(
     name: str | None,
     resumed: int | None,
     noise_scale: dict[str, Any],
+    checkpointing: str = "",
 ) -> RunSummary:
-    """What the run achieved; a resumed run's figures cover the whole run, every session."""
+    """What the run achieved; a resumed run's figures cover the whole run, every session.
+
+    ``checkpointing``: the activation checkpointing the run applied, described in one line.
+    """
     time_s = max(figures.time_s, 1e-12)
     summary = RunSummary(
         steps=steps,
@@ -49,6 +53,7 @@ def summarize(
         wall_time_s=state.run_time_s,
         recipe=name,
         extra={
+            **({"activation_checkpointing": checkpointing} if checkpointing else {}),
             **noise_scale,
             **figures.token_summary(steps - (resumed or 0), first_global_batch),
         },

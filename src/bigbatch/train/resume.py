@@ -48,6 +48,7 @@ HOW_IT_RUNS = frozenset(
         "optimize",
         "device",
         "gradient_sync",
+        "activation_checkpointing",
         "num_workers",
         "eval_every",
         "checkpoint_every",

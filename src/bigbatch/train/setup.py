@@ -1,9 +1,10 @@
 """Setting up a run: the model placed, sharded or replicated, its BatchNorm policy, the engine.
 
 `prepare_model` turns the user's model into what the loop trains: the config's BatchNorm policy
-applied once, the model on its device, sharded with FSDP2 (`parallelism: fsdp` over several
-ranks) or wrapped in DistributedDataParallel (several ranks), the optimizer pointed at the sharded
-parameters. `build_accumulator` builds the engine from the config. Nothing here runs a step.
+applied once, its activation checkpointing (before sharding or DDP), the model on its device,
+sharded with FSDP2 (`parallelism: fsdp` over several ranks) or wrapped in
+DistributedDataParallel (several ranks), the optimizer pointed at the sharded parameters.
+`build_accumulator` builds the engine from the config. Nothing here runs a step.
 """
 
 from __future__ import annotations
@@ -20,6 +21,11 @@ from torch.utils.data import Dataset
 from bigbatch.choices import GradientSync
 from bigbatch.core import batchnorm as batchnorm_policies
 from bigbatch.core import distributed, sharding
+from bigbatch.core.checkpointing import (
+    CheckpointingSummary,
+    apply_activation_checkpointing,
+    summarize_checkpointing,
+)
 from bigbatch.core.engine import Accumulator, LossFn
 from bigbatch.planning.unit import BatchUnit, SampleUnit, TokenUnit
 from bigbatch.tools.micro_setting import (
@@ -49,12 +55,58 @@ class PreparedModel:
         device: where it runs.
         sharded: checkpoints go through torch.distributed.checkpoint (`parallelism: fsdp`, on
             one process too, so that they resume on any number of ranks).
+        checkpointing: the activation checkpointing of its units (the probe's seam).
     """
 
     module: torch.nn.Module
     model: torch.nn.Module
     device: torch.device
     sharded: bool
+    checkpointing: ActivationCheckpointing
+
+
+class ActivationCheckpointing:
+    """The run's activation checkpointing: the units it may checkpoint and the policy they run.
+
+    `apply` is the one way to change it, at setup and from the memory probe, which calls it with
+    each candidate policy (it works on the model sharded or wrapped already) and last with its
+    choice; `summary` is what the run prints and reports.
+
+    Args:
+        module: the model (unwrapped).
+        units: the recipe's shard units; None: the default finder, or a Hugging Face model's
+            own layers (`bigbatch.core.checkpointing.apply_activation_checkpointing`).
+    """
+
+    def __init__(self, module: torch.nn.Module, units: list[torch.nn.Module] | None) -> None:
+        self.module, self.units = module, units
+        self.summary = summarize_checkpointing(module, "none", [], units)
+
+    def apply(self, policy: str, reason: str = "") -> CheckpointingSummary:
+        """Checkpoint the units as ``policy`` says (not "auto"), replacing the policy before."""
+        wrapped = apply_activation_checkpointing(self.module, policy, self.units)
+        self.summary = summarize_checkpointing(self.module, policy, wrapped, self.units, reason)
+        return self.summary
+
+
+def resolve_checkpointing(config: Config) -> tuple[str, str]:
+    """The policy to apply at setup, and why when the config says auto.
+
+    auto is the memory probe's to choose with the micro-batch (micro_batch_size or
+    micro_batch_tokens auto), through `ActivationCheckpointing.apply`: setup starts it at none,
+    the policy the probe measures the micro-batch with until it chooses. With a given micro
+    setting nothing is measured, and none is the fastest: a recompute only costs time.
+    """
+    policy = config.activation_checkpointing
+    if policy != "auto":
+        return policy, ""
+    if "auto" in (config.micro_batch_size, config.micro_batch_tokens):
+        return "none", "auto: none, the policy the memory probe measures the micro-batch with"
+    return (
+        "none",
+        "auto: none, as the micro setting is given (no memory probe) and a recompute "
+        "only costs time",
+    )
 
 
 def prepare_model(
@@ -64,13 +116,20 @@ def prepare_model(
     device: torch.device,
     shard_units: ShardUnits | None = None,
 ) -> PreparedModel:
-    """The BatchNorm policy, then sharding (FSDP2) or replication (DDP) over the ranks.
+    """The BatchNorm policy, activation checkpointing, then sharding (FSDP2) or replication
+    (DDP) over the ranks.
 
     The parameters are kept (DDP) or rebound in the optimizer (FSDP2), so an optimizer built
     before stays valid.
     """
     world_size = distributed.get_world_size()
     model = apply_batchnorm_policy_once(model, config.batchnorm, world_size, device.type)
+    unwrapped = distributed.unwrap(model)
+    checkpointing = ActivationCheckpointing(
+        unwrapped, None if shard_units is None else shard_units(unwrapped)
+    )
+    summary = checkpointing.apply(*resolve_checkpointing(config))
+    logger.info("activation_checkpointing %s", summary.describe())
     model = _shard(model, optimizer, config, device, world_size, shard_units)
     module = distributed.unwrap(model).to(device)
     runner: torch.nn.Module = model if distributed.is_ddp(model) else module
@@ -78,7 +137,7 @@ def prepare_model(
         ids = [device.index] if device.type == "cuda" else None
         runner = DistributedDataParallel(module, device_ids=ids)
     sharded = sharding.is_fsdp(model) or config.parallelism == "fsdp"
-    return PreparedModel(module, runner, device, sharded)
+    return PreparedModel(module, runner, device, sharded, checkpointing)
 
 
 def _shard(

@@ -106,7 +106,7 @@ class Trainer:
         device = environment.resolve_device(config.device)
         prepared = setup.prepare_model(model, optimizer, config, device, shard_units)
         self.module, self.model, self.device = prepared.module, prepared.model, device
-        self.sharded = prepared.sharded
+        self.prepared = prepared  # its checkpointing: set up here, perhaps chosen by the probe
         self.optimizer = optimizer
         for group in optimizer.param_groups:
             group.setdefault("initial_lr", float(group["lr"]))
@@ -320,7 +320,7 @@ class Trainer:
             self.run_dir / "checkpoints",
             model=self.module,
             optimizer=self.optimizer,
-            sharded=self.sharded,
+            sharded=self.prepared.sharded,
             keep=self.config.keep_checkpoints,
         )
         checkpointer.register("accumulator", self.accumulator)
@@ -368,6 +368,7 @@ class Trainer:
             name=self.name,
             resumed=resumed,
             noise_scale=noise_summary,
+            checkpointing=self.prepared.checkpointing.summary.describe(),
         )
 
     def _already_finished(
