@@ -28,6 +28,7 @@ SCRIPTS = (
     "noise_scale",
     "token_batches",
     "sharded",
+    "checkpointing",
 )
 
 
