@@ -261,11 +261,12 @@ def test_dropout_draws_the_same_masks_in_the_recompute():
     assert checkpointed.blocks[0].calls == 2 * plain.blocks[0].calls
 
 
-def test_bf16_autocast_on_cpu_gives_the_same_step():
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_autocast_on_cpu_gives_the_same_step(precision):
     plain, checkpointed = Net(), Net()
     apply_activation_checkpointing(checkpointed, "every_2")
-    train(plain, precision="bf16")
-    train(checkpointed, precision="bf16")
+    train(plain, precision=precision)
+    train(checkpointed, precision=precision)
     # Recomputed under the same autocast state: the same bf16 kernels on the same inputs.
     for name, value in weights(plain).items():
         assert torch.equal(weights(checkpointed)[name], value), name
@@ -327,6 +328,8 @@ def test_hugging_face_models_checkpoint_through_their_own_method(policy, layers)
     assert summary.num_candidates == 2
     apply_activation_checkpointing(model, "none")
     assert not model.is_activation_checkpointing and checkpointed_units(model) == []
+    model.activation_checkpointing_enable()  # by the user: bigbatch sees it
+    assert checkpointed_units(model) == list(blocks)
 
 
 def test_the_example_in_the_docs_prints_what_they_say():
@@ -337,3 +340,38 @@ def test_the_example_in_the_docs_prints_what_they_say():
     with contextlib.redirect_stdout(output):
         exec(compile(code, "docs/memory.md", "exec"), {"__name__": "docs_example"})
     assert output.getvalue() == printed
+
+
+class WideBlock(torch.nn.Module):
+    def __init__(self, width: int) -> None:
+        super().__init__()
+        self.linear = torch.nn.Linear(width, width)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + torch.tanh(self.linear(x))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_allocator_peak_falls_and_bf16_gradients_stay():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(*(WideBlock(1024) for _ in range(8))).cuda()
+    x = torch.randn(4096, 1024, device="cuda")
+    peaks, gradients = {}, {}
+    for policy in ("none", "every_2", "full", "offload"):
+        apply_activation_checkpointing(model, policy)
+        model.zero_grad(set_to_none=True)
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated()
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            loss = model(x).float().pow(2).mean()
+        loss.backward()
+        torch.cuda.synchronize()
+        peaks[policy] = torch.cuda.max_memory_allocated() - before
+        gradients[policy] = [p.grad.detach().clone() for p in model.parameters()]
+    assert peaks["full"] < peaks["every_2"] < peaks["none"]
+    assert peaks["offload"] < peaks["none"]
+    for policy in ("every_2", "full", "offload"):
+        for actual, expected in zip(gradients[policy], gradients["none"]):
+            torch.testing.assert_close(actual, expected, rtol=1e-5, atol=1e-6)

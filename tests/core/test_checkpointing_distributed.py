@@ -18,13 +18,17 @@ from tests.reference import full_batch_sgd, relative_error
 
 STEPS = 2
 SPLITS = [[3, 2], [1, 4, 2]]  # rows of each rank's micro-batches: 12 rows per global batch
+# (replication, policy, gradient sync, checkpointing applied before or after DDP / fully_shard:
+# after is how a memory probe sets a candidate on the prepared model)
 CONFIGS = [
-    ("ddp", "none", "step_end"),
-    ("ddp", "full", "step_end"),
-    ("ddp", "every_2", "step_end"),
-    ("fsdp", "none", "every_micro_batch"),
-    ("fsdp", "full", "step_end"),
-    ("fsdp", "every_2", "every_micro_batch"),
+    ("ddp", "none", "step_end", "before"),
+    ("ddp", "full", "step_end", "before"),
+    ("ddp", "every_2", "step_end", "before"),
+    ("ddp", "every_2", "step_end", "after"),
+    ("fsdp", "none", "every_micro_batch", "before"),
+    ("fsdp", "full", "step_end", "before"),
+    ("fsdp", "every_2", "every_micro_batch", "before"),
+    ("fsdp", "full", "every_micro_batch", "after"),
 ]
 
 
@@ -52,13 +56,15 @@ def loss_fn(model: torch.nn.Module, batch) -> tuple[torch.Tensor, int]:
     return losses.sum(), len(losses)
 
 
-def train_one(rank: int, world_size: int, parallelism: str, policy: str, sync: str) -> dict:
+def train_one(
+    rank: int, world_size: int, parallelism: str, policy: str, sync: str, when: str
+) -> dict:
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
     from torch.nn.parallel import DistributedDataParallel
 
     module = Net().double()
-    wrapped = apply_activation_checkpointing(module, policy)
+    wrapped = apply_activation_checkpointing(module, policy if when == "before" else "every_3")
     if parallelism == "ddp":
         model: torch.nn.Module = DistributedDataParallel(module)
     else:
@@ -66,6 +72,8 @@ def train_one(rank: int, world_size: int, parallelism: str, policy: str, sync: s
         for block in module.blocks:
             fully_shard(block, mesh=mesh)
         model = fully_shard(module, mesh=mesh)
+    if when == "after":  # replaces the policy applied before
+        wrapped = apply_activation_checkpointing(model, policy)
     optimizer = torch.optim.SGD(model.parameters(), lr=LR)
     accumulator = Accumulator(model, optimizer, gradient_sync=sync, measure_noise_scale=True)
     for step in range(STEPS):
@@ -82,17 +90,41 @@ def train_one(rank: int, world_size: int, parallelism: str, policy: str, sync: s
     }
 
 
-def train_all(rank: int, world_size: int) -> list[dict]:
-    return [train_one(rank, world_size, *config) for config in CONFIGS]
+def train_sync_batchnorm(rank: int, world_size: int, policy: str) -> dict:
+    """DDP with batchnorm sync (statistics over both ranks, collectives in every forward, and
+    so in every recompute): the state after the steps, running statistics included."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    from bigbatch.core import batchnorm
+
+    module = batchnorm.apply_policy(Net(batchnorm=True).double(), "sync", world_size=world_size)
+    wrapped = apply_activation_checkpointing(module, policy)
+    model = DistributedDataParallel(module)
+    accumulator = Accumulator(model, torch.optim.SGD(model.parameters(), lr=LR))
+    for step in range(STEPS):
+        # Micro-batches of 2 or more rows: BatchNorm needs two values per channel in training.
+        accumulator.step([b for b in window(rank, step) if len(b[0]) > 1], loss_fn)
+    return {
+        "state": {k: v.detach().clone() for k, v in module.state_dict().items()},
+        "calls": module.blocks[0].calls,
+        "wrapped": len(wrapped),
+    }
+
+
+def train_all(rank: int, world_size: int) -> tuple[list[dict], list[dict]]:
+    trained = [train_one(rank, world_size, *config) for config in CONFIGS]
+    synced = [train_sync_batchnorm(rank, world_size, policy) for policy in ("none", "full")]
+    return trained, synced
 
 
 @pytest.mark.slow
 @pytest.mark.timeout(300)
 def test_ddp_and_fsdp2_with_checkpointing_match_the_full_batch_reference():
-    results = run_processes(train_all, 2)
+    both = run_processes(train_all, 2)
+    results = [trained for trained, _ in both]
     global_batches = [global_batch(step) for step in range(STEPS)]
     expected = full_batch_sgd(Net().double(), global_batches, per_item_losses, LR)
-    for index, (parallelism, policy, _) in enumerate(CONFIGS):
+    for index, (parallelism, policy, _, _) in enumerate(CONFIGS):
         for rank, per_config in enumerate(results):
             result = per_config[index]
             assert relative_error(result["weights"], expected) < 1e-12, (parallelism, policy)
@@ -107,9 +139,14 @@ def test_ddp_and_fsdp2_with_checkpointing_match_the_full_batch_reference():
             # (under FSDP2 they hook the gathered parameters from each unit's forward).
             plain = next(
                 per_config[i]["noise"]
-                for i, (other, other_policy, _) in enumerate(CONFIGS)
+                for i, (other, other_policy, _, _) in enumerate(CONFIGS)
                 if other == parallelism and other_policy == "none"
             )
             noise = result["noise"]
             assert noise.gradient_sq_norm == pytest.approx(plain.gradient_sq_norm, rel=1e-10)
             assert noise.trace_covariance == pytest.approx(plain.trace_covariance, rel=1e-10)
+    for _, (plain, checkpointed) in both:
+        # batchnorm sync: the same weights and running statistics as without checkpointing.
+        assert checkpointed["wrapped"] == 5 and checkpointed["calls"] == 2 * plain["calls"] > 0
+        for name, value in plain["state"].items():
+            assert torch.allclose(checkpointed["state"][name], value, rtol=1e-12, atol=0), name

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 
+from bigbatch import apply_activation_checkpointing
 from bigbatch.cli import main
 from bigbatch.train.configfile import load_config, validate
 from bigbatch.train.trainer import Trainer
@@ -44,8 +45,8 @@ def reference(steps: int) -> dict[str, torch.Tensor]:
     return full_batch_sgd(Net().double(), batches, per_item_losses, LR)
 
 
-def train(run_dir=None, resume=False, **settings):
-    model = Net().double()
+def train(run_dir=None, resume=False, model=None, **settings):
+    model = model or Net().double()
     config = validate(dict(global_batch_size=GLOBAL, micro_batch_size=5, max_steps=3) | settings)
     trainer = Trainer(
         model,
@@ -145,3 +146,19 @@ def test_auto_with_the_memory_probe_at_a_tight_budget_checkpoints(caplog):
     described = summary.extra["activation_checkpointing"]
     assert not described.startswith("none") and "auto: activation_checkpointing" in described
     assert summary.plan["gradient_accumulation_steps"] < none.plan["gradient_accumulation_steps"]
+
+
+def test_a_model_that_comes_checkpointed_keeps_it_under_none(caplog):
+    caplog.set_level(logging.INFO, logger="bigbatch")
+    given = Net().double()
+    apply_activation_checkpointing(given, "every_3")
+    summary, weights, model = train(model=given)
+    assert relative_error(weights, reference(3)) < 1e-12
+    described = summary.extra["activation_checkpointing"]
+    assert described.startswith("as given: 2 of 5 units (blocks.0, blocks.3); the model came")
+    assert model.blocks[0].calls == 24 and model.blocks[1].calls == 12
+    replaced = Net().double()
+    apply_activation_checkpointing(replaced, "every_3")
+    summary, _, model = train(model=replaced, activation_checkpointing="full")
+    assert summary.extra["activation_checkpointing"].startswith("full: 5 of 5 units")
+    assert model.blocks[1].calls == 24

@@ -58,7 +58,7 @@ def _tolerance(text: str) -> float:
 def _checkpointing(text: str) -> str:
     """An argparse type: an activation_checkpointing policy in its one spelling."""
     try:
-        return parse_activation_checkpointing(text, "--activation-checkpointing")
+        return parse_activation_checkpointing(text, "the value")
     except UsageError as error:
         raise argparse.ArgumentTypeError(str(error)) from None
 

@@ -132,7 +132,8 @@ class CheckpointingSummary:
     """What checkpointing a model runs with, for the run's printout and report.
 
     Attributes:
-        policy: the policy applied (``"none"``, ``"full"``, ``"every_<k>"``, ``"offload"``).
+        policy: the policy applied (``"none"``, ``"full"``, ``"every_<k>"``, ``"offload"``), or
+            ``"as given"`` for checkpointing the model came with.
         units: the names of the checkpointed units, in order.
         num_candidates: how many units the policy chose from.
         reason: why this policy (``activation_checkpointing: auto``), or "".
@@ -195,7 +196,9 @@ class _CheckpointedForward:
         if not torch.is_grad_enabled():
             return forward(*args, **kwargs)
         if self.offload:
-            pin = torch.cuda.is_available()
+            # Pinned host memory for a unit on the GPU: the copies back in backward overlap.
+            first = next(unit.parameters(), None)
+            pin = first is not None and first.device.type == "cuda"
             with torch.autograd.graph.save_on_cpu(pin_memory=pin):
                 return forward(*args, **kwargs)
         return checkpoint(

@@ -9,6 +9,7 @@ DistributedDataParallel (several ranks), the optimizer pointed at the sharded pa
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -24,6 +25,7 @@ from bigbatch.core import distributed, sharding
 from bigbatch.core.checkpointing import (
     CheckpointingSummary,
     apply_activation_checkpointing,
+    checkpointed_units,
     summarize_checkpointing,
 )
 from bigbatch.core.engine import Accumulator, LossFn
@@ -69,9 +71,9 @@ class PreparedModel:
 class ActivationCheckpointing:
     """The run's activation checkpointing: the units it may checkpoint and the policy they run.
 
-    `apply` is the one way to change it, at setup and from the memory probe, which calls it with
-    each candidate policy (it works on the model sharded or wrapped already) and last with its
-    choice; `summary` is what the run prints and reports.
+    `apply` is the one way to change it: at setup, and where a memory probe sets a candidate
+    policy (it works on the model sharded or wrapped in DDP already); `summary` is what the run
+    prints and reports.
 
     Args:
         module: the model (unwrapped).
@@ -87,6 +89,19 @@ class ActivationCheckpointing:
         """Checkpoint the units as ``policy`` says (not "auto"), replacing the policy before."""
         wrapped = apply_activation_checkpointing(self.module, policy, self.units)
         self.summary = summarize_checkpointing(self.module, policy, wrapped, self.units, reason)
+        return self.summary
+
+    def keep_given(self) -> CheckpointingSummary | None:
+        """A model that came checkpointed (`apply_activation_checkpointing`, a Hugging Face
+        model's own method) keeps its checkpointing; None when it came without."""
+        given = checkpointed_units(self.module)
+        if not given:
+            return None
+        reason = (
+            "the model came with these units checkpointed; activation_checkpointing none keeps them"
+        )
+        summary = summarize_checkpointing(self.module, "none", given, self.units, reason)
+        self.summary = dataclasses.replace(summary, policy="as given")
         return self.summary
 
 
@@ -129,8 +144,10 @@ def prepare_model(
     checkpointing = ActivationCheckpointing(
         unwrapped, None if shard_units is None else shard_units(unwrapped)
     )
-    summary = checkpointing.apply(*resolve_checkpointing(config))
-    logger.info("activation_checkpointing %s", summary.describe())
+    kept = checkpointing.keep_given() if config.activation_checkpointing == "none" else None
+    summary = kept or checkpointing.apply(*resolve_checkpointing(config))
+    if summary.policy != "none" or summary.reason:  # the default, none, goes without saying
+        logger.info("activation_checkpointing %s", summary.describe())
     model = _shard(model, optimizer, config, device, world_size, shard_units)
     module = distributed.unwrap(model).to(device)
     runner: torch.nn.Module = model if distributed.is_ddp(model) else module
