@@ -251,7 +251,7 @@ def main() -> None:
         f"{options}, global batch {share}, headroom {HEADROOM:.0%}, AdamW. Predicted peak: the "
         "probe's saved-tensor accounting at the chosen micro-batch (model, gradients, AdamW "
         "state, saved activations, and for a checkpointing policy the largest block's "
-        "recompute x 2). Measured peak: every storage allocated during one whole step, live until "
+        "saved tensors x `recompute_factor`: 1.25 for full, 0.25 for every_2). Measured peak: every storage allocated during one whole step, live until "
         "freed (a dispatch mode, `LiveBytes`), plus what was held before it. items/s: samples per "
         f"second of whole steps, this thread's CPU time, best of {rounds} rounds after a warm-up "
         "(noisy on a shared machine: differences under ~5% are noise).\n\n"

@@ -11,7 +11,7 @@ Where memory is counted rather than read from an allocator (the CPU), the probe 
 autograd saves; a checkpointed unit saves only its inputs, then recomputes its forward during its
 backward, holding that forward's saved tensors while its backward makes their gradients.
 `unit_recompute` measures the largest unit's saved tensors without checkpointing, and
-`RECOMPUTE_FACTOR` times that is added to every candidate that checkpoints
+`recompute_factor` times that is added to every candidate that checkpoints
 (`bigbatch.tools.search.with_unseen`).
 """
 
@@ -41,10 +41,11 @@ logger = logging.getLogger(__name__)
 
 CANDIDATES: tuple[str, ...] = ("none", "every_2", "full")
 """The policies ``activation_checkpointing: auto`` compares, the least recompute first."""
-RECOMPUTE_FACTOR = 2
-"""A checkpointed unit's backward holds its recomputed saved tensors and, about as large, the
-gradients flowing through them: twice the unit's saved bytes on top of what the probe counts
-(benchmarks/checkpointing.py compares the prediction with every allocation of a whole step)."""
+RECOMPUTE_FACTOR = 1.25
+"""While a checkpointed unit's backward runs, its recomputed saved tensors and the gradients
+its backward makes are live: 1.1 to 1.3 x the unit's saved bytes on an 8-layer tinylm (CPU,
+every allocation tracked), so 1.25 x. The saved tensors of the units after it that are not
+checkpointed are freed by then (`recompute_factor`)."""
 
 
 @dataclass(frozen=True)
@@ -288,11 +289,12 @@ def choose_plan(
     candidates, choices = [], {}
     try:
         for policy in policies:
-            checkpointed = len(apply_activation_checkpointing(module, policy, units))
-            checkpointed *= checkpoint_interval(policy) > 0  # offload recomputes nothing
+            wrapped = apply_activation_checkpointing(module, policy, units)
+            checkpointed = len(wrapped) if checkpoint_interval(policy) > 0 else 0  # not offload
+            factor = recompute_factor(units, wrapped) if checkpointed else 0.0
             unseen = None
-            if checkpointed and recompute is not None:
-                unseen = lambda rows: RECOMPUTE_FACTOR * recompute(rows)  # noqa: E731
+            if factor > 0 and recompute is not None:
+                unseen = lambda rows, f=factor: round(f * recompute(rows))  # noqa: E731
             try:
                 choice = choose_micro_batch(
                     module, loss_fn, make_rows, max_rows=max_rows,
@@ -315,6 +317,25 @@ def choose_plan(
         chosen.activation_checkpointing, choices[chosen.activation_checkpointing],
         tuple(candidates), reason,
     )  # fmt: skip
+
+
+def recompute_factor(
+    units: Sequence[torch.nn.Module], checkpointed: Sequence[torch.nn.Module]
+) -> float:
+    """Unit-sized saved tensors the peak gains over the counted ones when units recompute.
+
+    Backward meets the last checkpointed unit first; the units after it (not checkpointed) have
+    freed their saved tensors by then, about one unit's each. So `RECOMPUTE_FACTOR` minus their
+    number, at least 0: ``full`` 1.25; ``every_2`` of 8 units (the last, unit 8, not
+    checkpointed) 0.25.
+
+    >>> blocks = [torch.nn.Linear(1, 1) for _ in range(8)]
+    >>> recompute_factor(blocks, blocks), recompute_factor(blocks, blocks[::2])
+    (1.25, 0.25)
+    """
+    ids = [id(u) for u in units]
+    last = max(ids.index(id(u)) for u in checkpointed)
+    return max(0.0, RECOMPUTE_FACTOR - (len(units) - 1 - last))
 
 
 def _candidates(
