@@ -195,7 +195,7 @@ def measure(
                    "items_per_s": speeds[(r.policy, r.micro_batch_size)]})
             for r in rows
         ]  # fmt: skip
-        print(table(done), flush=True)  # each budget as it is done: the run is long on a CPU
+        print(table(done), file=sys.stderr, flush=True)  # each budget when done: a long run
         table_rows += done
     return table_rows
 
