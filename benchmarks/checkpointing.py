@@ -79,23 +79,28 @@ def joint(recipe: recipes.Recipe, budget: str, share: int, optimize: str) -> Joi
 
 
 def rows_of(recipe: recipes.Recipe, budget: str, share: int) -> list[Row]:
-    """The static rows and auto's two choices, from a memory and a throughput joint probe."""
+    """The static rows and auto's two choices, from a memory and a throughput joint probe; the
+    predicted peak is that of the plan's largest micro-batch (`bigbatch.plan` evens them out:
+    micro-batch 98 of 128 runs as 2 x 64), from its policy's probe."""
     by_memory = joint(recipe, budget, share, "memory")
     by_speed = joint(recipe, budget, share, "throughput")
-    rows = [
-        Row(budget, c.activation_checkpointing, c.activation_checkpointing, c.micro_batch_size,
-            c.micro_steps, c.peak_bytes)
-        for c in by_memory.candidates if c.fits
-    ]  # fmt: skip
+    picks = [(c.activation_checkpointing, by_memory, c) for c in by_memory.candidates if c.fits]
     for label, choice in (("auto (memory)", by_memory), ("auto (throughput)", by_speed)):
         chosen = next(
             c
             for c in choice.candidates
             if c.activation_checkpointing == choice.activation_checkpointing and c.chosen_sync
         )
+        picks.append((label, choice, chosen))
+    rows = []
+    for label, choice, c in picks:
+        largest = math.ceil(share / c.micro_steps)
+        probe = choice.choices[c.activation_checkpointing].probe
+        measured = {r.micro_batch_size: r.memory_bytes for r in probe.rows}
+        predicted = measured.get(largest, probe.predict(largest))
         rows.append(
-            Row(budget, label, chosen.activation_checkpointing, chosen.micro_batch_size,
-                chosen.micro_steps, chosen.peak_bytes)
+            Row(budget, label, c.activation_checkpointing, c.micro_batch_size, c.micro_steps,
+                predicted)
         )  # fmt: skip
     apply_activation_checkpointing(recipe.model, "none")
     return rows
@@ -249,7 +254,8 @@ def main() -> None:
     note = (
         f"CPU, 1 torch thread, {platform.machine()}, torch {torch.__version__}; tinylm "
         f"{options}, global batch {share}, headroom {HEADROOM:.0%}, AdamW. Predicted peak: the "
-        "probe's saved-tensor accounting at the chosen micro-batch (model, gradients, AdamW "
+        "probe's saved-tensor accounting at the plan's largest micro-batch (model, gradients, "
+        "AdamW "
         "state, saved activations, and for a checkpointing policy the largest block's "
         "saved tensors x `recompute_factor`: 1.25 for full, 0.25 for every_2). Measured "
         "peak: every storage allocated during one whole step, live until "

@@ -20,8 +20,8 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass, replace
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -106,12 +106,15 @@ class JointChoice:
         candidates: every policy x sync mode compared, the chosen policy's sync mode first per
             policy.
         reason: one sentence with the numbers.
+        choices: every policy's micro-batch choice that fits, by policy (its probe predicts the
+            memory of any micro-batch under that policy).
     """
 
     activation_checkpointing: str
     choice: MicroBatchChoice
     candidates: tuple[PlanCandidate, ...]
     reason: str
+    choices: Mapping[str, MicroBatchChoice] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-able description, for `bigbatch plan --json`, the run's log and its report."""
@@ -286,7 +289,8 @@ def choose_plan(
         module, loss_fn, make_rows, units, device=device,
         autocast_dtype=choose.get("autocast_dtype"),
     ) if counted else None  # fmt: skip
-    candidates, choices = [], {}
+    candidates: list[PlanCandidate] = []
+    choices: dict[str, MicroBatchChoice] = {}
     try:
         for policy in policies:
             wrapped = apply_activation_checkpointing(module, policy, units)
@@ -315,7 +319,7 @@ def choose_plan(
     logger.info("%s", reason)
     return JointChoice(
         chosen.activation_checkpointing, choices[chosen.activation_checkpointing],
-        tuple(candidates), reason,
+        tuple(candidates), reason, choices,
     )  # fmt: skip
 
 
