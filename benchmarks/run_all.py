@@ -20,6 +20,8 @@ HERE = Path(__file__).parent
 SCRIPTS = (
     "overhead",
     "alternatives",
+    "hf_trainer",
+    "trl_losses",
     "ddp",
     "memory",
     "plan_quality",

@@ -29,6 +29,8 @@ _PUBLIC: dict[str, str] = {
     "Trainer": "bigbatch.train.trainer",
     "fit": "bigbatch.train.trainer",
 }
+# Public subpackages, loaded on first use: ``bigbatch.losses.dpo_loss``.
+_SUBPACKAGES = ("losses",)
 
 __all__ = [
     "Accumulator",
@@ -41,11 +43,13 @@ __all__ = [
     "WindowLoader",
     "apply_activation_checkpointing",
     "fit",
+    "losses",
     "plan",
     "scale_learning_rate",
 ]
 
 if TYPE_CHECKING:
+    from bigbatch import losses
     from bigbatch.core.checkpointing import apply_activation_checkpointing
     from bigbatch.core.engine import Accumulator, StepResult
     from bigbatch.core.loss import LossFn
@@ -66,6 +70,8 @@ def __getattr__(name: str) -> Any:
             return metadata.version("bigbatch")
         except metadata.PackageNotFoundError:  # a source tree, never installed
             raise AttributeError("bigbatch is not installed: it has no __version__") from None
+    if name in _SUBPACKAGES:
+        return importlib.import_module(f"bigbatch.{name}")  # the import sets the attribute
     module = _PUBLIC.get(name)
     if module is None:
         raise AttributeError(f"module 'bigbatch' has no attribute {name!r}")
@@ -75,4 +81,4 @@ def __getattr__(name: str) -> Any:
 
 
 def __dir__() -> list[str]:
-    return sorted({*globals(), *_PUBLIC, "__version__"})
+    return sorted({*globals(), *_PUBLIC, *_SUBPACKAGES, "__version__"})

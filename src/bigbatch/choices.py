@@ -86,9 +86,14 @@ ACTIVATION_CHECKPOINTING: dict[str, str] = {
     "2k+1, ...), selective by units",
     "offload": "no recompute: every unit's saved activations wait in host memory for backward "
     "(torch.autograd.graph.save_on_cpu; for CUDA, on a CPU it changes nothing)",
-    "auto": "chosen with the micro-batch by the memory probe (micro_batch_size or "
+    "auto": "starts at none, the memory probe's to change where it runs (micro_batch_size or "
     "micro_batch_tokens auto); none when the micro setting is given",
 }
+
+
+ACTIVATION_CHECKPOINTING_ALLOWED = (  # for messages and the config docs
+    '"none", "full", "every_<k>" with k >= 2 (e.g. "every_2"), "offload" or "auto"'
+)
 
 
 def parse_activation_checkpointing(value: object, field: str = "activation_checkpointing") -> str:
@@ -111,11 +116,6 @@ def parse_activation_checkpointing(value: object, field: str = "activation_check
     if digits and int(interval) >= 2:
         return f"every_{int(interval)}"
     raise UsageError(f"{field} must be {ACTIVATION_CHECKPOINTING_ALLOWED}, got {shorten(value)}")
-
-
-ACTIVATION_CHECKPOINTING_ALLOWED = (
-    '"none", "full", "every_<k>" with k >= 2 (e.g. "every_2"), "offload" or "auto"'
-)
 
 
 def checkpoint_interval(policy: str) -> int:

@@ -59,6 +59,21 @@ def test_smoke_prints_a_table(script: str) -> None:
 
 @pytest.mark.slow
 @pytest.mark.timeout(300)
+def test_hf_trainer_gpt2_error_is_the_unshifted_count_and_bigbatch_is_exact() -> None:
+    """The README's claim: GPT-2's Trainer error is 1 - shifted/unshifted labels (where that is
+    not 0), the direction exact; bigbatch on GPT-2 at float64 rounding."""
+    rows = table_rows(run_smoke("hf_trainer.py"))
+    gpt2 = [row for row in rows if row[0] == "GPT2LMHeadModel"]
+    assert len(gpt2) == 2
+    for _, _, trainer, cosine, shortfall, exact in gpt2:
+        if float(shortfall) > 0:
+            assert float(trainer) == pytest.approx(float(shortfall), rel=1e-2)
+        assert float(trainer) < 1e-6 or float(shortfall) > 0
+        assert float(cosine) > 1 - 1e-9 and float(exact) < 1e-13
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
 def test_ddp_smoke_prints_a_table() -> None:
     assert table_rows(run_smoke("ddp.py"))
 

@@ -15,9 +15,9 @@ from collections.abc import Mapping
 from typing import Any, Protocol
 
 import torch
-import torch.nn.functional as F
 
 from bigbatch.core.loss import IGNORE_INDEX
+from bigbatch.losses import sequence_classification, token_cross_entropy
 from bigbatch.planning import plan
 
 __all__ = [
@@ -55,11 +55,8 @@ def causal_lm_loss(
         return _no_items(logits)
     if "shift_labels" in batch:
         shifted = batch["shift_labels"].to(logits.device)
-    else:
-        # Pad by one ignored label and drop the first, as transformers does: position t meets
-        # label t + 1, and the logits need no sliced copy.
-        shifted = F.pad(labels, (0, 1), value=ignore_index)[..., 1:]
-    return _token_cross_entropy(logits, shifted, ignore_index)
+        return token_cross_entropy(logits, shifted, ignore_index, shift=False)
+    return token_cross_entropy(logits, labels, ignore_index, shift=True)
 
 
 def masked_lm_loss(
@@ -73,7 +70,7 @@ def masked_lm_loss(
     logits, labels = _logits_and_labels(model, batch)
     if labels.shape[0] == 0:
         return _no_items(logits)
-    return _token_cross_entropy(logits, labels, ignore_index)
+    return token_cross_entropy(logits, labels, ignore_index, shift=False)
 
 
 def sequence_classification_loss(
@@ -90,38 +87,14 @@ def sequence_classification_loss(
     logits, labels = _logits_and_labels(model, batch)
     if labels.shape[0] == 0:
         return _no_items(logits)
-    logits = _upcast(logits)
     config = getattr(_unwrap(model), "config", None)
-    num_labels = int(getattr(config, "num_labels", logits.shape[-1]))
-    problem_type = getattr(config, "problem_type", None)
-    if problem_type is None:
-        integer = not labels.is_floating_point() and not labels.is_complex()
-        problem_type = (
-            "regression"
-            if num_labels == 1
-            else "single_label_classification"
-            if integer
-            else "multi_label_classification"
-        )
-    if problem_type == "single_label_classification":
-        flat = labels.reshape(-1)
-        loss_sum = F.cross_entropy(
-            logits.reshape(-1, num_labels), flat, ignore_index=ignore_index, reduction="sum"
-        )
-        return loss_sum, (flat != ignore_index).sum()
-    if problem_type == "regression":
-        predictions = logits.reshape(labels.shape[0], -1)
-        targets = labels.reshape(labels.shape[0], -1).to(predictions.dtype)
-        loss_sum = F.mse_loss(predictions, targets, reduction="sum")
-    elif problem_type == "multi_label_classification":
-        targets = labels.to(logits.dtype)
-        loss_sum = F.binary_cross_entropy_with_logits(logits, targets, reduction="sum")
-    else:
-        raise ValueError(
-            f"problem_type must be regression, single_label_classification or "
-            f"multi_label_classification, got {problem_type!r}"
-        )
-    return loss_sum, torch.tensor(labels.numel(), device=logits.device)
+    return sequence_classification(
+        logits,
+        labels,
+        problem_type=getattr(config, "problem_type", None),
+        num_labels=getattr(config, "num_labels", None),
+        ignore_index=ignore_index,
+    )
 
 
 class HasMicroBatchSize(Protocol):
@@ -249,16 +222,3 @@ def _no_items(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 def _upcast(logits: torch.Tensor) -> torch.Tensor:
     """Half-precision logits in float32: a cross-entropy over a vocabulary loses digits in bf16."""
     return logits.float() if logits.dtype in (torch.float16, torch.bfloat16) else logits
-
-
-def _token_cross_entropy(
-    logits: torch.Tensor, labels: torch.Tensor, ignore_index: int
-) -> tuple[torch.Tensor, torch.Tensor]:
-    logits = _upcast(logits)
-    loss_sum = F.cross_entropy(
-        logits.reshape(-1, logits.shape[-1]),
-        labels.reshape(-1),
-        ignore_index=ignore_index,
-        reduction="sum",
-    )
-    return loss_sum, (labels != ignore_index).sum()
