@@ -22,7 +22,7 @@ demo: $(STAMP)
 	$(VENV)/bin/bigbatch train
 
 # The benchmarks, tables and plots into benchmarks/results/: `make bench` the quick scripts,
-# `make bench-all` the long ones too (torchrun elastic runs, checkpoint cost, threads, compile).
+# `make bench-all` the long ones too (activation checkpointing, torchrun elastic runs, checkpoint cost, threads, compile).
 bench: $(STAMP)
 	$(PYTHON) -m pip install --quiet --disable-pip-version-check -e '.[full,bench]'
 	$(PYTHON) benchmarks/run_all.py

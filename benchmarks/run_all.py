@@ -1,7 +1,7 @@
 """Run the benchmark scripts in turn (what `make bench` runs); `--smoke` passes through.
 
-By default the scripts of a few minutes each; `--all` adds the long ones (LONG: torchrun
-elastic runs, checkpoint cost, threads beside a busy load, compile), which take tens of minutes on
+By default the scripts of a few minutes each; `--all` adds the long ones (LONG: activation
+checkpointing's budgets, torchrun elastic runs, checkpoint cost, threads beside a busy load, compile), which take tens of minutes on
 2 CPU cores.
 
 Each script writes its table and plot under benchmarks/results/ (smoke runs print only). A script
@@ -38,7 +38,7 @@ SCRIPTS = (
     "token_batches",
     "sharded",
 )
-LONG = ("elastic", "checkpoint_cost", "threads", "compile")
+LONG = ("checkpointing", "elastic", "checkpoint_cost", "threads", "compile")
 EVERY = SCRIPTS + LONG
 
 

@@ -22,6 +22,7 @@ from tests.reference import full_batch_sgd, relative_error
 
 ROWS = 40
 GLOBAL = 16  # steps of 16, 16, 8 rows: a short last global batch
+BUDGET = 8000  # bytes: none fits 4 micro-steps of the 16 rows, full 3 (tests.core Net, float64)
 
 
 def dataset() -> torch.utils.data.TensorDataset:
@@ -122,14 +123,29 @@ def test_the_default_is_none():
     assert validate({"activation_checkpointing": "Every_02"}).activation_checkpointing == "every_2"
 
 
-def test_auto_with_the_memory_probe_starts_at_none(caplog):
+def test_auto_with_the_memory_probe_at_a_loose_budget_runs_none(caplog):
     caplog.set_level(logging.INFO, logger="bigbatch")
     summary, weights, _ = train(
         activation_checkpointing="auto", micro_batch_size="auto", memory_budget="1GiB"
     )
     assert relative_error(weights, reference(3)) < 1e-12
     described = summary.extra["activation_checkpointing"]
-    assert described.startswith("none") and "the memory probe measures the micro-batch" in described
+    # every policy fits the whole global batch in one micro-step: the least recompute wins
+    assert described.startswith("none") and "the fewest micro-steps that fit (1" in described
+
+
+def test_auto_with_the_memory_probe_at_a_tight_budget_checkpoints(caplog):
+    """The joint choice in a run: fewer micro-steps with checkpointing, the same weights."""
+    caplog.set_level(logging.INFO, logger="bigbatch")
+    reference_weights = reference(3)
+    none = train(micro_batch_size="auto", memory_budget=BUDGET)[0]
+    summary, weights, model = train(
+        activation_checkpointing="auto", micro_batch_size="auto", memory_budget=BUDGET
+    )
+    assert relative_error(weights, reference_weights) < 1e-12
+    described = summary.extra["activation_checkpointing"]
+    assert not described.startswith("none") and "auto: activation_checkpointing" in described
+    assert summary.plan["gradient_accumulation_steps"] < none.plan["gradient_accumulation_steps"]
 
 
 def test_a_model_that_comes_checkpointed_keeps_it_under_none(caplog):

@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from bigbatch.choices import DEFAULT_OPTIMIZE
 from bigbatch.planning import plan
 from bigbatch.units import UsageError, parse_memory_size
 
@@ -165,7 +166,77 @@ def _resume_hint(args: argparse.Namespace, stopped: Any) -> str:
     return f"continue with: {shlex.join(command)}"
 
 
+_FLAG_SETTINGS = {
+    "global_batch_size": "global_batch_size",
+    "global_batch_tokens": "global_batch_tokens",
+    "micro_batch_size": "micro_batch_size",
+    "gradient_accumulation_steps": "gradient_accumulation_steps",
+    "micro_batch_tokens": "micro_batch_tokens",
+    "memory_budget": "memory_budget",
+    "recipe": "recipe",
+    "parallelism": "parallelism",
+}
+
+
+def _steps_or_none(value: Any) -> int | None:
+    """A count the config gives, or None for unset and auto (the plan derives it)."""
+    return value if isinstance(value, int) else None
+
+
+def _config_plan_command(args: argparse.Namespace) -> int:
+    """`bigbatch plan CONFIG --set ...`: the plan of the run the config describes."""
+    from bigbatch.train.configfile import load_config
+
+    for name, key in _FLAG_SETTINGS.items():
+        if getattr(args, name) is not None:
+            flag = "--" + name.replace("_", "-")
+            raise UsageError(f"{flag}: with a config, set {key} in it (--set {key}=...)")
+    if args.packing or args.optimize != DEFAULT_OPTIMIZE:
+        raise UsageError("--packing and --optimize: with a config, set packing or optimize in it")
+    load_config(args.config, args.set)  # the config's errors before torch is loaded
+    config, recipe = _resolved_config(args)
+    if args.print_config:
+        return _print_config(config)
+    from bigbatch.tools.run_plan import RunSettings, plan_run
+    from bigbatch.train.environment import resolve_device
+
+    tokens = config.global_batch_tokens is not None
+    if not tokens and config.global_batch_size is None:
+        raise UsageError("global_batch_size: not set by the config nor the recipe; set it")
+    policy = args.activation_checkpointing or getattr(config, "activation_checkpointing", "none")
+    settings = RunSettings(
+        world_size=args.world_size,
+        global_batch_size=None if tokens else config.global_batch_size,
+        global_batch_tokens=config.global_batch_tokens,
+        micro=config.micro_batch_tokens if tokens else config.micro_batch_size,
+        gradient_accumulation_steps=_steps_or_none(
+            None if tokens else config.gradient_accumulation_steps
+        ),
+        packing=bool(config.packing),
+        memory_budget=config.memory_budget,
+        optimize=config.optimize,
+        parallelism=config.parallelism,
+        gradient_sync=config.gradient_sync,
+        activation_checkpointing=policy,
+    )
+    text, result = plan_run(recipe, settings, resolve_device(config.device))
+    print(json.dumps(result) if args.json else text)
+    return 0
+
+
 def plan_command(args: argparse.Namespace) -> int:
+    if args.config is not None or args.set or args.print_config:
+        return _config_plan_command(args)
+    if args.global_batch_size is None and args.global_batch_tokens is None:
+        raise UsageError(
+            "plan needs a global batch: --global-batch-size N or --global-batch-tokens N, or a "
+            "run's config (a YAML file and/or --set global_batch_size=N)"
+        )
+    if args.activation_checkpointing is not None:
+        raise UsageError(
+            "--activation-checkpointing plans a run's config: give the config (a YAML file "
+            "and/or --set key=value), with micro_batch_size auto and memory_budget to probe"
+        )
     if args.parallelism is not None and args.memory_budget is None:
         raise UsageError(
             "--parallelism only matters with --memory-budget: it says what one rank holds"
@@ -242,9 +313,6 @@ def _verify_report(args: argparse.Namespace, config: Any, recipe: Any, world_siz
     """`verify` on one process, `verify_distributed` over the ranks of torchrun."""
     from bigbatch.tools.verify_distributed import verify_configuration
 
-    def steps_or_none(value: Any) -> int | None:
-        return value if isinstance(value, int) else None
-
     if world_size == 1 and config.parallelism == "fsdp":
         print(
             "bigbatch verify: warning: parallelism fsdp shards over several processes and this "
@@ -256,8 +324,8 @@ def _verify_report(args: argparse.Namespace, config: Any, recipe: Any, world_siz
         recipe,
         world_size,
         global_batch_size=config.global_batch_size,
-        micro_batch_size=steps_or_none(config.micro_batch_size),
-        gradient_accumulation_steps=steps_or_none(config.gradient_accumulation_steps),
+        micro_batch_size=_steps_or_none(config.micro_batch_size),
+        gradient_accumulation_steps=_steps_or_none(config.gradient_accumulation_steps),
         num_global_batches=args.num_global_batches,
         tolerance=args.tolerance,
         seed=config.seed,

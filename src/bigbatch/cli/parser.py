@@ -8,7 +8,13 @@ import argparse
 import math
 from typing import Any
 
-from bigbatch.choices import DEFAULT_OPTIMIZE, OPTIMIZE_GOALS, PARALLELISMS, describe
+from bigbatch.choices import (
+    DEFAULT_OPTIMIZE,
+    OPTIMIZE_GOALS,
+    PARALLELISMS,
+    describe,
+    parse_activation_checkpointing,
+)
 from bigbatch.cli import commands as handlers
 from bigbatch.planning import MAX_WORLD_SIZE, check_count
 from bigbatch.units import MAX_COUNT, UsageError, one_line, shorten
@@ -49,6 +55,14 @@ def _tolerance(text: str) -> float:
     return value
 
 
+def _checkpointing(text: str) -> str:
+    """An argparse type: an activation_checkpointing policy in its one spelling."""
+    try:
+        return parse_activation_checkpointing(text, "the value")
+    except UsageError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+
+
 def _add_config_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("config", nargs="?", help="a YAML config (default: the digits recipe)")
     parser.add_argument(
@@ -86,10 +100,18 @@ class _ConfigHelp(argparse.Action):
 def _add_plan_parser(commands: Any, common: argparse.ArgumentParser) -> None:
     parser = commands.add_parser(
         "plan",
-        help="split a global batch into ranks x accumulation steps x micro-batches",
+        help="split a global batch into ranks x accumulation steps x micro-batches: from flags, "
+        "or from a run's config (YAML + --set) as train would, probing micro_batch_size auto",
         parents=[common],
     )
-    unit = parser.add_mutually_exclusive_group(required=True)
+    _add_config_arguments(parser)
+    parser.add_argument(
+        "--activation-checkpointing",
+        type=_checkpointing,
+        help="with a config: the policy to plan with, instead of the config's (none, full, "
+        "every_<k>, offload; auto compares none, every_2 and full with micro_batch_size auto)",
+    )
+    unit = parser.add_mutually_exclusive_group()
     unit.add_argument("--global-batch-size", type=_count)
     unit.add_argument(
         "--global-batch-tokens",

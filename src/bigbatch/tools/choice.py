@@ -24,6 +24,7 @@ from bigbatch.tools.projection import Agree, Projection, ShardUnits, resolve_bud
 from bigbatch.tools.rank_memory import Layout, RankMemory
 from bigbatch.tools.search import (
     FIRST_SIZES,
+    Unseen,
     choose_sync,
     fastest,
     geometric,
@@ -127,6 +128,7 @@ def choose_micro_batch(
     layout: Layout | None = None,
     shard_units: ShardUnits | None = None,
     agree: Agree | None = None,
+    unseen: Unseen | None = None,
 ) -> MicroBatchChoice:
     """Probe a few row counts and choose the micro-batch for a memory budget.
 
@@ -139,7 +141,9 @@ def choose_micro_batch(
     one process) makes the budget one rank's; under FSDP2 with ``gradient_sync="auto"`` both
     sync modes are compared. ``shard_units``: the units FSDP2 would shard, for an unsharded
     model planned for FSDP2. ``agree`` reduces measurements over ranks (a sharded model is
-    probed by every rank in lockstep), so that every rank decides alike.
+    probed by every rank in lockstep), so that every rank decides alike. ``unseen(rows)``: bytes
+    the probe's accounting misses at that many rows, added to each measurement (a checkpointed
+    unit's recompute on a device without an allocator, `bigbatch.tools.joint`).
 
     Raises:
         ValueError: no budget on a device without an allocator, or one row does not fit the
@@ -152,7 +156,7 @@ def choose_micro_batch(
     limit = budget / (1 + headroom)
     projection = Projection(module, optimizer, layout, shard_units, device, agree)
     measure, time_sizes = measurers(
-        module, loss_fn, make_rows, optimizer, device, repetitions, autocast_dtype, agree
+        module, loss_fn, make_rows, optimizer, device, repetitions, autocast_dtype, agree, unseen
     )
     result = measure(geometric(1, min(max_rows, 2 ** (FIRST_SIZES - 1))))
     _check_one_row_fits(result, budget, headroom, projection)

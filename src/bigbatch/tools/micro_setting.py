@@ -1,10 +1,12 @@
 """The micro-batch of a run with ``micro_batch_size: auto`` or ``micro_batch_tokens: auto``.
 
 `probe_micro_setting` is what training calls, in either unit: it chooses from measured memory
-(`bigbatch.tools.choice.choose_micro_batch`) for the planned layout (`planned_layout`) and
-broadcasts rank 0's choice, so that every rank runs the same plan (DESIGN.md invariant 2: every
-rank runs the same number of micro-steps). `probe_rows` builds what it measures: the dataset's
-first samples, or rows of its longest sample (packed or not) for a run in tokens.
+(`bigbatch.tools.choice.choose_micro_batch`; with ``activation_checkpointing: auto``
+`probe_joint_setting`, the joint choice of `bigbatch.tools.joint`) for the planned layout
+(`planned_layout`) and broadcasts rank 0's choice, so that every rank runs the same plan
+(DESIGN.md invariant 2: every rank runs the same number of micro-steps). `probe_rows` builds
+what it measures: the dataset's first samples, or rows of its longest sample (packed or not)
+for a run in tokens.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from bigbatch.core import distributed, sharding
 from bigbatch.core.engine import LossFn
 from bigbatch.data.loader import first_samples
 from bigbatch.tools.choice import MicroBatchChoice, choose_micro_batch
+from bigbatch.tools.joint import JointChoice, choose_plan
 from bigbatch.tools.memory import Batch
 from bigbatch.tools.projection import Agree, ShardUnits
 from bigbatch.tools.rank_memory import Layout
@@ -149,3 +152,39 @@ def probe_micro_setting(
         name = "micro_batch_size" if row_tokens is None else "micro_batch_tokens"
         logger.info("%s auto: %d (%s)", name, choice.value, choice.reason)
     return choice
+
+
+def probe_joint_setting(
+    module: torch.nn.Module,
+    loss_fn: LossFn,
+    make_rows: Callable[[int], Batch],
+    *,
+    units: list[torch.nn.Module] | None,
+    row_tokens: int | None,
+    max_rows: int,
+    memory_budget: int | str | None,
+    optimize: Optimize,
+    **choose: Any,
+) -> JointChoice:
+    """``activation_checkpointing: auto``: the checkpointing policy and micro setting together
+    (`bigbatch.tools.joint.choose_plan` over ``units``, None: the blocks FSDP2 shards); every
+    rank gets rank 0's choice, which the caller applies (the model is left with this rank's).
+
+    The other arguments as for `probe_micro_setting`.
+    """
+    joint = choose_plan(
+        module, loss_fn, make_rows, max_rows=max_rows, row_tokens=row_tokens,
+        memory_budget_bytes=None if memory_budget == "auto" else memory_budget,
+        optimize=optimize, units=units, **choose,
+    )  # fmt: skip
+    if distributed.is_initialized():
+        chosen = [joint]
+        dist.broadcast_object_list(chosen, src=0)  # every rank must run the same plan
+        joint = chosen[0]
+    if distributed.is_main_process():
+        name = "micro_batch_size" if row_tokens is None else "micro_batch_tokens"
+        logger.info(
+            "activation_checkpointing auto: %s, %s auto: %d (%s)",
+            joint.activation_checkpointing, name, joint.choice.value, joint.reason,
+        )  # fmt: skip
+    return joint

@@ -36,6 +36,9 @@ Measure = Callable[..., MemoryProbe]
 """``measure(sizes, repeat=...)``: a probe of these sizes, agreed over ranks."""
 TimeSizes = Callable[[list[int]], dict[int, float]]
 """``time_sizes(sizes)``: the best forward + backward seconds of each size."""
+Unseen = Callable[[int], int]
+"""``unseen(rows)``: bytes a probe's accounting misses at this many rows (a checkpointed unit's
+recompute, `bigbatch.tools.joint`), added to its measurement."""
 
 
 def geometric(start: int, stop: int) -> list[int]:
@@ -198,15 +201,18 @@ def measurers(
     repetitions: int,
     autocast_dtype: torch.dtype | None,
     agree: Agree | None,
+    unseen: Unseen | None = None,
 ) -> tuple[Measure, TimeSizes]:
-    """``measure(sizes, repeat)``: a probe of these sizes; ``time_sizes(sizes)``: their best
-    forward + backward seconds; both agreed over ranks when ``agree`` is given."""
+    """``measure(sizes, repeat)``: a probe of these sizes, plus ``unseen(rows)`` bytes per row
+    where given; ``time_sizes(sizes)``: their best forward + backward seconds; both agreed over
+    ranks when ``agree`` is given."""
 
     def measure(sizes: list[int], repeat: int = repetitions) -> MemoryProbe:
-        return agreed(probe(
+        result = probe(
             module, loss_fn, make_rows, sizes, optimizer=optimizer, device=device,
             repetitions=repeat, autocast_dtype=autocast_dtype,
-        ), agree)  # fmt: skip
+        )  # fmt: skip
+        return agreed(result if unseen is None else with_unseen(result, unseen), agree)
 
     def time_sizes(sizes: list[int]) -> dict[int, float]:
         best = _timed(
@@ -215,6 +221,18 @@ def measurers(
         return best if agree is None else dict(zip(best, agree(list(best.values()))))
 
     return measure, time_sizes
+
+
+def with_unseen(result: MemoryProbe, unseen: Unseen) -> MemoryProbe:
+    """The probe with ``unseen(rows)`` bytes added to each row's memory, refitted."""
+    rows = [
+        replace(row, memory_bytes=row.memory_bytes + unseen(row.micro_batch_size))
+        for row in result.rows
+    ]
+    intercept, slope, error = memory.fit_rows(rows, result.model_bytes)
+    return replace(
+        result, rows=rows, fixed_bytes=intercept, bytes_per_sample=slope, fit_relative_error=error
+    )
 
 
 def fastest(

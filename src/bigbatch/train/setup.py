@@ -31,6 +31,7 @@ from bigbatch.core.engine import Accumulator, LossFn
 from bigbatch.planning.unit import BatchUnit, SampleUnit, TokenUnit
 from bigbatch.tools.micro_setting import (
     planned_layout,
+    probe_joint_setting,
     probe_micro_setting,
     probe_rows,
     share_in_rows,
@@ -250,7 +251,9 @@ class MicroBatchProbe:
     ranks, run at most once by the planner.
 
     Besides the micro-batch it may choose the gradient sync (FSDP2 with ``gradient_sync: auto``
-    compares both modes per rank): `gradient_sync` holds that choice once probed.
+    compares both modes per rank): `gradient_sync` holds that choice once probed; and, with
+    ``activation_checkpointing: auto``, the checkpointing policy (`probe_joint_setting`), applied
+    to the model through its `ActivationCheckpointing` with the reason.
     """
 
     def __init__(
@@ -286,10 +289,7 @@ class MicroBatchProbe:
         else:
             first = config.global_batch_tokens
         assert first is not None
-        choice = probe_micro_setting(
-            self.prepared.module,
-            self.loss_fn,
-            make_rows,
+        probe = dict(
             row_tokens=row_tokens,
             max_rows=share_in_rows(first, world_size, row_tokens),
             memory_budget=config.memory_budget,
@@ -298,6 +298,15 @@ class MicroBatchProbe:
             device=self.prepared.device,
             **planned_layout(self.prepared.model, world_size, config.gradient_sync),
         )
+        module, checkpointing = self.prepared.module, self.prepared.checkpointing
+        if config.activation_checkpointing == "auto":  # chosen with the micro-batch
+            joint = probe_joint_setting(
+                module, self.loss_fn, make_rows, units=checkpointing.units, **probe
+            )
+            checkpointing.apply(joint.activation_checkpointing, f"auto: {joint.reason}")
+            choice = joint.choice
+        else:
+            choice = probe_micro_setting(module, self.loss_fn, make_rows, **probe)
         self.gradient_sync = choice.gradient_sync
         return choice.value
 
