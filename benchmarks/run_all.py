@@ -1,8 +1,8 @@
 """Run the benchmark scripts in turn (what `make bench` runs); `--smoke` passes through.
 
 By default the scripts of a few minutes each; `--all` adds the long ones (LONG: activation
-checkpointing's budgets, torchrun elastic runs, checkpoint cost, threads beside a busy load, compile), which take tens of minutes on
-2 CPU cores.
+checkpointing's budgets, torchrun elastic runs, checkpoint cost, threads beside a busy load,
+compile), which take tens of minutes on 2 CPU cores.
 
 Each script writes its table and plot under benchmarks/results/ (smoke runs print only). A script
 that fails is reported and the others still run; the exit status is 1 if any failed. A progress
