@@ -96,8 +96,7 @@ def rows_of(recipe: recipes.Recipe, budget: str, share: int) -> list[Row]:
     for label, choice, c in picks:
         largest = math.ceil(share / c.micro_steps)
         probe = choice.choices[c.activation_checkpointing].probe
-        measured = {r.micro_batch_size: r.memory_bytes for r in probe.rows}
-        predicted = measured.get(largest, probe.predict(largest))
+        predicted = probe.peak(largest)
         rows.append(
             Row(budget, label, c.activation_checkpointing, c.micro_batch_size, c.micro_steps,
                 predicted)
@@ -124,6 +123,8 @@ class LiveBytes(TorchDispatchMode):
     """Bytes of the storages ops allocate, live until freed (a weak reference tells), at peak.
 
     Independent of the probe: it sees every op's output, temporaries and recomputes included.
+    An output on the storage of one of the op's inputs (a view such as a weight's transpose, an
+    in-place update such as AdamW's of the parameters and its state) allocates nothing.
     """
 
     def __init__(self, resident: int) -> None:
@@ -137,11 +138,16 @@ class LiveBytes(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
         out = func(*args, **(kwargs or {}))
+        inputs = {
+            t.untyped_storage().data_ptr()
+            for t in tree_leaves((args, kwargs or {}))
+            if isinstance(t, torch.Tensor)
+        }
         for tensor in tree_leaves(out):
             if isinstance(tensor, torch.Tensor):
                 storage = tensor.untyped_storage()
                 key, nbytes = storage.data_ptr(), storage.nbytes()
-                if nbytes and key not in self.refs:
+                if nbytes and key not in inputs and key not in self.refs:
                     self.refs[key] = weakref.ref(
                         storage, functools.partial(self._freed, key, nbytes)
                     )

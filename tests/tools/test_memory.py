@@ -43,6 +43,9 @@ def mlp_loss(model: torch.nn.Module, batch: tuple[torch.Tensor, torch.Tensor]) -
 # second addmm saves again (same storage), pow saves model(x) - y (n x 3); weights are parameters.
 MLP_SAVED_PER_SAMPLE = 8 * (D_IN + D_HIDDEN + D_OUT)
 MLP_PARAMETER_BYTES = 8 * (D_IN * D_HIDDEN + D_HIDDEN + D_HIDDEN * D_OUT + D_OUT)
+# AdamW's single-tensor step (CPU) builds sqrt(v) and its division by the bias correction out of
+# place: two tensors the size of the largest parameter live at once. SGD updates in place.
+ADAMW_STEP_BYTES = 2 * 8 * D_IN * D_HIDDEN
 
 
 class TinyGPT(torch.nn.Module):
@@ -111,7 +114,6 @@ def test_parse_memory_size() -> None:
 @pytest.mark.parametrize(
     ("make_optimizer", "state_buffers"),
     [
-        (lambda ps: torch.optim.AdamW(ps), 2),
         (lambda ps: torch.optim.SGD(ps, lr=0.1, momentum=0.9), 1),
         (lambda ps: torch.optim.SGD(ps, lr=0.1), 0),
         (None, None),
@@ -124,6 +126,7 @@ def test_mlp_memory_is_linear_and_matches_the_formula(make_optimizer, state_buff
     # parameters + gradients + optimizer state buffers, all the size of the parameters
     fixed = MLP_PARAMETER_BYTES * (2 + (state_buffers or 0))
     assert [row.micro_batch_size for row in result.rows] == [1, 2, 4, 8]
+    assert result.step_bytes == 0  # SGD steps in place
     for row in result.rows:
         assert row.saved_tensor_bytes == MLP_SAVED_PER_SAMPLE * row.micro_batch_size
         assert row.memory_bytes == fixed + MLP_SAVED_PER_SAMPLE * row.micro_batch_size
@@ -133,6 +136,24 @@ def test_mlp_memory_is_linear_and_matches_the_formula(make_optimizer, state_buff
     assert result.bytes_per_sample == pytest.approx(MLP_SAVED_PER_SAMPLE)
     assert result.predict(100) == pytest.approx(fixed + 100 * MLP_SAVED_PER_SAMPLE)
     assert result.device_type == "cpu"
+
+
+def test_adamw_memory_is_the_larger_of_backward_and_step() -> None:
+    """The step runs after the backward freed the activations: below ADAMW_STEP_BYTES of saved
+    tensors (6.7 samples) the step's temporaries set the peak, above it the activations do."""
+    model = make_mlp()
+    optimizer = torch.optim.AdamW(model.parameters())
+    result = memory.probe(model, mlp_loss, mlp_batch, [1, 2, 4, 8, 16], optimizer=optimizer)
+    fixed = MLP_PARAMETER_BYTES * 4  # parameters, gradients, two AdamW buffers
+    assert result.step_bytes == ADAMW_STEP_BYTES
+    assert result.step_peak_bytes == fixed + ADAMW_STEP_BYTES
+    for row in result.rows:
+        saved = MLP_SAVED_PER_SAMPLE * row.micro_batch_size
+        assert row.saved_tensor_bytes == saved
+        assert row.memory_bytes == fixed + saved  # the forward + backward alone
+        assert result.peak(row.micro_batch_size) == fixed + max(saved, ADAMW_STEP_BYTES)
+    assert result.largest_fitting(fixed + ADAMW_STEP_BYTES - 1, 64) == 0  # the step does not fit
+    assert result.largest_fitting(fixed + ADAMW_STEP_BYTES, 64) == 6
 
 
 def test_transformer_memory_is_linear_and_matches_the_graph() -> None:
@@ -230,8 +251,10 @@ def test_probe_leaves_model_optimizer_grads_and_rng_as_they_were() -> None:
 
 def test_choice_is_the_largest_that_fits_the_budget() -> None:
     fixed = 4 * MLP_PARAMETER_BYTES  # AdamW: parameters, gradients, two state buffers
-    for expected in (1, 5, 37):
-        budget = math.ceil((fixed + expected * MLP_SAVED_PER_SAMPLE + 10) * 1.1)
+    # Up to 6 samples the step's temporaries (ADAMW_STEP_BYTES) exceed the saved activations.
+    for expected in (6, 7, 37):
+        needs = fixed + max(expected * MLP_SAVED_PER_SAMPLE, ADAMW_STEP_BYTES)
+        budget = math.ceil((needs + 10) * 1.1)
         model = make_mlp()
         choice = autobatch.choose_micro_batch_size(
             model,
@@ -292,7 +315,8 @@ def test_choice_never_exceeds_the_rank_share() -> None:
 
 def test_budget_below_the_smallest_size_is_a_clear_error() -> None:
     model = make_mlp()
-    needs = 4 * MLP_PARAMETER_BYTES + MLP_SAVED_PER_SAMPLE  # micro_batch_size 1 with AdamW
+    # micro_batch_size 1 with SGD and momentum (one state buffer, a step in place)
+    needs = 3 * MLP_PARAMETER_BYTES + MLP_SAVED_PER_SAMPLE
     with pytest.raises(ValueError) as error:
         autobatch.choose_micro_batch_size(
             model,
@@ -300,7 +324,7 @@ def test_budget_below_the_smallest_size_is_a_clear_error() -> None:
             mlp_batch,
             max_micro_batch_size=64,
             memory_budget_bytes=needs,  # fits without headroom, not with 10%
-            optimizer=torch.optim.AdamW(model.parameters()),
+            optimizer=torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9),
         )
     message = str(error.value)
     assert f"memory_budget {units.format_bytes(needs)} is below" in message

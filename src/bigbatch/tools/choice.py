@@ -212,8 +212,7 @@ def _memory_reason(
     """Why the largest size that fits is this one (optimize memory)."""
     if chosen == max_rows:
         return f"capped by max_micro_batch_size {max_rows} (the rank's share of the global batch)"
-    measured = {r.micro_batch_size: r.memory_bytes for r in result.rows}
-    next_bytes = measured.get(chosen + 1, result.predict(chosen + 1))  # measured where it was
+    next_bytes = result.peak(chosen + 1)  # measured where it was
     needs = format_bytes((next_bytes + offset) * (1 + headroom))
     return f"the largest micro_batch_size that fits; {chosen + 1} would need {needs}"
 

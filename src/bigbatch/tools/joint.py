@@ -348,7 +348,6 @@ def _candidates(
     """One candidate per sync mode compared (one without a layout), the chosen mode first."""
     result = choice.probe
     seconds = {r.micro_batch_size: r.seconds for r in result.rows}
-    measured = {r.micro_batch_size: r.memory_bytes for r in result.rows}
     per_item = choice.row_tokens or 1
 
     def items_per_s(rows: int) -> float | None:  # timed plans only (optimize throughput)
@@ -358,7 +357,7 @@ def _candidates(
 
     if not choice.rank_memory:
         rows = choice.micro_batch_size
-        peak = measured.get(rows, result.predict(rows))
+        peak = result.peak(rows)
         return [
             PlanCandidate(
                 policy, rows, math.ceil(share / rows), None, peak, items_per_s(rows), checkpointed

@@ -2,9 +2,11 @@
 
 `probe` runs one forward + backward per micro-batch size and measures its memory (the allocator's
 peak on CUDA; on other devices an accounting of the tensors saved for backward plus parameters,
-gradients and optimizer state) and its samples/s, then fits memory(n) = a + b * n. It leaves the
-model, its gradients, the optimizer and every RNG as it found them. Choosing a micro-batch from
-the measurements is `bigbatch.tools.choice`.
+gradients and optimizer state) and its samples/s, then fits memory(n) = a + b * n. Off CUDA it
+also measures the optimizer step's own temporaries once (`bigbatch.tools.step_memory`): the step
+runs after the backward freed the activations, so its peak is a floor under every micro-batch's.
+It leaves the model, its gradients, the optimizer and every RNG as it found them. Choosing a
+micro-batch from the measurements is `bigbatch.tools.choice`.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from torch.autograd.graph import saved_tensors_hooks
 
 from bigbatch.core import batches, distributed, sharding
 from bigbatch.core.engine import LossFn
+from bigbatch.tools.step_memory import optimizer_step_bytes
 
 logger = logging.getLogger(__name__)
 
@@ -67,6 +70,9 @@ class MemoryProbe:
         oom_micro_batch_size: the smallest size that raised out-of-memory, None if none did.
         sharded: the probed model was sharded with FSDP2 (every rank probed its shards in
             lockstep; parameters all-gathered for a forward are not counted as activations).
+        step_bytes: bytes one optimizer step allocates beyond the state
+            (`bigbatch.tools.step_memory.optimizer_step_bytes`); 0 on CUDA (not measured) or
+            without an optimizer.
     """
 
     rows: list[ProbeRow]
@@ -78,14 +84,32 @@ class MemoryProbe:
     model_bytes: int = 0
     oom_micro_batch_size: int | None = None
     sharded: bool = False
+    step_bytes: int = 0
+
+    @property
+    def step_peak_bytes(self) -> int:
+        """Peak of the optimizer step: the model's bytes and the step's temporaries."""
+        return self.model_bytes + self.step_bytes
 
     def predict(self, micro_batch_size: int) -> float:
-        """Predicted memory in bytes of one forward + backward at this micro-batch size."""
-        return self.fixed_bytes + self.bytes_per_sample * micro_batch_size
+        """Predicted peak in bytes of a micro-step at this micro-batch size: the fitted
+        forward + backward, at least the optimizer step's peak."""
+        line = self.fixed_bytes + self.bytes_per_sample * micro_batch_size
+        return max(line, float(self.step_peak_bytes))
+
+    def peak(self, micro_batch_size: int) -> float:
+        """The peak of a step at this micro-batch size: its measured forward + backward where
+        this size was probed (else predicted), at least the optimizer step's peak."""
+        measured = {r.micro_batch_size: r.memory_bytes for r in self.rows}
+        if micro_batch_size not in measured:
+            return self.predict(micro_batch_size)
+        return float(max(measured[micro_batch_size], self.step_peak_bytes))
 
     def largest_fitting(self, limit_bytes: float, max_micro_batch_size: int) -> int:
         """The largest size whose predicted memory is at most limit_bytes (0 if none)."""
         cap = max_micro_batch_size
+        if self.step_peak_bytes > limit_bytes:
+            return 0
         if self.oom_micro_batch_size is not None:
             cap = min(cap, self.oom_micro_batch_size - 1)
         if self.bytes_per_sample <= 0:
@@ -343,7 +367,8 @@ def probe(
         make_batch: ``make_batch(n)`` returns a micro-batch of n samples.
         sizes: micro-batch sizes to measure; on CUDA, sizes from the first out-of-memory on are
             dropped.
-        optimizer: its state is counted (without stepping it); None: no optimizer state.
+        optimizer: its state is counted (without stepping it), and off CUDA the temporaries of
+            one step of a copy of it; None: no optimizer state.
         device: where to run; default the device of the model's first parameter.
         repetitions: timed passes per size (the best counts), after one counted pass.
         autocast_dtype: run forward under torch.autocast with this dtype (bf16 / fp16 runs).
@@ -359,6 +384,7 @@ def probe(
     module = distributed.unwrap(model)
     device = device_of(module, device)
     model_bytes = model_state_bytes(module, optimizer)
+    step_bytes = 0 if device.type == "cuda" else optimizer_step_bytes(optimizer)
     rows: list[ProbeRow] = []
     oom: int | None = None
     with preserved_state(module, device):
@@ -383,7 +409,7 @@ def probe(
     method = "allocator peak" if device.type == "cuda" else "saved-tensor accounting"
     sharded = sharding.is_fsdp(module)
     return MemoryProbe(
-        rows, intercept, slope, error, device.type, method, model_bytes, oom, sharded
+        rows, intercept, slope, error, device.type, method, model_bytes, oom, sharded, step_bytes
     )
 
 

@@ -113,11 +113,10 @@ class Projection:
         and one rank's memory there; 0 for a layout where nothing fits at micro_batch_size 1."""
         if not self.layouts:
             return ()
-        rows = {r.micro_batch_size: r.memory_bytes for r in result.rows}
         compared = []
         for key in sorted(self.layouts, key=lambda k: (k != chosen_sync, str(k))):
             micro = chosen if key == chosen_sync else fits.get(key, 0)
-            measured = rows.get(max(micro, 1), result.predict(max(micro, 1)))
+            measured = result.peak(max(micro, 1))
             compared.append((micro, self.rank_memory(key, measured)))
         return tuple(compared)
 
@@ -126,7 +125,7 @@ def too_small(result: MemoryProbe, budget: int, headroom: float, projection: Pro
     """The error when micro_batch_size 1 fits under no layout: the numbers and the fixes."""
     key = min(projection.offsets, key=lambda k: projection.offsets[k])
     offset = projection.offsets[key]
-    needs = max(result.predict(1), result.rows[0].memory_bytes) + offset
+    needs = max(result.predict(1), result.peak(result.rows[0].micro_batch_size)) + offset
     needed = format_bytes(needs * (1 + headroom))
     where = f" ({projection.layouts[key].describe()})" if key in projection.layouts else ""
     return (

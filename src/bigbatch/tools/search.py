@@ -127,7 +127,7 @@ def largest_per_mode(
     fits; a mode where micro_batch_size 1 does not fit is left out."""
     fits: dict[str | None, int] = {}
     for key in sorted(offsets, key=lambda k: offsets[k]):
-        if result.rows[0].memory_bytes + offsets[key] > limit:
+        if result.peak(result.rows[0].micro_batch_size) + offsets[key] > limit:
             continue
         result, fits[key] = largest_measured(result, limit - offsets[key], max_size, measure)
     return result, fits
