@@ -8,8 +8,9 @@ distinct plan then runs whole `Accumulator.step`s of the global batch:
 
 - measured peak: one step under `LiveBytes` (every storage an op allocates, live until freed,
   beside the parameters, gradients and AdamW state there before: activations, recomputes and
-  temporaries alike), against the probe's predicted peak (its accounting of the chosen
-  micro-batch, recompute added);
+  temporaries alike; a view or an in-place update allocates nothing), against the probe's
+  predicted peak (its accounting of the chosen micro-batch, recompute added, at least the
+  optimizer step's peak);
 - items/s: samples per second of whole steps, best of the rounds, plans interleaved.
 
     python benchmarks/checkpointing.py            # writes benchmarks/results/checkpointing.md
@@ -263,9 +264,11 @@ def main() -> None:
         "probe's saved-tensor accounting at the plan's largest micro-batch (model, gradients, "
         "AdamW "
         "state, saved activations, and for a checkpointing policy the largest block's "
-        "saved tensors x `recompute_factor`: 1.25 for full, 0.25 for every_2). Measured "
+        "saved tensors x `recompute_factor`: 1.25 for full, 0.25 for every_2), at least the "
+        "optimizer step's peak (model and AdamW's measured temporaries). Measured "
         "peak: every storage allocated during one whole step, live until "
-        "freed (a dispatch mode, `LiveBytes`), plus what was held before it. items/s: samples per "
+        "freed (a dispatch mode, `LiveBytes`; a view or an in-place update allocates nothing), "
+        "plus what was held before it. items/s: samples per "
         f"second of whole steps, this thread's CPU time, best of {rounds} rounds after a warm-up "
         "(noisy on a shared machine: differences under ~5% are noise).\n\n"
         + "\n".join(verdicts(rows))
