@@ -20,6 +20,7 @@ import torch
 
 from bigbatch.train import checkpoint_weights
 from bigbatch.train.checkpoint import list_checkpoints, load_latest_checkpoint
+from bigbatch.train.checkpoint_async import WRITER_SWITCH_INTERVAL_S
 from bigbatch.train.checkpointer import Checkpointer
 from bigbatch.train.configfile import validate
 from bigbatch.train.metrics import read_metrics
@@ -27,7 +28,7 @@ from bigbatch.train.rundir import StorageError
 from bigbatch.train.trainer import Trainer
 from tests import models
 from tests.distributed_helpers import run_processes
-from tests.train.test_checkpointer import Tally, file_limit, make_checkpointer
+from tests.train.test_checkpointer import Tally, Unloadable, file_limit, make_checkpointer
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -127,6 +128,36 @@ def test_a_failed_background_write_is_one_line_and_the_previous_checkpoint_stays
     assert message.endswith("the earlier checkpoints are intact (newest: step-00000001)")
     assert [p.name for p in tmp_path.iterdir()] == ["step-00000001"]  # no temporary left
     assert checkpointer.wait() is None  # told once; nothing pending any more
+
+
+def test_a_background_state_that_would_not_load_is_refused_at_save(tmp_path):
+    checkpointer, _ = make_checkpointer(tmp_path, False)
+    checkpointer.register("odd", Unloadable())
+    with pytest.raises(TypeError, match=r"training_state\['odd'\]\['when'\]"):
+        checkpointer.save_in_background(1)
+    assert list(tmp_path.iterdir()) == []
+    assert checkpointer.wait() is None  # nothing was started
+
+
+def test_the_writer_runs_with_a_short_switch_interval_and_restores_it(tmp_path):
+    checkpointer, _ = make_checkpointer(tmp_path, False)
+    seen: list[float] = []
+    write_staged = checkpointer.weights.write_staged
+
+    def recording(directory: Path, staged: Any):
+        finish = write_staged(directory, staged)
+        return lambda: (seen.append(sys.getswitchinterval()), finish())
+
+    checkpointer.weights.write_staged = recording  # type: ignore[method-assign]
+    before = sys.getswitchinterval()
+    try:
+        sys.setswitchinterval(0.004)
+        checkpointer.save_in_background(1)
+        assert checkpointer.wait() == tmp_path / "step-00000001"
+        assert seen == [pytest.approx(WRITER_SWITCH_INTERVAL_S)]  # 20x shorter than 0.004
+        assert sys.getswitchinterval() == pytest.approx(0.004)  # restored
+    finally:
+        sys.setswitchinterval(before)
 
 
 def trained_weights(run_dir: Path, *, background: bool, resume: bool = False) -> dict:

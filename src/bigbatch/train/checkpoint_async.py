@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import shutil
+import sys
 import threading
 from collections.abc import Callable
 from pathlib import Path
@@ -30,6 +31,17 @@ from bigbatch.train.checkpoint_weights import cpu_copy
 from bigbatch.train.rundir import storage_errors
 
 logger = logging.getLogger(__name__)
+
+WRITER_SWITCH_INTERVAL_S = 0.0002
+"""The interpreter's thread switch interval while a background write runs (the default is 5 ms).
+
+The writer's Python work (torch.save pickling the training state, safetensors) holds the GIL.
+Each time the training thread comes back from GIL-free work (a backward, a kernel) it waits for
+the writer to let go, up to one switch interval: a convoy that cost more than the writer's work
+itself. A short interval hands the GIL back within 0.2 ms, so the writer runs mostly while
+training is in GIL-free work (benchmarks/checkpoint_cost.py). The previous interval is restored
+when the write ends.
+"""
 
 
 class PendingSave:
@@ -48,11 +60,15 @@ class PendingSave:
         self._thread.start()
 
     def _run(self) -> None:
+        previous = sys.getswitchinterval()
+        sys.setswitchinterval(min(previous, WRITER_SWITCH_INTERVAL_S))
         try:
             self._write()
         except BaseException as error:  # noqa: BLE001 - kept for the next step boundary
             self.error = error
             logger.warning("checkpoint %s failed in the background: %s", self.path, error)
+        finally:
+            sys.setswitchinterval(previous)
 
     @property
     def done(self) -> bool:
@@ -124,8 +140,8 @@ def save_in_background(
     staged: list[Any] = []  # this rank's copy of the weights
 
     def prepare() -> str:
-        state.update(cpu_copy(training_state()))
-        return prepare_temporary(directory, final, state)
+        state.update(cpu_copy(training_state(), "training_state"))  # checked as it is copied
+        return prepare_temporary(directory, final, state, checked=True)
 
     tmp = directory / phase.on_main(prepare)
     try:
