@@ -20,7 +20,6 @@ import torch
 
 from bigbatch.train import checkpoint_weights
 from bigbatch.train.checkpoint import list_checkpoints, load_latest_checkpoint
-from bigbatch.train.checkpoint_async import WRITER_SWITCH_INTERVAL_S
 from bigbatch.train.checkpointer import Checkpointer
 from bigbatch.train.configfile import validate
 from bigbatch.train.metrics import read_metrics
@@ -137,27 +136,6 @@ def test_a_background_state_that_would_not_load_is_refused_at_save(tmp_path):
         checkpointer.save_in_background(1)
     assert list(tmp_path.iterdir()) == []
     assert checkpointer.wait() is None  # nothing was started
-
-
-def test_the_writer_runs_with_a_short_switch_interval_and_restores_it(tmp_path):
-    checkpointer, _ = make_checkpointer(tmp_path, False)
-    seen: list[float] = []
-    write_staged = checkpointer.weights.write_staged
-
-    def recording(directory: Path, staged: Any):
-        finish = write_staged(directory, staged)
-        return lambda: (seen.append(sys.getswitchinterval()), finish())
-
-    checkpointer.weights.write_staged = recording  # type: ignore[method-assign]
-    before = sys.getswitchinterval()
-    try:
-        sys.setswitchinterval(0.004)
-        checkpointer.save_in_background(1)
-        assert checkpointer.wait() == tmp_path / "step-00000001"
-        assert seen == [pytest.approx(WRITER_SWITCH_INTERVAL_S)]  # 20x shorter than 0.004
-        assert sys.getswitchinterval() == pytest.approx(0.004)  # restored
-    finally:
-        sys.setswitchinterval(before)
 
 
 def trained_weights(run_dir: Path, *, background: bool, resume: bool = False) -> dict:

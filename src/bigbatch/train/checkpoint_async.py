@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import logging
 import shutil
-import sys
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -31,17 +30,6 @@ from bigbatch.train.checkpoint_weights import cpu_copy
 from bigbatch.train.rundir import storage_errors
 
 logger = logging.getLogger(__name__)
-
-WRITER_SWITCH_INTERVAL_S = 0.0002
-"""The interpreter's thread switch interval while a background write runs (the default is 5 ms).
-
-The writer's Python work (torch.save pickling the training state, safetensors) holds the GIL.
-Each time the training thread comes back from GIL-free work (a backward, a kernel) it waits for
-the writer to let go, up to one switch interval: a convoy that cost more than the writer's work
-itself. A short interval hands the GIL back within 0.2 ms, so the writer runs mostly while
-training is in GIL-free work (benchmarks/checkpoint_cost.py). The previous interval is restored
-when the write ends.
-"""
 
 
 class PendingSave:
@@ -65,15 +53,11 @@ class PendingSave:
             executor.shutdown(wait=False)  # its thread ends once this write is over
 
     def _run(self) -> None:
-        previous = sys.getswitchinterval()
-        sys.setswitchinterval(min(previous, WRITER_SWITCH_INTERVAL_S))
         try:
             self._write()
         except BaseException as error:  # noqa: BLE001 - kept for the next step boundary
             self.error = error
             logger.warning("checkpoint %s failed in the background: %s", self.path, error)
-        finally:
-            sys.setswitchinterval(previous)
 
     @property
     def done(self) -> bool:
