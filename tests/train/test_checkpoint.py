@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 import hashlib
 import json
 import logging
@@ -15,6 +16,7 @@ import torch
 from bigbatch.train import checkpoint_files
 from bigbatch.train.checkpoint import list_checkpoints, load_latest_checkpoint, save_checkpoint
 from bigbatch.train.checkpoint_rng import capture_rng_state, restore_rng_state
+from bigbatch.train.checkpoint_weights import cpu_copy
 from tests import models
 
 
@@ -292,6 +294,27 @@ def test_unloadable_training_state_is_refused_at_save(tmp_path, state, where):
         save_checkpoint(tmp_path, 1, {"w": torch.zeros(2)}, state)
     assert where in str(error.value)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_copy_for_the_background_is_fresh_memory_and_refuses_what_would_not_load():
+    Pair = collections.namedtuple("Pair", "first second")
+    weights = torch.arange(6.0).reshape(2, 3)
+    state = collections.OrderedDict(
+        w=weights.t(), sizes=(torch.Size([2, 3]), [1, "a", None, 2.5]), pair=Pair(weights, 3)
+    )
+    copied = cpu_copy(state, "training_state")
+    assert type(copied) is collections.OrderedDict and list(copied) == ["w", "sizes", "pair"]
+    assert type(copied["pair"]) is Pair and copied["pair"].second == 3
+    assert copied["sizes"] == (torch.Size([2, 3]), [1, "a", None, 2.5])
+    assert type(copied["sizes"][0]) is torch.Size
+    weights.add_(100.0)  # training changes its tensors in place: the copy keeps the old values
+    expected = torch.arange(6.0).reshape(2, 3)
+    assert torch.equal(copied["w"], expected.t()) and torch.equal(copied["pair"].first, expected)
+    assert copied["w"].untyped_storage().data_ptr() != weights.untyped_storage().data_ptr()
+    with pytest.raises(TypeError, match=r"training_state\['items'\]\[1\] has a key 2.0"):
+        cpu_copy({"items": [1, {2.0: 3}]}, "training_state")
+    with pytest.raises(TypeError, match=r"training_state\['data'\]\['order'\] is a numpy"):
+        cpu_copy({"data": {"order": np.arange(3)}}, "training_state")
 
 
 def test_bad_arguments_are_refused(tmp_path):

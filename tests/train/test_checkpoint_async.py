@@ -27,7 +27,7 @@ from bigbatch.train.rundir import StorageError
 from bigbatch.train.trainer import Trainer
 from tests import models
 from tests.distributed_helpers import run_processes
-from tests.train.test_checkpointer import Tally, file_limit, make_checkpointer
+from tests.train.test_checkpointer import Tally, Unloadable, file_limit, make_checkpointer
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -127,6 +127,15 @@ def test_a_failed_background_write_is_one_line_and_the_previous_checkpoint_stays
     assert message.endswith("the earlier checkpoints are intact (newest: step-00000001)")
     assert [p.name for p in tmp_path.iterdir()] == ["step-00000001"]  # no temporary left
     assert checkpointer.wait() is None  # told once; nothing pending any more
+
+
+def test_a_background_state_that_would_not_load_is_refused_at_save(tmp_path):
+    checkpointer, _ = make_checkpointer(tmp_path, False)
+    checkpointer.register("odd", Unloadable())
+    with pytest.raises(TypeError, match=r"training_state\['odd'\]\['when'\]"):
+        checkpointer.save_in_background(1)
+    assert list(tmp_path.iterdir()) == []
+    assert checkpointer.wait() is None  # nothing was started
 
 
 def trained_weights(run_dir: Path, *, background: bool, resume: bool = False) -> dict:

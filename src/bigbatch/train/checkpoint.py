@@ -170,9 +170,13 @@ def save_checkpoint(
     return save(directory, step, lambda: training_state, write, keep=keep)
 
 
-def prepare_temporary(directory: Path, final: Path, training_state: dict[str, Any]) -> str:
-    """Rank 0: refuse an unloadable state, then create the temporary directory; its name."""
-    files.check_weights_only(training_state, "training_state")
+def prepare_temporary(
+    directory: Path, final: Path, training_state: dict[str, Any], *, checked: bool = False
+) -> str:
+    """Rank 0: refuse an unloadable state (unless ``checked`` already, by `cpu_copy`), then
+    create the temporary directory; its name."""
+    if not checked:
+        files.check_weights_only(training_state, "training_state")
     directory.mkdir(parents=True, exist_ok=True)
     files.remove_temporaries(directory)
     name = files.temporary_name(final)

@@ -14,8 +14,8 @@ from __future__ import annotations
 
 import logging
 import shutil
-import threading
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -40,12 +40,17 @@ class PendingSave:
         error: why this rank's part failed (None: not failed, or not finished yet).
     """
 
-    def __init__(self, path: Path, write: Callable[[], None]) -> None:
+    def __init__(
+        self, path: Path, write: Callable[[], None], writer: ThreadPoolExecutor | None = None
+    ) -> None:
         self.path = path
         self.error: BaseException | None = None
         self._write = write
-        self._thread = threading.Thread(target=self._run, name="bigbatch-checkpoint")
-        self._thread.start()
+        # A thread kept from one save to the next: starting one waits for it to run (the GIL).
+        executor = writer or ThreadPoolExecutor(1, thread_name_prefix="bigbatch-checkpoint")
+        self._future = executor.submit(self._run)
+        if writer is None:
+            executor.shutdown(wait=False)  # its thread ends once this write is over
 
     def _run(self) -> None:
         try:
@@ -57,12 +62,12 @@ class PendingSave:
     @property
     def done(self) -> bool:
         """This rank's part is over (written or failed)."""
-        return not self._thread.is_alive()
+        return self._future.done()
 
     def wait_here(self) -> BaseException | None:
         """Wait for this rank's part, with no collective (for a run ending on an error); its
         failure, if any (already logged)."""
-        self._thread.join()
+        self._future.result()  # `_run` raises nothing: its error is kept
         return self.error
 
     def settle(self, *, block: bool) -> bool:
@@ -73,7 +78,7 @@ class PendingSave:
         the same one line (`StorageError`). ``block`` first waits for this rank's part.
         """
         if block:
-            self._thread.join()
+            self._future.result()
         if distributed.is_initialized() and distributed.get_world_size() > 1:
             writing = torch.tensor([0 if self.done else 1], dtype=torch.int64)
             if int(distributed.all_reduce_max(writing).item()):
@@ -93,6 +98,7 @@ def save_in_background(
     *,
     sharded: bool = False,
     keep: int | None = 3,
+    writer: ThreadPoolExecutor | None = None,
 ) -> PendingSave:
     """Copy the checkpoint of ``step`` now and write it in the background; every rank.
 
@@ -105,6 +111,8 @@ def save_in_background(
             directory and returns the call that finishes it (run in the background thread).
         sharded: recorded in ``meta.json``.
         keep: how many checkpoints to keep (the newest by step); None keeps all.
+        writer: the one thread that writes this caller's saves, one at a time (None: a thread
+            for this save alone).
 
     Returns:
         The save under way; `PendingSave.settle` tells every rank its outcome.
@@ -124,8 +132,8 @@ def save_in_background(
     staged: list[Any] = []  # this rank's copy of the weights
 
     def prepare() -> str:
-        state.update(cpu_copy(training_state()))
-        return prepare_temporary(directory, final, state)
+        state.update(cpu_copy(training_state(), "training_state"))  # checked as it is copied
+        return prepare_temporary(directory, final, state, checked=True)
 
     tmp = directory / phase.on_main(prepare)
     try:
@@ -152,7 +160,7 @@ def save_in_background(
             if keep is not None:
                 files.prune(directory, keep, final)
 
-    return PendingSave(final, write)
+    return PendingSave(final, write, writer)
 
 
 def _sharded(sharded: bool) -> str:

@@ -18,7 +18,7 @@ import os
 import re
 import secrets
 import shutil
-from collections import OrderedDict
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -70,7 +70,7 @@ def check_weights_only(value: Any, where: str) -> None:
 
     Otherwise every checkpoint of the run would be unreadable and only found out on resume.
     """
-    if isinstance(value, dict | OrderedDict):
+    if isinstance(value, dict):
         for key, item in value.items():
             if not isinstance(key, str | int):
                 raise TypeError(f"{where} has a key {key!r} of type {type(key).__name__}")
@@ -85,6 +85,38 @@ def check_weights_only(value: Any, where: str) -> None:
             "strings, bools, None, lists, tuples and dicts (convert with .item(), .tolist(), "
             "torch.from_numpy() or a to_dict())"
         )
+
+
+def copy_weights_only(value: Any, where: str, copy_tensor: Callable[[torch.Tensor], Any]) -> Any:
+    """``value`` with ``copy_tensor`` applied to every tensor (dicts, lists and tuples copied
+    along, other leaves kept), refused as `check_weights_only` refuses it: one walk that both
+    checks and copies, for the step boundary of a background save. It names no place as it
+    goes (that costs more than the copy); a refusal walks again with `check_weights_only`."""
+    try:
+        return _copy(value, copy_tensor)
+    except _Refused:
+        check_weights_only(value, where)  # raises, naming the place
+        raise
+
+
+class _Refused(Exception):
+    """Something `check_weights_only` refuses is in the state being copied."""
+
+
+def _copy(value: Any, copy_tensor: Callable[[torch.Tensor], Any]) -> Any:
+    if isinstance(value, torch.Tensor):
+        return copy_tensor(value)
+    if isinstance(value, dict):  # an OrderedDict stays one
+        for key in value:
+            if not isinstance(key, str | int):
+                raise _Refused
+        return type(value)((key, _copy(item, copy_tensor)) for key, item in value.items())
+    if isinstance(value, list | tuple):
+        items = [_copy(item, copy_tensor) for item in value]
+        return type(value)(*items) if hasattr(value, "_fields") else type(value)(items)
+    if not isinstance(value, _LEAVES):
+        raise _Refused
+    return value  # numbers, strings, None, dtypes, devices: immutable
 
 
 def write_torch_file(path: Path, value: Any) -> None:

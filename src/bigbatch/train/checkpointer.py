@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Mapping
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
@@ -98,6 +99,7 @@ class Checkpointer:
         self.rank, self.world_size = distributed.get_rank(), distributed.get_world_size()
         self._participants: dict[str, Stateful] = {}
         self._pending: PendingSave | None = None  # the save writing in the background
+        self._writer: ThreadPoolExecutor | None = None  # its thread, started with the first
 
     @property
     def participants(self) -> Mapping[str, Stateful]:
@@ -163,6 +165,8 @@ class Checkpointer:
         """
         self.wait()
         rng = gather_rng_states(self.world_size)  # a collective: every rank's generators
+        if self._writer is None:
+            self._writer = ThreadPoolExecutor(1, thread_name_prefix="bigbatch-checkpoint")
         self._pending = save_in_background(
             self.directory,
             step,
@@ -171,6 +175,7 @@ class Checkpointer:
             self.weights.write_staged,
             sharded=self.weights.sharded,
             keep=self.keep,
+            writer=self._writer,
         )
         return self._pending.path
 
@@ -211,6 +216,9 @@ class Checkpointer:
         if self._pending is not None:
             self._pending.wait_here()
             self._pending = None
+        if self._writer is not None:
+            self._writer.shutdown()
+            self._writer = None
 
     def _training_state(self, extra: Mapping[str, Any], rng: list[Any]) -> dict[str, Any]:
         """Every participant's state under its name, beside extra, the optimizer and the RNG."""
