@@ -14,13 +14,14 @@ from bigbatch.train.configfile import load_config
 
 
 @pytest.mark.parametrize(
-    ("cpus", "local", "expected"), [(8, 1, 8), (8, 2, 4), (6, 4, 1), (2, 4, 1)]
+    ("cpus", "local", "expected"),
+    [(8, 1, 7), (8, 2, 3), (6, 4, 1), (2, 4, 1), (2, 1, 1), (1, 1, 1)],
 )
-def test_auto_is_the_usable_cpus_over_the_local_processes(monkeypatch, cpus, local, expected):
+def test_auto_is_the_share_of_usable_cpus_less_one(monkeypatch, cpus, local, expected):
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(cpus)), raising=False)
     monkeypatch.setenv("LOCAL_WORLD_SIZE", str(local))
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
-    assert threads.resolve_threads("auto") == expected == max(1, cpus // local)
+    assert threads.resolve_threads("auto") == expected == max(1, cpus // local - 1)
     assert threads.resolve_threads(3) == 3
     monkeypatch.setenv("OMP_NUM_THREADS", "1")  # the user's (or torchrun's) choice wins
     assert threads.resolve_threads("auto") == 1

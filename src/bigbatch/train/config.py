@@ -174,8 +174,8 @@ class Config(StrictModel):
     threads: Int | Auto = config_field(
         "auto",
         "torch's intra-op CPU threads per process; auto: OMP_NUM_THREADS where set, else the "
-        "CPUs this process may use over the processes on this machine (LOCAL_WORLD_SIZE); see "
-        "docs/performance.md.",
+        "CPUs this process may use over the processes on this machine (LOCAL_WORLD_SIZE), less "
+        "one; see docs/performance.md.",
         f'{POSITIVE} or "auto"',
     )
     compile: bool = config_field(

@@ -3,9 +3,11 @@
 torch's intra-op threads start as one per CPU of the machine, and OpenMP's threads spin while
 they wait for work. On a CPU that other processes share (other ranks, other jobs) a spinning
 thread takes a core from the thread that has the work, and every parallel region waits for a
-thread that is not running: steps many times slower. `threads: auto` gives each process the CPUs
-it may use over the processes on this machine, and `wait_passively` makes OpenMP's threads sleep
-while they wait. No torch here: the command line calls `wait_passively` before torch loads.
+thread that is not running: steps many times slower. `threads: auto` gives each process its share
+of the CPUs it may use (over the processes on this machine) less one, kept for what runs beside
+the kernels (Python between them, data loading, the background checkpoint writer, other jobs),
+and `wait_passively` makes OpenMP's threads sleep while they wait. No torch here: the command
+line calls `wait_passively` before torch loads.
 """
 
 from __future__ import annotations
@@ -46,10 +48,11 @@ def local_processes() -> int:
 def resolve_threads(threads: int | str) -> int:
     """The config's ``threads``: a number as given; auto: ``OMP_NUM_THREADS`` where it is set to
     a positive number (the user's choice, or torchrun's 1), else usable CPUs // local processes
-    (at least 1)."""
+    less one (at least 1): on 2 CPUs one thread ran digits 1.3x faster than two on a quiet
+    machine and 2.5x faster beside a busy one (docs/performance.md, section 6)."""
     if threads != "auto":
         return int(threads)
     chosen = os.environ.get("OMP_NUM_THREADS", "")
     if chosen.isdigit() and int(chosen) > 0:
         return int(chosen)
-    return max(1, usable_cpus() // local_processes())
+    return max(1, usable_cpus() // local_processes() - 1)
