@@ -11,10 +11,13 @@ import gc
 import logging
 import os
 import time
+from typing import TypeVar
 
 import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
+
+T = TypeVar("T")
 
 logger = logging.getLogger(__name__)
 
@@ -152,6 +155,15 @@ def all_reduce_max(values: torch.Tensor) -> torch.Tensor:
     else:
         dist.all_reduce(values, op=dist.ReduceOp.MAX)
     return values
+
+
+def rank_0_value(value: T) -> T:
+    """Rank 0's ``value`` on every rank (pickled), so that every rank runs what rank 0 chose."""
+    if not is_initialized():
+        return value
+    shared = [value]
+    dist.broadcast_object_list(shared, src=0)
+    return shared[0]  # type: ignore[no-any-return]
 
 
 def agree_on_largest(values: list[float]) -> list[float]:

@@ -18,7 +18,6 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.distributed as dist
 from torch.utils.data import Dataset, default_collate
 
 from bigbatch.choices import GradientSync, Optimize
@@ -144,10 +143,7 @@ def probe_micro_setting(
         shard_units=shard_units,
         agree=agree,
     )
-    if distributed.is_initialized():
-        chosen = [choice]
-        dist.broadcast_object_list(chosen, src=0)  # every rank must run the same plan
-        choice = chosen[0]
+    choice = distributed.rank_0_value(choice)  # every rank must run the same plan
     if distributed.is_main_process():
         name = "micro_batch_size" if row_tokens is None else "micro_batch_tokens"
         logger.info("%s auto: %d (%s)", name, choice.value, choice.reason)
@@ -177,10 +173,7 @@ def probe_joint_setting(
         memory_budget_bytes=None if memory_budget == "auto" else memory_budget,
         optimize=optimize, units=units, **choose,
     )  # fmt: skip
-    if distributed.is_initialized():
-        chosen = [joint]
-        dist.broadcast_object_list(chosen, src=0)  # every rank must run the same plan
-        joint = chosen[0]
+    joint = distributed.rank_0_value(joint)  # every rank must run the same plan
     if distributed.is_main_process():
         name = "micro_batch_size" if row_tokens is None else "micro_batch_tokens"
         logger.info(

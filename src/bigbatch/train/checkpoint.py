@@ -85,6 +85,17 @@ class Checkpoint:
     format_version: int = FORMAT_VERSION
 
 
+def begin_checkpoint(directory: Path, step: int, keep: int | None) -> tuple[Path, Path, Phases]:
+    """The checked start of a save: the directory, the checkpoint's final path, and its phases
+    (their errors name the checkpoint and whether the earlier ones are intact)."""
+    check_arguments(step, keep)
+    directory = Path(directory)
+    final = directory / checkpoint_name(step)
+    newest = list_checkpoints(directory)
+    intact = f"; the earlier checkpoints are intact (newest: {newest[-1].name})" if newest else ""
+    return directory, final, Phases(f"write checkpoint {final}", intact)
+
+
 def save(
     directory: Path,
     step: int,
@@ -116,12 +127,7 @@ def save(
         StorageError: on every rank, one line, when any rank could not write (full disk, quota,
             read-only directory); the temporary directory is removed.
     """
-    check_arguments(step, keep)
-    directory = Path(directory)
-    final = directory / checkpoint_name(step)
-    newest = list_checkpoints(directory)
-    intact = f"; the earlier checkpoints are intact (newest: {newest[-1].name})" if newest else ""
-    phase = Phases(f"write checkpoint {final}", intact)
+    directory, final, phase = begin_checkpoint(directory, step, keep)
     main = distributed.is_main_process()
     state: dict[str, Any] = {}  # rank 0's
 

@@ -23,9 +23,8 @@ import torch
 
 from bigbatch.core import distributed
 from bigbatch.train import checkpoint_files as files
-from bigbatch.train.checkpoint import check_arguments, finish_checkpoint, prepare_temporary
-from bigbatch.train.checkpoint_agreement import Phases, agree, with_storage_cause
-from bigbatch.train.checkpoint_files import checkpoint_name, list_checkpoints
+from bigbatch.train.checkpoint import begin_checkpoint, finish_checkpoint, prepare_temporary
+from bigbatch.train.checkpoint_agreement import agree, with_storage_cause
 from bigbatch.train.checkpoint_weights import cpu_copy
 from bigbatch.train.rundir import storage_errors
 
@@ -121,12 +120,7 @@ def save_in_background(
         StorageError: on every rank, one line, when the copy or the temporary directory fails on
             any rank (what fails later is raised by `PendingSave.settle`).
     """
-    check_arguments(step, keep)
-    directory = Path(directory)
-    final = directory / checkpoint_name(step)
-    newest = list_checkpoints(directory)
-    intact = f"; the earlier checkpoints are intact (newest: {newest[-1].name})" if newest else ""
-    phase = Phases(f"write checkpoint {final}", intact)
+    directory, final, phase = begin_checkpoint(directory, step, keep)
     main = distributed.is_main_process()
     state: dict[str, Any] = {}  # rank 0's copy
     staged: list[Any] = []  # this rank's copy of the weights
