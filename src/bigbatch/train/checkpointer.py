@@ -19,7 +19,7 @@ from typing import Any, Protocol, runtime_checkable
 import torch
 
 from bigbatch.core import distributed
-from bigbatch.train import checkpoint
+from bigbatch.train import checkpoint, checkpoint_arena, checkpoint_writer
 from bigbatch.train.checkpoint import Checkpoint
 from bigbatch.train.checkpoint_agreement import agree_on_candidate, dcp_failures, one_line
 from bigbatch.train.checkpoint_async import PendingSave, save_in_background
@@ -100,6 +100,7 @@ class Checkpointer:
         self._participants: dict[str, Stateful] = {}
         self._pending: PendingSave | None = None  # the save writing in the background
         self._writer: ThreadPoolExecutor | None = None  # its thread, started with the first
+        self._arena: checkpoint_arena.Arena | None = None  # for the writer process (plain)
 
     @property
     def participants(self) -> Mapping[str, Stateful]:
@@ -165,19 +166,37 @@ class Checkpointer:
         """
         self.wait()
         rng = gather_rng_states(self.world_size)  # a collective: every rank's generators
-        if self._writer is None:
-            self._writer = ThreadPoolExecutor(1, thread_name_prefix="bigbatch-checkpoint")
+        state = lambda: self._training_state(extra or {}, rng)  # noqa: E731 - rank 0, copied at once
+        if not self.weights.sharded and checkpoint_arena.available():
+            self._arena = self._arena or checkpoint_arena.Arena()
+            self._pending = checkpoint_writer.save_in_writer_process(
+                self.directory,
+                step,
+                state,
+                self.model.state_dict,
+                keep=self.keep,
+                arena=self._arena,
+                thread=self._thread,
+            )
+            return self._pending.path
         self._pending = save_in_background(
             self.directory,
             step,
-            lambda: self._training_state(extra or {}, rng),  # on rank 0, copied at once
+            state,
             lambda: self.weights.stage(self.model, self.optimizer),
             self.weights.write_staged,
             sharded=self.weights.sharded,
             keep=self.keep,
-            writer=self._writer,
+            writer=self._thread(),
         )
         return self._pending.path
+
+    def _thread(self) -> ThreadPoolExecutor:
+        """The one thread that writes this checkpointer's background saves where no writer
+        process does (sharded weights: DCP's writes need each rank's thread)."""
+        if self._writer is None:
+            self._writer = ThreadPoolExecutor(1, thread_name_prefix="bigbatch-checkpoint")
+        return self._writer
 
     def poll(self) -> Path | None:
         """At a step boundary (every rank): the checkpoint the background save completed since
