@@ -4,10 +4,12 @@
 invariant 5): at the step boundary the ranks copy the training state and the weights into CPU
 memory (what training changes next cannot reach the copy) and rank 0 creates the temporary
 directory; then a thread writes the files, hashes them into ``meta.json``, fsyncs and renames the
-directory into place, and prunes older checkpoints only after that. Plain weights are written by
-rank 0's thread; shards by `torch.distributed.checkpoint.async_save` on every rank. The thread
-runs no collective of the run's process group: its outcome is agreed on by every rank later, at a
-step boundary (`PendingSave.settle`), so a full disk is the same one line on every rank then.
+directory into place, and prunes older checkpoints only after that (`finish_in_background`).
+Shards are written by `torch.distributed.checkpoint.async_save` on every rank; plain weights by
+the writer process of `bigbatch.train.checkpoint_writer` where one runs (rank 0's thread
+elsewhere), which finishes them the same way. The writing runs no collective of the run's process
+group: its outcome is agreed on by every rank later, at a step boundary (`PendingSave.settle`),
+so a full disk is the same one line on every rank then.
 """
 
 from __future__ import annotations

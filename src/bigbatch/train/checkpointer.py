@@ -55,9 +55,11 @@ class Checkpointer:
         keep: how many checkpoints to keep (the newest); None keeps all.
 
     World size and rank come from torch.distributed. `save` and `restore` are called on every
-    rank. `save` writes the checkpoint before it returns; `save_in_background` copies it into
-    CPU memory and writes it in a thread (`bigbatch.train.checkpoint_async`), its outcome told by
-    `poll` at a later step boundary, `wait`, or the next save.
+    rank. `save` writes the checkpoint before it returns; `save_in_background` copies it and
+    writes it in the background (plain weights: rank 0's copy in shared memory, written by the
+    writer process, `bigbatch.train.checkpoint_writer`; shards: each rank's copy, written by a
+    thread, `bigbatch.train.checkpoint_async`), its outcome told by `poll` at a later step
+    boundary, `wait`, or the next save.
 
     Example:
         >>> import tempfile
@@ -154,8 +156,8 @@ class Checkpointer:
         )
 
     def save_in_background(self, step: int, extra: Mapping[str, Any] | None = None) -> Path:
-        """Copy the checkpoint of ``step`` into CPU memory now and write it in a background
-        thread (call on every rank); returns the directory it will have once complete.
+        """Copy the checkpoint of ``step`` now and write it in the background (call on every
+        rank); returns the directory it will have once complete.
 
         At most one save is in flight: this one first waits for the previous one. Its outcome
         is learned at a later step boundary (`poll`), or by `wait` or the next save.
