@@ -140,8 +140,11 @@ class WriterProcess:
         return self.ready
 
     def close(self) -> None:
-        """End the writer once its jobs are done. Told in so many words: a process forked from
-        this one (a DataLoader worker) may hold this end of the channel open."""
+        """End the writer once the jobs sent are done (their outcomes are kept). Told in so
+        many words: a process forked from this one (a DataLoader worker) may hold this end of
+        the channel open, so the writer would not see it close."""
+        for number in list(self._unanswered):
+            self._collect(number, block=True)
         with contextlib.suppress(OSError):  # it may have ended already
             self._channel.send_bytes(pickle.dumps(None))
         self._channel.close()
@@ -149,14 +152,13 @@ class WriterProcess:
             self._process.wait(timeout=60)
         except subprocess.TimeoutExpired:
             self._process.kill()
-            self._process.wait()
-        self.gone = True
+        self._ended()
 
     def _collect(self, number: int, *, block: bool) -> bool:
         while number not in self._outcomes:
-            if self.gone:
-                self._ended()
-            elif self._channel.poll(0.2 if block else 0):
+            if self.gone:  # every job sent has its outcome (`_ended`); `_READY` has none
+                return False
+            if self._channel.poll(0.2 if block else 0):
                 try:
                     answered, error = pickle.loads(self._channel.recv_bytes())
                 except (EOFError, OSError):
