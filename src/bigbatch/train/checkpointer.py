@@ -169,7 +169,7 @@ class Checkpointer:
         self.wait()
         rng = gather_rng_states(self.world_size)  # a collective: every rank's generators
         state = lambda: self._training_state(extra or {}, rng)  # noqa: E731 - rank 0, copied at once
-        if not self.weights.sharded and checkpoint_arena.available():
+        if self._plain_in_writer_process():
             self._arena = self._arena or checkpoint_arena.Arena()
             self._pending = checkpoint_writer.save_in_writer_process(
                 self.directory,
@@ -192,6 +192,16 @@ class Checkpointer:
             writer=self._thread(),
         )
         return self._pending.path
+
+    def start_writer(self) -> None:
+        """Start the writer process of `save_in_background` now, where one will write (plain
+        weights, rank 0), so that its start (torch's import, about 2 s on another core) is over
+        by the first save instead of delaying the second."""
+        if self._plain_in_writer_process() and distributed.is_main_process():
+            checkpoint_writer.shared_writer()
+
+    def _plain_in_writer_process(self) -> bool:
+        return not self.weights.sharded and checkpoint_arena.available()
 
     def _thread(self) -> ThreadPoolExecutor:
         """The one thread that writes this checkpointer's background saves where no writer

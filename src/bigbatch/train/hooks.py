@@ -107,6 +107,8 @@ class CheckpointHook:
         self.checkpointer, self.every, self.extra = checkpointer, every, extra
         self.saved_step = saved_step  # the step of the newest checkpoint written or restored
         self.background = background
+        if background and every:
+            checkpointer.start_writer()  # its start overlaps the first steps, not a save
 
     def after_step(self, report: StepReport) -> int | None:
         self.checkpointer.poll()  # a background save that failed ends the run here
