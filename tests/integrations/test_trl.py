@@ -100,13 +100,13 @@ def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
     return float((actual - expected).norm() / expected.norm())
 
 
-def train_one_dpo_step(model, pairs, *, exact: bool) -> torch.nn.Module:
-    """One optimizer step of TRL's DPOTrainer over every pair: micro-batches of 2, so 2, 2, 2, 1."""
-    from datasets import Dataset
-    from trl import DPOConfig, DPOTrainer
+def dpo_trainer(model, pairs, trainer_class, **settings):
+    """TRL's `trainer_class` for one SGD(lr=1) step over `pairs` on a copy of `model`.
 
-    class ExactDPOTrainer(ExactPreferenceMixin, DPOTrainer):
-        pass
+    Micro-batches of 2 pairs and 4 accumulation steps unless `settings` (DPOConfig's fields)
+    say otherwise; the reference model is a copy of `model`."""
+    from datasets import Dataset
+    from trl import DPOConfig
 
     rows = [
         {
@@ -118,25 +118,27 @@ def train_one_dpo_step(model, pairs, *, exact: bool) -> torch.nn.Module:
     ]
     model = copy.deepcopy(model)
     arguments = DPOConfig(
-        output_dir=tempfile.mkdtemp(prefix="bigbatch-trl-"),
-        per_device_train_batch_size=2,
-        gradient_accumulation_steps=4,
-        max_steps=1,
-        beta=BETA,
-        max_grad_norm=0.0,
-        lr_scheduler_type="constant",
-        activation_checkpointing=False,
-        bf16=False,  # TRL defaults to bf16 autocast, even on a CPU
-        report_to="none",
-        save_strategy="no",
-        logging_strategy="no",
-        disable_tqdm=True,
-        use_cpu=True,
+        **{
+            "output_dir": tempfile.mkdtemp(prefix="bigbatch-trl-"),
+            "per_device_train_batch_size": 2,
+            "gradient_accumulation_steps": 4,
+            "max_steps": 1,
+            "beta": BETA,
+            "max_grad_norm": 0.0,
+            "lr_scheduler_type": "constant",
+            "activation_checkpointing": False,
+            "bf16": False,  # TRL defaults to bf16 autocast, even on a CPU
+            "report_to": "none",
+            "save_strategy": "no",
+            "logging_strategy": "no",
+            "disable_tqdm": True,
+            "use_cpu": True,
+        }
+        | settings
     )
-    trainer_class = ExactDPOTrainer if exact else DPOTrainer
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        trainer = trainer_class(
+        return trainer_class(
             model=model,
             ref_model=copy.deepcopy(model),
             args=arguments,
@@ -144,8 +146,20 @@ def train_one_dpo_step(model, pairs, *, exact: bool) -> torch.nn.Module:
             processing_class=tokenizer(),
             optimizers=(torch.optim.SGD(model.parameters(), lr=1.0), None),
         )
+
+
+def train_one_dpo_step(model, pairs, *, exact: bool) -> torch.nn.Module:
+    """One optimizer step of TRL's DPOTrainer over every pair: micro-batches of 2, so 2, 2, 2, 1."""
+    from trl import DPOTrainer
+
+    class ExactDPOTrainer(ExactPreferenceMixin, DPOTrainer):
+        pass
+
+    trainer = dpo_trainer(model, pairs, ExactDPOTrainer if exact else DPOTrainer)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
         trainer.train()
-    return model
+    return trainer.model
 
 
 @pytest.mark.slow
