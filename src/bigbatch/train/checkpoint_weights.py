@@ -27,6 +27,7 @@ from bigbatch.train.checkpoint_shards import SavePlans, recording_writer
 MODEL_FILE = "model.safetensors"
 SHARDS_DIR = "shards"
 SHARDS_METADATA = f"{SHARDS_DIR}/.metadata"
+SHARDED_STATE = "the sharded model and optimizer state"
 
 _METADATA_CLASSES = frozenset(
     {
@@ -192,7 +193,10 @@ class ShardedWeights:
         from torch.distributed.checkpoint.state_dict import get_state_dict
 
         model_state, optimizer_state = get_state_dict(model, optimizer)
-        self._save({"model": model_state, "optimizer": optimizer_state}, directory, None)
+        state = {"model": model_state, "optimizer": optimizer_state}
+        # Refuse what would not load back weights-only, as `stage` does (a walk with no copy).
+        copy_weights_only(state, SHARDED_STATE, lambda tensor: tensor)
+        self._save(state, directory, None)
 
     def stage(self, model: torch.nn.Module, optimizer: Any) -> Any:
         """Every local shard copied into fresh CPU memory, still a DTensor of the same mesh and
@@ -202,7 +206,7 @@ class ShardedWeights:
         from torch.distributed.checkpoint.state_dict import get_state_dict
 
         model_state, optimizer_state = get_state_dict(model, optimizer)
-        return cpu_copy({"model": model_state, "optimizer": optimizer_state}, "sharded state")
+        return cpu_copy({"model": model_state, "optimizer": optimizer_state}, SHARDED_STATE)
 
     def write_staged(self, directory: Path, staged: Any) -> Callable[[], None]:
         """DCP's save of the staged copy, run by the caller's background thread: its
