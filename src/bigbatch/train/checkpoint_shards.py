@@ -1,18 +1,21 @@
 """How a sharded checkpoint is written by `torch.distributed.checkpoint`, for less CPU per save.
 
 `ShardedWeights` (``parallelism: fsdp``) saves through DCP on every rank; two things here keep
-that cheap when a run saves often (``checkpoint_every: 1``) without changing a byte of what is
-written: `SavePlans`, DCP's save plan kept from one save of a run to the next (rank 0 then
-gathers and builds it again only when some rank's plan changed), and `recording_writer`, DCP's
-file writer that keeps the OSError of a failed write (torch.save reports it as a RuntimeError)
-at the file itself, below the buffer, rather than at every small write torch.save makes.
+that cheap when a run saves often (``checkpoint_every: 1``) without changing what is written
+(every item and the metadata are what a fresh save writes): `SavePlans`, DCP's save plan kept
+from one save of a run to the next (rank 0 gathers the plans and builds the global plan again
+only when some rank's plan changed), and `recording_writer`, DCP's file writer that keeps the
+OSError of a failed write (torch.save reports it as a RuntimeError) at the file itself, below
+the buffer, rather than at every small write torch.save makes.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import io
 import os
+import sys
 import uuid
 import weakref
 from collections.abc import Iterator
@@ -32,42 +35,49 @@ class SavePlans:
     """
 
     def __init__(self) -> None:
-        from torch.distributed.checkpoint.planner import SavePlanner
-
         self.key = f"bigbatch-shards-{uuid.uuid4().hex}"
-        weakref.finalize(self, _forget, SavePlanner, self.key)
+        weakref.finalize(self, _forget, self.key)
 
     def planner(self) -> Any:
         """A DCP save planner for one save, caching under this key."""
-        from torch.distributed.checkpoint import DefaultSavePlanner
-        from torch.distributed.checkpoint.planner import SavePlan, SavePlanner
-
-        key = self.key
-
-        class CachingPlanner(DefaultSavePlanner):
-            def __init__(self) -> None:
-                super().__init__(enable_plan_caching=True)
-                self._cached_plans_key = key
-
-            def create_local_plan(self) -> SavePlan:
-                plan = super().create_local_plan()
-                if plan.usable or self.plan == SavePlanner._cached_save_plan.get(key):
-                    return plan
-                # DCP took it for unchanged (names, offsets, sizes), but a dtype or another
-                # property changed: send it, and keep it once the global plan succeeds.
-                self._pending_local_plan = self.plan
-                return self.plan
-
-        return CachingPlanner()
+        return _caching_planner()(self.key)
 
 
-def _forget(planner_class: Any, key: str) -> None:
+@functools.cache
+def _caching_planner() -> Any:
+    """DCP's default save planner with plan caching, under a given key, that sends a plan DCP
+    would take for unchanged when anything in it changed (a dtype, say)."""
+    from torch.distributed.checkpoint import DefaultSavePlanner
+    from torch.distributed.checkpoint.planner import SavePlan, SavePlanner
+
+    class CachingPlanner(DefaultSavePlanner):
+        def __init__(self, key: str) -> None:
+            super().__init__(enable_plan_caching=True)
+            self._cached_plans_key = key
+
+        def create_local_plan(self) -> SavePlan:
+            plan = super().create_local_plan()
+            cached = SavePlanner._cached_save_plan.get(self._cached_plans_key)
+            if plan.usable or self.plan == cached:
+                return plan
+            # DCP compared names, offsets and sizes only: send the changed plan, and keep it
+            # once the global plan succeeds, as DCP keeps a plan it found changed.
+            self._pending_local_plan = self.plan
+            return self.plan
+
+    return CachingPlanner
+
+
+def _forget(key: str) -> None:
+    planner = sys.modules.get("torch.distributed.checkpoint.planner")
+    if planner is None:  # never saved: nothing cached
+        return
     for cache in (
-        planner_class._cached_save_plan,
-        planner_class._cached_final_save_plan,
-        planner_class._cached_all_plans,
-        planner_class._cached_global_plan,
-        planner_class._cached_metadata,
+        planner.SavePlanner._cached_save_plan,
+        planner.SavePlanner._cached_final_save_plan,
+        planner.SavePlanner._cached_all_plans,
+        planner.SavePlanner._cached_global_plan,
+        planner.SavePlanner._cached_metadata,
     ):
         cache.pop(key, None)
 
