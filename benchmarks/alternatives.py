@@ -33,7 +33,13 @@ import torch.nn.functional as F
 import bigbatch
 
 sys.path.insert(0, str(Path(__file__).parent))  # `common`, also when loaded by path
-from common import argument_parser, publish, pyplot, save_figure  # noqa: E402
+from common import (  # noqa: E402
+    applied_gradient,
+    argument_parser,
+    publish,
+    pyplot,
+    save_figure,
+)
 
 VOCAB = 64
 IGNORE = -100
@@ -104,14 +110,6 @@ def full_batch_gradient(model: torch.nn.Module, window: list[Batch]) -> torch.Te
     count = sum(int(token_loss_sum(model, batch)[1]) for batch in window)
     (total / count).backward()
     return torch.cat([p.grad.flatten() for p in model.parameters()])
-
-
-def applied_gradient(step: Callable[[torch.nn.Module, torch.optim.Optimizer], None], model):
-    """Run one optimizer step with SGD(lr=1) on a copy: the applied gradient is before - after."""
-    model = copy.deepcopy(model)
-    before = torch.cat([p.detach().flatten().clone() for p in model.parameters()])
-    step(model, torch.optim.SGD(model.parameters(), lr=1.0))
-    return before - torch.cat([p.detach().flatten() for p in model.parameters()])
 
 
 def textbook_step(window: list[Batch]):

@@ -1,4 +1,5 @@
-"""What the benchmark scripts share: publishing their table and drawing their plot.
+"""What the benchmark scripts share: publishing their table and drawing their plot, and the
+gradient an optimizer step applied (the scripts that compare accumulation loops).
 
 Each script measures something, formats a markdown table (and usually a note on how it was
 measured), and hands both to `publish`: printed always; unless --smoke, also written to
@@ -21,10 +22,26 @@ from types import ModuleType
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
+    import torch
     from matplotlib.figure import Figure
 
 RESULTS = Path(__file__).parent / "results"
 """benchmarks/results/: the committed tables and plots."""
+
+
+def applied_gradient(
+    step: Callable[[torch.nn.Module, torch.optim.Optimizer], None], model: torch.nn.Module
+) -> torch.Tensor:
+    """One optimizer step with SGD(lr=1) on a copy of ``model``: the gradient it applied is
+    before - after, whatever the loop did to scale or accumulate it."""
+    import copy
+
+    import torch
+
+    model = copy.deepcopy(model)
+    before = torch.cat([p.detach().flatten().clone() for p in model.parameters()])
+    step(model, torch.optim.SGD(model.parameters(), lr=1.0))
+    return before - torch.cat([p.detach().flatten() for p in model.parameters()])
 
 
 def argument_parser(

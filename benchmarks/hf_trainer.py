@@ -36,7 +36,7 @@ import bigbatch
 from bigbatch.integrations.huggingface import causal_lm_loss
 
 sys.path.insert(0, str(Path(__file__).parent))  # `common`, also when loaded by path
-from common import argument_parser, publish  # noqa: E402
+from common import applied_gradient, argument_parser, publish  # noqa: E402
 
 VOCAB = 64
 IGNORE = -100
@@ -120,14 +120,6 @@ def full_batch_gradient(model: torch.nn.Module, window: list[Batch]) -> torch.Te
         count += int((targets != IGNORE).sum())
     (total / count).backward()
     return torch.cat([p.grad.flatten() for p in model.parameters()])
-
-
-def applied_gradient(step: Callable[[torch.nn.Module, torch.optim.Optimizer], None], model):
-    """One optimizer step with SGD(lr=1) on a copy: the applied gradient is before - after."""
-    model = copy.deepcopy(model)
-    before = torch.cat([p.detach().flatten().clone() for p in model.parameters()])
-    step(model, torch.optim.SGD(model.parameters(), lr=1.0))
-    return before - torch.cat([p.detach().flatten() for p in model.parameters()])
 
 
 def trainer_step(window: list[Batch]):

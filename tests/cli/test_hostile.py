@@ -170,6 +170,11 @@ CASES = [
         ["train", "--set", "recipe=tinylm", "--set", "recipe_options.max_digits=1000000000"],
         ["recipe_options.max_digits"],
     ),
+    (
+        "tinylm max_digits one past its largest",
+        ["train", "--set", "recipe=tinylm", "--set", "recipe_options.max_digits=31"],
+        ["recipe_options.max_digits must be an integer in [1, 30], got 31"],
+    ),
     ("no such recipe module", ["train", "--set", "recipe=nosuch.tasks:build"], ["nosuch"]),
     ("tolerance nan", ["verify", "--tolerance", "nan"], ["--tolerance"]),
     ("tolerance negative", ["verify", "--tolerance", "-1"], ["--tolerance"]),

@@ -86,6 +86,42 @@ def test_tinylm_sequences_are_sums_and_only_answers_carry_loss():
     assert loss_sum.dim() == 0
 
 
+def _sums(sample: torch.Tensor) -> list[tuple[str, str, str]]:
+    """The (a, b, answer) digit strings of a chain of sums "a+b=c<end>..."."""
+    text = "".join(
+        {tinylm.PLUS: "+", tinylm.EQUALS: "=", tinylm.END: "$"}.get(t, str(t))
+        for t in sample.tolist()
+    )
+    sums = []
+    for part in text.split("$")[:-1]:
+        left, answer = part.split("=")
+        a, b = left.split("+")
+        sums.append((a, b, answer))
+    return sums
+
+
+def test_tinylm_at_its_largest_max_digits_sums_past_int64_are_right():
+    """The largest max_digits builds (it overflowed int64 above 18 digits) and every sum is right,
+    checked with Python integers; operands cover every digit count, with no leading zero."""
+    largest = tinylm.OPTION_LIMITS["max_digits"]
+    options = {
+        "max_digits": largest,
+        "num_train_samples": 300,
+        "num_eval_samples": 8,
+        "max_sums": 2,
+    }
+    recipe = build("tinylm", {"seed": 0, "recipe_options": options})
+    lengths = set()
+    for sample in (recipe.train_dataset[i] for i in range(len(recipe.train_dataset))):
+        for a, b, answer in _sums(sample):
+            assert int(a) + int(b) == int(answer)
+            for number in (a, b, answer):
+                assert number == "0" or not number.startswith("0"), number
+            lengths |= {len(a), len(b)}
+    assert lengths == set(range(1, largest + 1))
+    assert largest > len(str(2**63 - 1))  # past what an int64 holds
+
+
 def test_tinylm_padding_does_not_change_the_loss():
     """Right padding under causal attention: a sample's loss is the same alone or padded."""
     recipe = build("tinylm", {"seed": 0, "recipe_options": SMALL_LM})

@@ -1,24 +1,31 @@
 """Checkpoints written in the background, against the synchronous save path as the reference: the
 same contents although training changes the weights meanwhile, an exact resume from them, a
-failing background write as one line at the next step boundary (also on one of 2 gloo ranks), and
-a process killed before the rename leaving the previous checkpoint to resume from."""
+failing background write as one line at the next step boundary (also on one of 2 gloo ranks), a
+writer process that is killed or cannot start, and a process killed before the rename leaving the
+previous checkpoint to resume from. Plain weights go through the writer process
+(`checkpoint_writer`), whose faults `tests.train.writer_faults` injects; sharded ones through a
+thread."""
 
 from __future__ import annotations
 
 import errno
 import json
+import logging
+import os
+import resource
 import shutil
 import signal
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
 
-from bigbatch.train import checkpoint_weights
+from bigbatch.train import checkpoint_arena, checkpoint_weights, checkpoint_writer
 from bigbatch.train.checkpoint import list_checkpoints, load_latest_checkpoint
 from bigbatch.train.checkpointer import Checkpointer
 from bigbatch.train.configfile import validate
@@ -30,6 +37,29 @@ from tests.distributed_helpers import run_processes
 from tests.train.test_checkpointer import Tally, Unloadable, file_limit, make_checkpointer
 
 ROOT = Path(__file__).resolve().parents[2]
+FAULTS = "tests.train.writer_faults"
+
+
+@pytest.fixture
+def faulty_writer(monkeypatch):
+    """``faulty_writer(**env)``: a fresh writer process with `writer_faults` set by ``env``
+    (``hold=path``, ``full_from=n``); the shared writer is replaced again afterwards."""
+
+    def start(**env: str) -> checkpoint_writer.WriterProcess:
+        for name, value in env.items():
+            monkeypatch.setenv(f"BIGBATCH_TEST_WRITER_{name.upper()}", value)
+        return checkpoint_writer.start_shared_writer(preload=[FAULTS])
+
+    yield start
+    checkpoint_writer.close_shared_writer()
+
+
+def hold_the_writer(checkpointer, sharded: bool, faulty_writer, release_file: Path):
+    """Hold the background write of ``checkpointer``; the call that lets it go on."""
+    if not sharded:
+        faulty_writer(hold=str(release_file))
+        return release_file.touch
+    return gate_the_writer(checkpointer).set
 
 
 def assert_same(actual: Any, expected: Any, where: str = "state") -> None:
@@ -61,6 +91,22 @@ def gate_the_writer(checkpointer) -> threading.Event:
     return release
 
 
+def assert_like_a_synchronous_save(
+    checkpointer: Checkpointer, tally: Tally, directory: Path, step: int | None = None
+) -> None:
+    """The newest checkpoint of ``checkpointer`` holds what a synchronous save of the same model,
+    optimizer and participant into ``directory`` holds now."""
+    reference = Checkpointer(directory, model=checkpointer.model, optimizer=checkpointer.optimizer)
+    reference.register("tally", tally)
+    found = load_latest_checkpoint(checkpointer.directory)
+    assert found is not None and (step is None or found.step == step)
+    reference.save(found.step)
+    expected = load_latest_checkpoint(directory)
+    assert expected is not None
+    assert_same(found.training_state, expected.training_state)
+    assert_same(found.model_state, expected.model_state)
+
+
 def restored(directory: Path, sharded: bool) -> dict[str, Any]:
     """A fresh model, optimizer and participant restored from the newest checkpoint."""
     checkpointer, tally = make_checkpointer(directory, sharded, seed=9, steps=0)
@@ -75,7 +121,7 @@ def restored(directory: Path, sharded: bool) -> dict[str, Any]:
 
 
 @pytest.mark.parametrize("sharded", [False, True], ids=["plain", "sharded"])
-def test_a_background_save_holds_what_a_synchronous_one_does(tmp_path, sharded):
+def test_a_background_save_holds_what_a_synchronous_one_does(tmp_path, sharded, faulty_writer):
     checkpointer, tally = make_checkpointer(tmp_path / "sync", sharded)
     tally.seen, tally.calls, tally.note = torch.tensor([4.0, 5.0, 6.0]), 3, "at step 2"
     checkpointer.save(2, extra={"total_steps": 9})
@@ -84,7 +130,7 @@ def test_a_background_save_holds_what_a_synchronous_one_does(tmp_path, sharded):
         tmp_path / "background", model=model, optimizer=optimizer, sharded=sharded
     )
     background.register("tally", tally)
-    release = gate_the_writer(background)
+    release = hold_the_writer(background, sharded, faulty_writer, tmp_path / "release")
     path = background.save_in_background(2, extra={"total_steps": 9})
     assert not path.exists()  # held: not there before it is complete
     with torch.no_grad():  # training goes on while the files are written
@@ -95,7 +141,7 @@ def test_a_background_save_holds_what_a_synchronous_one_does(tmp_path, sharded):
     tally.seen.add_(100.0)
     tally.calls, tally.note = 99, "later"
     assert background.poll() is None  # still writing: nothing to tell
-    release.set()
+    release()
     assert background.wait() == path and path.is_dir()
 
     sync_found = load_latest_checkpoint(tmp_path / "sync")
@@ -107,26 +153,83 @@ def test_a_background_save_holds_what_a_synchronous_one_does(tmp_path, sharded):
     assert_same(restored(tmp_path / "background", sharded), restored(tmp_path / "sync", sharded))
 
 
+@pytest.mark.parametrize("writer", ["process", "thread"])
 def test_a_failed_background_write_is_one_line_and_the_previous_checkpoint_stays(
-    tmp_path, monkeypatch
+    tmp_path, monkeypatch, faulty_writer, writer
 ):
     checkpointer, _ = make_checkpointer(tmp_path, False)
     checkpointer.save(1)
+    if writer == "process":  # a real limit on the writer's files, as a full disk would be
+        process = faulty_writer()
+        _, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+        resource.prlimit(process.pid, resource.RLIMIT_FSIZE, (2_000, hard))
+        reason = "File too large"
+    else:  # no writer process on this platform: a thread writes
 
-    def full_disk(path: Path, state: Any) -> None:
-        raise OSError(errno.ENOSPC, "No space left on device", str(path))
+        def full_disk(path: Path, state: Any) -> None:
+            raise OSError(errno.ENOSPC, "No space left on device", str(path))
 
-    monkeypatch.setattr(checkpoint_weights, "write_safetensors", full_disk)
+        monkeypatch.setattr(checkpoint_arena, "available", lambda: False)
+        monkeypatch.setattr(checkpoint_weights, "write_safetensors", full_disk)
+        reason = "No space left on device"
     checkpointer.save_in_background(2)
     with pytest.raises(StorageError) as error:
         checkpointer.wait()
     message = str(error.value)
     assert len(message.splitlines()) == 1 and len(message) < 400, message
     assert message.startswith(f"cannot write checkpoint {tmp_path / 'step-00000002'}: "), message
-    assert "No space left on device" in message, message
+    assert reason in message, message
     assert message.endswith("the earlier checkpoints are intact (newest: step-00000001)")
     assert [p.name for p in tmp_path.iterdir()] == ["step-00000001"]  # no temporary left
     assert checkpointer.wait() is None  # told once; nothing pending any more
+
+
+def test_a_killed_writer_is_one_line_and_the_next_save_starts_another(tmp_path, faulty_writer):
+    checkpointer, tally = make_checkpointer(tmp_path / "background", False)
+    checkpointer.save(1)
+    process = faulty_writer(hold=str(tmp_path / "never"))
+    assert process.wait_ready(timeout=60)  # killed while it writes, not while it starts
+    checkpointer.save_in_background(2)
+    os.kill(process.pid, signal.SIGKILL)
+    with pytest.raises(StorageError) as error:
+        checkpointer.wait()
+    message = str(error.value)
+    assert len(message.splitlines()) == 1, message
+    assert f"the checkpoint writer process (pid {process.pid}) was killed by signal 9" in message
+    assert message.endswith("the earlier checkpoints are intact (newest: step-00000001)")
+    checkpoints = tmp_path / "background"
+    assert [path.name for path in list_checkpoints(checkpoints)] == ["step-00000001"]
+    tally.calls = 3
+    path = checkpointer.save_in_background(3)  # a new writer, without the fault
+    assert checkpointer.wait() == path
+    assert checkpoint_writer.shared_writer() is not process
+    assert_like_a_synchronous_save(checkpointer, tally, tmp_path / "sync")
+
+
+def test_a_writer_that_cannot_start_leaves_the_writing_to_a_thread(tmp_path, monkeypatch, caplog):
+    checkpointer, tally = make_checkpointer(tmp_path / "background", False)
+    tally.seen, tally.calls = torch.arange(5.0), 4
+    checkpoint_writer.close_shared_writer()
+    monkeypatch.setattr(checkpoint_writer, "_usable", True)  # restored afterwards
+    monkeypatch.setattr("sys.executable", "/bin/false")  # exits at once, never ready
+    with caplog.at_level(logging.WARNING, logger="bigbatch.train.checkpoint_writer"):
+        path = checkpointer.save_in_background(2)
+        assert checkpointer.wait() == path
+    assert "could not start" in caplog.text and "written by a thread" in caplog.text
+    assert checkpoint_writer.shared_writer() is None  # from now on, a thread
+    path = checkpointer.save_in_background(3)
+    assert checkpointer.wait() == path
+    assert_like_a_synchronous_save(checkpointer, tally, tmp_path / "sync")
+
+
+def test_a_state_that_grows_is_staged_in_a_larger_block(tmp_path, faulty_writer):
+    faulty_writer()
+    checkpointer, tally = make_checkpointer(tmp_path / "background", False)
+    for step, size in enumerate([3, 3, 50_000, 7], start=1):  # the same places, then more, less
+        tally.seen = torch.linspace(0.0, 1.0, size, dtype=torch.float64) * step
+        path = checkpointer.save_in_background(step)
+        assert checkpointer.wait() == path
+        assert_like_a_synchronous_save(checkpointer, tally, tmp_path / f"sync-{step}", step)
 
 
 def test_a_background_state_that_would_not_load_is_refused_at_save(tmp_path):
@@ -138,8 +241,16 @@ def test_a_background_state_that_would_not_load_is_refused_at_save(tmp_path):
     assert checkpointer.wait() is None  # nothing was started
 
 
-def trained_weights(run_dir: Path, *, background: bool, resume: bool = False) -> dict:
-    """6 AdamW steps with a checkpoint after every one; the final weights."""
+def trained_weights(
+    run_dir: Path, *, background: bool, resume: bool = False, delay: float = 0.0
+) -> dict:
+    """6 AdamW steps with a checkpoint after every one (each micro-batch ``delay`` seconds longer);
+    the final weights."""
+
+    def loss(model: torch.nn.Module, batch: Any) -> tuple[torch.Tensor, int]:
+        time.sleep(delay)
+        return models.mse_per_sample(model, *batch).sum(), batch[0].shape[0]
+
     model = models.mlp()
     optimizer = torch.optim.AdamW(model.parameters(), lr=0.01)
     config = dict(global_batch_size=16, micro_batch_size=4, max_steps=6, checkpoint_every=1)
@@ -147,7 +258,7 @@ def trained_weights(run_dir: Path, *, background: bool, resume: bool = False) ->
     trainer = Trainer(
         model,
         optimizer,
-        lambda m, batch: (models.mse_per_sample(m, *batch).sum(), batch[0].shape[0]),
+        loss,
         torch.utils.data.TensorDataset(*models.regression_data(40)),
         validate(config),
         run_dir=run_dir,
@@ -171,18 +282,10 @@ def test_a_run_resumed_from_a_background_checkpoint_is_exact(tmp_path):
     assert steps == [1, 2, 3, 4, 5, 6]
 
 
-def test_a_failed_background_write_stops_the_run_at_the_next_step_boundary(tmp_path, monkeypatch):
-    calls, write = [], checkpoint_weights.write_safetensors
-
-    def full_from_the_second(path: Path, state: Any) -> None:
-        calls.append(path)
-        if len(calls) >= 2:
-            raise OSError(errno.ENOSPC, "No space left on device", str(path))
-        write(path, state)
-
-    monkeypatch.setattr(checkpoint_weights, "write_safetensors", full_from_the_second)
-    with pytest.raises(StorageError) as error:
-        trained_weights(tmp_path, background=True)
+def test_a_failed_background_write_stops_the_run_at_the_next_step_boundary(tmp_path, faulty_writer):
+    faulty_writer(full_from="2")
+    with pytest.raises(StorageError) as error:  # steps of 0.2 s: the writer fails in far less
+        trained_weights(tmp_path, background=True, delay=0.05)
     message = str(error.value)
     assert len(message.splitlines()) == 1 and "step-00000002" in message, message
     assert "No space left on device" in message and "(newest: step-00000001)" in message
@@ -193,51 +296,65 @@ def test_a_failed_background_write_stops_the_run_at_the_next_step_boundary(tmp_p
 
 
 KILLED_BEFORE_THE_RENAME = r"""
-import sys, time
+import sys
 from pathlib import Path
-import torch
-from bigbatch.train import checkpoint_files
+from bigbatch.train import checkpoint_writer
 from tests.train.test_checkpointer import make_checkpointer
 
-checkpointer, tally = make_checkpointer(Path(sys.argv[1]), sys.argv[2] == "sharded")
+checkpointer, tally = make_checkpointer(Path(sys.argv[1]), False)
 tally.calls = 1
 checkpointer.save(1)
-
-def stuck(tmp, final):
-    print("about to rename", flush=True)
-    time.sleep(120)
-
-checkpoint_files.move_into_place = stuck
+writer = checkpoint_writer.start_shared_writer(preload=["tests.train.writer_faults"])
+print(writer.pid, flush=True)
 tally.calls = 2
 checkpointer.save_in_background(2)
 checkpointer.wait()
 """
 
 
+def alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
 @pytest.mark.slow
 @pytest.mark.timeout(120)
-def test_a_kill_before_the_rename_leaves_the_previous_checkpoint(tmp_path):
-    """Plain weights: the rename is the same for shards."""
+@pytest.mark.parametrize("killed", ["training and writer", "training alone"])
+def test_a_kill_before_the_rename_leaves_the_previous_checkpoint(tmp_path, killed):
+    """The writer holds before the rename (as a slow disk would); the training process is
+    SIGKILLed, with its writer (a machine lost) or alone (the writer then gives the job up and
+    ends). Either way step 1 is the checkpoint a resume finds. The rename is the same for shards."""
     process = subprocess.Popen(
-        [
-            sys.executable,
-            "-c",
-            KILLED_BEFORE_THE_RENAME,
-            str(tmp_path),
-            "plain",
-        ],
+        [sys.executable, "-c", KILLED_BEFORE_THE_RENAME, str(tmp_path)],
         cwd=ROOT,
-        env={"PYTHONPATH": f"{ROOT}:{ROOT / 'src'}", "OMP_NUM_THREADS": "1"},
+        env={
+            "PYTHONPATH": f"{ROOT}:{ROOT / 'src'}",
+            "OMP_NUM_THREADS": "1",
+            "BIGBATCH_TEST_WRITER_STUCK_BEFORE_RENAME": "1",
+        },
         stdout=subprocess.PIPE,
     )
     assert process.stdout is not None
-    assert process.stdout.readline() == b"about to rename\n"
+    writer = int(process.stdout.readline())
+    assert process.stdout.readline() == b"about to rename\n"  # printed by the writer
+    if killed == "training and writer":
+        os.kill(writer, signal.SIGKILL)
     process.send_signal(signal.SIGKILL)
     process.wait(timeout=30)
+    deadline = time.monotonic() + 30
+    while alive(writer) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not alive(writer)  # no writer outlives its training process
     temporaries = [p.name for p in tmp_path.iterdir() if ".tmp-" in p.name]
-    assert len(temporaries) == 1 and temporaries[0].startswith("step-00000002")
-    meta = json.loads((tmp_path / temporaries[0] / "meta.json").read_text())
-    assert meta["step"] == 2  # complete but for the rename: still never read
+    if killed == "training and writer":
+        assert len(temporaries) == 1 and temporaries[0].startswith("step-00000002")
+        meta = json.loads((tmp_path / temporaries[0] / "meta.json").read_text())
+        assert meta["step"] == 2  # complete but for the rename: still never read
+    else:
+        assert temporaries == []  # given up and removed by the writer
     assert [p.name for p in list_checkpoints(tmp_path)] == ["step-00000001"]
     assert restored(tmp_path, False)["tally"]["calls"] == 1
 

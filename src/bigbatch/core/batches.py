@@ -17,13 +17,14 @@ Batch = Any
 """A tensor or a (nested) tuple, list or dict of tensors sharing their first dimension."""
 
 
-def _tensors(batch: Batch) -> list[torch.Tensor]:
+def _tensors(batch: Batch, path: str = "batch") -> list[tuple[str, torch.Tensor]]:
+    """Every tensor of a batch with its path in it, such as ``batch['inputs'][0]``."""
     if isinstance(batch, torch.Tensor):
-        return [batch]
+        return [(path, batch)]
     if isinstance(batch, Mapping):
-        return [t for value in batch.values() for t in _tensors(value)]
+        return [t for key, value in batch.items() for t in _tensors(value, f"{path}[{key!r}]")]
     if isinstance(batch, (tuple, list)):
-        return [t for value in batch for t in _tensors(value)]
+        return [t for index, value in enumerate(batch) for t in _tensors(value, f"{path}[{index}]")]
     return []
 
 
@@ -31,7 +32,9 @@ def num_rows(batch: Batch) -> int:
     """Number of samples in a batch: the shared leading dimension of its tensors.
 
     Raises:
-        TypeError: the batch holds no tensor, or a tensor is zero-dimensional.
+        TypeError: the batch holds no tensor, or a tensor is zero-dimensional (named by its
+            path: a count such as TRL's ``num_items_in_batch`` is refused, never passed on,
+            since a loss divided by it would not be divided by the window's items).
         ValueError: the tensors disagree on their leading dimension.
     """
     tensors = _tensors(batch)
@@ -41,10 +44,12 @@ def num_rows(batch: Batch) -> int:
             f"got {type(batch).__name__}"
         )
     sizes = set()
-    for tensor in tensors:
+    for path, tensor in tensors:
         if tensor.dim() == 0:
             raise TypeError(
-                "a micro-batch tensor must have a leading (sample) dimension, got a scalar"
+                "a micro-batch tensor must have a leading (sample) dimension, got a scalar at "
+                f"{path}: drop it: bigbatch counts the window's items itself (a value per "
+                "sample needs one row per sample)"
             )
         sizes.add(tensor.shape[0])
     if len(sizes) != 1:

@@ -12,12 +12,15 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from bigbatch.core import batches, distributed, sharding, syncnorm
 from bigbatch.core.accumulation import Fp32GradientBuffer, choose_accumulation_dtype
+
+if TYPE_CHECKING:
+    from torch.nn.parallel import DistributedDataParallel
 
 MicroStep = tuple[Any, bool]
 """A micro-batch of the window and whether it is a stand-in (its loss counts no item)."""
@@ -273,7 +276,7 @@ def choose(
 
 def replicate(
     module: torch.nn.Module, device_ids: list[int] | None = None, **options: Any
-) -> torch.nn.Module:
+) -> DistributedDataParallel:
     """``module`` wrapped in DistributedDataParallel with ``gradient_as_bucket_view=True``: every
     ``.grad`` a view into DDP's buckets, so that a rank holds one gradient, not two.
 

@@ -25,6 +25,7 @@ from bigbatch.units import UsageError, shorten
 PLUS, EQUALS, END, PAD = 10, 11, 12, 13
 VOCAB_SIZE = 14
 IGNORE = -100
+CHUNK_DIGITS = 18  # the most decimal digits an int64 draw covers whole (10**18 < 2**63)
 
 DEFAULTS: dict[str, Any] = {
     "global_batch_size": 128,
@@ -83,9 +84,21 @@ class AdditionDataset(Dataset[torch.Tensor]):
 
 
 def _operand(max_digits: int, generator: torch.Generator) -> int:
+    """A uniform integer of 1..max_digits digits, the digit count drawn first (a Python int).
+
+    torch draws int64 (up to 18 whole digits): a longer operand is its leading digits followed
+    by 18-digit chunks, each drawn uniformly, which keeps it uniform over its digit count; an
+    operand of up to 18 digits is one draw, as it always was (the same data for the same seed).
+    """
     digits = int(torch.randint(1, max_digits + 1, (1,), generator=generator))
-    low = 0 if digits == 1 else 10 ** (digits - 1)
-    return int(torch.randint(low, 10**digits, (1,), generator=generator))
+    num_chunks = (digits - 1) // CHUNK_DIGITS
+    leading = digits - CHUNK_DIGITS * num_chunks
+    low = 0 if digits == 1 else 10 ** (leading - 1)
+    value = int(torch.randint(low, 10**leading, (1,), generator=generator))
+    for _ in range(num_chunks):
+        chunk = int(torch.randint(0, 10**CHUNK_DIGITS, (1,), generator=generator))
+        value = value * 10**CHUNK_DIGITS + chunk
+    return value
 
 
 def _sum(max_digits: int, generator: torch.Generator) -> list[int]:

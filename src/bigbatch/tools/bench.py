@@ -23,6 +23,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from bigbatch.core import replication
 from bigbatch.core.engine import Accumulator
 from bigbatch.planning import plan
 
@@ -294,13 +295,13 @@ def _ddp_rows(accumulations: Sequence[int], steps: int, width: int) -> list[DdpR
     """Each loop's all-reduces per step and median step time, on this rank."""
     import torch.distributed as dist
     from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
-    from torch.nn.parallel import DistributedDataParallel
 
     rows = []
     for accumulation in accumulations:
         window = _window(16, accumulation, width)
         for method in ("sync every micro-batch", "bigbatch"):
-            model = DistributedDataParallel(mlp(width), bucket_cap_mb=1024)  # one bucket
+            # wrapped as `bigbatch train` wraps (gradients as bucket views), in one bucket
+            model = replication.replicate(mlp(width), bucket_cap_mb=1024)
             calls = [0]
 
             # DDP checks the hook's annotations at run time: none, or the real GradBucket class.

@@ -31,6 +31,7 @@ from bigbatch.tools.search import (
     largest_per_mode,
     measurers,
 )
+from bigbatch.tools.step_memory import StepBytesCache
 from bigbatch.units import UsageError, format_bytes
 
 logger = logging.getLogger(__name__)
@@ -129,6 +130,7 @@ def choose_micro_batch(
     shard_units: ShardUnits | None = None,
     agree: Agree | None = None,
     unseen: Unseen | None = None,
+    step_bytes_cache: StepBytesCache | None = None,
 ) -> MicroBatchChoice:
     """Probe a few row counts and choose the micro-batch for a memory budget.
 
@@ -144,6 +146,8 @@ def choose_micro_batch(
     probed by every rank in lockstep), so that every rank decides alike. ``unseen(rows)``: bytes
     the probe's accounting misses at that many rows, added to each measurement (a checkpointed
     unit's recompute on a device without an allocator, `bigbatch.tools.joint`).
+    ``step_bytes_cache`` (`bigbatch.tools.step_memory`) measures the optimizer step once for
+    every probe; one joint choice shares one over its policies (None: a new one).
 
     Raises:
         ValueError: no budget on a device without an allocator, or one row does not fit the
@@ -156,8 +160,9 @@ def choose_micro_batch(
     limit = budget / (1 + headroom)
     projection = Projection(module, optimizer, layout, shard_units, device, agree)
     measure, time_sizes = measurers(
-        module, loss_fn, make_rows, optimizer, device, repetitions, autocast_dtype, agree, unseen
-    )
+        module, loss_fn, make_rows, optimizer, device, repetitions, autocast_dtype, agree, unseen,
+        step_bytes_cache=step_bytes_cache,
+    )  # fmt: skip
     result = measure(geometric(1, min(max_rows, 2 ** (FIRST_SIZES - 1))))
     _check_one_row_fits(result, budget, headroom, projection)
     result, fits = largest_per_mode(result, limit, max_rows, measure, projection.offsets)

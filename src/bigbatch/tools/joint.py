@@ -35,6 +35,7 @@ from bigbatch.tools import memory
 from bigbatch.tools.choice import MicroBatchChoice, choose_micro_batch
 from bigbatch.tools.memory import Batch
 from bigbatch.tools.search import MARGIN
+from bigbatch.tools.step_memory import StepBytesCache
 from bigbatch.units import UsageError, format_bytes
 
 logger = logging.getLogger(__name__)
@@ -291,6 +292,7 @@ def choose_plan(
     ) if counted else None  # fmt: skip
     candidates: list[PlanCandidate] = []
     choices: dict[str, MicroBatchChoice] = {}
+    choose.setdefault("step_bytes_cache", StepBytesCache())  # one optimizer step, every policy
     try:
         for policy in policies:
             wrapped = apply_activation_checkpointing(module, policy, units)

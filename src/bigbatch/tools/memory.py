@@ -3,8 +3,9 @@
 `probe` runs one forward + backward per micro-batch size and measures its memory (the allocator's
 peak on CUDA; on other devices an accounting of the tensors saved for backward plus parameters,
 gradients and optimizer state) and its samples/s, then fits memory(n) = a + b * n. Off CUDA it
-also measures the optimizer step's own temporaries once (`bigbatch.tools.step_memory`): the step
-runs after the backward freed the activations, so its peak is a floor under every micro-batch's.
+also measures the optimizer step's own temporaries (`bigbatch.tools.step_memory`, once per
+optimizer setup through a shared `StepBytesCache`): the step runs after the backward freed the
+activations, so its peak is a floor under every micro-batch's.
 It leaves the model, its gradients, the optimizer and every RNG as it found them. Choosing a
 micro-batch from the measurements is `bigbatch.tools.choice`.
 """
@@ -26,7 +27,7 @@ from torch.autograd.graph import saved_tensors_hooks
 
 from bigbatch.core import batches, distributed, sharding
 from bigbatch.core.engine import LossFn
-from bigbatch.tools.step_memory import optimizer_step_bytes
+from bigbatch.tools.step_memory import StepBytesCache
 
 logger = logging.getLogger(__name__)
 
@@ -358,6 +359,7 @@ def probe(
     device: torch.device | str | None = None,
     repetitions: int = 2,
     autocast_dtype: torch.dtype | None = None,
+    step_bytes_cache: StepBytesCache | None = None,
 ) -> MemoryProbe:
     """Measure memory and samples/s of one forward + backward per micro-batch size.
 
@@ -372,6 +374,8 @@ def probe(
         device: where to run; default the device of the model's first parameter.
         repetitions: timed passes per size (the best counts), after one counted pass.
         autocast_dtype: run forward under torch.autocast with this dtype (bf16 / fp16 runs).
+        step_bytes_cache: where the optimizer step's temporaries are measured, once per
+            optimizer setup (pass one to every probe of a choice); None: measured here.
 
     The model's parameters, buffers and gradients, the optimizer and the torch, numpy and
     python RNG states are left as they were.
@@ -384,7 +388,8 @@ def probe(
     module = distributed.unwrap(model)
     device = device_of(module, device)
     model_bytes = model_state_bytes(module, optimizer)
-    step_bytes = 0 if device.type == "cuda" else optimizer_step_bytes(optimizer)
+    cache = step_bytes_cache if step_bytes_cache is not None else StepBytesCache()
+    step_bytes = 0 if device.type == "cuda" else cache.get(optimizer)
     rows: list[ProbeRow] = []
     oom: int | None = None
     with preserved_state(module, device):

@@ -22,6 +22,7 @@ from bigbatch.core.engine import LossFn
 from bigbatch.tools import memory
 from bigbatch.tools.memory import Batch, MemoryProbe, merge_probes, probe
 from bigbatch.tools.projection import Agree, Projection, agreed
+from bigbatch.tools.step_memory import StepBytesCache
 from bigbatch.units import format_bytes
 
 logger = logging.getLogger(__name__)
@@ -202,15 +203,18 @@ def measurers(
     autocast_dtype: torch.dtype | None,
     agree: Agree | None,
     unseen: Unseen | None = None,
+    step_bytes_cache: StepBytesCache | None = None,
 ) -> tuple[Measure, TimeSizes]:
     """``measure(sizes, repeat)``: a probe of these sizes, plus ``unseen(rows)`` bytes per row
     where given; ``time_sizes(sizes)``: their best forward + backward seconds; both agreed over
-    ranks when ``agree`` is given."""
+    ranks when ``agree`` is given. Every probe measures the optimizer step through one cache
+    (``step_bytes_cache``, a new one if None): once."""
+    cache = step_bytes_cache if step_bytes_cache is not None else StepBytesCache()
 
     def measure(sizes: list[int], repeat: int = repetitions) -> MemoryProbe:
         result = probe(
             module, loss_fn, make_rows, sizes, optimizer=optimizer, device=device,
-            repetitions=repeat, autocast_dtype=autocast_dtype,
+            repetitions=repeat, autocast_dtype=autocast_dtype, step_bytes_cache=cache,
         )  # fmt: skip
         return agreed(result if unseen is None else with_unseen(result, unseen), agree)
 

@@ -5,7 +5,7 @@ parameters, the gradients and the optimizer state. AdamW's single-tensor step (t
 builds its denominator out of place, two tensors the size of the largest parameter; foreach and
 fused implementations allocate for many parameters at once. `optimizer_step_bytes` measures it
 by stepping a copy of the optimizer over clones of the parameters under `AllocatedBytes`, so
-neither the model nor the optimizer changes.
+neither the model nor the optimizer changes; `StepBytesCache` measures it once per optimizer setup.
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ import functools
 import inspect
 import logging
 import weakref
+from collections.abc import Hashable
 from typing import Any
 
 import torch
@@ -91,3 +92,51 @@ def optimizer_step_bytes(optimizer: torch.optim.Optimizer | None) -> int:
         logger.warning("cannot measure %s step (%s): counted as 0", type(optimizer).__name__, error)
         return 0
     return tracker.peak
+
+
+class StepBytesCache:
+    """`optimizer_step_bytes`, measured once per optimizer setup and then reused.
+
+    Choosing a micro-batch probes many times (every few sizes, every checkpointing policy) with
+    one optimizer, and each measurement copies the parameters and the optimizer state. What it
+    measures is a function of the optimizer's type, its options per group and the shapes, dtypes
+    and devices of the parameters it steps (`setup_key`): an equal key reuses the measurement.
+    """
+
+    def __init__(self) -> None:
+        self._measured: dict[Hashable, int] = {}
+
+    def get(self, optimizer: torch.optim.Optimizer | None) -> int:
+        """The optimizer step's temporaries in bytes (0 without an optimizer), measured on the
+        first call for this optimizer's setup."""
+        if optimizer is None:
+            return 0
+        key = setup_key(optimizer)
+        if key not in self._measured:
+            self._measured[key] = optimizer_step_bytes(optimizer)
+        return self._measured[key]
+
+
+def setup_key(optimizer: torch.optim.Optimizer) -> Hashable:
+    """What `optimizer_step_bytes` depends on: the optimizer's type, its defaults, and per group
+    its options and each parameter's local shape, dtype and device (never its values)."""
+    groups = tuple(
+        (
+            _hashable({k: v for k, v in group.items() if k != "params"}),
+            tuple(_hashable(parameter) for parameter in group["params"]),
+        )
+        for group in optimizer.param_groups
+    )
+    return type(optimizer), _hashable(optimizer.defaults), groups
+
+
+def _hashable(value: object) -> Hashable:
+    """A hashable stand-in for an option: a tensor by its local shape, dtype and device."""
+    if isinstance(value, torch.Tensor):
+        local = sharding.local(value)
+        return "tensor", tuple(local.shape), local.dtype, local.device
+    if isinstance(value, dict):
+        return tuple(sorted((str(k), _hashable(v)) for k, v in value.items()))
+    if isinstance(value, (list, tuple)):
+        return tuple(_hashable(item) for item in value)
+    return value if isinstance(value, Hashable) else repr(value)

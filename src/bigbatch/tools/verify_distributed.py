@@ -17,7 +17,6 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import default_collate
 
 from bigbatch.choices import (
@@ -28,7 +27,7 @@ from bigbatch.choices import (
     Parallelism,
     one_of,
 )
-from bigbatch.core import batches, distributed, sharding
+from bigbatch.core import batches, distributed, replication, sharding
 from bigbatch.planning import Plan, plan
 from bigbatch.recipes import Recipe
 from bigbatch.tools.verify import (
@@ -99,11 +98,12 @@ def rank_window(
 def _replica(
     model: torch.nn.Module, recipe: Recipe, parallelism: str, world_size: int
 ) -> torch.nn.Module:
-    """A fresh copy of the float64 model, wrapped in DDP or sharded with FSDP2 (the recipe's
-    shard units, then the root), as `bigbatch train` does over several ranks."""
+    """A fresh copy of the float64 model, wrapped in DDP (`replication.replicate`: gradients as
+    views into DDP's buckets) or sharded with FSDP2 (the recipe's shard units, then the root), as
+    `bigbatch train` does over several ranks."""
     replica = copy.deepcopy(model)
     if parallelism == "ddp":
-        return DistributedDataParallel(replica)
+        return replication.replicate(replica)
     units = (recipe.shard_units or sharding.default_shard_units)(replica)
     return sharding.shard_model(replica, units, world_size=world_size, device_type="cpu")
 

@@ -139,6 +139,4 @@ def from_rank_0(work: Callable[[], Any]) -> Any:
     """``work()`` on rank 0, its result on every rank."""
     if not (distributed.is_initialized() and dist.get_world_size() > 1):
         return work()
-    value = [work() if distributed.is_main_process() else None]
-    dist.broadcast_object_list(value, src=0)
-    return value[0]
+    return distributed.rank_0_value(work() if distributed.is_main_process() else None)

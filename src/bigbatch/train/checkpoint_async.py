@@ -4,10 +4,12 @@
 invariant 5): at the step boundary the ranks copy the training state and the weights into CPU
 memory (what training changes next cannot reach the copy) and rank 0 creates the temporary
 directory; then a thread writes the files, hashes them into ``meta.json``, fsyncs and renames the
-directory into place, and prunes older checkpoints only after that. Plain weights are written by
-rank 0's thread; shards by `torch.distributed.checkpoint.async_save` on every rank. The thread
-runs no collective of the run's process group: its outcome is agreed on by every rank later, at a
-step boundary (`PendingSave.settle`), so a full disk is the same one line on every rank then.
+directory into place, and prunes older checkpoints only after that (`finish_in_background`).
+Shards are written by `torch.distributed.checkpoint.async_save` on every rank; plain weights by
+the writer process of `bigbatch.train.checkpoint_writer` where one runs (rank 0's thread
+elsewhere), which finishes them the same way. The writing runs no collective of the run's process
+group: its outcome is agreed on by every rank later, at a step boundary (`PendingSave.settle`),
+so a full disk is the same one line on every rank then.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ import shutil
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 
@@ -31,42 +33,43 @@ from bigbatch.train.rundir import storage_errors
 logger = logging.getLogger(__name__)
 
 
+class Task(Protocol):
+    """A write under way (a thread's future, or a job of the writer process)."""
+
+    def done(self) -> bool: ...
+
+    def result(self) -> Any: ...  # waits; raises the write's failure
+
+
 class PendingSave:
-    """A checkpoint whose files a background thread is writing, on this rank.
+    """A checkpoint whose files are being written in the background, on this rank.
 
     Attributes:
         path: the checkpoint's directory once it is complete.
-        error: why this rank's part failed (None: not failed, or not finished yet).
+        error: why this rank's part failed (None: not failed, or not known yet).
     """
 
-    def __init__(
-        self, path: Path, write: Callable[[], None], writer: ThreadPoolExecutor | None = None
-    ) -> None:
+    def __init__(self, path: Path, task: Task) -> None:
         self.path = path
         self.error: BaseException | None = None
-        self._write = write
-        # A thread kept from one save to the next: starting one waits for it to run (the GIL).
-        executor = writer or ThreadPoolExecutor(1, thread_name_prefix="bigbatch-checkpoint")
-        self._future = executor.submit(self._run)
-        if writer is None:
-            executor.shutdown(wait=False)  # its thread ends once this write is over
-
-    def _run(self) -> None:
-        try:
-            self._write()
-        except BaseException as error:  # noqa: BLE001 - kept for the next step boundary
-            self.error = error
-            logger.warning("checkpoint %s failed in the background: %s", self.path, error)
+        self._task = task
+        self._known = False
 
     @property
     def done(self) -> bool:
         """This rank's part is over (written or failed)."""
-        return self._future.done()
+        return self._task.done()
 
     def wait_here(self) -> BaseException | None:
         """Wait for this rank's part, with no collective (for a run ending on an error); its
-        failure, if any (already logged)."""
-        self._future.result()  # `_run` raises nothing: its error is kept
+        failure, if any (logged)."""
+        if not self._known:
+            try:
+                self._task.result()
+            except BaseException as error:  # noqa: BLE001 - kept for the step boundary
+                self.error = error
+                logger.warning("checkpoint %s failed in the background: %s", self.path, error)
+            self._known = True
         return self.error
 
     def settle(self, *, block: bool) -> bool:
@@ -77,15 +80,42 @@ class PendingSave:
         the same one line (`StorageError`). ``block`` first waits for this rank's part.
         """
         if block:
-            self._future.result()
+            self.wait_here()
         if distributed.is_initialized() and distributed.get_world_size() > 1:
             writing = torch.tensor([0 if self.done else 1], dtype=torch.int64)
             if int(distributed.all_reduce_max(writing).item()):
                 return False
         elif not self.done:
             return False
-        agree(self.error, None)
+        agree(self.wait_here(), None)
         return True
+
+
+def finish_in_background(
+    directory: Path,
+    tmp: Path,
+    final: Path,
+    step: int,
+    training_state: dict[str, Any],
+    finish_weights: Callable[[], None],
+    *,
+    main: bool = True,
+    sharded: bool = False,
+    keep: int | None = 3,
+) -> None:
+    """What a background save does once its copy is made: the weights (``finish_weights``), then
+    on rank 0 the training state, meta.json and the rename, and the pruning only after; the
+    temporary directory is removed when anything fails."""
+    try:
+        finish_weights()
+        if main:
+            finish_checkpoint(tmp, final, step, training_state, sharded)
+    except BaseException:
+        if main:
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if main and keep is not None:
+        files.prune(directory, keep, final)
 
 
 def save_in_background(
@@ -141,20 +171,28 @@ def save_in_background(
 
     def write() -> None:
         with storage_errors(phase.action, phase.hint):
-            try:
-                with_storage_cause(finish_weights[0])
-                if main:
-                    finish_checkpoint(tmp, final, step, state, sharded)
-            except BaseException:
-                if main:
-                    shutil.rmtree(tmp, ignore_errors=True)
-                raise
+            with_storage_cause(
+                lambda: finish_in_background(
+                    directory,
+                    tmp,
+                    final,
+                    step,
+                    state,
+                    finish_weights[0],
+                    main=main,
+                    sharded=sharded,
+                    keep=keep,
+                )
+            )
         if main:
             logger.info("saved checkpoint %s in the background%s", final, _sharded(sharded))
-            if keep is not None:
-                files.prune(directory, keep, final)
 
-    return PendingSave(final, write, writer)
+    if writer is not None:
+        return PendingSave(final, writer.submit(write))
+    alone = ThreadPoolExecutor(1, thread_name_prefix="bigbatch-checkpoint")
+    pending = PendingSave(final, alone.submit(write))
+    alone.shutdown(wait=False)  # its thread ends once this write is over
+    return pending
 
 
 def _sharded(sharded: bool) -> str:

@@ -19,7 +19,7 @@ from typing import Any, Protocol, runtime_checkable
 import torch
 
 from bigbatch.core import distributed
-from bigbatch.train import checkpoint
+from bigbatch.train import checkpoint, checkpoint_arena, checkpoint_writer
 from bigbatch.train.checkpoint import Checkpoint
 from bigbatch.train.checkpoint_agreement import agree_on_candidate, dcp_failures, one_line
 from bigbatch.train.checkpoint_async import PendingSave, save_in_background
@@ -55,9 +55,11 @@ class Checkpointer:
         keep: how many checkpoints to keep (the newest); None keeps all.
 
     World size and rank come from torch.distributed. `save` and `restore` are called on every
-    rank. `save` writes the checkpoint before it returns; `save_in_background` copies it into
-    CPU memory and writes it in a thread (`bigbatch.train.checkpoint_async`), its outcome told by
-    `poll` at a later step boundary, `wait`, or the next save.
+    rank. `save` writes the checkpoint before it returns; `save_in_background` copies it and
+    writes it in the background (plain weights: rank 0's copy in shared memory, written by the
+    writer process, `bigbatch.train.checkpoint_writer`; shards: each rank's copy, written by a
+    thread, `bigbatch.train.checkpoint_async`), its outcome told by `poll` at a later step
+    boundary, `wait`, or the next save.
 
     Example:
         >>> import tempfile
@@ -100,6 +102,7 @@ class Checkpointer:
         self._participants: dict[str, Stateful] = {}
         self._pending: PendingSave | None = None  # the save writing in the background
         self._writer: ThreadPoolExecutor | None = None  # its thread, started with the first
+        self._arena: checkpoint_arena.Arena | None = None  # for the writer process (plain)
 
     @property
     def participants(self) -> Mapping[str, Stateful]:
@@ -153,8 +156,8 @@ class Checkpointer:
         )
 
     def save_in_background(self, step: int, extra: Mapping[str, Any] | None = None) -> Path:
-        """Copy the checkpoint of ``step`` into CPU memory now and write it in a background
-        thread (call on every rank); returns the directory it will have once complete.
+        """Copy the checkpoint of ``step`` now and write it in the background (call on every
+        rank); returns the directory it will have once complete.
 
         At most one save is in flight: this one first waits for the previous one. Its outcome
         is learned at a later step boundary (`poll`), or by `wait` or the next save.
@@ -165,19 +168,47 @@ class Checkpointer:
         """
         self.wait()
         rng = gather_rng_states(self.world_size)  # a collective: every rank's generators
-        if self._writer is None:
-            self._writer = ThreadPoolExecutor(1, thread_name_prefix="bigbatch-checkpoint")
+        state = lambda: self._training_state(extra or {}, rng)  # noqa: E731 - rank 0, copied at once
+        if self._plain_in_writer_process():
+            self._arena = self._arena or checkpoint_arena.Arena()
+            self._pending = checkpoint_writer.save_in_writer_process(
+                self.directory,
+                step,
+                state,
+                self.model.state_dict,
+                keep=self.keep,
+                arena=self._arena,
+                thread=self._thread,
+            )
+            return self._pending.path
         self._pending = save_in_background(
             self.directory,
             step,
-            lambda: self._training_state(extra or {}, rng),  # on rank 0, copied at once
+            state,
             lambda: self.weights.stage(self.model, self.optimizer),
             self.weights.write_staged,
             sharded=self.weights.sharded,
             keep=self.keep,
-            writer=self._writer,
+            writer=self._thread(),
         )
         return self._pending.path
+
+    def start_writer(self) -> None:
+        """Start the writer process of `save_in_background` now, where one will write (plain
+        weights, rank 0), so that its start (torch's import, about 2 s on another core) is over
+        by the first save instead of delaying the second."""
+        if self._plain_in_writer_process() and distributed.is_main_process():
+            checkpoint_writer.shared_writer()
+
+    def _plain_in_writer_process(self) -> bool:
+        return not self.weights.sharded and checkpoint_arena.available()
+
+    def _thread(self) -> ThreadPoolExecutor:
+        """The one thread that writes this checkpointer's background saves where no writer
+        process does (sharded weights: DCP's writes need each rank's thread)."""
+        if self._writer is None:
+            self._writer = ThreadPoolExecutor(1, thread_name_prefix="bigbatch-checkpoint")
+        return self._writer
 
     def poll(self) -> Path | None:
         """At a step boundary (every rank): the checkpoint the background save completed since

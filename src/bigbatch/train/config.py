@@ -132,7 +132,10 @@ class Config(StrictModel):
     )
     keep_checkpoints: Int = config_field(3, "how many recent checkpoints to keep.", POSITIVE)
     checkpoint_async: bool = config_field(
-        True, "write the checkpoints of checkpoint_every in a background thread.", "a boolean"
+        True,
+        "write the checkpoints of checkpoint_every in the background (a writer process for "
+        "plain weights, a thread for shards).",
+        "a boolean",
     )
     on_nonfinite: Literal["skip", "stop"] = config_field(
         "skip",

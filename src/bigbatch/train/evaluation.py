@@ -75,11 +75,9 @@ def evaluate(
                 entry[0] += float(total)
                 entry[1] += float(num)
     module.train()
-    keys = [sorted(sums)]
-    if distributed.is_initialized():
-        dist.broadcast_object_list(keys, src=0)  # rank 0 always has eval items
+    keys = distributed.rank_0_value(sorted(sums))  # rank 0 always has eval items
     reduced = torch.tensor(
-        [sums.get(key, [0.0, 0.0]) for key in keys[0]], dtype=torch.float64, device=device
+        [sums.get(key, [0.0, 0.0]) for key in keys], dtype=torch.float64, device=device
     )
     distributed.all_reduce_sum(reduced)
-    return {key: float(s / c) if c else math.nan for key, (s, c) in zip(keys[0], reduced)}
+    return {key: float(s / c) if c else math.nan for key, (s, c) in zip(keys, reduced)}

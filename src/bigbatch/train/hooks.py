@@ -83,7 +83,7 @@ class CheckpointHook:
     """The run's checkpoints: every ``every`` steps (not at the last one), and on demand at the
     end of the run or when it stops. Call on every rank (sharded saves write on each).
 
-    With ``background``, the checkpoints of ``every`` are written in a background thread
+    With ``background``, the checkpoints of ``every`` are written in the background
     (`Checkpointer.save_in_background`): each step boundary learns whether the one in flight
     failed (one line on every rank) and the next waits for it. Those at a stop signal and at
     the end are complete before the call returns.
@@ -107,6 +107,8 @@ class CheckpointHook:
         self.checkpointer, self.every, self.extra = checkpointer, every, extra
         self.saved_step = saved_step  # the step of the newest checkpoint written or restored
         self.background = background
+        if background and every:
+            checkpointer.start_writer()  # its start overlaps the first steps, not a save
 
     def after_step(self, report: StepReport) -> int | None:
         self.checkpointer.poll()  # a background save that failed ends the run here

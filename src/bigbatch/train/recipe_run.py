@@ -9,8 +9,6 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-import torch.distributed as dist
-
 from bigbatch import recipes
 from bigbatch.core import distributed
 from bigbatch.train import environment, setup
@@ -41,10 +39,8 @@ def fit(
     recipe = recipes.build(config.recipe, config.model_dump())
     config = with_recipe_defaults(config, recipe.defaults)
     if out_dir is None:
-        name = [f"runs/{recipe.name}-{time.strftime('%Y%m%d-%H%M%S')}"]
-        if distributed.is_initialized():
-            dist.broadcast_object_list(name, src=0)  # every rank writes to / reads from one place
-        out_dir = Path(name[0])
+        name = f"runs/{recipe.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+        out_dir = Path(distributed.rank_0_value(name))  # one place for every rank
     world_size = distributed.get_world_size()
     device_type = environment.resolve_device(config.device).type
     model = setup.apply_batchnorm_policy_once(

@@ -120,7 +120,7 @@ def refuse_to_restart(run_dir: Path, damaged: Sequence[tuple[Path, str]]) -> Non
         UsageError: one line (at most 400 characters) naming what the directory holds, then the
             choices.
     """
-    message: list[str | None] = [None]
+    message: str | None = None
     if distributed.is_main_process():
         checkpoints, extra = checkpoint_remains(run_dir / "checkpoints", damaged)
         others = other_remains(run_dir) + extra
@@ -134,11 +134,10 @@ def refuse_to_restart(run_dir: Path, damaged: Sequence[tuple[Path, str]]) -> Non
                 "or restore a checkpoint into its checkpoints/ and resume again"
             )
             room = max(40, 400 - len(head) - len(tail))
-            message[0] = head + _first_items("; ".join(remains), room) + tail
-    if distributed.is_initialized():
-        dist.broadcast_object_list(message, src=0)
-    if message[0] is not None:
-        raise UsageError(message[0])
+            message = head + _first_items("; ".join(remains), room) + tail
+    message = distributed.rank_0_value(message)
+    if message is not None:
+        raise UsageError(message)
 
 
 def checkpoint_remains(

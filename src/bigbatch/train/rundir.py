@@ -166,15 +166,13 @@ class RunLock:
 
     def acquire(self) -> None:
         """Take the lock, or raise UsageError naming the directory and the holder's pid."""
-        import torch.distributed as dist  # torch: a run is under way
+        from bigbatch.core import distributed  # torch: a run is under way
 
-        from bigbatch.core import distributed
-
-        message = [self._try_lock() if distributed.is_main_process() else None]
-        if distributed.is_initialized():
-            dist.broadcast_object_list(message, src=0)
-        if message[0] is not None:
-            raise UsageError(message[0])
+        message = distributed.rank_0_value(
+            self._try_lock() if distributed.is_main_process() else None
+        )
+        if message is not None:
+            raise UsageError(message)
 
     def _try_lock(self) -> str | None:
         """None when the lock is ours (or locking is not available), else the refusal."""

@@ -380,10 +380,7 @@ class Trainer:
         assert self.run_dir is not None
         logger.info("the run in %s is finished (step %d): nothing to do", self.run_dir, steps)
         summary = self._summary(steps, state, first_plan, SessionFigures(), {}, resumed=steps)
-        missing = [not (self.run_dir / rundir.FINAL_WEIGHTS).exists()]
-        if distributed.is_initialized():
-            dist.broadcast_object_list(missing, src=0)
-        if missing[0]:
+        if distributed.rank_0_value(not (self.run_dir / rundir.FINAL_WEIGHTS).exists()):
             final_state = final_weights(self.module)  # a collective under FSDP
             if self._writes:  # it stopped between its last checkpoint and the end
                 self._finish_run_dir(summary, final_state)
