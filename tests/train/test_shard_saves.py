@@ -67,7 +67,7 @@ def saves_of_a_changing_state(rank: int, world_size: int, directory: str) -> dic
     )
 
     weights = ShardedWeights()
-    key = weights._plans.key
+    key = f"{weights._plans.key}-{world_size}"  # the cache of this world size
     model, optimizer = sharded_mlp(16, torch.float64, world_size)
     reused, full_weights, failures = {}, {}, {}
     for name, change, how in SAVES:

@@ -24,23 +24,27 @@ from typing import Any
 
 
 class SavePlans:
-    """DCP's save plans, cached under a key of one checkpointer's own across its saves.
+    """DCP's save plans, cached under keys of one checkpointer's own across its saves.
 
     DCP's plan caching (``DefaultSavePlanner(enable_plan_caching=True)``) keeps the plans in
     class-wide dicts under a key, by default the planner's class name: one cache for every
-    checkpointer of the process. Each `SavePlans` has its own key, and drops its entries when it
-    is freed. DCP reuses a plan when the items' names, offsets and sizes are unchanged, not
-    their dtypes; `planner` makes a rank send its plan again whenever anything in it changed.
-    The ranks' caches stay in step because every rank saves the same sequence (SPMD).
+    checkpointer of the process. Each `SavePlans` has keys of its own, one per world size (a
+    cache holds one plan per rank), and drops their entries when it is freed. DCP reuses a plan
+    when the items' names, offsets and sizes are unchanged, not their dtypes; `planner` makes a
+    rank send its plan again whenever anything in it changed. The ranks' caches stay in step
+    because every rank saves the same sequence (SPMD).
     """
 
     def __init__(self) -> None:
         self.key = f"bigbatch-shards-{uuid.uuid4().hex}"
-        weakref.finalize(self, _forget, self.key)
+        self._keys: set[str] = set()
+        weakref.finalize(self, _forget, self._keys)
 
-    def planner(self) -> Any:
-        """A DCP save planner for one save, caching under this key."""
-        return _caching_planner()(self.key)
+    def planner(self, world_size: int) -> Any:
+        """A DCP save planner for one save over ``world_size`` ranks, caching under its key."""
+        key = f"{self.key}-{world_size}"
+        self._keys.add(key)
+        return _caching_planner()(key)
 
 
 @functools.cache
@@ -68,7 +72,7 @@ def _caching_planner() -> Any:
     return CachingPlanner
 
 
-def _forget(key: str) -> None:
+def _forget(keys: set[str]) -> None:
     planner = sys.modules.get("torch.distributed.checkpoint.planner")
     if planner is None:  # never saved: nothing cached
         return
@@ -79,7 +83,8 @@ def _forget(key: str) -> None:
         planner.SavePlanner._cached_global_plan,
         planner.SavePlanner._cached_metadata,
     ):
-        cache.pop(key, None)
+        for key in keys:
+            cache.pop(key, None)
 
 
 class _RecordingFile(io.FileIO):

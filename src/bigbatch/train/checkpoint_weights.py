@@ -219,14 +219,16 @@ class ShardedWeights:
         return lambda: self._save(staged, directory, self._upload_group)
 
     def _save(self, state: dict[str, Any], directory: Path, group: Any) -> None:
+        import torch.distributed as dist
         import torch.distributed.checkpoint as dcp
 
+        world_size = dist.get_world_size(group) if distributed.is_initialized() else 1
         failed_writes: list[OSError] = []
         try:
             dcp.save(
                 state,
                 storage_writer=recording_writer(directory / SHARDS_DIR, failed_writes),
-                planner=self._plans.planner(),
+                planner=self._plans.planner(world_size),
                 process_group=group,
             )
         except BaseException as error:
