@@ -1,8 +1,8 @@
 """Run the benchmark scripts in turn (what `make bench` runs); `--smoke` passes through.
 
 By default the scripts of a few minutes each; `--all` adds the long ones (LONG: activation
-checkpointing's budgets, torchrun elastic runs, checkpoint cost, threads beside a busy load,
-compile), which take tens of minutes on 2 CPU cores.
+checkpointing's budgets, torchrun elastic runs, checkpoint cost and the CPU of a sharded save,
+threads beside a busy load, compile), which take tens of minutes on 2 CPU cores.
 
 Each script writes its table and plot under benchmarks/results/ (smoke runs print only). A script
 that fails is reported and the others still run; the exit status is 1 if any failed. A progress
@@ -38,7 +38,7 @@ SCRIPTS = (
     "token_batches",
     "sharded",
 )
-LONG = ("checkpointing", "elastic", "checkpoint_cost", "threads", "compile")
+LONG = ("checkpointing", "elastic", "checkpoint_cost", "shard_save_cpu", "threads", "compile")
 EVERY = SCRIPTS + LONG
 
 

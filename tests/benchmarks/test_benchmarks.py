@@ -53,7 +53,15 @@ def table_rows(output: str) -> list[list[str]]:
 @pytest.mark.slow
 @pytest.mark.timeout(300)
 @pytest.mark.parametrize(
-    "script", ["plan_quality.py", "gpu.py", "alternatives.py", "threads.py", "compile.py"]
+    "script",
+    [
+        "plan_quality.py",
+        "gpu.py",
+        "alternatives.py",
+        "threads.py",
+        "compile.py",
+        "shard_save_cpu.py",
+    ],
 )
 def test_smoke_prints_a_table(script: str) -> None:
     assert table_rows(run_smoke(script))

@@ -11,11 +11,9 @@ and every item is loaded with ``weights_only=True``.
 
 from __future__ import annotations
 
-import contextlib
 import io
-import os
 import pickle
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -24,10 +22,12 @@ import torch
 
 from bigbatch.core import distributed
 from bigbatch.train.checkpoint_files import copy_weights_only, fsync_file
+from bigbatch.train.checkpoint_shards import SavePlans, recording_writer
 
 MODEL_FILE = "model.safetensors"
 SHARDS_DIR = "shards"
 SHARDS_METADATA = f"{SHARDS_DIR}/.metadata"
+SHARDED_STATE = "the sharded model and optimizer state"
 
 _METADATA_CLASSES = frozenset(
     {
@@ -184,61 +184,56 @@ class ShardedWeights:
 
     def __init__(self) -> None:
         self._upload_group: Any = None  # the background uploads' own gloo group, made once
+        self._plans = SavePlans()  # DCP's save plan, kept from one save of the run to the next
 
     def training_state(self, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
         return {"optimizer": {"sharded": True}}  # the optimizer is in the shards
 
     def write(self, directory: Path, model: torch.nn.Module, optimizer: Any) -> None:
-        import torch.distributed.checkpoint as dcp
         from torch.distributed.checkpoint.state_dict import get_state_dict
 
         model_state, optimizer_state = get_state_dict(model, optimizer)
+        state = {"model": model_state, "optimizer": optimizer_state}
+        # Refuse what would not load back weights-only, as `stage` does (a walk with no copy).
+        copy_weights_only(state, SHARDED_STATE, lambda tensor: tensor)
+        self._save(state, directory, None)
+
+    def stage(self, model: torch.nn.Module, optimizer: Any) -> Any:
+        """Every local shard copied into fresh CPU memory, still a DTensor of the same mesh and
+        placements: one walk of `cpu_copy`, which also refuses what would not load back
+        weights-only, as the plain format's optimizer state is refused (DCP's DefaultStager
+        deep-copies every DTensor whole: about ten times the CPU time on tinylm)."""
+        from torch.distributed.checkpoint.state_dict import get_state_dict
+
+        model_state, optimizer_state = get_state_dict(model, optimizer)
+        return cpu_copy({"model": model_state, "optimizer": optimizer_state}, SHARDED_STATE)
+
+    def write_staged(self, directory: Path, staged: Any) -> Callable[[], None]:
+        """DCP's save of the staged copy, run by the caller's background thread: its
+        collectives go over a gloo group of their own, so they never interleave with
+        training's on the default group."""
+        import torch.distributed as dist
+
+        if self._upload_group is None and distributed.is_initialized():
+            self._upload_group = dist.new_group(backend="gloo")  # every rank, at the same save
+        return lambda: self._save(staged, directory, self._upload_group)
+
+    def _save(self, state: dict[str, Any], directory: Path, group: Any) -> None:
+        import torch.distributed as dist
+        import torch.distributed.checkpoint as dcp
+
+        world_size = dist.get_world_size(group) if distributed.is_initialized() else 1
         failed_writes: list[OSError] = []
         try:
             dcp.save(
-                {"model": model_state, "optimizer": optimizer_state},
-                storage_writer=_recording_writer(directory / SHARDS_DIR, failed_writes),
+                state,
+                storage_writer=recording_writer(directory / SHARDS_DIR, failed_writes),
+                planner=self._plans.planner(world_size),
+                process_group=group,
             )
         except BaseException as error:
             _raise_failed_write(failed_writes, error)
             raise
-
-    def stage(self, model: torch.nn.Module, optimizer: Any) -> Any:
-        from torch.distributed.checkpoint.staging import DefaultStager, StagingOptions
-        from torch.distributed.checkpoint.state_dict import get_state_dict
-
-        model_state, optimizer_state = get_state_dict(model, optimizer)
-        # Blocking copies into plain CPU memory: no pinned or shared memory, no staging thread.
-        stager = DefaultStager(StagingOptions(False, False, False, False))
-        try:
-            return stager.stage({"model": model_state, "optimizer": optimizer_state})
-        finally:
-            stager.close()
-
-    def write_staged(self, directory: Path, staged: Any) -> Callable[[], None]:
-        """DCP's async_save of the staged copy: its collectives run in DCP's thread over a gloo
-        group of their own, so they never interleave with training's on the default group."""
-        import torch.distributed as dist
-        import torch.distributed.checkpoint as dcp
-
-        if self._upload_group is None and distributed.is_initialized():
-            self._upload_group = dist.new_group(backend="gloo")  # every rank, at the same save
-        failed_writes: list[OSError] = []
-        upload = dcp.async_save(
-            staged,
-            storage_writer=_recording_writer(directory / SHARDS_DIR, failed_writes),
-            process_group=self._upload_group,
-            async_stager=_AlreadyStaged(),
-        )
-
-        def finish() -> None:
-            try:
-                upload.result()  # type: ignore[union-attr]
-            except BaseException as error:
-                _raise_failed_write(failed_writes, error)
-                raise
-
-        return finish
 
     def read(self, path: Path) -> dict[str, torch.Tensor]:
         from torch.distributed.checkpoint.metadata import TensorStorageMetadata
@@ -281,23 +276,6 @@ def _raise_failed_write(failed_writes: list[OSError], error: BaseException) -> N
         cause = failed_writes[0]
         cause.strerror = f"{cause.strerror or cause} (rank {distributed.get_rank()})"
         raise cause from error
-
-
-class _AlreadyStaged:
-    """The stager for async_save of a copy `ShardedWeights.stage` made already: no second copy.
-    (DCP's AsyncStager protocol, checked structurally.)"""
-
-    _synchronize_after_execute = False
-    should_synchronize_after_execute = False
-
-    def stage(self, state_dict: Any) -> Any:
-        return state_dict
-
-    def synchronize_staging(self) -> None:
-        """Nothing to wait for: the copy is made."""
-
-    def close(self) -> None:
-        """Nothing to release."""
 
 
 class _MetadataUnpickler(pickle.Unpickler):
@@ -354,39 +332,6 @@ def check_shards(shards: Path, metadata: Any) -> None:
                     f"{SHARDS_DIR}/{info.relative_path} holds no tensor of shape {size} for "
                     f"{index.fqn}"
                 )
-
-
-class _WriteRecorder:
-    """A file for DCP's writer that keeps the OSError of a failed write."""
-
-    def __init__(self, stream: Any, failed_writes: list[OSError]) -> None:
-        self._stream, self._failed_writes = stream, failed_writes
-
-    def write(self, data: Any) -> int:
-        try:
-            return int(self._stream.write(data))
-        except OSError as error:
-            self._failed_writes.append(error)
-            raise
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._stream, name)
-
-
-def _recording_writer(shards: Path, failed_writes: list[OSError]) -> Any:
-    """DCP's file writer, keeping the I/O errors that torch.save turns into RuntimeErrors."""
-    from torch.distributed.checkpoint import FileSystemWriter
-    from torch.distributed.checkpoint.filesystem import FileSystem
-
-    class RecordingFileSystem(FileSystem):
-        @contextlib.contextmanager
-        def create_stream(self, path: str | os.PathLike[str], mode: str) -> Iterator[Any]:
-            with super().create_stream(path, mode) as stream:
-                yield _WriteRecorder(stream, failed_writes) if "w" in mode else stream
-
-    writer = FileSystemWriter(str(shards))
-    writer.fs = RecordingFileSystem()
-    return writer
 
 
 def _safe_reader(shards: Path) -> Any:
