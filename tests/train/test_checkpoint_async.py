@@ -42,16 +42,23 @@ FAULTS = "tests.train.writer_faults"
 
 @pytest.fixture
 def faulty_writer(monkeypatch):
-    """``faulty_writer(**env)``: a fresh writer process with `writer_faults` set by ``env``
-    (``hold=path``, ``full_from=n``); the shared writer is replaced again afterwards."""
+    """``faulty_writer(**env)``: the writer processes started from now on import
+    `writer_faults`, with the faults ``env`` sets (``hold=path``, ``full_from=n``)."""
 
-    def start(**env: str) -> checkpoint_writer.WriterProcess:
+    def configure(**env: str) -> None:
         for name, value in env.items():
             monkeypatch.setenv(f"BIGBATCH_TEST_WRITER_{name.upper()}", value)
-        return checkpoint_writer.start_shared_writer(preload=[FAULTS])
+        monkeypatch.setattr(Checkpointer, "writer_preload", (FAULTS,))
 
-    yield start
-    checkpoint_writer.close_shared_writer()
+    return configure
+
+
+def started_writer(checkpointer: Checkpointer) -> checkpoint_writer.WriterProcess:
+    """The checkpointer's writer process, started and ready for a job."""
+    checkpointer.start_writer()
+    process = checkpointer.writer_process
+    assert process is not None and process.wait_ready(timeout=60)
+    return process
 
 
 def hold_the_writer(checkpointer, sharded: bool, faulty_writer, release_file: Path):
@@ -160,7 +167,7 @@ def test_a_failed_background_write_is_one_line_and_the_previous_checkpoint_stays
     checkpointer, _ = make_checkpointer(tmp_path, False)
     checkpointer.save(1)
     if writer == "process":  # a real limit on the writer's files, as a full disk would be
-        process = faulty_writer()
+        process = started_writer(checkpointer)
         _, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
         resource.prlimit(process.pid, resource.RLIMIT_FSIZE, (2_000, hard))
         reason = "File too large"
@@ -184,11 +191,13 @@ def test_a_failed_background_write_is_one_line_and_the_previous_checkpoint_stays
     assert checkpointer.wait() is None  # told once; nothing pending any more
 
 
-def test_a_killed_writer_is_one_line_and_the_next_save_starts_another(tmp_path, faulty_writer):
+def test_a_killed_writer_is_one_line_and_the_next_save_starts_another(
+    tmp_path, faulty_writer, monkeypatch
+):
     checkpointer, tally = make_checkpointer(tmp_path / "background", False)
     checkpointer.save(1)
-    process = faulty_writer(hold=str(tmp_path / "never"))
-    assert process.wait_ready(timeout=60)  # killed while it writes, not while it starts
+    faulty_writer(hold=str(tmp_path / "never"))
+    process = started_writer(checkpointer)  # killed while it writes, not while it starts
     checkpointer.save_in_background(2)
     os.kill(process.pid, signal.SIGKILL)
     with pytest.raises(StorageError) as error:
@@ -200,30 +209,29 @@ def test_a_killed_writer_is_one_line_and_the_next_save_starts_another(tmp_path, 
     checkpoints = tmp_path / "background"
     assert [path.name for path in list_checkpoints(checkpoints)] == ["step-00000001"]
     tally.calls = 3
+    monkeypatch.delenv("BIGBATCH_TEST_WRITER_HOLD")
     path = checkpointer.save_in_background(3)  # a new writer, without the fault
     assert checkpointer.wait() == path
-    assert checkpoint_writer.shared_writer() is not process
+    assert checkpointer.writer_process is not process
     assert_like_a_synchronous_save(checkpointer, tally, tmp_path / "sync")
 
 
 def test_a_writer_that_cannot_start_leaves_the_writing_to_a_thread(tmp_path, monkeypatch, caplog):
     checkpointer, tally = make_checkpointer(tmp_path / "background", False)
     tally.seen, tally.calls = torch.arange(5.0), 4
-    checkpoint_writer.close_shared_writer()
-    monkeypatch.setattr(checkpoint_writer, "_usable", True)  # restored afterwards
     monkeypatch.setattr("sys.executable", "/bin/false")  # exits at once, never ready
     with caplog.at_level(logging.WARNING, logger="bigbatch.train.checkpoint_writer"):
         path = checkpointer.save_in_background(2)
         assert checkpointer.wait() == path
     assert "could not start" in caplog.text and "written by a thread" in caplog.text
-    assert checkpoint_writer.shared_writer() is None  # from now on, a thread
-    path = checkpointer.save_in_background(3)
-    assert checkpointer.wait() == path
+    process = checkpointer.writer_process
+    assert process is not None and process.gone and not process.ready
+    path = checkpointer.save_in_background(3)  # a thread again, no second try to start one
+    assert checkpointer.wait() == path and checkpointer.writer_process is process
     assert_like_a_synchronous_save(checkpointer, tally, tmp_path / "sync")
 
 
-def test_a_state_that_grows_is_staged_in_a_larger_block(tmp_path, faulty_writer):
-    faulty_writer()
+def test_a_state_that_grows_is_staged_in_a_larger_block(tmp_path):
     checkpointer, tally = make_checkpointer(tmp_path / "background", False)
     for step, size in enumerate([3, 3, 50_000, 7], start=1):  # the same places, then more, less
         tally.seen = torch.linspace(0.0, 1.0, size, dtype=torch.float64) * step
@@ -298,14 +306,14 @@ def test_a_failed_background_write_stops_the_run_at_the_next_step_boundary(tmp_p
 KILLED_BEFORE_THE_RENAME = r"""
 import sys
 from pathlib import Path
-from bigbatch.train import checkpoint_writer
 from tests.train.test_checkpointer import make_checkpointer
 
 checkpointer, tally = make_checkpointer(Path(sys.argv[1]), False)
 tally.calls = 1
 checkpointer.save(1)
-writer = checkpoint_writer.start_shared_writer(preload=["tests.train.writer_faults"])
-print(writer.pid, flush=True)
+checkpointer.writer_preload = ("tests.train.writer_faults",)
+checkpointer.start_writer()
+print(checkpointer.writer_process.pid, flush=True)
 tally.calls = 2
 checkpointer.save_in_background(2)
 checkpointer.wait()

@@ -1,5 +1,5 @@
 """Faults for the checkpoint writer process, imported by it before its first job
-(`checkpoint_writer.start_shared_writer(preload=[__name__])`) and chosen by environment
+(``Checkpointer.writer_preload = ("tests.train.writer_faults",)``) and chosen by environment
 variables that the writer inherits from the test:
 
 - ``BIGBATCH_TEST_WRITER_HOLD=<path>``: each write of the weights waits until ``<path>`` exists.

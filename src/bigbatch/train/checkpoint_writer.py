@@ -10,7 +10,8 @@ hashes, renames into place and prunes, exactly as the thread did (`checkpoint_as
 own interpreter on another core. Its outcome comes back by job number and is agreed on by every
 rank at a later step boundary, as before.
 
-The writer starts in a session of its own (a Ctrl-C or a launcher's signal reaches the training
+Each checkpointer starts its own writer (`Checkpointer.start_writer`) and ends it with the run.
+The writer runs in a session of its own (a Ctrl-C or a launcher's signal reaches the training
 process, which decides), ends when the training process closes the channel or dies, and abandons a
 job whose training process is gone. A writer that cannot start leaves the writing to a thread,
 with one warning.
@@ -18,7 +19,6 @@ with one warning.
 
 from __future__ import annotations
 
-import atexit
 import contextlib
 import importlib
 import json
@@ -189,38 +189,6 @@ class WriterProcess:
         self._unanswered.clear()
 
 
-_shared: WriterProcess | None = None
-_usable = True  # False once a writer could not start: a thread writes from then on
-
-
-def shared_writer() -> WriterProcess | None:
-    """This process's writer, started at the first call (or again after it ended); None once
-    one could not start here."""
-    global _shared
-    if not _usable:
-        return None
-    if _shared is None or _shared.gone:
-        _shared = WriterProcess()
-    return _shared
-
-
-def start_shared_writer(preload: Sequence[str] = ()) -> WriterProcess:
-    """Replace this process's writer by a fresh one that imports ``preload`` first (tests)."""
-    global _shared
-    close_shared_writer()
-    _shared = WriterProcess(preload)
-    return _shared
-
-
-@atexit.register
-def close_shared_writer() -> None:
-    """End this process's writer once its jobs are done (at exit, or to replace it)."""
-    global _shared
-    if _shared is not None and not _shared.gone:
-        _shared.close()
-    _shared = None
-
-
 class _WriterTask:
     """A job's outcome as `PendingSave` reads it; written here instead, with a warning, when
     the writer never started."""
@@ -240,7 +208,12 @@ class _WriterTask:
         except StorageError as error:
             if not isinstance(error.__cause__, WriterGone) or self._writer.ready:
                 raise
-            _give_up_on_writers(self._writer)
+            logger.warning(
+                "the checkpoint writer process could not start (%s, exit %s): background "
+                "checkpoints are written by a thread of the training process",
+                sys.executable,
+                self._writer.exit_code,
+            )
             _write_here(self._job, self._phase)
             return
         logger.info("saved checkpoint %s in the background", self._job.final)
@@ -251,18 +224,6 @@ def _write_here(job: Job, phase: Any) -> None:
     with storage_errors(phase.action, phase.hint):
         write_job(job, {})
     logger.info("saved checkpoint %s in the background (by a thread)", job.final)
-
-
-def _give_up_on_writers(writer: WriterProcess) -> None:
-    global _usable
-    if _usable:
-        logger.warning(
-            "the checkpoint writer process could not start (%s, exit %s): background "
-            "checkpoints are written by a thread of the training process",
-            sys.executable,
-            writer.exit_code,
-        )
-    _usable = False
 
 
 class _Nothing:
@@ -283,11 +244,13 @@ def save_in_writer_process(
     *,
     keep: int | None,
     arena: Arena,
+    writer: Callable[[], WriterProcess | None],
     thread: Callable[[], ThreadPoolExecutor],
 ) -> PendingSave:
-    """Stage the checkpoint of ``step`` into ``arena`` now and let this process's writer write
-    it; every rank (rank 0 stages and writes, the others only agree). Where no writer process
-    can run, a thread of ``thread()`` writes the job instead. Returns the save under way.
+    """Stage the checkpoint of ``step`` into ``arena`` now and let ``writer()`` write it; every
+    rank (rank 0 stages and writes, the others only agree). Where no writer process can run
+    (``writer()`` is None), a thread of ``thread()`` writes the job instead. Returns the save
+    under way.
 
     Raises:
         StorageError: on every rank, one line, when the temporary directory cannot be made.
@@ -306,10 +269,10 @@ def save_in_writer_process(
     phase.on_main(prepare)
     if not jobs:
         return PendingSave(final, _Nothing())
-    writer = shared_writer()
-    if writer is None:
+    process = writer()
+    if process is None:
         return PendingSave(final, thread().submit(_write_here, jobs[0], phase))
-    return PendingSave(final, _WriterTask(writer, writer.submit(jobs[0]), jobs[0], phase))
+    return PendingSave(final, _WriterTask(process, process.submit(jobs[0]), jobs[0], phase))
 
 
 def write_job(job: Job, blocks: dict[str, mmap.mmap]) -> None:

@@ -101,8 +101,9 @@ class Checkpointer:
         self.rank, self.world_size = distributed.get_rank(), distributed.get_world_size()
         self._participants: dict[str, Stateful] = {}
         self._pending: PendingSave | None = None  # the save writing in the background
-        self._writer: ThreadPoolExecutor | None = None  # its thread, started with the first
+        self._thread_pool: ThreadPoolExecutor | None = None  # its thread, started with the first
         self._arena: checkpoint_arena.Arena | None = None  # for the writer process (plain)
+        self._process: checkpoint_writer.WriterProcess | None = None  # that process (rank 0)
 
     @property
     def participants(self) -> Mapping[str, Stateful]:
@@ -178,6 +179,7 @@ class Checkpointer:
                 self.model.state_dict,
                 keep=self.keep,
                 arena=self._arena,
+                writer=self._writer_process,
                 thread=self._thread,
             )
             return self._pending.path
@@ -193,12 +195,32 @@ class Checkpointer:
         )
         return self._pending.path
 
+    writer_preload: tuple[str, ...] = ()
+    """Modules the writer process imports before its first job (the tests inject faults so)."""
+
     def start_writer(self) -> None:
         """Start the writer process of `save_in_background` now, where one will write (plain
         weights, rank 0), so that its start (torch's import, about 2 s on another core) is over
         by the first save instead of delaying the second."""
         if self._plain_in_writer_process() and distributed.is_main_process():
-            checkpoint_writer.shared_writer()
+            self._writer_process()
+
+    @property
+    def writer_process(self) -> checkpoint_writer.WriterProcess | None:
+        """The writer process started for this checkpointer (None: none yet, or not rank 0)."""
+        return self._process
+
+    def _writer_process(self) -> checkpoint_writer.WriterProcess | None:
+        """Rank 0's writer, started at the first call and again after one that ended; None once
+        one could not start (a thread writes then)."""
+        process = self._process
+        if process is not None and process.gone:
+            if not process.ready:
+                return None
+            process = None
+        if process is None:
+            process = self._process = checkpoint_writer.WriterProcess(self.writer_preload)
+        return process
 
     def _plain_in_writer_process(self) -> bool:
         return not self.weights.sharded and checkpoint_arena.available()
@@ -206,9 +228,9 @@ class Checkpointer:
     def _thread(self) -> ThreadPoolExecutor:
         """The one thread that writes this checkpointer's background saves where no writer
         process does (sharded weights: DCP's writes need each rank's thread)."""
-        if self._writer is None:
-            self._writer = ThreadPoolExecutor(1, thread_name_prefix="bigbatch-checkpoint")
-        return self._writer
+        if self._thread_pool is None:
+            self._thread_pool = ThreadPoolExecutor(1, thread_name_prefix="bigbatch-checkpoint")
+        return self._thread_pool
 
     def poll(self) -> Path | None:
         """At a step boundary (every rank): the checkpoint the background save completed since
@@ -242,14 +264,18 @@ class Checkpointer:
         return pending.path
 
     def close(self) -> None:
-        """Wait for this rank's part of a background save, with no collective: for a run that
-        ends on an error (a failure of the save is logged, not raised over that error)."""
+        """Wait for this rank's part of a background save, with no collective, and end the
+        writer: at the end of a run, also one that ends on an error (a failure of the save is
+        logged, not raised over that error)."""
         if self._pending is not None:
             self._pending.wait_here()
             self._pending = None
-        if self._writer is not None:
-            self._writer.shutdown()
-            self._writer = None
+        if self._thread_pool is not None:
+            self._thread_pool.shutdown()
+            self._thread_pool = None
+        if self._process is not None and not self._process.gone:
+            self._process.close()
+        self._process = None
 
     def _training_state(self, extra: Mapping[str, Any], rng: list[Any]) -> dict[str, Any]:
         """Every participant's state under its name, beside extra, the optimizer and the RNG."""

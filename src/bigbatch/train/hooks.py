@@ -129,7 +129,8 @@ class CheckpointHook:
         return self.checkpointer.directory / checkpoint_name(step)
 
     def close(self) -> None:
-        """A run ending on an error: wait for this rank's background write (no collective)."""
+        """The end of a run, also on an error: wait for this rank's background write (no
+        collective) and end the writer."""
         self.checkpointer.close()
 
 
