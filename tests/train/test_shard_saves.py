@@ -193,3 +193,30 @@ def test_a_state_that_would_not_load_is_refused_at_save(tmp_path: Path, backgrou
         else:
             checkpointer.save(1)
     assert list(tmp_path.iterdir()) == []
+
+
+def an_upload_that_one_rank_never_joins(rank: int, world_size: int, directory: str) -> Any:
+    """Rank 0 uploads a background copy that rank 1 staged but never uploads: how long rank 0
+    waited, and what it raised."""
+    import time
+
+    weights = ShardedWeights(collective_timeout_s=3)
+    model, optimizer = sharded_mlp(8, torch.float32, world_size)
+    step(model, optimizer)
+    finish = weights.write_staged(Path(directory), weights.stage(model, optimizer))
+    if rank == 1:
+        return None  # waits at the end's barrier on the default group, far beyond 3 s
+    start = time.monotonic()
+    try:
+        finish()
+    except Exception as error:  # noqa: BLE001 - the test reads what it was
+        return time.monotonic() - start, type(error).__name__
+    return "finished"
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(120)
+def test_a_rank_that_never_joins_an_upload_is_noticed_after_the_collective_timeout(tmp_path):
+    """The upload's own gloo group takes the run's collective_timeout, not torch's 30 minutes."""
+    waited, error = run_processes(an_upload_that_one_rank_never_joins, 2, str(tmp_path))[0]
+    assert 2.5 < waited < 30, (waited, error)

@@ -5,11 +5,11 @@ invariant 5): at the step boundary the ranks copy the training state and the wei
 memory (what training changes next cannot reach the copy) and rank 0 creates the temporary
 directory; then a thread writes the files, hashes them into ``meta.json``, fsyncs and renames the
 directory into place, and prunes older checkpoints only after that (`finish_in_background`).
-Shards are written by `torch.distributed.checkpoint.async_save` on every rank; plain weights by
-the writer process of `bigbatch.train.checkpoint_writer` where one runs (rank 0's thread
-elsewhere), which finishes them the same way. The writing runs no collective of the run's process
-group: its outcome is agreed on by every rank later, at a step boundary (`PendingSave.settle`),
-so a full disk is the same one line on every rank then.
+Shards are written by `torch.distributed.checkpoint.save` in that thread on every rank, over a
+gloo group of their own; plain weights by the writer process of `bigbatch.train.checkpoint_writer`
+where one runs (rank 0's thread elsewhere), which finishes them the same way. The writing runs no
+collective of the run's process group: its outcome is agreed on by every rank later, at a step
+boundary (`PendingSave.settle`), so a full disk is the same one line on every rank then.
 """
 
 from __future__ import annotations

@@ -11,6 +11,7 @@ and every item is loaded with ``weights_only=True``.
 
 from __future__ import annotations
 
+import datetime
 import io
 import pickle
 from collections.abc import Callable
@@ -93,9 +94,9 @@ class Weights(Protocol):
         ...
 
 
-def weights_format(sharded: bool) -> Weights:
+def weights_format(sharded: bool, collective_timeout_s: float = 600.0) -> Weights:
     """The strategy that writes (or reads) plain or sharded checkpoints."""
-    return ShardedWeights() if sharded else PlainWeights()
+    return ShardedWeights(collective_timeout_s) if sharded else PlainWeights()
 
 
 class PlainWeights:
@@ -182,7 +183,8 @@ class ShardedWeights:
 
     sharded: bool = True
 
-    def __init__(self) -> None:
+    def __init__(self, collective_timeout_s: float = 600.0) -> None:
+        self._timeout = datetime.timedelta(seconds=collective_timeout_s)
         self._upload_group: Any = None  # the background uploads' own gloo group, made once
         self._plans = SavePlans()  # DCP's save plan, kept from one save of the run to the next
 
@@ -215,7 +217,9 @@ class ShardedWeights:
         import torch.distributed as dist
 
         if self._upload_group is None and distributed.is_initialized():
-            self._upload_group = dist.new_group(backend="gloo")  # every rank, at the same save
+            # Every rank, at the same save; a rank that never joins an upload is noticed as
+            # soon as training's own collectives would notice it, not after torch's 30 minutes.
+            self._upload_group = dist.new_group(backend="gloo", timeout=self._timeout)
         return lambda: self._save(staged, directory, self._upload_group)
 
     def _save(self, state: dict[str, Any], directory: Path, group: Any) -> None:

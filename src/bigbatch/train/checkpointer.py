@@ -53,6 +53,8 @@ class Checkpointer:
         sharded: write through `torch.distributed.checkpoint` (each rank its shard) instead of
             safetensors from rank 0; a checkpoint is read back in the format it was written in.
         keep: how many checkpoints to keep (the newest); None keeps all.
+        collective_timeout_s: how long a background upload of shards waits for a rank in its
+            own process group (the run's ``collective_timeout``; torch's default is 30 min).
 
     World size and rank come from torch.distributed. `save` and `restore` are called on every
     rank. `save` writes the checkpoint before it returns; `save_in_background` copies it and
@@ -93,10 +95,11 @@ class Checkpointer:
         optimizer: torch.optim.Optimizer,
         sharded: bool = False,
         keep: int | None = 3,
+        collective_timeout_s: float = 600.0,
     ) -> None:
         self.directory = Path(directory)
         self.model, self.optimizer = model, optimizer
-        self.weights = weights_format(sharded)
+        self.weights = weights_format(sharded, collective_timeout_s)
         self.keep = keep
         self.rank, self.world_size = distributed.get_rank(), distributed.get_world_size()
         self._participants: dict[str, Stateful] = {}

@@ -323,6 +323,7 @@ class Trainer:
             optimizer=self.optimizer,
             sharded=self.prepared.sharded,
             keep=self.config.keep_checkpoints,
+            collective_timeout_s=self.config.collective_timeout,
         )
         checkpointer.register("accumulator", self.accumulator)
         checkpointer.register("data", loader)
