@@ -37,7 +37,7 @@ from bigbatch.train import hooks
 from bigbatch.train.configfile import load_config
 
 sys.path.insert(0, str(Path(__file__).parent))  # `common`, also when loaded by path
-from common import argument_parser, publish  # noqa: E402
+from common import argument_parser, join_as_rank, publish  # noqa: E402
 
 ARMS = {
     "no checkpoints": ["checkpoint_every=0"],
@@ -93,15 +93,7 @@ def train(run_dir: Path, overrides: list[str], steps: int, world_size: int) -> l
 
 
 def _rank(rank: int, world_size: int, port: int, run_dir: str, overrides: list[str], steps: int):
-    os.environ.update(
-        RANK=str(rank),
-        LOCAL_RANK=str(rank),
-        WORLD_SIZE=str(world_size),
-        MASTER_ADDR="127.0.0.1",
-        MASTER_PORT=str(port),
-        OMP_NUM_THREADS="1",
-    )
-    torch.set_num_threads(1)
+    join_as_rank(rank, world_size, port)
     times = train(Path(run_dir), overrides, steps, world_size)
     if rank == 0:
         torch.save(times, Path(run_dir) / "step_times.pt")

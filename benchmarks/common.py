@@ -29,6 +29,24 @@ RESULTS = Path(__file__).parent / "results"
 """benchmarks/results/: the committed tables and plots."""
 
 
+def join_as_rank(rank: int, world_size: int, port: int) -> None:
+    """Make this spawned process rank ``rank`` of ``world_size`` on localhost:``port`` (the
+    environment torch.distributed reads), with one torch thread, as the scripts measure."""
+    import os
+
+    import torch
+
+    os.environ.update(
+        RANK=str(rank),
+        LOCAL_RANK=str(rank),
+        WORLD_SIZE=str(world_size),
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+        OMP_NUM_THREADS="1",
+    )
+    torch.set_num_threads(1)
+
+
 def applied_gradient(
     step: Callable[[torch.nn.Module, torch.optim.Optimizer], None], model: torch.nn.Module
 ) -> torch.Tensor:

@@ -35,7 +35,7 @@ from bigbatch.recipes import tinylm
 from bigbatch.train.checkpointer import Checkpointer
 
 sys.path.insert(0, str(Path(__file__).parent))  # `common`, also when loaded by path
-from common import argument_parser, publish  # noqa: E402
+from common import argument_parser, join_as_rank, publish  # noqa: E402
 
 DCP = "torch.distributed.checkpoint"
 # Each part: the functions whose CPU time it is, as (module, class or None, function).
@@ -143,15 +143,7 @@ def measure(directory: str, saves: int) -> dict[str, dict[str, float]]:
 
 
 def _rank(rank: int, world_size: int, port: int, directory: str, saves: int) -> None:
-    os.environ.update(
-        RANK=str(rank),
-        LOCAL_RANK=str(rank),
-        WORLD_SIZE=str(world_size),
-        MASTER_ADDR="127.0.0.1",
-        MASTER_PORT=str(port),
-        OMP_NUM_THREADS="1",
-    )
-    torch.set_num_threads(1)
+    join_as_rank(rank, world_size, port)
     distributed.setup_process_group()
     figures = measure(directory, saves)
     torch.save(figures, Path(directory) / f"figures-{rank}.pt")

@@ -145,6 +145,9 @@ class WriterProcess:
         the channel open, so the writer would not see it close."""
         for number in list(self._unanswered):
             self._collect(number, block=True)
+        self._collect(_READY, block=False)
+        if not self.ready:  # still importing, never given a job: no need to wait for it
+            self._process.kill()
         with contextlib.suppress(OSError):  # it may have ended already
             self._channel.send_bytes(pickle.dumps(None))
         self._channel.close()
@@ -321,7 +324,10 @@ def serve(channel: int, preload: list[str]) -> None:
     connection = Connection(channel)
     parent = os.getppid()
     blocks: dict[str, mmap.mmap] = {}  # in the order first used
-    connection.send_bytes(pickle.dumps((_READY, None)))
+    try:
+        connection.send_bytes(pickle.dumps((_READY, None)))
+    except OSError:
+        return  # the training process was done with it before it was ready
     while True:
         try:
             if not connection.poll(1.0):
