@@ -53,6 +53,20 @@ def faulty_writer(monkeypatch):
     return configure
 
 
+@pytest.fixture
+def writer_ready_first(monkeypatch):
+    """Trainers wait for their writer process to be ready before the first step, so that every
+    background save goes through it (a run of a few steps would otherwise end before it is
+    ready, its saves written by a thread)."""
+    start = Checkpointer.start_writer
+
+    def start_and_wait(self: Checkpointer) -> None:
+        start(self)
+        assert self.writer_process is not None and self.writer_process.wait_ready(timeout=60)
+
+    monkeypatch.setattr(Checkpointer, "start_writer", start_and_wait)
+
+
 def started_writer(checkpointer: Checkpointer) -> checkpoint_writer.WriterProcess:
     """The checkpointer's writer process, started and ready for a job."""
     checkpointer.start_writer()
@@ -65,6 +79,7 @@ def hold_the_writer(checkpointer, sharded: bool, faulty_writer, release_file: Pa
     """Hold the background write of ``checkpointer``; the call that lets it go on."""
     if not sharded:
         faulty_writer(hold=str(release_file))
+        started_writer(checkpointer)
         return release_file.touch
     return gate_the_writer(checkpointer).set
 
@@ -210,9 +225,10 @@ def test_a_killed_writer_is_one_line_and_the_next_save_starts_another(
     assert [path.name for path in list_checkpoints(checkpoints)] == ["step-00000001"]
     tally.calls = 3
     monkeypatch.delenv("BIGBATCH_TEST_WRITER_HOLD")
-    path = checkpointer.save_in_background(3)  # a new writer, without the fault
+    replacement = started_writer(checkpointer)  # a new writer, without the fault
+    assert replacement is not process
+    path = checkpointer.save_in_background(3)
     assert checkpointer.wait() == path
-    assert checkpointer.writer_process is not process
     assert_like_a_synchronous_save(checkpointer, tally, tmp_path / "sync")
 
 
@@ -220,12 +236,13 @@ def test_a_writer_that_cannot_start_leaves_the_writing_to_a_thread(tmp_path, mon
     checkpointer, tally = make_checkpointer(tmp_path / "background", False)
     tally.seen, tally.calls = torch.arange(5.0), 4
     monkeypatch.setattr("sys.executable", "/bin/false")  # exits at once, never ready
-    with caplog.at_level(logging.WARNING, logger="bigbatch.train.checkpoint_writer"):
+    checkpointer.start_writer()
+    process = checkpointer.writer_process
+    assert process is not None and not process.wait_ready(timeout=60) and process.gone
+    with caplog.at_level(logging.WARNING, logger="bigbatch.train.checkpointer"):
         path = checkpointer.save_in_background(2)
         assert checkpointer.wait() == path
     assert "could not start" in caplog.text and "written by a thread" in caplog.text
-    process = checkpointer.writer_process
-    assert process is not None and process.gone and not process.ready
     path = checkpointer.save_in_background(3)  # a thread again, no second try to start one
     assert checkpointer.wait() == path and checkpointer.writer_process is process
     assert_like_a_synchronous_save(checkpointer, tally, tmp_path / "sync")
@@ -233,6 +250,7 @@ def test_a_writer_that_cannot_start_leaves_the_writing_to_a_thread(tmp_path, mon
 
 def test_a_state_that_grows_is_staged_in_a_larger_block(tmp_path):
     checkpointer, tally = make_checkpointer(tmp_path / "background", False)
+    started_writer(checkpointer)
     for step, size in enumerate([3, 3, 50_000, 7], start=1):  # the same places, then more, less
         tally.seen = torch.linspace(0.0, 1.0, size, dtype=torch.float64) * step
         path = checkpointer.save_in_background(step)
@@ -276,9 +294,12 @@ def trained_weights(
     return {name: value.clone() for name, value in trainer.module.state_dict().items()}
 
 
-def test_a_run_resumed_from_a_background_checkpoint_is_exact(tmp_path):
+def test_a_run_resumed_from_a_background_checkpoint_is_exact(tmp_path, writer_ready_first, caplog):
     expected = trained_weights(tmp_path / "sync", background=False)
-    assert_same(trained_weights(tmp_path / "background", background=True), expected)
+    with caplog.at_level(logging.INFO, logger="bigbatch.train.checkpoint_writer"):
+        assert_same(trained_weights(tmp_path / "background", background=True), expected)
+    written = [r.getMessage() for r in caplog.records if "in the background" in r.getMessage()]
+    assert len(written) == 5 and not any("by a thread" in line for line in written)
     names = [path.name for path in list_checkpoints(tmp_path / "background" / "checkpoints")]
     assert names == [f"step-{step:08d}" for step in range(1, 7)]
     # Lose steps 4 to 6 (written in the background, as 1 to 5 were): resume from step 3.
@@ -290,7 +311,9 @@ def test_a_run_resumed_from_a_background_checkpoint_is_exact(tmp_path):
     assert steps == [1, 2, 3, 4, 5, 6]
 
 
-def test_a_failed_background_write_stops_the_run_at_the_next_step_boundary(tmp_path, faulty_writer):
+def test_a_failed_background_write_stops_the_run_at_the_next_step_boundary(
+    tmp_path, faulty_writer, writer_ready_first
+):
     faulty_writer(full_from="2")
     with pytest.raises(StorageError) as error:  # steps of 0.2 s: the writer fails in far less
         trained_weights(tmp_path, background=True, delay=0.05)
@@ -313,6 +336,7 @@ tally.calls = 1
 checkpointer.save(1)
 checkpointer.writer_preload = ("tests.train.writer_faults",)
 checkpointer.start_writer()
+assert checkpointer.writer_process.wait_ready(timeout=60)
 print(checkpointer.writer_process.pid, flush=True)
 tally.calls = 2
 checkpointer.save_in_background(2)

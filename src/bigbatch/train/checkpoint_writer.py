@@ -13,8 +13,9 @@ rank at a later step boundary, as before.
 Each checkpointer starts its own writer (`Checkpointer.start_writer`) and ends it with the run.
 The writer runs in a session of its own (a Ctrl-C or a launcher's signal reaches the training
 process, which decides), ends when the training process closes the channel or dies, and abandons a
-job whose training process is gone. A writer that cannot start leaves the writing to a thread,
-with one warning.
+job whose training process is gone. Until it is ready (its import, about 2 s), and where one
+cannot start, a thread of the training process writes the jobs from the same shared block: a
+short run never waits for the writer.
 """
 
 from __future__ import annotations
@@ -45,7 +46,7 @@ from bigbatch.train.checkpoint import begin_checkpoint, prepare_temporary
 from bigbatch.train.checkpoint_arena import Arena, Staged, fill, open_block, tensors_of
 from bigbatch.train.checkpoint_async import PendingSave, finish_in_background
 from bigbatch.train.checkpoint_weights import MODEL_FILE, write_safetensors
-from bigbatch.train.rundir import StorageError, storage_errors
+from bigbatch.train.rundir import storage_errors
 
 logger = logging.getLogger(__name__)
 
@@ -134,10 +135,11 @@ class WriterProcess:
     def wait_ready(self, timeout: float) -> bool:
         """Wait up to ``timeout`` seconds for it to have imported what it needs; whether it has."""
         deadline = time.monotonic() + timeout
-        while not (self.ready or self.gone) and time.monotonic() < deadline:
+        while True:
             self._collect(_READY, block=False)
+            if self.ready or self.gone or time.monotonic() >= deadline:
+                return self.ready
             time.sleep(0.01)
-        return self.ready
 
     def close(self) -> None:
         """End the writer once the jobs sent are done (their outcomes are kept). Told in so
@@ -193,8 +195,7 @@ class WriterProcess:
 
 
 class _WriterTask:
-    """A job's outcome as `PendingSave` reads it; written here instead, with a warning, when
-    the writer never started."""
+    """A job's outcome as `PendingSave` reads it."""
 
     def __init__(self, writer: WriterProcess, number: int, job: Job, phase: Any) -> None:
         self._writer, self._number, self._job, self._phase = writer, number, job, phase
@@ -205,20 +206,8 @@ class _WriterTask:
 
     def result(self) -> None:
         self._over = True
-        try:
-            with storage_errors(self._phase.action, self._phase.hint):
-                self._writer.result(self._number)
-        except StorageError as error:
-            if not isinstance(error.__cause__, WriterGone) or self._writer.ready:
-                raise
-            logger.warning(
-                "the checkpoint writer process could not start (%s, exit %s): background "
-                "checkpoints are written by a thread of the training process",
-                sys.executable,
-                self._writer.exit_code,
-            )
-            _write_here(self._job, self._phase)
-            return
+        with storage_errors(self._phase.action, self._phase.hint):
+            self._writer.result(self._number)
         logger.info("saved checkpoint %s in the background", self._job.final)
 
 
@@ -251,9 +240,9 @@ def save_in_writer_process(
     thread: Callable[[], ThreadPoolExecutor],
 ) -> PendingSave:
     """Stage the checkpoint of ``step`` into ``arena`` now and let ``writer()`` write it; every
-    rank (rank 0 stages and writes, the others only agree). Where no writer process can run
-    (``writer()`` is None), a thread of ``thread()`` writes the job instead. Returns the save
-    under way.
+    rank (rank 0 stages and writes, the others only agree). Where no writer process is ready
+    (``writer()`` is None: it is starting, or none can run), a thread of ``thread()`` writes
+    the job from the same block instead. Returns the save under way.
 
     Raises:
         StorageError: on every rank, one line, when the temporary directory cannot be made.

@@ -107,6 +107,7 @@ class Checkpointer:
         self._thread_pool: ThreadPoolExecutor | None = None  # its thread, started with the first
         self._arena: checkpoint_arena.Arena | None = None  # for the writer process (plain)
         self._process: checkpoint_writer.WriterProcess | None = None  # that process (rank 0)
+        self._writer_failed = False  # one could not start: warned once
 
     @property
     def participants(self) -> Mapping[str, Stateful]:
@@ -214,16 +215,24 @@ class Checkpointer:
         return self._process
 
     def _writer_process(self) -> checkpoint_writer.WriterProcess | None:
-        """Rank 0's writer, started at the first call and again after one that ended; None once
-        one could not start (a thread writes then)."""
+        """Rank 0's writer, started at the first call and again after one that ended, once it
+        is ready for a job; None while it starts (a save then goes to a thread rather than wait
+        for it) and once one could not start (a thread writes from then on, with a warning)."""
         process = self._process
         if process is not None and process.gone:
             if not process.ready:
+                if not self._writer_failed:
+                    logger.warning(
+                        "the checkpoint writer process could not start (exit %s): background "
+                        "checkpoints are written by a thread of the training process",
+                        process.exit_code,
+                    )
+                self._writer_failed = True
                 return None
             process = None
         if process is None:
             process = self._process = checkpoint_writer.WriterProcess(self.writer_preload)
-        return process
+        return process if process.wait_ready(timeout=0) else None
 
     def _plain_in_writer_process(self) -> bool:
         return not self.weights.sharded and checkpoint_arena.available()
