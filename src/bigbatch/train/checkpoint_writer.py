@@ -5,8 +5,8 @@ interpreter lock: pickling ``state.pt`` and converting the weights for safetenso
 so is the dispatch of a small model's kernels, so the two take turns and the save costs its whole
 CPU time even with a core idle (docs/performance.md, section 10). Here the training thread only
 copies the tensors into shared memory (`bigbatch.train.checkpoint_arena`) and sends the
-structure; a writer process, started once per training process and kept, writes the files, fsyncs,
-hashes, renames into place and prunes, exactly as the thread did (`checkpoint_async`), with its
+structure; a writer process, started once per run and kept, writes the files, fsyncs, hashes,
+renames into place and prunes, exactly as the thread did (`checkpoint_async`), with its
 own interpreter on another core. Its outcome comes back by job number and is agreed on by every
 rank at a later step boundary, as before.
 
