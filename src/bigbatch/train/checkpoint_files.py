@@ -13,6 +13,7 @@ import contextlib
 import ctypes
 import errno
 import hashlib
+import io
 import logging
 import os
 import re
@@ -121,35 +122,34 @@ def _copy(value: Any, copy_tensor: Callable[[torch.Tensor], Any]) -> Any:
 
 def write_torch_file(path: Path, value: Any) -> None:
     """``torch.save`` to ``path``, flushed and fsynced; a failed write raises its OSError."""
-    with open(path, "wb") as handle:
-        recording = _RecordingFile(handle)
+    failed_writes: list[OSError] = []
+    with io.BufferedWriter(RecordingFile(path, "wb", failed_writes)) as handle:
         try:
-            torch.save(value, recording)  # type: ignore[arg-type]
+            torch.save(value, handle)
         except RuntimeError as error:
             # torch reports a failed write (a full disk) as its own RuntimeError: the I/O error
             # underneath is the one to report.
-            if recording.error is None:
+            if not failed_writes:
                 raise
-            raise recording.error from error
+            raise failed_writes[0] from error
         flush_and_sync(handle)
 
 
-class _RecordingFile:
-    """A binary file for torch.save that keeps the OSError of a failed write."""
+class RecordingFile(io.FileIO):
+    """A file that keeps the OSError of a failed write in ``failed`` before raising it: torch.save
+    reports it as a RuntimeError of its own. Put under the buffer, it costs one Python call per
+    buffer's worth of writes, not one per small write torch.save makes."""
 
-    def __init__(self, handle: Any) -> None:
-        self.handle = handle
-        self.error: OSError | None = None
+    def __init__(self, path: str | os.PathLike[str], mode: str, failed: list[OSError]) -> None:
+        super().__init__(path, mode)
+        self._failed_writes = failed
 
     def write(self, data: Any) -> int:
         try:
-            return int(self.handle.write(data))
+            return super().write(data)
         except OSError as error:
-            self.error = error
+            self._failed_writes.append(error)
             raise
-
-    def flush(self) -> None:
-        self.handle.flush()
 
 
 def move_into_place(tmp: Path, final: Path) -> None:

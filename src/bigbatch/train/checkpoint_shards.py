@@ -22,6 +22,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from bigbatch.train.checkpoint_files import RecordingFile
+
 
 class SavePlans:
     """DCP's save plans, cached under keys of one checkpointer's own across its saves.
@@ -87,21 +89,6 @@ def _forget(keys: set[str]) -> None:
             cache.pop(key, None)
 
 
-class _RecordingFile(io.FileIO):
-    """A file that keeps the OSError of a failed write before raising it."""
-
-    def __init__(self, path: str | os.PathLike[str], mode: str, failed: list[OSError]) -> None:
-        super().__init__(path, mode)
-        self._failed_writes = failed
-
-    def write(self, data: Any) -> int:
-        try:
-            return super().write(data)
-        except OSError as error:
-            self._failed_writes.append(error)
-            raise
-
-
 def recording_writer(shards: Path, failed_writes: list[OSError]) -> Any:
     """DCP's file writer into ``shards``, appending the I/O errors that torch.save turns into
     RuntimeErrors to ``failed_writes``. The files are buffered as DCP's own are; the errors are
@@ -116,7 +103,7 @@ def recording_writer(shards: Path, failed_writes: list[OSError]) -> Any:
                 with super().create_stream(path, mode) as stream:
                     yield stream
                 return
-            with io.BufferedWriter(_RecordingFile(path, mode, failed_writes)) as stream:
+            with io.BufferedWriter(RecordingFile(path, mode, failed_writes)) as stream:
                 yield stream
 
     writer = FileSystemWriter(str(shards))

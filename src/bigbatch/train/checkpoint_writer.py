@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib
+import itertools
 import json
 import logging
 import mmap
@@ -95,7 +96,7 @@ class WriterProcess:
                 env={**os.environ, "OMP_NUM_THREADS": "1"},
             )
         self._channel = Connection(parent_end.detach())
-        self._numbers = iter(range(1, sys.maxsize))
+        self._numbers = itertools.count(1)
         self._unanswered: set[int] = set()
         self._outcomes: dict[int, BaseException | None] = {}
         self.ready = False  # it has imported what it needs
